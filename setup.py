@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("spark_ddl/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="spark_ddl",
+    version=version["__version__"],
+    description="Data-parallel PyTorch training on Spark DataFrames (barrier mode, all-reduce).",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["spark_ddl", "spark_ddl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "pyspark>=3.5",
+        "torch>=2.1",
+        "pandas>=2.0",
+        "pyarrow>=11",
+        "numpy>=1.23",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,88 @@
+"""The training configuration that travels from the driver to every agent."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spark_ddl.errors import ConfigError
+
+LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SYNC_STRATEGIES = ("allreduce",)
+CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
+
+
+@dataclass
+class TrainConfig:
+    """Everything an agent needs to train, apart from the model and the data.
+
+    ``loss`` is a name from ``LOSSES`` or a callable ``loss(output, target) -> scalar`` that
+    returns the *mean* over the batch (like torch's default reduction).
+    """
+
+    loss: str | Callable[..., Any] = "cross_entropy"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    epochs: int = 5
+    num_workers: int = 2
+    shuffle: bool = True
+    seed: int = 0
+    use_gpu: bool | None = None
+    timeout: float = 300.0
+    sync: str = "allreduce"
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first invalid setting; return self."""
+        _check_int("num_workers", self.num_workers, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("seed", self.seed, None)
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {self.timeout!r}.")
+        if not (callable(self.loss) or self.loss in LOSSES):
+            raise ConfigError(
+                f"loss must be one of {', '.join(LOSSES)} or a callable(output, target), "
+                f"got {self.loss!r}."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}."
+            )
+        if not isinstance(self.optimizer_kwargs, dict):
+            raise ConfigError(
+                f"optimizer_kwargs must be a dict, got {type(self.optimizer_kwargs).__name__}."
+            )
+        if self.sync not in SYNC_STRATEGIES:
+            raise ConfigError(
+                f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
+            )
+        if self.use_gpu not in (None, True, False):
+            raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        """True when the loss is a classification loss (labels are class indices)."""
+        return self.loss in CLASSIFICATION_LOSSES
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (a callable loss is recorded by its qualified name)."""
+        out = dataclasses.asdict(self)
+        if callable(self.loss):
+            out["loss"] = f"callable:{getattr(self.loss, '__module__', '?')}." + getattr(
+                self.loss, "__qualname__", type(self.loss).__name__
+            )
+        return out
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}.")

@@ -1,0 +1,128 @@
+"""Driver side of training: check the cluster, prepare the data, run the barrier job and
+reassemble rank 0's result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pyspark.sql import DataFrame, SparkSession
+
+from spark_ddl.agent import AgentJob, run_agent
+from spark_ddl.artifact import OUTPUT_DDL, reassemble, state_dict_from_bytes
+from spark_ddl.config import TrainConfig
+from spark_ddl.data import ColumnSpec, balance_partitions, select_training_columns
+from spark_ddl.errors import ClusterConfigError, training_error_from_spark
+
+log = logging.getLogger("spark_ddl")
+
+EXECUTOR_WAIT_SECONDS = 60.0  # how long to wait for executors to register before failing
+
+
+@dataclass
+class FitResult:
+    """Rank 0's weights and training summary, as received on the driver."""
+
+    state_dict: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+    seconds: float
+
+
+def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
+    """Fail in seconds, naming the setting to change, if the barrier job cannot run."""
+    conf = spark.sparkContext.getConf()
+    if conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true":
+        raise ClusterConfigError(
+            "Barrier execution does not support dynamic allocation: set "
+            "spark.dynamicAllocation.enabled=false for this application."
+        )
+    if config.use_gpu:
+        _check_gpu_resources(spark)
+    slots = _wait_for_slots(spark, config.num_workers, EXECUTOR_WAIT_SECONDS)
+    if slots < config.num_workers:
+        master = spark.sparkContext.master
+        task_cpus = conf.get("spark.task.cpus", "1")
+        raise ClusterConfigError(
+            f"num_workers={config.num_workers} needs {config.num_workers} barrier task slots at "
+            f"once, but the cluster offers {slots} (master={master}, spark.task.cpus={task_cpus}). "
+            f"Lower num_workers to {max(slots, 1)} or fewer, or give Spark more cores: e.g. "
+            f"master local[{config.num_workers * int(task_cpus)}], or more executors/"
+            "spark.executor.cores."
+        )
+
+
+def _max_concurrent_tasks(spark: SparkSession) -> int:
+    jsc = spark.sparkContext._jsc.sc()  # noqa: SLF001 - same call xgboost.spark uses
+    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    return int(jsc.maxNumConcurrentTasks(profile))
+
+
+def _wait_for_slots(spark: SparkSession, needed: int, wait: float) -> int:
+    """Slots available now; in cluster modes, wait a little for executors still starting."""
+    slots = _max_concurrent_tasks(spark)
+    if slots >= needed or spark.sparkContext.master.startswith("local["):
+        return slots
+    deadline = time.monotonic() + wait
+    while slots < needed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        slots = _max_concurrent_tasks(spark)
+    return slots
+
+
+def _check_gpu_resources(spark: SparkSession) -> None:
+    conf = spark.sparkContext.getConf()
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        if not torch.cuda.is_available():
+            raise ClusterConfigError(
+                "use_gpu=True but no GPU is visible to this local Spark (torch.cuda.is_available() "
+                "is False). Set use_gpu=None to use a GPU only when there is one, or False for CPU."
+            )
+        return
+    if not conf.get("spark.task.resource.gpu.amount"):
+        raise ClusterConfigError(
+            "use_gpu=True but the Spark application has no GPU resources configured. Set "
+            "spark.executor.resource.gpu.amount=1, spark.task.resource.gpu.amount=1 and "
+            "spark.executor.resource.gpu.discoveryScript=<script>, or use_gpu=None/False."
+        )
+
+
+def run_training(df: DataFrame, spec: ColumnSpec, job: AgentJob) -> FitResult:
+    """Launch one barrier task per agent over ``df`` and return rank 0's result."""
+    config = job.config
+    spark = df.sparkSession
+    check_cluster(spark, config)
+    prepared = balance_partitions(select_training_columns(df, spec), config.num_workers)
+
+    def agent(batches):
+        return run_agent(job, batches)
+
+    output = prepared.mapInArrow(agent, OUTPUT_DDL, barrier=True)
+    sc = spark.sparkContext
+    tag = f"spark_ddl-fit-{uuid.uuid4().hex[:12]}"
+    sc.addJobTag(tag)
+    started = time.perf_counter()
+    try:
+        rows = output.collect()
+    except KeyboardInterrupt:
+        sc.cancelJobsWithTag(tag)
+        raise
+    except Exception as exc:
+        error = training_error_from_spark(exc)
+        if error is None:
+            raise
+        error.spark_exception = exc  # Spark's own (long) exception, for debugging
+        raise error from None
+    finally:
+        sc.removeJobTag(tag)
+    seconds = time.perf_counter() - started
+    summary_bytes = reassemble(rows, "summary")
+    weights = reassemble(rows, "weights")
+    if summary_bytes is None or weights is None:
+        raise RuntimeError("the training job finished but rank 0 returned no model")
+    return FitResult(state_dict_from_bytes(weights), json.loads(summary_bytes), seconds)

@@ -1,0 +1,55 @@
+"""The embedded local Spark session the package starts when none exists."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+
+def local_spark_conf(num_workers: int = 2) -> dict[str, str]:
+    """Settings for a local session in which ``num_workers`` agents train side by side."""
+    return {
+        "spark.master": f"local[{num_workers}]",
+        "spark.task.cpus": "1",
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": str(max(2, num_workers)),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.python.worker.reuse": "true",
+        # barrier allGather must not wait a year when a task never arrives
+        "spark.barrier.sync.timeout": "600s",
+    }
+
+
+def get_or_create_session(
+    master: str | None = None,
+    num_workers: int = 2,
+    app_name: str = "spark_ddl",
+    extra_conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """The active SparkSession; under spark-submit the session it configured; otherwise a new
+    embedded one (``local[num_workers]`` unless ``master`` says otherwise) whose executors
+    run this very Python interpreter."""
+    active = SparkSession.getActiveSession()
+    if active is not None and master is None:
+        return active
+    if master is None and "PYSPARK_GATEWAY_PORT" in os.environ:  # launched by spark-submit
+        return SparkSession.builder.appName(app_name).getOrCreate()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    conf = local_spark_conf(num_workers)
+    if master is not None:
+        conf["spark.master"] = master
+        if not master.startswith("local"):  # a real cluster must reach the driver by its address
+            del conf["spark.driver.host"], conf["spark.driver.bindAddress"]
+    conf.update(extra_conf or {})
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

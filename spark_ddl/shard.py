@@ -1,0 +1,108 @@
+"""Agent-side data: one partition's Arrow batches → in-memory tensors, and the epoch order."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from spark_ddl.data import FEATURES, LABEL
+
+
+@dataclass
+class Shard:
+    """The rows of one agent: features (n, d) float32 and labels (n,) or (n, k)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def feature_dim(self) -> int | None:
+        """None for an empty shard whose width cannot be known from its own rows."""
+        return int(self.features.shape[1]) if self.num_rows else None
+
+    @classmethod
+    def from_arrow(cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype) -> "Shard":
+        """Concatenate the partition's batches (columns ``FEATURES`` and ``LABEL``)."""
+        feature_parts: list[np.ndarray] = []
+        label_parts: list[np.ndarray] = []
+        width: int | None = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            feats = batch.column(batch.schema.get_field_index(FEATURES))
+            width = _check_list_width(feats, FEATURES, width)
+            feature_parts.append(_flat_values(feats, np.float32).reshape(batch.num_rows, width))
+            labels = batch.column(batch.schema.get_field_index(LABEL))
+            label_parts.append(_label_values(labels))
+        if not feature_parts:
+            return cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
+        features = torch.from_numpy(np.concatenate(feature_parts))
+        labels = torch.from_numpy(np.concatenate(label_parts)).to(label_dtype)
+        return cls(features, labels)
+
+    def with_feature_dim(self, dim: int) -> "Shard":
+        """An empty shard reshaped to the width the other agents reported."""
+        if self.num_rows:
+            return self
+        return Shard(torch.empty((0, dim), dtype=torch.float32), self.labels)
+
+    def epoch_order(self, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
+        """Row indices for one epoch: a fresh seeded permutation, or the partition order."""
+        if not shuffle:
+            return torch.arange(self.num_rows)
+        generator = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
+        return torch.randperm(self.num_rows, generator=generator)
+
+
+def _check_list_width(column: pa.Array, name: str, width: int | None) -> int:
+    if column.null_count:
+        raise ValueError(f"{column.null_count} null value(s) in feature column {name}")
+    lengths = pc.list_value_length(column)
+    lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+    expected = lo if width is None else width
+    if lo != hi or lo != expected:
+        raise ValueError(
+            f"feature arrays have unequal lengths (between {min(lo, expected)} and "
+            f"{max(hi, expected)}); every row needs the same number of features"
+        )
+    return int(lo)
+
+
+def _flat_values(column: pa.Array, dtype: type) -> np.ndarray:
+    return column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _label_values(column: pa.Array) -> np.ndarray:
+    if column.null_count:
+        raise ValueError(f"{column.null_count} null label(s)")
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        width = _check_list_width(column, LABEL, None)
+        return _flat_values(column, np.float32).reshape(len(column), width)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _mix_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def steps_per_epoch(shard_sizes: list[int], batch_size: int) -> int:
+    """Steps every agent runs per epoch: enough for the largest shard to be seen once."""
+    return math.ceil(max(shard_sizes, default=0) / batch_size)
+
+
+def global_batch_sizes(shard_sizes: list[int], batch_size: int, steps: int) -> list[int]:
+    """Rows taken by all agents together at each step (shorter shards run out early)."""
+    return [
+        sum(min(batch_size, max(0, n - step * batch_size)) for n in shard_sizes)
+        for step in range(steps)
+    ]

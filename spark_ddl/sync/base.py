@@ -1,0 +1,43 @@
+"""The interface every synchronisation strategy implements; the agent loop sees only this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class SyncStrategy(ABC):
+    """Keeps the replicas of all agents in step.
+
+    Lifecycle on every agent: ``setup`` once (after the process group exists), then per step
+    ``forward`` module = ``self.module`` and ``step(loss)``, then ``finish`` once. Every
+    agent calls the same methods the same number of times.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        """Make the replicas identical (rank 0's parameters win) and build the optimiser."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The module to call for the forward pass (may be a wrapper, e.g. DDP)."""
+
+    @abstractmethod
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward pass, synchronisation and optimiser update for one step."""
+
+    def finish(self) -> None:
+        """Called once after the last step (e.g. a final parameter average)."""
+
+    @property
+    @abstractmethod
+    def trained_module(self) -> nn.Module:
+        """The plain trained module (no wrapper) whose state_dict is the result."""
