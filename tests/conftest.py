@@ -1,0 +1,97 @@
+"""Spark sessions for the tests: one at a time, switched between masters as needed.
+
+Tests that ask for ``spark`` run on local[2]; tests that ask for ``any_spark`` run once on
+local[2] and once on local-cluster[2,1,1024] (separate executor JVMs). Tests are ordered so
+that each master starts once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Executors import test helpers (pickled by reference) from the repo root.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p
+)
+os.environ["PYSPARK_PYTHON"] = sys.executable
+
+MASTERS = {
+    "local": ("local[2]", {}),
+    "cluster": ("local-cluster[2,1,1024]", {"spark.executor.memory": "512m"}),
+}
+
+
+class _Sessions:
+    """At most one SparkSession alive; asking for another master stops the current one."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.session = None
+
+    def get(self, name: str, master: str | None = None, conf: dict | None = None):
+        if self.name != name:
+            self.stop()
+            from spark_ddl import get_or_create_session
+
+            default_master, default_conf = MASTERS.get(name, (master, {}))
+            self.session = get_or_create_session(
+                master=master or default_master, extra_conf={**default_conf, **(conf or {})}
+            )
+            self.name = name
+        return self.session
+
+    def stop(self) -> None:
+        if self.session is not None:
+            self.session.stop()
+            self.session, self.name = None, None
+
+
+SESSIONS = _Sessions()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_sessions_at_exit():
+    yield
+    SESSIONS.stop()
+
+
+@pytest.fixture
+def spark():
+    """A local[2] SparkSession."""
+    return SESSIONS.get("local")
+
+
+@pytest.fixture(params=["local", pytest.param("cluster", marks=pytest.mark.cluster)])
+def any_spark(request):
+    """The test runs on local[2] and on local-cluster[2,1,1024]."""
+    return SESSIONS.get(request.param)
+
+
+@pytest.fixture
+def sessions():
+    """The session switcher itself, for tests that need a specially configured Spark."""
+    return SESSIONS
+
+
+def _master_order(item) -> int:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("any_spark") == "cluster":
+        return 2
+    if item.get_closest_marker("own_session"):
+        return 3
+    if "spark" in getattr(item, "fixturenames", ()) or "any_spark" in getattr(item, "fixturenames", ()):
+        return 1
+    return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_master_order)  # stable: unit, local[2], local-cluster, special sessions
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "own_session: starts its own specially configured Spark")

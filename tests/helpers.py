@@ -1,0 +1,54 @@
+"""Models and data builders shared by the tests (importable on executors via PYTHONPATH)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from pyspark.sql import DataFrame, SparkSession
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small MLP for regression or classification tests."""
+
+    def __init__(self, in_features: int = 4, hidden: int = 8, out_features: int = 1) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ExplodingNet(nn.Module):
+    """Raises from forward (to test that the worker's own error reaches the driver)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom: ExplodingNet.forward refuses to run")
+
+
+def regression_arrays(rows: int, features: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic features and a noisy linear target."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    w = rng.normal(size=(features,)).astype(np.float32)
+    y = (x @ w + 0.1 * rng.normal(size=rows)).astype(np.float32)
+    return x, y
+
+
+def frame_with_partitions(
+    spark: SparkSession, parts: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> DataFrame:
+    """A DataFrame whose partition i holds exactly the rows of ``parts[i]``, in order."""
+    payload = [
+        [([float(v) for v in x_row], float(y_row)) for x_row, y_row in zip(x, y)] for x, y in parts
+    ]
+    rdd = spark.sparkContext.parallelize(range(len(parts)), len(parts)).flatMap(lambda i: payload[i])
+    frame = spark.createDataFrame(rdd, "features array<float>, label float")
+    assert frame.rdd.getNumPartitions() == len(parts)
+    return frame

@@ -1,0 +1,114 @@
+"""The public API: feature column forms, history, transform, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pyspark.ml.feature import VectorAssembler
+
+from spark_ddl import ConfigError, TorchEstimator, TorchModel
+from tests.helpers import TinyNet, regression_arrays
+
+
+@pytest.fixture
+def regression_frame(spark):
+    x, y = regression_arrays(96, features=3, seed=5)
+    rows = [(float(a), float(b), float(c), float(t)) for (a, b, c), t in zip(x, y)]
+    return spark.createDataFrame(rows, "a double, b double, c double, label double")
+
+
+def _fit(frame, feature_cols, **kw):
+    torch.manual_seed(0)
+    return TorchEstimator(model=TinyNet(in_features=3), loss="mse", lr=0.05, batch_size=16, epochs=8,
+                          num_workers=2, feature_cols=feature_cols, label_col="label", seed=1, **kw).fit(frame)
+
+
+def test_all_feature_forms_train_to_the_same_model(regression_frame):
+    from pyspark.sql import functions as F
+
+    as_vector = VectorAssembler(inputCols=["a", "b", "c"], outputCol="vec").transform(regression_frame)
+    as_array = regression_frame.withColumn("arr", F.array("a", "b", "c"))
+    models = [
+        _fit(regression_frame, ["a", "b", "c"]),
+        _fit(as_vector, ["vec"]),
+        _fit(as_array, "arr"),
+    ]
+    first = models[0].history
+    assert first[-1]["train_loss"] < first[0]["train_loss"]  # it learned something
+    for other in models[1:]:
+        for p, q in zip(models[0].get_module().parameters(), other.get_module().parameters()):
+            torch.testing.assert_close(p, q)
+
+
+def test_history_has_one_entry_per_epoch(regression_frame):
+    model = _fit(regression_frame, ["a", "b", "c"])
+    assert [h["epoch"] for h in model.history] == list(range(1, 9))
+    assert all(h["samples"] == 96 and np.isfinite(h["train_loss"]) for h in model.history)
+    assert model.summary["world_size"] == 2 and model.summary["threads_per_agent"] == 1
+
+
+def test_transform_matches_a_local_forward_pass(regression_frame):
+    model = _fit(regression_frame, ["a", "b", "c"])
+    scored = model.transform(regression_frame).toPandas()
+    x = torch.tensor(scored[["a", "b", "c"]].to_numpy(), dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.get_module()(x).reshape(-1).numpy()
+    np.testing.assert_allclose(scored["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert list(scored.columns) == ["a", "b", "c", "label", "prediction"]
+
+
+def test_classifier_transform_gives_class_and_probability(spark):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int)  # 3 classes
+    frame = spark.createDataFrame([(list(map(float, r)), int(t)) for r, t in zip(x, y)],
+                                  "features array<double>, label long")
+    model = TorchEstimator(model=TinyNet(4, 16, 3), loss="cross_entropy", lr=0.1, epochs=20,
+                           batch_size=16).fit(frame)
+    scored = model.transform(frame).toPandas()
+    probabilities = np.stack(scored["probability"].map(lambda v: v.toArray()))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), scored["prediction"].to_numpy())
+    assert (scored["prediction"] == scored["label"]).mean() > 0.8
+
+
+def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):
+    model = TorchEstimator(model="tests.helpers:TinyNet", model_kwargs={"in_features": 3, "hidden": 5},
+                           loss="mse", epochs=2, feature_cols=["a", "b", "c"]).fit(regression_frame)
+    path = str(tmp_path / "model")
+    model.save(path)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata.json", "weights.safetensors"]
+    loaded = TorchModel.load(path)
+    for (name, p), (_, q) in zip(model.get_module().state_dict().items(), loaded.get_module().state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert loaded.history == model.history
+    before = model.transform(regression_frame).select("prediction").toPandas()
+    after = loaded.transform(regression_frame).select("prediction").toPandas()
+    np.testing.assert_array_equal(before.to_numpy(), after.to_numpy())
+
+
+def test_save_refuses_to_clobber_and_overwrite_replaces(regression_frame, tmp_path):
+    model = _fit(regression_frame, ["a", "b", "c"])
+    path = str(tmp_path / "model")
+    model.save(path)
+    original = (tmp_path / "model" / "weights.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(path)
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == original
+    model.save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary leftovers
+
+
+def test_module_object_model_loads_only_with_architecture_or_opt_in(regression_frame, tmp_path):
+    model = _fit(regression_frame, ["a", "b", "c"])
+    path = str(tmp_path / "model")
+    model.save(path)
+    with pytest.raises(ConfigError, match="allow_pickle=True"):
+        TorchModel.load(path)
+    by_module = TorchModel.load(path, module=TinyNet(in_features=3))
+    by_pickle = TorchModel.load(path, allow_pickle=True)
+    for p, q, r in zip(model.get_module().parameters(), by_module.get_module().parameters(),
+                       by_pickle.get_module().parameters()):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p, r)

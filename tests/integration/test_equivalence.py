@@ -1,0 +1,75 @@
+"""The proof that synchronisation is right: 2 agents with per-agent batch b end with the same
+parameters as one plain PyTorch process training on the combined batch 2b."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from spark_ddl import TorchEstimator
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays
+
+
+def reference_training(module, parts, batch_size, epochs, lr):
+    """One process, plain SGD: step s uses rank 0's rows [s*b, (s+1)*b) followed by rank 1's."""
+    model = copy.deepcopy(module)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in parts]
+    steps = max(-(-len(x) // batch_size) for x, _ in parts)
+    for _ in range(epochs):
+        for step in range(steps):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            x = torch.cat([px[window] for px, _ in tensors])
+            y = torch.cat([py[window] for _, py in tensors])
+            loss = torch.nn.functional.mse_loss(model(x), y.reshape(-1, 1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model, steps * epochs
+
+
+def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    worst = 0.0
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        scale = pb.abs().max().item() or 1.0
+        worst = max(worst, (pa - pb).abs().max().item() / scale)
+    return worst
+
+
+def train_both(spark, sizes, batch_size=8, epochs=2, lr=0.05):
+    x, y = regression_arrays(sum(sizes), seed=3)
+    bounds = np.cumsum([0, *sizes])
+    parts = [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    torch.manual_seed(11)
+    net = TinyNet()
+    initial = copy.deepcopy(net)
+    estimator = TorchEstimator(model=net, loss="mse", optimizer="sgd", lr=lr, batch_size=batch_size,
+                               epochs=epochs, num_workers=2, shuffle=False, seed=0, timeout=60)
+    trained = estimator.fit(frame_with_partitions(spark, parts))
+    reference, steps = reference_training(initial, parts, batch_size, epochs, lr)
+    return trained, reference, initial, steps
+
+
+def test_two_agents_equal_one_process_on_the_combined_batch(any_spark):
+    trained, reference, initial, steps = train_both(any_spark, [80, 80])
+    assert steps >= 20
+    assert max_relative_difference(initial, reference) > 1e-2  # training really moved the weights
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+    assert [h["epoch"] for h in trained.history] == [1, 2]
+    assert trained.summary["shard_sizes"] == [80, 80]
+
+
+@pytest.mark.parametrize("sizes", [[0, 45], [1, 45], [37, 61]])
+def test_uneven_shards_equal_one_process_on_the_concatenated_batches(spark, sizes):
+    trained, reference, initial, _ = train_both(spark, sizes, batch_size=8, epochs=3)
+    assert trained.summary["shard_sizes"] == sizes
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+
+
+def test_fewer_rows_than_one_batch_per_agent_still_trains(spark):
+    trained, reference, _, steps = train_both(spark, [2, 3], batch_size=32, epochs=4)
+    assert steps == 4  # one (short) step per epoch
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5

@@ -1,0 +1,77 @@
+"""Clear driver-side errors, raised before any Spark job is launched."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator
+from tests.helpers import TinyNet
+
+
+@pytest.fixture
+def frame(spark):
+    return spark.createDataFrame(
+        [([1.0, 2.0, 3.0, 4.0], 1.0, "a", 1.0)] * 8, "features array<double>, label double, name string, x double"
+    )
+
+
+def fit_without_jobs(spark, frame, **params):
+    """Call fit inside a fresh job group; return the error and how many jobs the group ran."""
+    group = f"validation-{uuid.uuid4().hex[:8]}"
+    spark.sparkContext.setJobGroup(group, "driver-side validation test")
+    try:
+        with pytest.raises(Exception) as info:
+            TorchEstimator(**{"model": TinyNet(), "loss": "mse", **params}).fit(frame)
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    return info.value, spark.sparkContext.statusTracker().getJobIdsForGroup(group)
+
+
+@pytest.mark.parametrize(
+    "params, error_type, expected",
+    [
+        ({"feature_cols": ["pixels"]}, SchemaError, "Column(s) ['pixels'] not found"),
+        ({"label_col": "target"}, SchemaError, "Column(s) ['target'] not found"),
+        ({"feature_cols": ["name"]}, SchemaError, "Feature column 'name' has type string, which is not numeric"),
+        ({"feature_cols": ["x", "name"]}, SchemaError, "Feature column 'name' has type string"),
+        ({"label_col": "name"}, SchemaError, "Label column 'name' has type string"),
+        ({"num_workers": 0}, ConfigError, "num_workers must be >= 1, got 0"),
+        ({"batch_size": 0}, ConfigError, "batch_size must be >= 1, got 0"),
+        ({"epochs": -1}, ConfigError, "epochs must be >= 1"),
+        ({"optimizer": "lbfgs"}, ConfigError, "optimizer must be one of sgd, adam, adamw"),
+        ({"loss": "hinge"}, ConfigError, "loss must be one of cross_entropy, mse, bce_with_logits"),
+        ({"num_workers": 3}, ClusterConfigError, "num_workers=3 needs 3 barrier task slots at once, but the cluster offers 2"),
+        ({"use_gpu": True}, ClusterConfigError, "use_gpu=True but no GPU is visible"),
+    ],
+)
+def test_bad_settings_fail_on_the_driver_before_any_job(spark, frame, params, error_type, expected):
+    error, jobs = fit_without_jobs(spark, frame, **params)
+    assert isinstance(error, error_type), repr(error)
+    assert expected in str(error)
+    assert jobs == []
+
+
+def test_too_many_workers_names_the_setting_to_change(spark, frame):
+    error, _ = fit_without_jobs(spark, frame, num_workers=3)
+    assert "local[3]" in str(error) and "spark.task.cpus=1" in str(error)
+
+
+def test_dynamic_allocation_is_refused(spark, frame):
+    conf = spark.sparkContext._conf  # noqa: SLF001 - the driver-side conf the check reads
+    conf.set("spark.dynamicAllocation.enabled", "true")
+    try:
+        error, jobs = fit_without_jobs(spark, frame)
+    finally:
+        conf.set("spark.dynamicAllocation.enabled", "false")
+    assert isinstance(error, ClusterConfigError)
+    assert "spark.dynamicAllocation.enabled=false" in str(error)
+    assert jobs == []
+
+
+def test_model_must_be_set_or_a_module(spark, frame):
+    with pytest.raises(ConfigError, match="model is not set"):
+        TorchEstimator(loss="mse").fit(frame)
+    with pytest.raises(ConfigError, match="model must be a torch.nn.Module"):
+        TorchEstimator(model=42, loss="mse").fit(frame)
