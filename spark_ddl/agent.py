@@ -7,6 +7,7 @@ yields the result (history + weights, in chunks) after every rank has left the g
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ log = logging.getLogger("spark_ddl.agent")
 # Seconds a rank whose error is only a consequence of a peer's failure (a broken collective)
 # waits before raising, so that the peer's own error reaches the driver first.
 SECONDARY_FAILURE_DELAY = 3.0
+# Seconds the GIL is released between the final barrier and the process group's teardown.
+GLOO_QUIESCE_SECONDS = 0.1
 
 
 @dataclass
@@ -124,8 +127,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     strategy.finish()
 
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
-    dist.barrier()  # leave together: every rank reaches this before anyone tears down
-    dist.destroy_process_group()
+    _leave_group(strategy)
     if rank != 0:
         return []
     summary = {"history": history, "world_size": rdv.world_size, "shard_sizes": sizes,
@@ -184,6 +186,22 @@ def _train_epochs(
             "samples_per_s": samples / seconds if seconds > 0 else None,
         })
     return history
+
+
+def _leave_group(strategy) -> None:
+    """Leave the process group together, without the teardown deadlock of gloo.
+
+    Every rank reaches one final barrier before anyone tears down. Then a short pause lets
+    gloo's worker threads finish releasing the last work item (that needs the GIL): the
+    process group's destructor joins those threads while this thread holds the GIL, so a
+    worker still waiting for the GIL there would deadlock (seen with torch 2.13). Only then
+    are the DDP wrapper and the group dropped, the group last.
+    """
+    dist.barrier()
+    time.sleep(GLOO_QUIESCE_SECONDS)
+    strategy.close()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _is_secondary(exc: BaseException) -> bool:

@@ -20,11 +20,13 @@ class AllReduceStrategy(SyncStrategy):
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
+        self._module: nn.Module | None = None
         self._ddp: DistributedDataParallel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         device_ids = [self._device.index] if self._device.type == "cuda" else None
+        self._module = module
         self._ddp = DistributedDataParallel(module, device_ids=device_ids)
         self._optimizer = make_optimizer(self._ddp.parameters())
 
@@ -41,5 +43,9 @@ class AllReduceStrategy(SyncStrategy):
 
     @property
     def trained_module(self) -> nn.Module:
-        assert self._ddp is not None, "setup() first"
-        return self._ddp.module
+        assert self._module is not None, "setup() first"
+        return self._module
+
+    def close(self) -> None:
+        self._ddp = None  # the DDP reducer holds a reference to the process group
+        self._optimizer = None

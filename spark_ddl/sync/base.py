@@ -15,7 +15,7 @@ class SyncStrategy(ABC):
     """Keeps the replicas of all agents in step.
 
     Lifecycle on every agent: ``setup`` once (after the process group exists), then per step
-    ``forward`` module = ``self.module`` and ``step(loss)``, then ``finish`` once. Every
+    forward through ``self.module`` and ``step(loss)``, then ``finish`` and ``close`` once. Every
     agent calls the same methods the same number of times.
     """
 
@@ -36,6 +36,12 @@ class SyncStrategy(ABC):
 
     def finish(self) -> None:
         """Called once after the last step (e.g. a final parameter average)."""
+
+    def close(self) -> None:
+        """Drop every reference to communication objects (wrappers, optimiser state hooks).
+
+        Called after the final collective and before the process group is destroyed.
+        """
 
     @property
     @abstractmethod
