@@ -65,7 +65,7 @@ def _max_concurrent_tasks(spark: SparkSession) -> int:
 def _wait_for_slots(spark: SparkSession, needed: int, wait: float) -> int:
     """Slots available now; in cluster modes, wait a little for executors still starting."""
     slots = _max_concurrent_tasks(spark)
-    if slots >= needed or spark.sparkContext.master.startswith("local["):
+    if slots >= needed or _is_local_mode(spark.sparkContext.master):
         return slots
     deadline = time.monotonic() + wait
     while slots < needed and time.monotonic() < deadline:
@@ -74,10 +74,14 @@ def _wait_for_slots(spark: SparkSession, needed: int, wait: float) -> int:
     return slots
 
 
+def _is_local_mode(master: str) -> bool:
+    """True for local / local[N] / local[N,F] (one JVM, no executors to wait for)."""
+    return master == "local" or master.startswith("local[")
+
+
 def _check_gpu_resources(spark: SparkSession) -> None:
     conf = spark.sparkContext.getConf()
-    master = spark.sparkContext.master
-    if master.startswith("local"):
+    if _is_local_mode(spark.sparkContext.master):
         if not torch.cuda.is_available():
             raise ClusterConfigError(
                 "use_gpu=True but no GPU is visible to this local Spark (torch.cuda.is_available() "

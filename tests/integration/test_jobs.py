@@ -1,0 +1,65 @@
+"""jobs/train.py: the main job, in-process (embedded session) and through spark-submit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_ddl import TorchModel
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_job_reaches_95_percent_on_held_out_digits(spark, tmp_path, capsys):
+    metrics = tmp_path / "metrics.json"
+    output = tmp_path / "digits_model"
+    assert load_job("train").main(["--output", str(output), "--metrics-json", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "train_loss" in printed
+    assert result["test_rows"] == 359
+    assert result["accuracy"] >= 0.95, result
+    assert len(result["history"]) == 15
+    model = TorchModel.load(str(output))  # class-path architecture: no pickle needed
+    assert model.get_module()[0].in_features == 64
+
+
+def test_train_job_help_lists_its_options():
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for option in ("--data", "--feature-cols", "--label-col", "--hidden", "--epochs", "--workers", "--output"):
+        assert option in out.stdout
+
+
+@pytest.mark.own_session
+def test_train_job_runs_under_spark_submit(tmp_path, sessions):
+    sessions.stop()  # spark-submit starts its own JVM; keep memory free
+    spark_submit = Path(sys.executable).with_name("spark-submit")
+    if not spark_submit.exists():
+        import pyspark
+
+        spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    output = tmp_path / "model"
+    proc = subprocess.run(
+        [str(spark_submit), "--master", "local[2]", "--conf", "spark.driver.host=127.0.0.1",
+         str(REPO / "jobs" / "train.py"), "--epochs", "3", "--hidden", "32", "--output", str(output)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out accuracy" in proc.stdout
+    assert (output / "weights.safetensors").exists() and (output / "metadata.json").exists()

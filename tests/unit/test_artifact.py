@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+
+from spark_ddl import artifact
+
+
+def test_chunks_stay_under_the_limit_and_reassemble():
+    payload = os.urandom(artifact.CHUNK_BYTES * 2 + 123)
+    rows = [row for b in artifact.output_batches("weights", 0, payload) for row in b.to_pylist()]
+    assert len(rows) == 3 and max(len(r["data"]) for r in rows) <= artifact.CHUNK_BYTES
+    assert artifact.reassemble(list(reversed(rows)), "weights") == payload
+    with pytest.raises(RuntimeError, match="incomplete"):
+        artifact.reassemble(rows[:1] + rows[2:], "weights")
+
+
+def test_state_dict_round_trip_without_pickle():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    restored = artifact.state_dict_from_bytes(artifact.state_dict_to_bytes(module))
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(restored[name], value)
+
+
+def test_failed_write_leaves_the_existing_model_intact(tmp_path):
+    target = tmp_path / "model"
+    artifact.write_model_dir(str(target), {"a.txt": b"old"}, overwrite=False)
+    with pytest.raises(TypeError):
+        artifact.write_model_dir(str(target), {"a.txt": b"new", "b.txt": object()}, overwrite=True)
+    assert (target / "a.txt").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_existing_path_needs_overwrite(tmp_path):
+    target = tmp_path / "model"
+    artifact.write_model_dir(str(target), {"a.txt": b"old"}, overwrite=False)
+    with pytest.raises(FileExistsError):
+        artifact.write_model_dir(str(target), {"a.txt": b"new"}, overwrite=False)
+    artifact.write_model_dir(str(target), {"b.txt": b"new"}, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_class_path_errors_are_clear():
+    with pytest.raises(ValueError, match="package.module:Class"):
+        artifact.build_from_class_path("torch.nn.Linear", {})
+    module = artifact.build_from_class_path("torch.nn:Linear", {"in_features": 2, "out_features": 1})
+    assert isinstance(module, torch.nn.Linear)
