@@ -58,6 +58,7 @@ def read_table(spark, path: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-train")
     df = read_table(spark, args.data)
     feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]

@@ -41,6 +41,8 @@ def get_or_create_session(
         return SparkSession.builder.appName(app_name).getOrCreate()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if master is None or master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # one machine: stay on loopback
     conf = local_spark_conf(num_workers)
     if master is not None:
         conf["spark.master"] = master

@@ -1,0 +1,125 @@
+"""Launch overhead: fit() of a trivial model vs TorchDistributor.run of one all-reduce vs the
+floor (a bare barrier mapInArrow job that starts a gloo group and all-reduces one tensor).
+
+    python jobs/bench_launch.py --repeats 5 --json bench_results/launch.json
+
+All three run side by side in one warm local[2] session; the table shows medians and the
+ratios to fit(). Timings on a shared machine are noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
+
+
+def allreduce_once() -> float:
+    """The function TorchDistributor runs on each of its processes (torchrun env)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    dist.destroy_process_group()
+    return float(value.item())
+
+
+def floor_job(batches):
+    """A barrier task that only forms a gloo group and all-reduces one tensor."""
+    import pyarrow as pa
+    import torch
+    import torch.distributed as dist
+    from pyspark import BarrierTaskContext
+
+    from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
+
+    for _ in batches:
+        pass
+    context = BarrierTaskContext.get()
+    rdv = rendezvous(context, {"fingerprint": environment_fingerprint("gloo")}, 60)
+    init_process_group(rdv, "gloo", 60)
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    dist.barrier()
+    time.sleep(0.1)  # same teardown discipline as the agent (see agent._leave_group)
+    dist.destroy_process_group()
+    yield pa.RecordBatch.from_pydict({"value": [float(value.item())]})
+
+
+def measure(fn, repeats: int) -> list[float]:
+    fn()  # warm-up: Python workers started, modules imported
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-distributor", action="store_true", help="leave TorchDistributor out")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+
+    spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-launch")
+    rows = [([float(i), 1.0, 2.0, 3.0], float(i % 2)) for i in range(16)]
+    tiny = spark.createDataFrame(rows, "features array<float>, label double").repartition(2).cache()
+    tiny.count()
+    estimator = TorchEstimator(model=torch.nn.Linear(4, 1), loss="mse", epochs=1, batch_size=8,
+                               num_workers=2, timeout=60)
+    floor_input = spark.range(2).repartition(2).cache()
+    floor_input.count()
+
+    results: dict[str, list[float]] = {}
+    results["floor: barrier mapInArrow + gloo all-reduce"] = measure(
+        lambda: floor_input.mapInArrow(floor_job, "value double", barrier=True).collect(), args.repeats)
+    results["spark_ddl fit() (1 epoch, 16 rows)"] = measure(lambda: estimator.fit(tiny), args.repeats)
+    if not args.skip_distributor:
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        distributor = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False)
+        results["TorchDistributor.run (one all-reduce)"] = measure(
+            lambda: distributor.run(allreduce_once), args.repeats)
+
+    fit_median = statistics.median(results["spark_ddl fit() (1 epoch, 16 rows)"])
+    floor_median = statistics.median(results["floor: barrier mapInArrow + gloo all-reduce"])
+    print(f"\nLaunch overhead, warm local[2] session, {args.repeats} repeats (median seconds)\n")
+    print(f"{'what':<48} {'median s':>9} {'min s':>7} {'max s':>7} {'÷ fit()':>8}")
+    summary = {}
+    for name, times in results.items():
+        median = statistics.median(times)
+        summary[name] = {"median_s": median, "times_s": times}
+        print(f"{name:<48} {median:>9.2f} {min(times):>7.2f} {max(times):>7.2f} {median / fit_median:>8.2f}")
+    ratios = {"fit_over_floor": fit_median / floor_median}
+    if "TorchDistributor.run (one all-reduce)" in results:
+        ratios["distributor_over_fit"] = statistics.median(
+            results["TorchDistributor.run (one all-reduce)"]) / fit_median
+    print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    out = {"benchmark": "launch", "repeats": args.repeats, "results": summary, "ratios": ratios,
+           "torch": torch.__version__, "master": spark.sparkContext.master}
+    print(json.dumps(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
