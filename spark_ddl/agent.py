@@ -131,6 +131,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     if rank != 0:
         return []
     summary = {"history": history, "world_size": rdv.world_size, "shard_sizes": sizes,
+               "feature_dim": shard.features.shape[1],
                "device": plan.device, "backend": plan.backend, "threads_per_agent": threads}
     return [
         *output_batches("summary", 0, json.dumps(summary).encode()),

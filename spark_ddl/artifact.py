@@ -1,16 +1,13 @@
-"""The trained model as bytes: chunked through the job's output, and saved to a directory
-without pickle (safetensors weights + JSON metadata), atomically."""
+"""The trained model as bytes: safetensors weights, chunked rows through the job's output,
+class-path architectures, and torch.export programs checked before loading."""
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
-import uuid
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -19,10 +16,6 @@ from torch import nn
 from spark_ddl.errors import ConfigError
 
 CHUNK_BYTES = 4 * 1024 * 1024  # no output row carries more than this
-WEIGHTS_FILE = "weights.safetensors"
-METADATA_FILE = "metadata.json"
-PICKLED_MODULE_FILE = "module.cloudpickle"
-FORMAT_VERSION = 1
 
 OUTPUT_SCHEMA = pa.schema(
     [("kind", pa.string()), ("rank", pa.int32()), ("seq", pa.int32()), ("data", pa.binary())]
@@ -87,62 +80,65 @@ def build_from_class_path(class_path: str, kwargs: dict[str, Any] | None) -> nn.
     return module
 
 
-# ------------------------------------------------------------------ directories
+# ------------------------------------------------------------------ torch.export programs
 
 
-def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+def export_program(module: nn.Module, feature_dim: int) -> bytes:
+    """The module as a ``torch.export`` program (eval mode, dynamic batch size), as bytes.
 
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def write_model_dir(path: str, files: dict[str, bytes], overwrite: bool) -> None:
-    """Write ``files`` as a directory at ``path``, all or nothing.
-
-    The files go to a temporary sibling directory first; only when all are written is it
-    renamed into place. With ``overwrite`` an existing model is moved aside and deleted only
-    after the new one is in place; without it an existing path is an error and is untouched.
+    Raises whatever torch.export raises for modules it cannot capture.
     """
-    fs, target = _resolve(path)
-    if _exists(fs, target) and not overwrite:
-        raise FileExistsError(f"{path} already exists; use overwrite=True to replace it.")
-    token = uuid.uuid4().hex[:12]
-    staging, retired = f"{target}.tmp-{token}", f"{target}.old-{token}"
-    fs.create_dir(staging, recursive=True)
+    import copy
+    import io
+
+    frozen = copy.deepcopy(module).to("cpu").eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(
+        frozen, (torch.zeros(2, feature_dim),), dynamic_shapes=({0: batch},), strict=False
+    )
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+class UnsafeArchiveError(ValueError):
+    """A torch.export archive that would need full unpickling to load."""
+
+
+def check_export_archive(data: bytes) -> None:
+    """Refuse an archive whose loading would run pickle beyond torch's weights-only loader.
+
+    ``torch.export.load`` unpickles weights or constants flagged ``use_pickle``, custom and
+    opaque objects, and falls back to full unpickling when the sample inputs do not load with
+    ``weights_only=True``. An archive written by ``export_program`` needs none of that.
+    """
+    import io
+    import zipfile
+
     try:
-        for name, data in files.items():
-            with fs.open_output_stream(f"{staging}/{name}") as out:
-                out.write(data)
-        if _exists(fs, target):
-            fs.move(target, retired)
-        fs.move(staging, target)
-    except BaseException:
-        if _exists(fs, retired) and not _exists(fs, target):
-            fs.move(retired, target)
-        if _exists(fs, staging):
-            fs.delete_dir(staging)
-        raise
-    if _exists(fs, retired):
-        fs.delete_dir(retired)
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise UnsafeArchiveError(f"not a torch.export archive: {exc}") from exc
+    for name in archive.namelist():
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            config = json.loads(archive.read(name)).get("config", {})
+            for fqn, entry in config.items():
+                if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(
+                    ("weight_", "tensor_")
+                ):
+                    raise UnsafeArchiveError(f"{name}: entry {fqn!r} would be unpickled")
+        elif name.endswith(".pt") and ("/data/weights/" in name or "/data/constants/" in name):
+            raise UnsafeArchiveError(f"{name} is a legacy pickled payload")
+        elif "/data/sample_inputs/" in name:
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception as exc:
+                raise UnsafeArchiveError(f"{name} does not load with weights_only=True") from exc
 
 
-def read_model_file(path: str, name: str) -> bytes | None:
-    """One file of a saved model directory, or None if it is absent."""
-    fs, target = _resolve(path)
-    file_path = f"{target}/{name}"
-    if not _exists(fs, file_path):
-        return None
-    with fs.open_input_stream(file_path) as stream:
-        return stream.read()
+def load_export_program(data: bytes) -> nn.Module:
+    """The callable module of a checked torch.export archive."""
+    import io
 
-
-def read_metadata(path: str) -> dict[str, Any]:
-    """The metadata.json of a saved model; a clear error if the path holds no model."""
-    raw = read_model_file(path, METADATA_FILE)
-    if raw is None:
-        raise FileNotFoundError(f"{path} holds no spark_ddl model (no {METADATA_FILE}).")
-    return json.loads(raw)
+    check_export_archive(data)
+    return torch.export.load(io.BytesIO(data)).module()

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import platform
 import uuid
 from typing import Any, Callable, Sequence
 
-import pyspark
-import torch
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
-import spark_ddl
 from spark_ddl import artifact
 from spark_ddl.agent import AgentJob
 from spark_ddl.config import TrainConfig
@@ -25,6 +21,7 @@ from spark_ddl.data import ColumnSpec, normalize_feature_cols, resolve_columns
 from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
 from spark_ddl.launcher import run_training
+from spark_ddl.persistence import TorchModelReader, TorchModelWriter, load_module, read_metadata
 
 
 def _identity(value: Any) -> Any:
@@ -181,7 +178,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         return self._copyValues(model)
 
 
-class TorchModel(Model, _TorchSharedParams):
+class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
     """A trained network with the columns it was trained on; ``transform`` scores a DataFrame."""
 
     def __init__(
@@ -199,6 +196,7 @@ class TorchModel(Model, _TorchSharedParams):
         self._architecture = architecture or {"kind": "unknown"}
         self.summary: dict[str, Any] = summary or {}
         self._key = uuid.uuid4().hex
+        self._export_bytes: bytes | None = None  # set when the network came from a torch.export program
         if spec is not None:
             self._set(feature_cols=list(spec.feature_cols), label_col=spec.label_col)
 
@@ -213,6 +211,12 @@ class TorchModel(Model, _TorchSharedParams):
     def history(self) -> list[dict[str, Any]]:
         """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s."""
         return list(self.summary.get("history", []))
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Number of input features the network takes (None if unknown)."""
+        dim = self.summary.get("feature_dim")
+        return int(dim) if dim is not None else None
 
     @property
     def task(self) -> str:
@@ -238,90 +242,64 @@ class TorchModel(Model, _TorchSharedParams):
         )
 
     def _executor_payload(self) -> dict[str, Any]:
+        """How executors rebuild the network: class path + weights, export program, or the
+        cloudpickled module (the same trust domain as training: this driver made it)."""
         module = self.get_module()
+        payload: dict[str, Any] = {"class_path": None, "class_kwargs": None, "weights": None,
+                                   "export": None, "module_bytes": None}
         if self._architecture.get("kind") == "class_path":
-            return {"class_path": self._architecture["class_path"],
-                    "class_kwargs": self._architecture.get("kwargs", {}),
-                    "weights": artifact.state_dict_to_bytes(module), "module_bytes": None}
-        from pyspark import cloudpickle
+            payload.update(class_path=self._architecture["class_path"],
+                           class_kwargs=self._architecture.get("kwargs", {}),
+                           weights=artifact.state_dict_to_bytes(module))
+        elif self._export_bytes is not None:
+            payload.update(export=self._export_bytes)
+        else:
+            from pyspark import cloudpickle
 
-        return {"class_path": None, "class_kwargs": None, "weights": None,
-                "module_bytes": cloudpickle.dumps(module)}
+            payload.update(module_bytes=cloudpickle.dumps(module))
+        return payload
 
     # -------------------------------------------------------------- persistence
 
+    def write(self) -> TorchModelWriter:
+        """A writer: ``model.write().overwrite().save(path)``."""
+        return TorchModelWriter(self)
+
     def save(self, path: str, overwrite: bool = False) -> None:
-        """Write the model to ``path`` (local path or Hadoop/pyarrow URI), all or nothing.
+        """Write the model to ``path`` (local path or any Hadoop URI Spark can write), all or
+        nothing; an existing path is an error unless ``overwrite``."""
+        writer = self.write()
+        if overwrite:
+            writer.overwrite()
+        writer.save(path)
 
-        Files: weights.safetensors, metadata.json, and module.cloudpickle only when the
-        architecture was given as a module object (loading that needs ``allow_pickle=True``).
-        """
-        module = self.get_module()
-        weights = artifact.state_dict_to_bytes(module)
-        metadata = {
-            "format_version": artifact.FORMAT_VERSION,
-            "class": "spark_ddl.TorchModel",
-            "columns": self._spec.to_json_dict() if self._spec else None,
-            "params": {
-                "predictionCol": self.getOrDefault(self.predictionCol),
-                "probabilityCol": self.getOrDefault(self.probabilityCol),
-                "inference_batch_size": self.getOrDefault(self.inference_batch_size),
-            },
-            "config": self._config,
-            "architecture": self._architecture,
-            "summary": self.summary,
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),
-            "versions": {"spark_ddl": spark_ddl.__version__, "torch": torch.__version__,
-                         "pyspark": pyspark.__version__, "python": platform.python_version()},
-        }
-        files = {artifact.WEIGHTS_FILE: weights,
-                 artifact.METADATA_FILE: json.dumps(metadata, indent=2, default=str).encode()}
-        if self._architecture.get("kind") == "pickle":
-            from pyspark import cloudpickle
-
-            files[artifact.PICKLED_MODULE_FILE] = cloudpickle.dumps(module)
-        artifact.write_model_dir(path, files, overwrite=overwrite)
+    @classmethod
+    def read(cls) -> TorchModelReader:
+        """A reader: ``TorchModel.read().load(path)``."""
+        return TorchModelReader(cls)
 
     @classmethod
     def load(cls, path: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
-        """Load a saved model without running pickle.
+        """Load a saved model; runs no pickle unless ``allow_pickle=True``.
 
-        The architecture comes from ``module`` if given (its weights are replaced), else from
-        the saved class path. A model saved from a module object can only be rebuilt by
-        unpickling, which needs ``allow_pickle=True`` (only for files you trust).
+        The network comes from ``module`` if given (its weights are replaced), else the saved
+        class path, else the saved torch.export program (no training code needed). A model
+        trained from a module object that torch.export could not capture needs ``module=`` or
+        ``allow_pickle=True`` (only for files you trust).
         """
-        metadata = artifact.read_metadata(path)
-        weights = artifact.read_model_file(path, artifact.WEIGHTS_FILE)
-        if weights is None:
-            raise FileNotFoundError(f"{path} has no {artifact.WEIGHTS_FILE}")
-        if hashlib.sha256(weights).hexdigest() != metadata.get("weights_sha256"):
-            raise ValueError(f"{path}/{artifact.WEIGHTS_FILE} does not match its metadata checksum")
-        arch = metadata.get("architecture", {})
-        if module is None and arch.get("kind") == "class_path":
-            module = artifact.build_from_class_path(arch["class_path"], arch.get("kwargs"))
-        elif module is None and arch.get("kind") == "pickle":
-            if not allow_pickle:
-                raise ConfigError(
-                    f"The model at {path} was trained from a module object ({arch.get('class')}), "
-                    "so its architecture is stored only as a pickle, and unpickling can run "
-                    "arbitrary code. Pass module=<an instance of that architecture>, or "
-                    "allow_pickle=True if you trust the files."
-                )
-            from pyspark import cloudpickle
-
-            raw = artifact.read_model_file(path, artifact.PICKLED_MODULE_FILE)
-            if raw is None:
-                raise FileNotFoundError(f"{path} has no {artifact.PICKLED_MODULE_FILE}")
-            module = cloudpickle.loads(raw)
-        elif module is None:
-            raise ConfigError(f"{path} does not describe its architecture; pass module=...")
-        module.load_state_dict(artifact.state_dict_from_bytes(weights))
-        columns = metadata.get("columns")
+        metadata = read_metadata(path)
+        section = metadata["spark_ddl"]
+        loaded, exported = load_module(path, section, module, allow_pickle)
+        columns = section.get("columns")
         spec = None
         if columns:
             spec = ColumnSpec(tuple(normalize_feature_cols(columns["feature_cols"])), columns["label_col"],
                               columns["feature_kind"], columns.get("label_is_array", False))
-        model = cls(module, spec=spec, config=metadata.get("config"), architecture=arch,
-                    summary=metadata.get("summary"))
-        model._set(**{k: v for k, v in metadata.get("params", {}).items() if v is not None})
+        model = cls(loaded, spec=spec, config=section.get("config"), architecture=section.get("architecture"),
+                    summary=section.get("summary"))
+        model._export_bytes = exported
+        model._resetUid(metadata.get("uid", model.uid))
+        for name, value in metadata.get("paramMap", {}).items():
+            if model.hasParam(name) and value is not None:
+                model._set(**{name: value})
         return model

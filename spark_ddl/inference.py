@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from torch import nn
 
-from spark_ddl.artifact import build_from_class_path, state_dict_from_bytes
+from spark_ddl.artifact import build_from_class_path, load_export_program, state_dict_from_bytes
 from spark_ddl.data import ColumnSpec, features_column
 
 _PREDICTION_STRUCT = "__ddl_prediction"
@@ -31,11 +31,14 @@ def _cached_module(key: str, payload: dict[str, Any]) -> nn.Module:
             if payload["class_path"] is not None:
                 module = build_from_class_path(payload["class_path"], payload["class_kwargs"])
                 module.load_state_dict(state_dict_from_bytes(payload["weights"]))
+            elif payload["export"] is not None:
+                module = load_export_program(payload["export"])
             else:
                 from pyspark import cloudpickle
 
                 module = cloudpickle.loads(payload["module_bytes"])
-            module.eval()
+            if hasattr(module, "eval"):
+                module.eval()
             while len(_CACHE) >= _CACHE_SIZE:
                 _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = module

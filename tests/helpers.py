@@ -32,6 +32,20 @@ class ExplodingNet(nn.Module):
         raise ValueError("boom: ExplodingNet.forward refuses to run")
 
 
+class DataDependentNet(nn.Module):
+    """Python control flow on tensor values: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if float(out.detach().abs().sum()) > 1e9:  # a value-dependent branch
+            return out * 0
+        return out
+
+
 def regression_arrays(rows: int, features: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic features and a noisy linear target."""
     rng = np.random.default_rng(seed)

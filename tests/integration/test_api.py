@@ -8,7 +8,7 @@ import torch
 from pyspark.ml.feature import VectorAssembler
 
 from spark_ddl import ConfigError, TorchEstimator, TorchModel
-from tests.helpers import TinyNet, regression_arrays
+from tests.helpers import DataDependentNet, TinyNet, regression_arrays
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):
                            loss="mse", epochs=2, feature_cols=["a", "b", "c"]).fit(regression_frame)
     path = str(tmp_path / "model")
     model.save(path)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata", "model.pt2", "weights.safetensors"]
     loaded = TorchModel.load(path)
     for (name, p), (_, q) in zip(model.get_module().state_dict().items(), loaded.get_module().state_dict().items()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
@@ -100,13 +100,27 @@ def test_save_refuses_to_clobber_and_overwrite_replaces(regression_frame, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary leftovers
 
 
-def test_module_object_model_loads_only_with_architecture_or_opt_in(regression_frame, tmp_path):
+def test_module_object_model_loads_from_its_export_program_or_by_architecture(regression_frame, tmp_path):
     model = _fit(regression_frame, ["a", "b", "c"])
     path = str(tmp_path / "model")
     model.save(path)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = model.get_module()(x)
+        torch.testing.assert_close(TorchModel.load(path).get_module()(x), expected)  # torch.export
+        torch.testing.assert_close(TorchModel.load(path, module=TinyNet(in_features=3)).get_module()(x), expected)
+        torch.testing.assert_close(TorchModel.load(path, allow_pickle=True).get_module()(x), expected)
+
+
+def test_unexportable_module_needs_architecture_or_pickle_opt_in(regression_frame, tmp_path):
+    model = TorchEstimator(model=DataDependentNet(), loss="mse", epochs=1, feature_cols=["a", "b", "c"]).fit(
+        regression_frame)
+    path = str(tmp_path / "model")
+    model.save(path)
+    assert not (tmp_path / "model" / "model.pt2").exists()
     with pytest.raises(ConfigError, match="allow_pickle=True"):
         TorchModel.load(path)
-    by_module = TorchModel.load(path, module=TinyNet(in_features=3))
+    by_module = TorchModel.load(path, module=DataDependentNet())
     by_pickle = TorchModel.load(path, allow_pickle=True)
     for p, q, r in zip(model.get_module().parameters(), by_module.get_module().parameters(),
                        by_pickle.get_module().parameters()):

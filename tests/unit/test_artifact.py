@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from spark_ddl import artifact
+from spark_ddl import artifact, storage
 
 
 def test_chunks_stay_under_the_limit_and_reassemble():
@@ -24,19 +24,19 @@ def test_state_dict_round_trip_without_pickle():
 
 def test_failed_write_leaves_the_existing_model_intact(tmp_path):
     target = tmp_path / "model"
-    artifact.write_model_dir(str(target), {"a.txt": b"old"}, overwrite=False)
+    storage.write_directory(str(target), {"a.txt": b"old"}, overwrite=False)
     with pytest.raises(TypeError):
-        artifact.write_model_dir(str(target), {"a.txt": b"new", "b.txt": object()}, overwrite=True)
+        storage.write_directory(str(target), {"a.txt": b"new", "b.txt": object()}, overwrite=True)
     assert (target / "a.txt").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_existing_path_needs_overwrite(tmp_path):
     target = tmp_path / "model"
-    artifact.write_model_dir(str(target), {"a.txt": b"old"}, overwrite=False)
+    storage.write_directory(str(target), {"a.txt": b"old"}, overwrite=False)
     with pytest.raises(FileExistsError):
-        artifact.write_model_dir(str(target), {"a.txt": b"new"}, overwrite=False)
-    artifact.write_model_dir(str(target), {"b.txt": b"new"}, overwrite=True)
+        storage.write_directory(str(target), {"a.txt": b"new"}, overwrite=False)
+    storage.write_directory(str(target), {"b.txt": b"new"}, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -46,3 +46,34 @@ def test_class_path_errors_are_clear():
         artifact.build_from_class_path("torch.nn.Linear", {})
     module = artifact.build_from_class_path("torch.nn:Linear", {"in_features": 2, "out_features": 1})
     assert isinstance(module, torch.nn.Linear)
+
+
+def test_nested_names_become_sub_directories(tmp_path):
+    storage.write_directory(str(tmp_path / "m"), {"metadata/part-00000": b"{}", "w": b"1"}, overwrite=False)
+    assert storage.list_directory(str(tmp_path / "m")) == ["metadata", "w"]
+    assert storage.read_file(str(tmp_path / "m"), "metadata/part-00000") == b"{}"
+    assert storage.read_file(str(tmp_path / "m"), "missing") is None
+
+
+def test_export_archive_round_trip_and_tamper_check():
+    import io
+    import pickle
+    import zipfile
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    data = artifact.export_program(module, 3)
+    x = torch.randn(7, 3)
+    torch.testing.assert_close(artifact.load_export_program(data)(x), module(x))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    source = zipfile.ZipFile(io.BytesIO(data))
+    tampered = io.BytesIO()
+    with zipfile.ZipFile(tampered, "w") as out:
+        for name in source.namelist():
+            body = pickle.dumps(Evil()) if "/sample_inputs/" in name else source.read(name)
+            out.writestr(name, body)
+    with pytest.raises(artifact.UnsafeArchiveError, match="weights_only"):
+        artifact.load_export_program(tampered.getvalue())

@@ -1,0 +1,168 @@
+"""Model directories on any filesystem Spark can write, written all or nothing.
+
+Plain local paths go through pyarrow's local filesystem. URIs (``hdfs://``, ``s3a://``,
+``abfs://``, ``file://`` …) go through Hadoop's FileSystem in the driver's JVM when a
+SparkContext is running, so every scheme Spark is configured for works; without Spark,
+``pyarrow.fs`` resolves the URI.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Protocol
+
+
+class Store(Protocol):
+    """The few filesystem operations a model directory needs."""
+
+    def exists(self, path: str) -> bool: ...
+    def mkdirs(self, path: str) -> None: ...
+    def write(self, path: str, data: bytes) -> None: ...
+    def read(self, path: str) -> bytes: ...
+    def list(self, path: str) -> list[str]: ...
+    def rename(self, source: str, target: str) -> None: ...
+    def delete(self, path: str) -> None: ...
+
+
+class ArrowStore:
+    """A pyarrow filesystem (local, or whatever ``FileSystem.from_uri`` supports)."""
+
+    def __init__(self, filesystem) -> None:
+        self._fs = filesystem
+
+    def exists(self, path: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def mkdirs(self, path: str) -> None:
+        self._fs.create_dir(path, recursive=True)
+
+    def write(self, path: str, data: bytes) -> None:
+        with self._fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def read(self, path: str) -> bytes:
+        with self._fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def list(self, path: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        infos = self._fs.get_file_info(pafs.FileSelector(path))
+        return sorted(os.path.basename(i.path) for i in infos)
+
+    def rename(self, source: str, target: str) -> None:
+        self._fs.move(source, target)
+
+    def delete(self, path: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self._fs.get_file_info(path).type == pafs.FileType.Directory:
+            self._fs.delete_dir(path)
+        elif self.exists(path):
+            self._fs.delete_file(path)
+
+
+class HadoopStore:
+    """Hadoop's FileSystem through the driver JVM (every scheme Spark can write)."""
+
+    def __init__(self, spark_context, uri: str) -> None:
+        jvm = spark_context._jvm  # noqa: SLF001
+        self._jvm = jvm
+        self._path = jvm.org.apache.hadoop.fs.Path
+        self._fs = self._path(uri).getFileSystem(spark_context._jsc.hadoopConfiguration())  # noqa: SLF001
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs.exists(self._path(path)))
+
+    def mkdirs(self, path: str) -> None:
+        self._fs.mkdirs(self._path(path))
+
+    def write(self, path: str, data: bytes) -> None:
+        out = self._fs.create(self._path(path), False)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+
+    def read(self, path: str) -> bytes:
+        stream = self._fs.open(self._path(path))
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def list(self, path: str) -> list[str]:
+        return sorted(s.getPath().getName() for s in self._fs.listStatus(self._path(path)))
+
+    def rename(self, source: str, target: str) -> None:
+        if not self._fs.rename(self._path(source), self._path(target)):
+            raise OSError(f"could not rename {source} to {target}")
+
+    def delete(self, path: str) -> None:
+        self._fs.delete(self._path(path), True)
+
+
+def store_for(path: str) -> tuple[Store, str]:
+    """The store that handles ``path`` and the path in that store's terms."""
+    if "://" not in path:
+        import pyarrow.fs as pafs
+
+        return ArrowStore(pafs.LocalFileSystem()), os.path.abspath(path)
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context  # noqa: SLF001
+    if sc is not None:
+        return HadoopStore(sc, path), path.rstrip("/")
+    import pyarrow.fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    return ArrowStore(filesystem), inner
+
+
+def write_directory(path: str, files: dict[str, bytes], overwrite: bool) -> None:
+    """Write ``files`` (relative names, '/' for sub-directories) as the directory ``path``.
+
+    All files go to a temporary sibling first; only when every one is written is it renamed
+    into place. With ``overwrite`` an existing directory is moved aside and deleted only after
+    the new one is in place; without it an existing path is an error and stays untouched.
+    """
+    store, target = store_for(path)
+    if store.exists(target) and not overwrite:
+        raise FileExistsError(f"{path} already exists; use overwrite (save(path, overwrite=True) "
+                              "or write().overwrite().save(path)) to replace it.")
+    token = uuid.uuid4().hex[:12]
+    staging, retired = f"{target}.tmp-{token}", f"{target}.old-{token}"
+    store.mkdirs(staging)
+    try:
+        for name, data in files.items():
+            if "/" in name:
+                store.mkdirs(f"{staging}/{name.rsplit('/', 1)[0]}")
+            store.write(f"{staging}/{name}", data)
+        if store.exists(target):
+            store.rename(target, retired)
+        store.rename(staging, target)
+    except BaseException:
+        if store.exists(retired) and not store.exists(target):
+            store.rename(retired, target)
+        if store.exists(staging):
+            store.delete(staging)
+        raise
+    if store.exists(retired):
+        store.delete(retired)
+
+
+def read_file(path: str, name: str) -> bytes | None:
+    """One file of the directory ``path`` (``name`` may contain '/'), or None if absent."""
+    store, target = store_for(path)
+    file_path = f"{target}/{name}"
+    return store.read(file_path) if store.exists(file_path) else None
+
+
+def list_directory(path: str, name: str = "") -> list[str]:
+    """Entry names in ``path/name`` (empty if it does not exist)."""
+    store, target = store_for(path)
+    folder = f"{target}/{name}" if name else target
+    return store.list(folder) if store.exists(folder) else []
