@@ -28,16 +28,16 @@ def _cached_module(key: str, payload: dict[str, Any]) -> nn.Module:
     with _CACHE_LOCK:
         module = _CACHE.get(key)
         if module is None:
-            if payload["class_path"] is not None:
-                module = build_from_class_path(payload["class_path"], payload["class_kwargs"])
-                module.load_state_dict(state_dict_from_bytes(payload["weights"]))
-            elif payload["export"] is not None:
-                module = load_export_program(payload["export"])
+            if payload["export"] is not None:
+                module = load_export_program(payload["export"])  # captured in eval mode
             else:
-                from pyspark import cloudpickle
+                if payload["class_path"] is not None:
+                    module = build_from_class_path(payload["class_path"], payload["class_kwargs"])
+                    module.load_state_dict(state_dict_from_bytes(payload["weights"]))
+                else:
+                    from pyspark import cloudpickle
 
-                module = cloudpickle.loads(payload["module_bytes"])
-            if hasattr(module, "eval"):
+                    module = cloudpickle.loads(payload["module_bytes"])
                 module.eval()
             while len(_CACHE) >= _CACHE_SIZE:
                 _CACHE.pop(next(iter(_CACHE)))

@@ -84,7 +84,8 @@ def model_files(model: "TorchModel") -> dict[str, bytes]:
         "defaultParamMap": {p.name: v for p, v in model._defaultParamMap.items()},  # noqa: SLF001
         "spark_ddl": section,
     }
-    files[METADATA_FILE] = json.dumps(metadata, indent=1, default=str).encode()
+    # one line: pyspark.ml reads only the first line of the metadata file
+    files[METADATA_FILE] = json.dumps(metadata, separators=(",", ":"), default=str).encode()
     return files
 
 
