@@ -25,7 +25,7 @@ from spark_ddl.artifact import build_from_class_path, output_batches, state_dict
 from spark_ddl.config import TrainConfig
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
-from spark_ddl.objectives import label_dtype, make_loss, make_optimizer
+from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
 from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch
 from spark_ddl.sync import make_strategy
@@ -98,10 +98,11 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    shard = Shard.from_arrow(batches, label_dtype(config.loss))
+    train, validation = Shard.from_arrow(batches, label_dtype(config.loss))
     info = {
-        "rows": shard.num_rows,
-        "feature_dim": shard.feature_dim,
+        "rows": train.num_rows,
+        "validation_rows": validation.num_rows,
+        "feature_dim": train.feature_dim or validation.feature_dim,
         "host": os.uname().nodename,
         "device": plan.device,
         "fingerprint": environment_fingerprint(plan.backend),
@@ -110,10 +111,13 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     sizes = [int(p["rows"]) for p in rdv.peers]
     dims = {p["feature_dim"] for p in rdv.peers if p["feature_dim"] is not None}
     if sum(sizes) == 0:
-        raise ValueError("the training DataFrame is empty: every partition has 0 rows")
+        raise ValueError("the training DataFrame is empty: every partition has 0 training rows")
+    if config.has_validation and not any(p["validation_rows"] for p in rdv.peers):
+        raise ValueError("the validation set is empty: no row is marked for validation")
     if len(dims) > 1:
         raise ValueError(f"agents hold feature arrays of different lengths: {sorted(dims)}")
-    shard = shard.with_feature_dim(dims.pop())
+    dim = dims.pop()
+    train, validation = train.with_feature_dim(dim), validation.with_feature_dim(dim)
     init_process_group(rdv, plan.backend, config.timeout)
 
     module = job.build_module().to(device)
@@ -122,71 +126,149 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),
     )
-    loss_fn = make_loss(config.loss)
-    history = _train_epochs(job, strategy, loss_fn, shard, sizes, rank, rdv.world_size, device)
+    loop = _EpochLoop(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
+    history = loop.run()
     strategy.finish()
+    epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
+    dist.all_gather(epochs_run, torch.tensor([len(history)], dtype=torch.int64, device=device))
 
+    if loop.stopper is not None:
+        loop.stopper.restore_best(strategy.trained_module)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
     _leave_group(strategy)
     if rank != 0:
         return []
-    summary = {"history": history, "world_size": rdv.world_size, "shard_sizes": sizes,
-               "feature_dim": shard.features.shape[1],
-               "device": plan.device, "backend": plan.backend, "threads_per_agent": threads}
+    summary = {
+        "history": history, "world_size": rdv.world_size, "shard_sizes": sizes,
+        "validation_sizes": [int(p["validation_rows"]) for p in rdv.peers], "feature_dim": dim,
+        "device": plan.device, "backend": plan.backend, "threads_per_agent": threads,
+        "epochs_run_per_rank": [int(t.item()) for t in epochs_run],
+        "best_epoch": loop.stopper.best_epoch if loop.stopper else None,
+        "stopped_early": bool(loop.stopper and loop.stopper.stopped),
+    }
     return [
         *output_batches("summary", 0, json.dumps(summary).encode()),
         *output_batches("weights", 0, weights),
     ]
 
 
-def _train_epochs(
-    job: AgentJob,
-    strategy,
-    loss_fn,
-    shard: Shard,
-    sizes: list[int],
-    rank: int,
-    world_size: int,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    config = job.config
-    steps = steps_per_epoch(sizes, config.batch_size)
-    batch_totals = global_batch_sizes(sizes, config.batch_size, steps)
-    features, labels = shard.features.to(device), shard.labels.to(device)
-    history: list[dict[str, Any]] = []
-    model = strategy.module
-    model.train()
-    for epoch in range(config.epochs):
+class _EarlyStopping:
+    """Tracks the best validation loss; rank 0 keeps the best weights and decides for all."""
+
+    def __init__(self, patience: int, keep_weights: bool) -> None:
+        self.patience = patience
+        self.keep_weights = keep_weights
+        self.best_loss = float("inf")
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped = False
+
+    def update(self, epoch: int, val_loss: float, module: nn.Module, device: torch.device) -> bool:
+        """Record this epoch; return True (the same on every rank) when training must stop."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            if self.keep_weights:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        stop = self.best_epoch is not None and epoch - self.best_epoch >= self.patience
+        decision = torch.tensor([1 if stop else 0], device=device)
+        dist.broadcast(decision, src=0)  # rank 0's decision holds for all ranks
+        self.stopped = bool(decision.item())
+        return self.stopped
+
+    def restore_best(self, module: nn.Module) -> None:
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+class _EpochLoop:
+    """The per-epoch work every agent does in lock-step with the others."""
+
+    def __init__(self, job: AgentJob, strategy, train: Shard, validation: Shard, sizes: list[int],
+                 rank: int, world_size: int, device: torch.device) -> None:
+        self.job, self.config, self.strategy = job, job.config, strategy
+        self.train, self.validation = train, validation
+        self.sizes, self.rank, self.world_size, self.device = sizes, rank, world_size, device
+        self.loss_fn = make_loss(self.config.loss)
+        self.steps = steps_per_epoch(sizes, self.config.batch_size)
+        self.batch_totals = global_batch_sizes(sizes, self.config.batch_size, self.steps)
+        self.scheduler = make_scheduler(self.config.lr_scheduler, strategy.optimizer,
+                                        self.config.lr_scheduler_kwargs)
+        patience = self.config.early_stopping_patience
+        self.stopper = _EarlyStopping(patience, keep_weights=rank == 0) if patience else None
+
+    def run(self) -> list[dict[str, Any]]:
+        history: list[dict[str, Any]] = []
+        features, labels = self.train.features.to(self.device), self.train.labels.to(self.device)
+        for epoch in range(self.config.epochs):
+            record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
+            record.update(self._train_epoch(epoch, features, labels))
+            if self.config.has_validation:
+                record.update(self._validate())
+            history.append(record)
+            if self.scheduler is not None:
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(record.get("val_loss", record["train_loss"]))
+                else:
+                    self.scheduler.step()
+            if self.stopper is not None and self.stopper.update(
+                epoch + 1, record["val_loss"], self.strategy.trained_module, self.device
+            ):
+                break
+        return history
+
+    def _train_epoch(self, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        config, model = self.config, self.strategy.module
+        model.train()
         started = time.perf_counter()
-        order = shard.epoch_order(epoch, config.shuffle, config.seed, rank).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for step in range(steps):
-            if job.fail_hook is not None:
-                job.fail_hook(rank, epoch, step)
+        order = self.train.epoch_order(epoch, config.shuffle, config.seed, self.rank).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for step in range(self.steps):
+            if self.job.fail_hook is not None:
+                self.job.fail_hook(self.rank, epoch, step)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
             output = model(features[index])
             if local_rows:
-                loss = loss_fn(output, labels[index])
+                loss = self.loss_fn(output, labels[index])
                 loss_sum += loss.detach().double() * local_rows
                 # Weight so that the all-reduce *average* equals the mean over the global batch,
                 # also when shards are uneven and this agent's batch is short or empty.
-                objective = loss * (local_rows * world_size / batch_totals[step])
+                objective = loss * (local_rows * self.world_size / self.batch_totals[step])
             else:
                 objective = output.sum() * 0.0  # still joins the collective with zero gradient
-            strategy.step(objective)
-        totals = torch.stack([loss_sum, torch.tensor(float(sizes[rank]), dtype=torch.float64, device=device)])
+            self.strategy.step(objective)
+        totals = torch.stack([loss_sum, torch.tensor(float(self.sizes[self.rank]), dtype=torch.float64,
+                                                     device=self.device)])
         dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         samples = int(totals[1].item())
-        history.append({
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0].item() / max(samples, 1)),
-            "samples": samples,
-            "seconds": seconds,
-            "samples_per_s": samples / seconds if seconds > 0 else None,
-        })
-    return history
+        return {"train_loss": float(totals[0].item() / max(samples, 1)), "samples": samples,
+                "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
+
+    def _validate(self) -> dict[str, Any]:
+        """Loss (and accuracy for classifiers) over every agent's validation rows."""
+        module, loss_name = self.strategy.trained_module, self.config.loss
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*rows, correct, rows
+        rows = self.validation.num_rows
+        chunk = max(self.config.batch_size, 1024)
+        module.eval()
+        with torch.no_grad():
+            for start in range(0, rows, chunk):
+                x = self.validation.features[start : start + chunk].to(self.device)
+                y = self.validation.labels[start : start + chunk].to(self.device)
+                output = module(x)
+                sums[0] += self.loss_fn(output, y).double() * len(x)
+                if loss_name == "cross_entropy":
+                    sums[1] += (output.argmax(dim=1) == y).sum()
+                elif loss_name == "bce_with_logits":
+                    sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
+                sums[2] += len(x)
+        module.train()
+        dist.all_reduce(sums)
+        record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
+        if loss_name in ("cross_entropy", "bce_with_logits"):
+            record["val_accuracy"] = float(sums[1] / sums[2])
+        return record
 
 
 def _leave_group(strategy) -> None:

@@ -34,6 +34,10 @@ class TrainConfig:
     use_gpu: bool | None = None
     timeout: float = 300.0
     sync: str = "allreduce"
+    early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
+    lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    has_validation: bool = False  # set by the driver when a validation set is configured
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first invalid setting; return self."""
@@ -62,6 +66,23 @@ class TrainConfig:
             raise ConfigError(
                 f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
             )
+        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
+        if self.early_stopping_patience and not self.has_validation:
+            raise ConfigError(
+                "early_stopping_patience needs a validation set: set validation_col or "
+                "validation_fraction."
+            )
+        if self.lr_scheduler is not None:
+            import torch
+
+            scheduler = getattr(torch.optim.lr_scheduler, str(self.lr_scheduler), None)
+            if not isinstance(scheduler, type) or self.lr_scheduler.startswith("_"):
+                raise ConfigError(
+                    f"lr_scheduler must name a class in torch.optim.lr_scheduler (e.g. StepLR, "
+                    f"CosineAnnealingLR, ReduceLROnPlateau), got {self.lr_scheduler!r}."
+                )
+        if not isinstance(self.lr_scheduler_kwargs, dict):
+            raise ConfigError("lr_scheduler_kwargs must be a dict.")
         if self.use_gpu not in (None, True, False):
             raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
         return self

@@ -16,6 +16,7 @@ from spark_ddl.errors import ConfigError, SchemaError
 
 FEATURES = "__ddl_features"
 LABEL = "__ddl_label"
+VALIDATION = "__ddl_is_validation"
 _PARTITION_KEY = "__ddl_partition_key"
 
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
@@ -112,9 +113,38 @@ def label_column(spec: ColumnSpec) -> Column:
     return F.col(spec.label_col).cast("array<float>" if spec.label_is_array else "double")
 
 
-def select_training_columns(df: DataFrame, spec: ColumnSpec) -> DataFrame:
-    """Project the input to exactly the two columns the agents read."""
-    return df.select(features_column(spec).alias(FEATURES), label_column(spec).alias(LABEL))
+def validation_column(
+    schema: T.StructType, validation_col: str | None, validation_fraction: float, seed: int
+) -> Column | None:
+    """A boolean column marking validation rows, or None when there is no validation set."""
+    if validation_col and validation_fraction:
+        raise ConfigError("Set validation_col or validation_fraction, not both.")
+    if validation_col:
+        fields = {f.name: f for f in schema.fields}
+        if validation_col not in fields:
+            raise SchemaError(
+                f"validation_col {validation_col!r} not found; available columns: {sorted(fields)}."
+            )
+        dtype = fields[validation_col].dataType
+        if not isinstance(dtype, (T.BooleanType, *_NUMERIC)):
+            raise SchemaError(
+                f"validation_col {validation_col!r} has type {dtype.simpleString()}; it must be "
+                "boolean (true = validation row)."
+            )
+        return F.coalesce(F.col(validation_col).cast("boolean"), F.lit(False))
+    if validation_fraction:
+        if not 0.0 < validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+        return F.rand(seed) < F.lit(validation_fraction)
+    return None
+
+
+def select_training_columns(df: DataFrame, spec: ColumnSpec, validation: Column | None = None) -> DataFrame:
+    """Project the input to exactly the columns the agents read."""
+    columns = [features_column(spec).alias(FEATURES), label_column(spec).alias(LABEL)]
+    if validation is not None:
+        columns.append(validation.alias(VALIDATION))
+    return df.select(*columns)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 from spark_ddl import artifact
 from spark_ddl.agent import AgentJob
 from spark_ddl.config import TrainConfig
-from spark_ddl.data import ColumnSpec, normalize_feature_cols, resolve_columns
+from spark_ddl.data import ColumnSpec, normalize_feature_cols, resolve_columns, validation_column
 from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
 from spark_ddl.launcher import run_training
@@ -79,6 +79,20 @@ class _TorchEstimatorParams(_TorchSharedParams):
                     "seconds any collective or rendezvous may wait before failing", typeConverter=_identity)
     sync = Param(Params._dummy(), "sync", "synchronisation strategy: 'allreduce'",
                  typeConverter=TypeConverters.toString)
+    validation_col = Param(Params._dummy(), "validation_col",
+                           "boolean column: true rows are held out for per-epoch validation",
+                           typeConverter=_identity)
+    validation_fraction = Param(Params._dummy(), "validation_fraction",
+                                "fraction of rows held out (seeded) for per-epoch validation; 0 = none",
+                                typeConverter=TypeConverters.toFloat)
+    early_stopping_patience = Param(Params._dummy(), "early_stopping_patience",
+                                    "stop after this many epochs without a better validation loss and "
+                                    "restore the best epoch's weights; 0 = off", typeConverter=_identity)
+    lr_scheduler = Param(Params._dummy(), "lr_scheduler",
+                         "a torch.optim.lr_scheduler class name (e.g. 'StepLR'), stepped every epoch",
+                         typeConverter=_identity)
+    lr_scheduler_kwargs = Param(Params._dummy(), "lr_scheduler_kwargs",
+                                "keyword arguments of the scheduler", typeConverter=_identity)
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +102,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
             optimizer_kwargs={}, batch_size=defaults.batch_size, epochs=defaults.epochs,
             num_workers=defaults.num_workers, shuffle=defaults.shuffle, seed=defaults.seed,
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
+            validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
+            lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
 
@@ -111,10 +127,13 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         label_col: str | None = None, shuffle: bool | None = None, seed: int | None = None,
         use_gpu: bool | None = None, timeout: float | None = None, sync: str | None = None,
         predictionCol: str | None = None, probabilityCol: str | None = None,
-        inference_batch_size: int | None = None,
+        inference_batch_size: int | None = None, validation_col: str | None = None,
+        validation_fraction: float | None = None, early_stopping_patience: int | None = None,
+        lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None or k == "use_gpu"})
+        nullable = ("use_gpu", "validation_col", "lr_scheduler")
+        self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None or k in nullable})
 
     @keyword_only
     def setParams(self, **kwargs: Any) -> "TorchEstimator":
@@ -129,6 +148,9 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             optimizer_kwargs=dict(g(self.optimizer_kwargs) or {}), batch_size=g(self.batch_size),
             epochs=g(self.epochs), num_workers=g(self.num_workers), shuffle=g(self.shuffle),
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
+            early_stopping_patience=g(self.early_stopping_patience),
+            lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
+            has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()
 
     def _agent_job(self, config: TrainConfig) -> tuple[AgentJob, nn.Module, dict[str, Any]]:
@@ -170,8 +192,10 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         config = self.train_config()
         spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols),
                                self.getOrDefault(self.label_col))
+        validation = validation_column(dataset.schema, self.getOrDefault(self.validation_col),
+                                       self.getOrDefault(self.validation_fraction), config.seed)
         job, template, arch = self._agent_job(config)
-        result = run_training(dataset, spec, job)
+        result = run_training(dataset, spec, job, validation)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
         model = TorchModel(template, spec=spec, config=config, architecture=arch, summary=summary)

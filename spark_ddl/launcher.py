@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 
 from spark_ddl.agent import AgentJob, run_agent
 from spark_ddl.artifact import OUTPUT_DDL, reassemble, state_dict_from_bytes
@@ -96,12 +96,17 @@ def _check_gpu_resources(spark: SparkSession) -> None:
         )
 
 
-def run_training(df: DataFrame, spec: ColumnSpec, job: AgentJob) -> FitResult:
-    """Launch one barrier task per agent over ``df`` and return rank 0's result."""
+def run_training(
+    df: DataFrame, spec: ColumnSpec, job: AgentJob, validation: Column | None = None
+) -> FitResult:
+    """Launch one barrier task per agent over ``df`` and return rank 0's result.
+
+    ``validation`` is a boolean column marking validation rows (None: no validation set).
+    """
     config = job.config
     spark = df.sparkSession
     check_cluster(spark, config)
-    prepared = balance_partitions(select_training_columns(df, spec), config.num_workers)
+    prepared = balance_partitions(select_training_columns(df, spec, validation), config.num_workers)
 
     def agent(batches):
         return run_agent(job, batches)

@@ -38,3 +38,12 @@ def make_optimizer(
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}")
     return classes[name](params, lr=lr, **kwargs)
+
+
+def make_scheduler(
+    name: str | None, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]
+) -> Any | None:
+    """A torch.optim.lr_scheduler by class name (stepped once per epoch), or None."""
+    if name is None:
+        return None
+    return getattr(torch.optim.lr_scheduler, name)(optimizer, **kwargs)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from spark_ddl.data import FEATURES, LABEL
+from spark_ddl.data import FEATURES, LABEL, VALIDATION
 
 
 @dataclass
@@ -31,10 +31,14 @@ class Shard:
         return int(self.features.shape[1]) if self.num_rows else None
 
     @classmethod
-    def from_arrow(cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype) -> "Shard":
-        """Concatenate the partition's batches (columns ``FEATURES`` and ``LABEL``)."""
+    def from_arrow(
+        cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype
+    ) -> tuple["Shard", "Shard"]:
+        """The partition's training rows and validation rows (columns ``FEATURES``,
+        ``LABEL`` and, when present, the boolean ``VALIDATION``)."""
         feature_parts: list[np.ndarray] = []
         label_parts: list[np.ndarray] = []
+        validation_parts: list[np.ndarray] = []
         width: int | None = None
         for batch in batches:
             if batch.num_rows == 0:
@@ -44,15 +48,25 @@ class Shard:
             feature_parts.append(_flat_values(feats, np.float32).reshape(batch.num_rows, width))
             labels = batch.column(batch.schema.get_field_index(LABEL))
             label_parts.append(_label_values(labels))
+            index = batch.schema.get_field_index(VALIDATION)
+            if index >= 0:
+                validation_parts.append(
+                    batch.column(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+                )
         if not feature_parts:
-            return cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
+            empty = cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
+            return empty, empty
         features = torch.from_numpy(np.concatenate(feature_parts))
         labels = torch.from_numpy(np.concatenate(label_parts)).to(label_dtype)
-        return cls(features, labels)
+        if not validation_parts:
+            return cls(features, labels), cls(features[:0], labels[:0])
+        is_validation = torch.from_numpy(np.concatenate(validation_parts))
+        return (cls(features[~is_validation], labels[~is_validation]),
+                cls(features[is_validation], labels[is_validation]))
 
     def with_feature_dim(self, dim: int) -> "Shard":
         """An empty shard reshaped to the width the other agents reported."""
-        if self.num_rows:
+        if self.features.shape[1:] == (dim,):
             return self
         return Shard(torch.empty((0, dim), dtype=torch.float32), self.labels)
 

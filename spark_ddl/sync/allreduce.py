@@ -42,6 +42,11 @@ class AllReduceStrategy(SyncStrategy):
         self._optimizer.step()
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self._optimizer is not None, "setup() first"
+        return self._optimizer
+
+    @property
     def trained_module(self) -> nn.Module:
         assert self._module is not None, "setup() first"
         return self._module

@@ -45,5 +45,10 @@ class SyncStrategy(ABC):
 
     @property
     @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser that applies the updates (for learning-rate schedulers)."""
+
+    @property
+    @abstractmethod
     def trained_module(self) -> nn.Module:
         """The plain trained module (no wrapper) whose state_dict is the result."""

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from spark_ddl.data import FEATURES, LABEL
+from spark_ddl.data import FEATURES, LABEL, VALIDATION
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch
 
 
@@ -14,7 +14,8 @@ def batch(features, labels):
 
 
 def test_batches_concatenate_into_tensors_in_order():
-    shard = Shard.from_arrow(iter([batch([[1, 2], [3, 4]], [0, 1]), batch([[5, 6]], [2])]), torch.int64)
+    shard, validation = Shard.from_arrow(iter([batch([[1, 2], [3, 4]], [0, 1]), batch([[5, 6]], [2])]), torch.int64)
+    assert validation.num_rows == 0
     assert shard.features.tolist() == [[1, 2], [3, 4], [5, 6]]
     assert shard.labels.tolist() == [0, 1, 2] and shard.labels.dtype == torch.int64
     assert shard.feature_dim == 2
@@ -22,12 +23,12 @@ def test_batches_concatenate_into_tensors_in_order():
 
 def test_sliced_arrow_arrays_are_read_correctly():
     whole = batch([[1, 2], [3, 4], [5, 6]], [0, 1, 2])
-    shard = Shard.from_arrow(iter([whole.slice(1, 2)]), torch.float32)
+    shard, _ = Shard.from_arrow(iter([whole.slice(1, 2)]), torch.float32)
     assert shard.features.tolist() == [[3, 4], [5, 6]]
 
 
 def test_empty_partition_takes_the_width_of_its_peers():
-    shard = Shard.from_arrow(iter([]), torch.float32)
+    shard, _ = Shard.from_arrow(iter([]), torch.float32)
     assert shard.num_rows == 0 and shard.feature_dim is None
     assert shard.with_feature_dim(7).features.shape == (0, 7)
 
@@ -55,3 +56,10 @@ def test_step_count_and_global_batches_cover_the_largest_shard():
     sizes = global_batch_sizes([0, 1, 500], 32, 16)
     assert sizes[0] == 33 and sizes[1] == 32 and sizes[-1] == 500 - 15 * 32
     assert sum(sizes) == 501
+
+
+def test_validation_rows_are_split_off():
+    rows = batch([[1, 1], [2, 2], [3, 3]], [0, 1, 2])
+    marked = rows.append_column(VALIDATION, pa.array([False, True, None]))
+    train, validation = Shard.from_arrow(iter([marked]), torch.int64)
+    assert train.labels.tolist() == [0, 2] and validation.labels.tolist() == [1]
