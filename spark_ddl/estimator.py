@@ -48,7 +48,27 @@ class _TorchSharedParams(Params):
     def __init__(self) -> None:
         super().__init__()
         self._setDefault(feature_cols=["features"], label_col="label", predictionCol="prediction",
-                         probabilityCol="probability", inference_batch_size=1024)
+                         probabilityCol="probability", inference_batch_size=4096)
+
+    def setFeatureCols(self, value: str | Sequence[str]):
+        """Set the feature column(s)."""
+        return self._set(feature_cols=value)
+
+    def setLabelCol(self, value: str):
+        """Set the label column."""
+        return self._set(label_col=value)
+
+    def setPredictionCol(self, value: str):
+        """Set the prediction column name."""
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str):
+        """Set the probability column name ("" for none)."""
+        return self._set(probabilityCol=value)
+
+    def setInferenceBatchSize(self, value: int):
+        """Set the number of rows per forward pass in transform()."""
+        return self._set(inference_batch_size=value)
 
 
 class _TorchEstimatorParams(_TorchSharedParams):
