@@ -12,10 +12,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from pyspark.ml.functions import array_to_vector
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 from torch import nn
 
@@ -83,27 +81,21 @@ def predict_frame(
     else:
         return_type = "prediction double"
 
-    def predict(arrays: Iterator[pa.Array], as_vectors: bool) -> Iterator[pa.Array]:
+    def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
         module = _cached_module(model_key, broadcast.value)
         torch.set_num_threads(1)
         for array in arrays:
-            yield _predict_arrow(module, array, task, batch_size, as_vectors)
-
-    def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
-        return predict(arrays, as_vectors=True)
+            yield _predict_arrow(module, array, task, batch_size)
 
     def predict_series(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         arrays = (pa.array(series, type=pa.list_(pa.float32())) for series in batches)
-        for array in predict(arrays, as_vectors=False):
-            frame = array.to_pandas() if task != "regression" else pd.DataFrame({"prediction": array.field(0)})
-            yield pd.DataFrame(list(frame)) if isinstance(frame, pd.Series) else frame
+        for array in predict_arrays(arrays):
+            yield pd.DataFrame(array.to_pylist(), columns=[f.name for f in array.type])
 
-    vectors_from_python = _arrow_udf is not None and classification
     if _arrow_udf is not None:  # pyspark >= 4.1: Arrow arrays in and out, no pandas
+        # (returning VectorUDT straight from the UDF works for collect but breaks Parquet
+        # writes in Spark 4.3, so probabilities leave Python as arrays)
         predict_arrays.__annotations__ = {"arrays": Iterator[pa.Array], "return": Iterator[pa.Array]}
-        if classification:  # probability leaves Python as a ready pyspark.ml Vector
-            return_type = T.StructType([T.StructField("prediction", T.DoubleType()),
-                                        T.StructField("probability", VectorUDT())])
         udf = _arrow_udf(predict_arrays, return_type)
     else:
         predict_series.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
@@ -112,8 +104,7 @@ def predict_frame(
     columns: list[Column] = [F.col(c) for c in df.columns]
     columns.append(F.col(f"{_PREDICTION_STRUCT}.prediction").alias(prediction_col))
     if classification and probability_col:
-        probability = F.col(f"{_PREDICTION_STRUCT}.probability")
-        columns.append((probability if vectors_from_python else array_to_vector(probability)).alias(probability_col))
+        columns.append(array_to_vector(F.col(f"{_PREDICTION_STRUCT}.probability")).alias(probability_col))
     return scored.select(*columns)
 
 
@@ -136,18 +127,7 @@ def _double_lists(matrix: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
 
 
-def _dense_vectors(matrix: np.ndarray) -> pa.Array:
-    """Rows of ``matrix`` in the Arrow storage of pyspark.ml's VectorUDT (dense: type 1)."""
-    rows = len(matrix)
-    return pa.StructArray.from_arrays(
-        [pa.array(np.ones(rows, dtype=np.int8)), pa.nulls(rows, pa.int32()),
-         pa.nulls(rows, pa.list_(pa.int32())), _double_lists(matrix)],
-        names=["type", "size", "indices", "values"],
-    )
-
-
-def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: int,
-                   as_vectors: bool = True) -> pa.Array:
+def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: int) -> pa.Array:
     rows = len(array)
     out = _forward(module, _features_matrix(array), batch_size).reshape(rows, -1)
     if task == "multiclass":
@@ -162,5 +142,5 @@ def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: in
         return pa.StructArray.from_arrays([_double_lists(out.double().numpy())], names=["prediction"])
     else:
         return pa.StructArray.from_arrays([pa.array(out[:, 0].double().numpy())], names=["prediction"])
-    probabilities = _dense_vectors(probability) if as_vectors else _double_lists(probability)
-    return pa.StructArray.from_arrays([pa.array(prediction), probabilities], names=["prediction", "probability"])
+    return pa.StructArray.from_arrays([pa.array(prediction), _double_lists(probability)],
+                                      names=["prediction", "probability"])

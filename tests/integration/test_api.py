@@ -73,6 +73,21 @@ def test_classifier_transform_gives_class_and_probability(spark):
     assert (scored["prediction"] == scored["label"]).mean() > 0.8
 
 
+def test_pandas_fallback_for_older_pyspark_scores_the_same(spark, monkeypatch):
+    from spark_ddl import inference
+
+    rng = np.random.default_rng(1)
+    frame = spark.createDataFrame([(list(map(float, r)), int(r[0] > 0)) for r in rng.normal(size=(50, 4))],
+                                  "features array<double>, label long")
+    model = TorchEstimator(model=TinyNet(4, 8, 2), loss="cross_entropy", epochs=2).fit(frame)
+    arrow = model.transform(frame).toPandas()
+    monkeypatch.setattr(inference, "_arrow_udf", None)
+    pandas = model.transform(frame).toPandas()
+    np.testing.assert_array_equal(arrow["prediction"], pandas["prediction"])
+    np.testing.assert_allclose(np.stack(arrow["probability"].map(lambda v: v.toArray())),
+                               np.stack(pandas["probability"].map(lambda v: v.toArray())))
+
+
 def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):
     model = TorchEstimator(model="tests.helpers:TinyNet", model_kwargs={"in_features": 3, "hidden": 5},
                            loss="mse", epochs=2, feature_cols=["a", "b", "c"]).fit(regression_frame)

@@ -62,4 +62,22 @@ def test_train_job_runs_under_spark_submit(tmp_path, sessions):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy" in proc.stdout
-    assert (output / "weights.safetensors").exists() and (output / "metadata.json").exists()
+    assert (output / "weights.safetensors").exists() and (output / "metadata" / "part-00000").exists()
+    assert len(TorchModel.load(str(output)).history) == 3
+
+
+def test_predict_job_scores_parquet_with_a_saved_model(spark, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert load_job("train").main(["--epochs", "4", "--output", str(model_dir)]) == 0
+    output = tmp_path / "scored.parquet"
+    assert load_job("predict").main(["--model", str(model_dir), "--input", str(REPO / "data" / "digits.parquet"),
+                                     "--output", str(output), "--columns", "id,label,split"]) == 0
+    scored = spark.read.parquet(str(output))
+    assert scored.columns == ["id", "label", "split", "prediction", "probability"]
+    assert scored.count() == 1797
+    accuracy = scored.filter("split = 'test'").selectExpr("avg(cast(prediction = label as double))").first()[0]
+    assert accuracy > 0.9
+    assert "scored 1797 rows" in capsys.readouterr().out
+    with pytest.raises(Exception, match="already exists"):  # no silent clobbering of outputs
+        load_job("predict").main(["--model", str(model_dir), "--input", str(REPO / "data" / "digits.parquet"),
+                                  "--output", str(output)])
