@@ -241,6 +241,7 @@ class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
         self.summary: dict[str, Any] = summary or {}
         self._key = uuid.uuid4().hex
         self._export_bytes: bytes | None = None  # set when the network came from a torch.export program
+        self._broadcast: tuple[Any, str, Any] | None = None  # (SparkContext, weights version, Broadcast)
         if spec is not None:
             self._set(feature_cols=list(spec.feature_cols), label_col=spec.label_col)
 
@@ -278,12 +279,28 @@ class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
         spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols), None)
         spec = ColumnSpec(spec.feature_cols, None, spec.feature_kind,
                           self._spec.label_is_array if self._spec else False)
+        broadcast, version = self._payload_broadcast(dataset.sparkSession.sparkContext)
         return predict_frame(
-            dataset, spec, self._executor_payload(), self._key, self.task,
+            dataset, spec, broadcast, version, self.task,
             self.getOrDefault(self.predictionCol),
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
         )
+
+    def _weights_version(self) -> str:
+        """Changes whenever a tensor of the module is replaced or modified in place."""
+        state = self.get_module().state_dict()
+        marks = tuple((name, t.data_ptr(), t._version) for name, t in state.items())  # noqa: SLF001
+        return f"{self._key}-{hash(marks) & 0xFFFFFFFFFFFF:x}"
+
+    def _payload_broadcast(self, sc) -> tuple[Any, str]:
+        """The executor payload and its cache key, broadcast once per SparkContext and weights
+        version (not once per transform)."""
+        version = self._weights_version()
+        cached = self._broadcast
+        if cached is None or cached[0] is not sc or cached[1] != version:
+            self._broadcast = cached = (sc, version, sc.broadcast(self._executor_payload()))
+        return cached[2], version
 
     def _executor_payload(self) -> dict[str, Any]:
         """How executors rebuild the network: class path + weights, export program, or the

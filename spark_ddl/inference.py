@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from pyspark.broadcast import Broadcast
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -64,15 +65,18 @@ def _forward(module: nn.Module, features: np.ndarray, batch_size: int) -> torch.
 def predict_frame(
     df: DataFrame,
     spec: ColumnSpec,
-    payload: dict[str, Any],
+    broadcast: Broadcast,
     model_key: str,
     task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
     prediction_col: str,
     probability_col: str | None,
     batch_size: int,
 ) -> DataFrame:
-    """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended."""
-    broadcast = df.sparkSession.sparkContext.broadcast(payload)
+    """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended.
+
+    ``broadcast`` holds the executor payload (see TorchModel._executor_payload); executors
+    build the network from it once per Python worker, keyed by ``model_key``.
+    """
     classification = task in ("multiclass", "binary")
     if classification:
         return_type = "prediction double, probability array<double>"

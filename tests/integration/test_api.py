@@ -58,6 +58,15 @@ def test_transform_matches_a_local_forward_pass(regression_frame):
     assert list(scored.columns) == ["a", "b", "c", "label", "prediction"]
 
 
+def test_transform_follows_in_place_weight_changes(regression_frame):
+    model = _fit(regression_frame, ["a", "b", "c"])
+    before = model.transform(regression_frame).select("prediction").toPandas()["prediction"].to_numpy()
+    with torch.no_grad():
+        model.get_module().layers[-1].bias.add_(1.0)  # in place: same tensor object
+    after = model.transform(regression_frame).select("prediction").toPandas()["prediction"].to_numpy()
+    np.testing.assert_allclose(after, before + 1.0, rtol=1e-5, atol=1e-5)
+
+
 def test_classifier_transform_gives_class_and_probability(spark):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 4)).astype(np.float32)
