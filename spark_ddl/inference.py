@@ -25,16 +25,37 @@ except ImportError:  # pragma: no cover - older pyspark uses the pandas path
 
 from spark_ddl.artifact import build_from_class_path, load_export_program, state_dict_from_bytes
 from spark_ddl.data import ColumnSpec, features_column
+from spark_ddl.devices import select_device, task_gpu_addresses
 
 _PREDICTION_STRUCT = "__ddl_prediction"
-_CACHE: dict[str, nn.Module] = {}  # model key -> module, per Python worker
+_CACHE: dict[tuple[str, str], nn.Module] = {}  # (model key, device) -> module, per Python worker
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
 
 
-def _cached_module(key: str, payload: dict[str, Any]) -> nn.Module:
+def scoring_device() -> torch.device:
+    """GPU when this executor has one (Spark's GPU resource for the task, else device 0)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    addresses = task_gpu_addresses(context) if context is not None else []
+    rank = context.partitionId() if context is not None else 0
+    return torch.device(select_device(None, addresses, True, torch.cuda.device_count(), rank).device)
+
+
+def _task_cpus() -> int:
+    """spark.task.cpus of the running task (intra-op threads for torch), 1 outside a task."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    return max(1, int(context.cpus() or 1)) if context is not None else 1
+
+
+def _cached_module(key: str, payload: dict[str, Any], device: torch.device) -> nn.Module:
     with _CACHE_LOCK:
-        module = _CACHE.get(key)
+        module = _CACHE.get((key, str(device)))
         if module is None:
             if payload["export"] is not None:
                 module = load_export_program(payload["export"])  # captured in eval mode
@@ -47,18 +68,21 @@ def _cached_module(key: str, payload: dict[str, Any]) -> nn.Module:
 
                     module = cloudpickle.loads(payload["module_bytes"])
                 module.eval()
+            module = module.to(device)
             while len(_CACHE) >= _CACHE_SIZE:
                 _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[key] = module
+            _CACHE[(key, str(device))] = module
         return module
 
 
-def _forward(module: nn.Module, features: np.ndarray, batch_size: int) -> torch.Tensor:
+def _forward(module: nn.Module, features: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Outputs on the CPU, computed ``batch_size`` rows at a time on ``device``."""
     outputs = []
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Arrow memory
         for start in range(0, len(features), batch_size):
-            outputs.append(module(torch.from_numpy(features[start : start + batch_size])))
+            chunk = torch.from_numpy(features[start : start + batch_size]).to(device, non_blocking=True)
+            outputs.append(module(chunk).to("cpu"))
     return torch.cat(outputs) if outputs else torch.empty(0, 1)
 
 
@@ -86,10 +110,11 @@ def predict_frame(
         return_type = "prediction double"
 
     def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
-        module = _cached_module(model_key, broadcast.value)
-        torch.set_num_threads(1)
+        device = scoring_device()
+        module = _cached_module(model_key, broadcast.value, device)
+        torch.set_num_threads(_task_cpus())
         for array in arrays:
-            yield _predict_arrow(module, array, task, batch_size)
+            yield _predict_arrow(module, array, task, batch_size, device)
 
     def predict_series(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         arrays = (pa.array(series, type=pa.list_(pa.float32())) for series in batches)
@@ -131,9 +156,10 @@ def _double_lists(matrix: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
 
 
-def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: int) -> pa.Array:
+def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: int,
+                   device: torch.device) -> pa.Array:
     rows = len(array)
-    out = _forward(module, _features_matrix(array), batch_size).reshape(rows, -1)
+    out = _forward(module, _features_matrix(array), batch_size, device).reshape(rows, -1)
     if task == "multiclass":
         scores = torch.softmax(out.float(), dim=1)  # float32: several times faster than float64
         prediction = scores.argmax(dim=1).double().numpy()
