@@ -164,3 +164,34 @@ def test_write_overwrite_replaces_and_plain_write_refuses(spark, tmp_path):
     loaded = TorchModel.load(uri)
     assert loaded.uid == model.uid
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_params_behave_like_every_pyspark_ml_stage():
+    estimator = TorchEstimator(model=SelfishNet(), loss="mse", lr=0.3, epochs=3)
+    explained = estimator.explainParams()
+    for name in ("lr", "batch_size", "epochs", "num_workers", "feature_cols", "early_stopping_patience",
+                 "validation_fraction", "lr_scheduler", "predictionCol"):
+        assert f"{name}:" in explained
+    assert "learning rate (default: 0.1, current: 0.3)" in explained
+    copied = estimator.copy({estimator.lr: 0.05})
+    assert copied.getOrDefault(copied.lr) == 0.05 and estimator.getOrDefault(estimator.lr) == 0.3
+    assert copied.uid == estimator.uid and copied.getOrDefault(copied.epochs) == 3
+    params = {p.name: v for p, v in estimator.extractParamMap().items()}
+    assert params["lr"] == 0.3 and params["batch_size"] == 32 and params["loss"] == "mse"
+    estimator.setParams(batch_size=8)
+    assert estimator.getOrDefault(estimator.batch_size) == 8
+
+
+def test_train_validation_split_tunes_epochs(digits):
+    from pyspark.ml.tuning import TrainValidationSplit
+
+    train, _ = digits
+    pipeline = digits_pipeline()
+    estimator = pipeline.getStages()[-1]
+    grid = ParamGridBuilder().addGrid(estimator.epochs, [1, 6]).addGrid(estimator.lr, [1e-3]).build()
+    tvs = TrainValidationSplit(estimator=pipeline, estimatorParamMaps=grid, trainRatio=0.75, seed=1,
+                               evaluator=MulticlassClassificationEvaluator(metricName="accuracy"))
+    model = tvs.fit(train)
+    assert len(model.validationMetrics) == 2
+    assert model.validationMetrics[1] > model.validationMetrics[0]
+    assert model.bestModel.stages[-1].summary["history"][-1]["epoch"] == 6
