@@ -10,7 +10,7 @@ from spark_ddl.errors import ConfigError
 
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SYNC_STRATEGIES = ("allreduce",)
+SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd")
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 
@@ -34,6 +34,7 @@ class TrainConfig:
     use_gpu: bool | None = None
     timeout: float = 300.0
     sync: str = "allreduce"
+    sync_every: int = 8  # local_sgd: average parameters every this many steps
     early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class TrainConfig:
             raise ConfigError(
                 f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
             )
+        _check_int("sync_every", self.sync_every, 1)
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         if self.early_stopping_patience and not self.has_validation:
             raise ConfigError(

@@ -30,7 +30,7 @@ def test_os_error_types_fall_back_to_plain_training_error():
 @pytest.mark.parametrize("field, value, message", [
     ("num_workers", 0, "num_workers must be >= 1"), ("batch_size", 1.5, "batch_size must be an integer"),
     ("lr", 0, "lr must be a positive number"), ("timeout", -1, "timeout must be a positive"),
-    ("sync", "gossip", "sync must be one of allreduce"), ("use_gpu", "yes", "use_gpu must be None"),
+    ("sync", "gossip", "sync must be one of allreduce, parameter_server, local_sgd"), ("use_gpu", "yes", "use_gpu must be None"),
 ])
 def test_config_validation_names_the_setting(field, value, message):
     with pytest.raises(ConfigError, match=message):

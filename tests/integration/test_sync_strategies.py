@@ -1,0 +1,53 @@
+"""The synchronisation strategies behind `sync=`: same maths where the design says so."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from spark_ddl import TorchEstimator
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays
+from tests.integration.test_equivalence import max_relative_difference
+
+
+def fit_with(spark, sync, sizes=(80, 80), optimizer_kwargs=None, **params):
+    x, y = regression_arrays(sum(sizes), seed=4)
+    bounds = np.cumsum([0, *sizes])
+    parts = [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    torch.manual_seed(2)
+    net = TinyNet()
+    initial = copy.deepcopy(net)
+    settings = dict(model=net, loss="mse", optimizer="sgd", lr=0.05, batch_size=8, epochs=2, shuffle=False,
+                    sync=sync, optimizer_kwargs=optimizer_kwargs or {}, timeout=60)
+    settings.update(params)
+    return TorchEstimator(**settings).fit(frame_with_partitions(spark, parts)), initial
+
+
+@pytest.mark.parametrize("optimizer_kwargs", [{}, {"momentum": 0.9}])
+def test_parameter_server_equals_allreduce(spark, optimizer_kwargs):
+    reference, initial = fit_with(spark, "allreduce", optimizer_kwargs=optimizer_kwargs)
+    served, _ = fit_with(spark, "parameter_server", optimizer_kwargs=optimizer_kwargs)
+    assert max_relative_difference(initial.eval(), reference.get_module()) > 1e-2
+    assert max_relative_difference(served.get_module(), reference.get_module()) <= 1e-5  # 20 steps
+
+
+def test_local_sgd_averaging_every_step_equals_allreduce(spark):
+    reference, _ = fit_with(spark, "allreduce")
+    local, _ = fit_with(spark, "local_sgd", sync_every=1)
+    assert max_relative_difference(local.get_module(), reference.get_module()) <= 1e-5
+
+
+def test_local_sgd_with_a_longer_period_still_learns(spark):
+    model, _ = fit_with(spark, "local_sgd", sync_every=4, epochs=6)
+    losses = [h["train_loss"] for h in model.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.summary.get("sync") == "local_sgd"
+
+
+@pytest.mark.parametrize("sync", ["parameter_server", "local_sgd"])
+def test_strategies_survive_empty_and_uneven_shards(spark, sync):
+    model, _ = fit_with(spark, sync, sizes=(0, 45), epochs=2, sync_every=3)
+    assert model.summary["shard_sizes"] == [0, 45] and len(model.history) == 2
