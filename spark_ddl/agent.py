@@ -121,7 +121,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     init_process_group(rdv, plan.backend, config.timeout)
 
     module = job.build_module().to(device)
-    strategy = make_strategy(config.sync, device, config.sync_every)
+    strategy = make_strategy(config.sync, device, config.sync_every, config.compression)
     strategy.setup(
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),

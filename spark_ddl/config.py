@@ -11,6 +11,7 @@ from spark_ddl.errors import ConfigError
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd")
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 
@@ -35,6 +36,7 @@ class TrainConfig:
     timeout: float = 300.0
     sync: str = "allreduce"
     sync_every: int = 8  # local_sgd: average parameters every this many steps
+    compression: str = "none"  # allreduce only: torch DDP communication hook
     early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +70,15 @@ class TrainConfig:
                 f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
             )
         _check_int("sync_every", self.sync_every, 1)
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}."
+            )
+        if self.compression != "none" and self.sync != "allreduce":
+            raise ConfigError(
+                f"compression={self.compression!r} works with sync='allreduce' (DDP communication "
+                f"hooks), not with sync={self.sync!r}."
+            )
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         if self.early_stopping_patience and not self.has_validation:
             raise ConfigError(

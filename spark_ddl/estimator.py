@@ -100,6 +100,9 @@ class _TorchEstimatorParams(_TorchSharedParams):
     sync = Param(Params._dummy(), "sync",
                  "synchronisation strategy: 'allreduce' (DDP), 'parameter_server' or 'local_sgd'",
                  typeConverter=TypeConverters.toString)
+    compression = Param(Params._dummy(), "compression",
+                        "gradient compression for sync='allreduce': 'none', 'fp16', 'bf16' or 'powersgd' "
+                        "(torch DDP communication hooks)", typeConverter=TypeConverters.toString)
     sync_every = Param(Params._dummy(), "sync_every",
                        "local_sgd: average the parameters every this many steps", typeConverter=_identity)
     validation_col = Param(Params._dummy(), "validation_col",
@@ -125,7 +128,7 @@ class _TorchEstimatorParams(_TorchSharedParams):
             optimizer_kwargs={}, batch_size=defaults.batch_size, epochs=defaults.epochs,
             num_workers=defaults.num_workers, shuffle=defaults.shuffle, seed=defaults.seed,
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
-            sync_every=defaults.sync_every, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
+            sync_every=defaults.sync_every, compression=defaults.compression, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
             lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
@@ -153,7 +156,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         inference_batch_size: int | None = None, validation_col: str | None = None,
         validation_fraction: float | None = None, early_stopping_patience: int | None = None,
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
-        sync_every: int | None = None,
+        sync_every: int | None = None, compression: str | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler")
@@ -172,7 +175,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             optimizer_kwargs=dict(g(self.optimizer_kwargs) or {}), batch_size=g(self.batch_size),
             epochs=g(self.epochs), num_workers=g(self.num_workers), shuffle=g(self.shuffle),
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
-            sync_every=g(self.sync_every), early_stopping_patience=g(self.early_stopping_patience),
+            sync_every=g(self.sync_every), compression=g(self.compression), early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()

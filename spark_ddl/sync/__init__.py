@@ -13,10 +13,12 @@ __all__ = ["SyncStrategy", "AllReduceStrategy", "ParameterServerStrategy", "Loca
            "make_strategy"]
 
 
-def make_strategy(name: str, device: torch.device, sync_every: int = 1) -> SyncStrategy:
+def make_strategy(
+    name: str, device: torch.device, sync_every: int = 1, compression: str = "none"
+) -> SyncStrategy:
     """The strategy called ``name`` (see config.SYNC_STRATEGIES)."""
     if name == "allreduce":
-        return AllReduceStrategy(device)
+        return AllReduceStrategy(device, compression)
     if name == "parameter_server":
         return ParameterServerStrategy(device)
     if name == "local_sgd":

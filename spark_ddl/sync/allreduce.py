@@ -1,4 +1,5 @@
-"""Synchronous data parallelism: gradients averaged by bucketed all-reduce (torch DDP).
+"""Synchronous data parallelism: gradients averaged by bucketed all-reduce (torch DDP),
+optionally compressed by torch's DDP communication hooks (fp16, bf16, PowerSGD).
 
 DDP broadcasts rank 0's parameters and buffers at construction, then all-reduces gradient
 buckets while backward is still running, so every agent applies the same averaged gradient.
@@ -7,10 +8,33 @@ buckets while backward is still running, so every agent applies the same average
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spark_ddl.sync.base import OptimizerFactory, SyncStrategy
+
+
+def register_compression(ddp: DistributedDataParallel, compression: str) -> None:
+    """Install torch's DDP communication hook for ``compression`` (none, fp16, bf16, powersgd)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if compression == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif compression == "bf16":
+        if dist.get_backend() != "nccl":
+            raise ValueError(
+                "compression='bf16' needs GPUs with NCCL (torch's bf16 hook); on CPU agents "
+                "(gloo) use compression='fp16' or 'powersgd'."
+            )
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif compression == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif compression != "none":
+        raise ValueError(f"unknown compression {compression!r}")
 
 
 class AllReduceStrategy(SyncStrategy):
@@ -18,8 +42,9 @@ class AllReduceStrategy(SyncStrategy):
 
     name = "allreduce"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, compression: str = "none") -> None:
         self._device = device
+        self._compression = compression
         self._module: nn.Module | None = None
         self._ddp: DistributedDataParallel | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -28,6 +53,7 @@ class AllReduceStrategy(SyncStrategy):
         device_ids = [self._device.index] if self._device.type == "cuda" else None
         self._module = module
         self._ddp = DistributedDataParallel(module, device_ids=device_ids)
+        register_compression(self._ddp, self._compression)
         self._optimizer = make_optimizer(self._ddp.parameters())
 
     @property

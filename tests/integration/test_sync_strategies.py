@@ -51,3 +51,30 @@ def test_local_sgd_with_a_longer_period_still_learns(spark):
 def test_strategies_survive_empty_and_uneven_shards(spark, sync):
     model, _ = fit_with(spark, sync, sizes=(0, 45), epochs=2, sync_every=3)
     assert model.summary["shard_sizes"] == [0, 45] and len(model.history) == 2
+
+
+def test_fp16_compression_stays_close_to_exact_allreduce(spark):
+    reference, _ = fit_with(spark, "allreduce")
+    compressed, _ = fit_with(spark, "allreduce", compression="fp16")
+    difference = max_relative_difference(compressed.get_module(), reference.get_module())
+    assert 0 < difference <= 1e-2  # the hook ran (fp16 rounding) and changed little
+
+
+def test_powersgd_compression_still_learns(spark):
+    model, _ = fit_with(spark, "allreduce", compression="powersgd", epochs=6)
+    losses = [h["train_loss"] for h in model.history]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_compression_on_cpu_says_it_needs_nccl(spark):
+    from spark_ddl import TrainingError
+
+    with pytest.raises(TrainingError, match="compression='bf16' needs GPUs with NCCL"):
+        fit_with(spark, "allreduce", compression="bf16")
+
+
+def test_compression_needs_allreduce(spark):
+    from spark_ddl import ConfigError
+
+    with pytest.raises(ConfigError, match="works with sync='allreduce'"):
+        fit_with(spark, "local_sgd", compression="fp16")
