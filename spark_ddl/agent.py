@@ -27,7 +27,7 @@ from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
 from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
 from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
-from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch
+from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.sync import make_strategy
 
 log = logging.getLogger("spark_ddl.agent")
@@ -190,7 +190,9 @@ class _EpochLoop:
         self.sizes, self.rank, self.world_size, self.device = sizes, rank, world_size, device
         self.loss_fn = make_loss(self.config.loss)
         self.steps = steps_per_epoch(sizes, self.config.batch_size)
-        self.batch_totals = global_batch_sizes(sizes, self.config.batch_size, self.steps)
+        self.is_sync_step, self.update_rows = update_groups(
+            global_batch_sizes(sizes, self.config.batch_size, self.steps), self.config.accumulate_steps
+        )
         self.scheduler = make_scheduler(self.config.lr_scheduler, strategy.optimizer,
                                         self.config.lr_scheduler_kwargs)
         patience = self.config.early_stopping_patience
@@ -227,16 +229,19 @@ class _EpochLoop:
                 self.job.fail_hook(self.rank, epoch, step)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
-            output = model(features[index])
-            if local_rows:
-                loss = self.loss_fn(output, labels[index])
-                loss_sum += loss.detach().double() * local_rows
-                # Weight so that the all-reduce *average* equals the mean over the global batch,
-                # also when shards are uneven and this agent's batch is short or empty.
-                objective = loss * (local_rows * self.world_size / self.batch_totals[step])
-            else:
-                objective = output.sum() * 0.0  # still joins the collective with zero gradient
-            self.strategy.step(objective)
+            sync = self.is_sync_step[step]
+            with self.strategy.micro_step(sync):
+                output = model(features[index])
+                if local_rows:
+                    loss = self.loss_fn(output, labels[index])
+                    loss_sum += loss.detach().double() * local_rows
+                    # Weight so that the all-reduce *average* equals the mean over all rows of
+                    # the update (every agent, every accumulated micro-step), also when shards
+                    # are uneven and this agent's batch is short or empty.
+                    objective = loss * (local_rows * self.world_size / self.update_rows[step])
+                else:
+                    objective = output.sum() * 0.0  # still joins the collective with zero gradient
+                self.strategy.step(objective, sync)
         totals = torch.stack([loss_sum, torch.tensor(float(self.sizes[self.rank]), dtype=torch.float64,
                                                      device=self.device)])
         dist.all_reduce(totals)

@@ -37,6 +37,7 @@ class TrainConfig:
     sync: str = "allreduce"
     sync_every: int = 8  # local_sgd: average parameters every this many steps
     compression: str = "none"  # allreduce only: torch DDP communication hook
+    accumulate_steps: int = 1  # micro-batches per optimiser update (no communication between)
     early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class TrainConfig:
                 f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
             )
         _check_int("sync_every", self.sync_every, 1)
+        _check_int("accumulate_steps", self.accumulate_steps, 1)
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
                 f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}."

@@ -103,6 +103,9 @@ class _TorchEstimatorParams(_TorchSharedParams):
     compression = Param(Params._dummy(), "compression",
                         "gradient compression for sync='allreduce': 'none', 'fp16', 'bf16' or 'powersgd' "
                         "(torch DDP communication hooks)", typeConverter=TypeConverters.toString)
+    accumulate_steps = Param(Params._dummy(), "accumulate_steps",
+                             "micro-batches whose gradients are accumulated, without communication, "
+                             "before each update", typeConverter=_identity)
     sync_every = Param(Params._dummy(), "sync_every",
                        "local_sgd: average the parameters every this many steps", typeConverter=_identity)
     validation_col = Param(Params._dummy(), "validation_col",
@@ -128,7 +131,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
             optimizer_kwargs={}, batch_size=defaults.batch_size, epochs=defaults.epochs,
             num_workers=defaults.num_workers, shuffle=defaults.shuffle, seed=defaults.seed,
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
-            sync_every=defaults.sync_every, compression=defaults.compression, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
+            sync_every=defaults.sync_every, compression=defaults.compression,
+            accumulate_steps=defaults.accumulate_steps, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
             lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
@@ -157,6 +161,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         validation_fraction: float | None = None, early_stopping_patience: int | None = None,
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
         sync_every: int | None = None, compression: str | None = None,
+        accumulate_steps: int | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler")
@@ -175,7 +180,8 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             optimizer_kwargs=dict(g(self.optimizer_kwargs) or {}), batch_size=g(self.batch_size),
             epochs=g(self.epochs), num_workers=g(self.num_workers), shuffle=g(self.shuffle),
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
-            sync_every=g(self.sync_every), compression=g(self.compression), early_stopping_patience=g(self.early_stopping_patience),
+            sync_every=g(self.sync_every), compression=g(self.compression),
+            accumulate_steps=g(self.accumulate_steps), early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()

@@ -120,3 +120,18 @@ def global_batch_sizes(shard_sizes: list[int], batch_size: int, steps: int) -> l
         sum(min(batch_size, max(0, n - step * batch_size)) for n in shard_sizes)
         for step in range(steps)
     ]
+
+
+def update_groups(batch_totals: list[int], accumulate_steps: int) -> tuple[list[bool], list[int]]:
+    """Per micro-step: whether it ends an update (gradients are synchronised and applied),
+    and how many rows, over all agents, that update averages over.
+
+    Micro-steps are grouped ``accumulate_steps`` at a time; the epoch's last group may be
+    shorter.
+    """
+    is_sync, update_rows = [], []
+    for start in range(0, len(batch_totals), accumulate_steps):
+        group = batch_totals[start : start + accumulate_steps]
+        is_sync += [False] * (len(group) - 1) + [True]
+        update_rows += [sum(group)] * len(group)
+    return is_sync, update_rows

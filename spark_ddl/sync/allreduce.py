@@ -7,6 +7,9 @@ buckets while backward is still running, so every agent applies the same average
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import ContextManager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,11 +64,16 @@ class AllReduceStrategy(SyncStrategy):
         assert self._ddp is not None, "setup() first"
         return self._ddp
 
-    def step(self, loss: torch.Tensor) -> None:
+    def micro_step(self, sync: bool) -> ContextManager[None]:
+        assert self._ddp is not None, "setup() first"
+        return nullcontext() if sync else self._ddp.no_sync()  # no all-reduce while accumulating
+
+    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         assert self._optimizer is not None, "setup() first"
-        self._optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP's hooks average the gradients across agents here
-        self._optimizer.step()
+        loss.backward()  # with sync, DDP's hooks average the gradients across agents here
+        if sync:
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -14,9 +15,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 class SyncStrategy(ABC):
     """Keeps the replicas of all agents in step.
 
-    Lifecycle on every agent: ``setup`` once (after the process group exists), then per step
-    forward through ``self.module`` and ``step(loss)``, then ``finish`` and ``close`` once. Every
-    agent calls the same methods the same number of times.
+    Lifecycle on every agent: ``setup`` once (after the process group exists), then per
+    micro-step ``with micro_step(sync): forward through self.module; step(loss, sync)``, then
+    ``finish`` and ``close`` once. ``sync=False`` only accumulates gradients (no
+    communication, no update); the next ``sync=True`` step applies them. Every agent calls the
+    same methods with the same arguments the same number of times.
     """
 
     name: str = ""
@@ -30,9 +33,13 @@ class SyncStrategy(ABC):
     def module(self) -> nn.Module:
         """The module to call for the forward pass (may be a wrapper, e.g. DDP)."""
 
+    def micro_step(self, sync: bool) -> ContextManager[None]:
+        """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""
+        return nullcontext()
+
     @abstractmethod
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward pass, synchronisation and optimiser update for one step."""
+    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Backward pass; with ``sync`` also synchronisation, optimiser update, zeroed gradients."""
 
     def finish(self) -> None:
         """Called once after the last step (e.g. a final parameter average)."""

@@ -7,6 +7,8 @@ update as all-reduce; with larger periods replicas drift between averages.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
@@ -27,7 +29,9 @@ class LocalSGDStrategy(SyncStrategy):
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         # average after steps sync_every, 2*sync_every, ... (not after the very first step)
-        self._averager = PeriodicModelAverager(period=sync_every, warmup_steps=sync_every - 1)
+        with warnings.catch_warnings():  # torch advises DDP for period 1; we offer it on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self._averager = PeriodicModelAverager(period=sync_every, warmup_steps=sync_every - 1)
         self._unaveraged_steps = 0
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
@@ -49,16 +53,20 @@ class LocalSGDStrategy(SyncStrategy):
     def trained_module(self) -> nn.Module:
         return self.module
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
+        if not sync:
+            return
         self.optimizer.step()
+        # torch averages only parameters that have a gradient: zero them after averaging
         self._averager.average_parameters(self.module.parameters())
         self._unaveraged_steps = (self._unaveraged_steps + 1) % self._sync_every
+        self.optimizer.zero_grad(set_to_none=True)
 
     def finish(self) -> None:
         if self._unaveraged_steps:  # the replicas drifted since the last average
-            average_parameters(iter(self.module.parameters()), self._averager.process_group)
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            average_parameters(iter(params), self._averager.process_group)
         self._unaveraged_steps = 0
 
     def close(self) -> None:

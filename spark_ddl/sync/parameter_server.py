@@ -57,10 +57,11 @@ class ParameterServerStrategy(SyncStrategy):
     def trained_module(self) -> nn.Module:
         return self.module
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         module, optimizer = self.module, self.optimizer
-        optimizer.zero_grad(set_to_none=False)
         loss.backward()
+        if not sync:
+            return  # accumulate locally; the next sync step sends the sum
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = _flatten_dense_tensors(grads)
@@ -71,6 +72,7 @@ class ParameterServerStrategy(SyncStrategy):
                 param.grad = grad
             optimizer.step()  # step 5: the master updates
         broadcast_state(module)  # step 6: everyone gets the master's parameters
+        optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         self._optimizer = None

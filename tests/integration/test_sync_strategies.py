@@ -78,3 +78,10 @@ def test_compression_needs_allreduce(spark):
 
     with pytest.raises(ConfigError, match="works with sync='allreduce'"):
         fit_with(spark, "local_sgd", compression="fp16")
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])
+def test_accumulating_two_batches_of_b_equals_one_batch_of_2b(spark, sync):
+    whole, _ = fit_with(spark, sync, batch_size=8, epochs=2)
+    accumulated, _ = fit_with(spark, sync, batch_size=4, accumulate_steps=2, epochs=2)
+    assert max_relative_difference(accumulated.get_module(), whole.get_module()) <= 1e-5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spark_ddl.data import FEATURES, LABEL, VALIDATION
-from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch
+from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
 
 
 def batch(features, labels):
@@ -63,3 +63,8 @@ def test_validation_rows_are_split_off():
     marked = rows.append_column(VALIDATION, pa.array([False, True, None]))
     train, validation = Shard.from_arrow(iter([marked]), torch.int64)
     assert train.labels.tolist() == [0, 2] and validation.labels.tolist() == [1]
+
+
+def test_update_groups_sync_at_the_end_of_each_group():
+    assert update_groups([8, 8, 8, 5, 2], 2) == ([False, True, False, True, True], [16, 16, 13, 13, 2])
+    assert update_groups([8, 3], 1) == ([True, True], [8, 3])
