@@ -29,6 +29,7 @@ from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_sc
 from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.sync import make_strategy
+from spark_ddl.sync.guard import check_replicas
 
 log = logging.getLogger("spark_ddl.agent")
 
@@ -47,7 +48,7 @@ class AgentJob:
     module_bytes: bytes | None = None  # cloudpickled nn.Module, or
     class_path: str | None = None  # "package.module:Class" built with class_kwargs
     class_kwargs: dict[str, Any] = field(default_factory=dict)
-    fail_hook: Any = None  # tests only: callable(rank, epoch, step) run before each step
+    fail_hook: Any = None  # tests only: callable(rank, epoch, step, module) run before each step
 
     def build_module(self) -> nn.Module:
         if self.class_path is not None:
@@ -129,6 +130,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     loop = _EpochLoop(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
     history = loop.run()
     strategy.finish()
+    check_replicas(strategy.trained_module, device, "at the end of training")
     epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
     dist.all_gather(epochs_run, torch.tensor([len(history)], dtype=torch.int64, device=device))
 
@@ -195,6 +197,7 @@ class _EpochLoop:
         )
         self.scheduler = make_scheduler(self.config.lr_scheduler, strategy.optimizer,
                                         self.config.lr_scheduler_kwargs)
+        self.check_every, self.updates = self.config.check_every, 0
         patience = self.config.early_stopping_patience
         self.stopper = _EarlyStopping(patience, keep_weights=rank == 0) if patience else None
 
@@ -226,7 +229,7 @@ class _EpochLoop:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for step in range(self.steps):
             if self.job.fail_hook is not None:
-                self.job.fail_hook(self.rank, epoch, step)
+                self.job.fail_hook(self.rank, epoch, step, self.strategy.trained_module)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
             sync = self.is_sync_step[step]
@@ -242,6 +245,10 @@ class _EpochLoop:
                 else:
                     objective = output.sum() * 0.0  # still joins the collective with zero gradient
                 self.strategy.step(objective, sync)
+            if sync and self.check_every and self.config.sync != "local_sgd":
+                self.updates += 1
+                if self.updates % self.check_every == 0:
+                    check_replicas(self.strategy.trained_module, self.device, f"after update {self.updates}")
         totals = torch.stack([loss_sum, torch.tensor(float(self.sizes[self.rank]), dtype=torch.float64,
                                                      device=self.device)])
         dist.all_reduce(totals)

@@ -38,6 +38,7 @@ class TrainConfig:
     sync_every: int = 8  # local_sgd: average parameters every this many steps
     compression: str = "none"  # allreduce only: torch DDP communication hook
     accumulate_steps: int = 1  # micro-batches per optimiser update (no communication between)
+    check_every: int = 0  # compare replica checksums every this many updates (0: only at the end)
     early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +73,7 @@ class TrainConfig:
             )
         _check_int("sync_every", self.sync_every, 1)
         _check_int("accumulate_steps", self.accumulate_steps, 1)
+        _check_int("check_every", self.check_every, 0)
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
                 f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}."

@@ -106,6 +106,9 @@ class _TorchEstimatorParams(_TorchSharedParams):
     accumulate_steps = Param(Params._dummy(), "accumulate_steps",
                              "micro-batches whose gradients are accumulated, without communication, "
                              "before each update", typeConverter=_identity)
+    check_every = Param(Params._dummy(), "check_every",
+                        "compare the replicas' parameter checksums every this many updates and fail "
+                        "on divergence (0: only at the end of training)", typeConverter=_identity)
     sync_every = Param(Params._dummy(), "sync_every",
                        "local_sgd: average the parameters every this many steps", typeConverter=_identity)
     validation_col = Param(Params._dummy(), "validation_col",
@@ -132,7 +135,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
             num_workers=defaults.num_workers, shuffle=defaults.shuffle, seed=defaults.seed,
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
             sync_every=defaults.sync_every, compression=defaults.compression,
-            accumulate_steps=defaults.accumulate_steps, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
+            accumulate_steps=defaults.accumulate_steps, check_every=defaults.check_every,
+            validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
             lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
@@ -146,7 +150,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
     >>> model = est.fit(df)          # a TorchModel; model.history has per-epoch metrics
     """
 
-    _fail_hook: Callable[[int, int, int], None] | None = None  # tests: fault injection
+    _fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: fault injection
 
     @keyword_only
     def __init__(
@@ -161,7 +165,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         validation_fraction: float | None = None, early_stopping_patience: int | None = None,
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
         sync_every: int | None = None, compression: str | None = None,
-        accumulate_steps: int | None = None,
+        accumulate_steps: int | None = None, check_every: int | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler")
@@ -181,7 +185,8 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             epochs=g(self.epochs), num_workers=g(self.num_workers), shuffle=g(self.shuffle),
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
             sync_every=g(self.sync_every), compression=g(self.compression),
-            accumulate_steps=g(self.accumulate_steps), early_stopping_patience=g(self.early_stopping_patience),
+            accumulate_steps=g(self.accumulate_steps), check_every=g(self.check_every),
+            early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()

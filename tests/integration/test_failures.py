@@ -17,7 +17,7 @@ def two_partitions(spark, rows=64):
     return frame_with_partitions(spark, [(x[:half], y[:half]), (x[half:], y[half:])])
 
 
-def fail_on_rank_one(rank: int, epoch: int, step: int) -> None:
+def fail_on_rank_one(rank: int, epoch: int, step: int, module) -> None:
     if rank == 1 and epoch == 1 and step == 2:
         raise KeyError("rank one lost its key at epoch 2, step 3")
 

@@ -85,3 +85,27 @@ def test_accumulating_two_batches_of_b_equals_one_batch_of_2b(spark, sync):
     whole, _ = fit_with(spark, sync, batch_size=8, epochs=2)
     accumulated, _ = fit_with(spark, sync, batch_size=4, accumulate_steps=2, epochs=2)
     assert max_relative_difference(accumulated.get_module(), whole.get_module()) <= 1e-5
+
+
+def perturb_rank_one(rank: int, epoch: int, step: int, module) -> None:
+    if rank == 1 and epoch == 0 and step == 2:
+        with torch.no_grad():
+            next(module.parameters()).add_(1e-3)  # a silent corruption of one replica
+
+
+def test_guard_names_the_rank_whose_parameters_diverged(spark):
+    from spark_ddl import TrainingError
+
+    x, y = regression_arrays(160, seed=4)
+    frame = frame_with_partitions(spark, [(x[:80], y[:80]), (x[80:], y[80:])])
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=2, check_every=5, timeout=60)
+    estimator._fail_hook = perturb_rank_one
+    with pytest.raises(TrainingError) as info:
+        estimator.fit(frame)
+    assert info.value.remote_type == "ReplicaDivergenceError"
+    assert "after update 5: rank(s) [1] differ from rank 0, first in tensor 'layers.0.weight'" in str(info.value)
+
+
+def test_guard_passes_on_healthy_training(spark):
+    model, _ = fit_with(spark, "allreduce", check_every=1)
+    assert len(model.history) == 2

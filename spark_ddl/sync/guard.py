@@ -1,0 +1,47 @@
+"""Consistency guard for the synchronous strategies: replicas must hold identical parameters.
+
+Every agent computes two float64 checksums per tensor (plain and position-weighted sums) in
+the same deterministic way, all-gathers them, and compares with rank 0. Identical tensors give
+identical bits; any difference names the ranks and the first tensor that differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """Agents that should hold the same parameters do not."""
+
+
+def tensor_checksums(module: nn.Module, device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """Names of the module's parameters and floating buffers, and (2 x n) float64 checksums."""
+    names, sums = [], []
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1).double()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        names.append(name)
+        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    stacked = torch.stack(sums, dim=1) if sums else torch.zeros(2, 0, dtype=torch.float64)
+    return names, stacked.to(device)
+
+
+def check_replicas(module: nn.Module, device: torch.device, where: str) -> None:
+    """Raise ReplicaDivergenceError on every rank if any replica differs from rank 0's."""
+    names, local = tensor_checksums(module, device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    reference = gathered[0]
+    diverged = [rank for rank, sums in enumerate(gathered) if not torch.equal(sums, reference)]
+    if diverged:
+        columns = (gathered[diverged[0]] != reference).any(dim=0).nonzero()
+        first = names[int(columns[0])] if len(columns) else "?"
+        raise ReplicaDivergenceError(
+            f"replicas diverged {where}: rank(s) {diverged} differ from rank 0, first in tensor "
+            f"{first!r}. The synchronisation is broken (e.g. non-deterministic parameter updates, "
+            "a module that changes its own weights outside the optimiser, or a faulty device)."
+        )
