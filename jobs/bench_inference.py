@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +23,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+from benchlib import timed  # noqa: E402
 from spark_ddl import TorchModel, get_or_create_session  # noqa: E402
 from spark_ddl.data import ColumnSpec  # noqa: E402
 from spark_ddl.models import MLP  # noqa: E402
@@ -31,16 +31,6 @@ from spark_ddl.models import MLP  # noqa: E402
 
 def identity(batches):
     yield from batches
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchlib import timed  # noqa: E402
 from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
 
 
@@ -61,16 +62,6 @@ def floor_job(batches):
     yield pa.RecordBatch.from_pydict({"value": [float(value.item())]})
 
 
-def measure(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: Python workers started, modules imported
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -88,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     floor_input.count()
 
     results: dict[str, list[float]] = {}
-    results["floor: barrier mapInArrow + gloo all-reduce"] = measure(
+    results["floor: barrier mapInArrow + gloo all-reduce"] = timed(
         lambda: floor_input.mapInArrow(floor_job, "value double", barrier=True).collect(), args.repeats)
-    results["spark_ddl fit() (1 epoch, 16 rows)"] = measure(lambda: estimator.fit(tiny), args.repeats)
+    results["spark_ddl fit() (1 epoch, 16 rows)"] = timed(lambda: estimator.fit(tiny), args.repeats)
     if not args.skip_distributor:
         from pyspark.ml.torch.distributor import TorchDistributor
 
         distributor = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False)
-        results["TorchDistributor.run (one all-reduce)"] = measure(
+        results["TorchDistributor.run (one all-reduce)"] = timed(
             lambda: distributor.run(allreduce_once), args.repeats)
 
     fit_median = statistics.median(results["spark_ddl fit() (1 epoch, 16 rows)"])

@@ -55,6 +55,12 @@ def regression_arrays(rows: int, features: int = 4, seed: int = 0) -> tuple[np.n
     return x, y
 
 
+def split_by_sizes(x: np.ndarray, y: np.ndarray, sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive (features, labels) slices of the given sizes."""
+    bounds = np.cumsum([0, *sizes])
+    return [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def frame_with_partitions(
     spark: SparkSession, parts: Sequence[tuple[np.ndarray, np.ndarray]]
 ) -> DataFrame:

@@ -46,11 +46,9 @@ class AllReduceStrategy(SyncStrategy):
     name = "allreduce"
 
     def __init__(self, device: torch.device, compression: str = "none") -> None:
-        self._device = device
+        super().__init__(device)
         self._compression = compression
-        self._module: nn.Module | None = None
         self._ddp: DistributedDataParallel | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         device_ids = [self._device.index] if self._device.type == "cuda" else None
@@ -75,16 +73,6 @@ class AllReduceStrategy(SyncStrategy):
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        assert self._optimizer is not None, "setup() first"
-        return self._optimizer
-
-    @property
-    def trained_module(self) -> nn.Module:
-        assert self._module is not None, "setup() first"
-        return self._module
-
     def close(self) -> None:
         self._ddp = None  # the DDP reducer holds a reference to the process group
-        self._optimizer = None
+        super().close()

@@ -7,9 +7,22 @@ from contextlib import nullcontext
 from typing import Callable, ContextManager, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into every replica (one broadcast per dtype)."""
+    tensors = [t.data for t in module.parameters()] + [b for b in module.buffers()]
+    for dtype in {t.dtype for t in tensors}:
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = _flatten_dense_tensors(group)
+        dist.broadcast(flat, src=src)
+        for tensor, value in zip(group, _unflatten_dense_tensors(flat, group)):
+            tensor.copy_(value)
 
 
 class SyncStrategy(ABC):
@@ -24,14 +37,33 @@ class SyncStrategy(ABC):
 
     name: str = ""
 
-    @abstractmethod
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._module: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Make the replicas identical (rank 0's parameters win) and build the optimiser."""
+        broadcast_state(module)
+        self._module = module
+        self._optimizer = make_optimizer(module.parameters())
 
     @property
-    @abstractmethod
     def module(self) -> nn.Module:
         """The module to call for the forward pass (may be a wrapper, e.g. DDP)."""
+        return self.trained_module
+
+    @property
+    def trained_module(self) -> nn.Module:
+        """The plain trained module (no wrapper) whose state_dict is the result."""
+        assert self._module is not None, "setup() first"
+        return self._module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser that applies the updates (for learning-rate schedulers)."""
+        assert self._optimizer is not None, "setup() first"
+        return self._optimizer
 
     def micro_step(self, sync: bool) -> ContextManager[None]:
         """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""
@@ -49,13 +81,4 @@ class SyncStrategy(ABC):
 
         Called after the final collective and before the process group is destroyed.
         """
-
-    @property
-    @abstractmethod
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The optimiser that applies the updates (for learning-rate schedulers)."""
-
-    @property
-    @abstractmethod
-    def trained_module(self) -> nn.Module:
-        """The plain trained module (no wrapper) whose state_dict is the result."""
+        self._optimizer = None

@@ -14,8 +14,7 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from spark_ddl.sync.base import OptimizerFactory, SyncStrategy
-from spark_ddl.sync.parameter_server import broadcast_state
+from spark_ddl.sync.base import SyncStrategy
 
 
 class LocalSGDStrategy(SyncStrategy):
@@ -34,25 +33,6 @@ class LocalSGDStrategy(SyncStrategy):
             self._averager = PeriodicModelAverager(period=sync_every, warmup_steps=sync_every - 1)
         self._unaveraged_steps = 0
 
-    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        broadcast_state(module)
-        self._module = module
-        self._optimizer = make_optimizer(module.parameters())
-
-    @property
-    def module(self) -> nn.Module:
-        assert self._module is not None, "setup() first"
-        return self._module
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        assert self._optimizer is not None, "setup() first"
-        return self._optimizer
-
-    @property
-    def trained_module(self) -> nn.Module:
-        return self.module
-
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
         if not sync:
@@ -68,6 +48,3 @@ class LocalSGDStrategy(SyncStrategy):
             params = [p for p in self.module.parameters() if p.requires_grad]
             average_parameters(iter(params), self._averager.process_group)
         self._unaveraged_steps = 0
-
-    def close(self) -> None:
-        self._optimizer = None

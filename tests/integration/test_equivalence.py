@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from spark_ddl import TorchEstimator
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 
 def reference_training(module, parts, batch_size, epochs, lr):
@@ -40,9 +39,7 @@ def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def train_both(spark, sizes, batch_size=8, epochs=2, lr=0.05):
-    x, y = regression_arrays(sum(sizes), seed=3)
-    bounds = np.cumsum([0, *sizes])
-    parts = [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    parts = split_by_sizes(*regression_arrays(sum(sizes), seed=3), sizes)
     torch.manual_seed(11)
     net = TinyNet()
     initial = copy.deepcopy(net)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from spark_ddl import TorchEstimator
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 from tests.integration.test_equivalence import max_relative_difference
 
 
 def fit_with(spark, sync, sizes=(80, 80), optimizer_kwargs=None, **params):
-    x, y = regression_arrays(sum(sizes), seed=4)
-    bounds = np.cumsum([0, *sizes])
-    parts = [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    parts = split_by_sizes(*regression_arrays(sum(sizes), seed=4), sizes)
     torch.manual_seed(2)
     net = TinyNet()
     initial = copy.deepcopy(net)
