@@ -70,3 +70,18 @@ def test_fewer_rows_than_one_batch_per_agent_still_trains(spark):
     trained, reference, _, steps = train_both(spark, [2, 3], batch_size=32, epochs=4)
     assert steps == 4  # one (short) step per epoch
     assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+
+
+@pytest.mark.own_session
+def test_three_agents_with_0_1_and_500_rows(sessions):
+    spark = sessions.get("local3", master="local[3]")
+    sizes = [0, 1, 500]
+    parts = split_by_sizes(*regression_arrays(sum(sizes), seed=9), sizes)
+    torch.manual_seed(5)
+    net = TinyNet()
+    initial = copy.deepcopy(net)
+    trained = TorchEstimator(model=net, loss="mse", lr=0.05, batch_size=32, epochs=2, num_workers=3,
+                             shuffle=False, timeout=60).fit(frame_with_partitions(spark, parts))
+    reference, steps = reference_training(initial, parts, 32, 2, 0.05)
+    assert trained.summary["shard_sizes"] == sizes and steps == 32
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5
