@@ -49,6 +49,7 @@ class AgentJob:
     class_path: str | None = None  # "package.module:Class" built with class_kwargs
     class_kwargs: dict[str, Any] = field(default_factory=dict)
     fail_hook: Any = None  # tests only: callable(rank, epoch, step, module) run before each step
+    strategy_factory: Any = None  # benchmarks only: callable(device) -> SyncStrategy
 
     def build_module(self) -> nn.Module:
         if self.class_path is not None:
@@ -122,7 +123,10 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     init_process_group(rdv, plan.backend, config.timeout)
 
     module = job.build_module().to(device)
-    strategy = make_strategy(config.sync, device, config.sync_every, config.compression)
+    if job.strategy_factory is not None:
+        strategy = job.strategy_factory(device)
+    else:
+        strategy = make_strategy(config.sync, device, config.sync_every, config.compression)
     strategy.setup(
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),

@@ -151,6 +151,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
     """
 
     _fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: fault injection
+    _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a SyncStrategy of their own
 
     @keyword_only
     def __init__(
@@ -224,6 +225,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
                 f"model must be a torch.nn.Module or 'package.module:Class', got {type(model).__name__}."
             )
         job.fail_hook = self._fail_hook
+        job.strategy_factory = self._strategy_factory
         return job, template, arch
 
     def _fit(self, dataset: DataFrame) -> "TorchModel":
