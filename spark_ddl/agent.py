@@ -110,6 +110,12 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
         "fingerprint": environment_fingerprint(plan.backend),
     }
     rdv = rendezvous(context, info, config.timeout)
+    if rdv.world_size != config.num_workers:
+        raise RuntimeError(
+            f"Spark ran {rdv.world_size} barrier task(s) but num_workers={config.num_workers}: the "
+            "input's partitions changed between planning and execution (e.g. adaptive query "
+            "execution coalesced them). Repartition the input to num_workers partitions."
+        )
     sizes = [int(p["rows"]) for p in rdv.peers]
     dims = {p["feature_dim"] for p in rdv.peers if p["feature_dim"] is not None}
     if sum(sizes) == 0:

@@ -171,7 +171,7 @@ def balance_partitions(df: DataFrame, num_partitions: int) -> DataFrame:
         offsets.append(total)
         total += counts.get(pid, 0)
     if total == 0:
-        return df.repartition(num_partitions)
+        raise SchemaError("The training DataFrame is empty (0 rows): there is nothing to train on.")
     keys = partition_keys(df.sparkSession, num_partitions)
     position = F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)  # row within partition
     offset = F.element_at(F.array(*[F.lit(o) for o in offsets]), F.spark_partition_id() + 1)

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator
-from tests.helpers import TinyNet
+from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator, TrainingError
+from tests.helpers import TinyNet, frame_with_partitions
 
 
 @pytest.fixture
@@ -75,3 +75,19 @@ def test_model_must_be_set_or_a_module(spark, frame):
         TorchEstimator(loss="mse").fit(frame)
     with pytest.raises(ConfigError, match="model must be a torch.nn.Module"):
         TorchEstimator(model=42, loss="mse").fit(frame)
+
+
+def test_empty_dataframe_is_refused_with_a_clear_message(spark):
+    empty = spark.createDataFrame([], "features array<double>, label double").repartition(3)
+    with pytest.raises(SchemaError, match="The training DataFrame is empty"):
+        TorchEstimator(model=TinyNet(), loss="mse").fit(empty)
+    already_split = spark.createDataFrame([], "features array<double>, label double").repartition(2)
+    with pytest.raises(SchemaError, match="The training DataFrame is empty"):  # Spark skips the job
+        TorchEstimator(model=TinyNet(), loss="mse", timeout=30).fit(already_split)
+    import numpy as np
+
+    nothing = (np.empty((0, 4), dtype=np.float32), np.empty((0,), dtype=np.float32))
+    two_empty_partitions = frame_with_partitions(spark, [nothing, nothing])
+    with pytest.raises(TrainingError, match="the training DataFrame is empty"):  # found by the agents
+        TorchEstimator(model=TinyNet(), loss="mse", timeout=30).fit(two_empty_partitions)
+
