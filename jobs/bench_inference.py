@@ -10,7 +10,6 @@ is forced with the ``noop`` sink, so no result is collected to the driver.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from benchlib import timed  # noqa: E402
+from benchlib import emit, timed  # noqa: E402
 from spark_ddl import TorchModel, get_or_create_session  # noqa: E402
 from spark_ddl.data import ColumnSpec  # noqa: E402
 from spark_ddl.models import MLP  # noqa: E402
@@ -81,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "inference", "rows": args.rows, "features": args.features, "hidden": args.hidden,
            "repeats": args.repeats, "times_s": results, "rows_per_s": rows_per_s,
            "transform_over_identity": rows_per_s["TorchModel.transform"] / ceiling}
-    print(json.dumps(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
     return 0
 
 

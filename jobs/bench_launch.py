@@ -10,7 +10,6 @@ ratios to fit(). Timings on a shared machine are noisy: compare the ratios of on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchlib import timed  # noqa: E402
+from benchlib import emit, timed  # noqa: E402
 from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
 
 
@@ -105,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     out = {"benchmark": "launch", "repeats": args.repeats, "results": summary, "ratios": ratios,
            "torch": torch.__version__, "master": spark.sparkContext.master}
-    print(json.dumps(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
     return 0
 
 

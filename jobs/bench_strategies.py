@@ -12,7 +12,6 @@ moves about 2(m-1)/m times its payload), computed from the model's tensor sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+from benchlib import emit  # noqa: E402
 from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
 from spark_ddl.models import MLP  # noqa: E402
 from spark_ddl.sync.base import SyncStrategy  # noqa: E402
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['strategy']:<32} {row['seconds_per_epoch']:>8.3f} {row['seconds_per_epoch'] / reference:>11.2f} "
               f"{row['payload_bytes_per_update']:>13,.0f} {row['held_out_accuracy']:>9.4f}")
     out = {"benchmark": "strategies", "epochs": args.epochs, "hidden": args.hidden, "rows": rows}
-    print(json.dumps(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
     return 0
 
 
