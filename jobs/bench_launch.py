@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +45,7 @@ def floor_job(batches):
     import torch.distributed as dist
     from pyspark import BarrierTaskContext
 
-    from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
+    from spark_ddl.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
 
     for _ in batches:
         pass
@@ -55,9 +54,7 @@ def floor_job(batches):
     init_process_group(rdv, "gloo", 60)
     value = torch.ones(1)
     dist.all_reduce(value)
-    dist.barrier()
-    time.sleep(0.1)  # same teardown discipline as the agent (see agent._leave_group)
-    dist.destroy_process_group()
+    leave_group()  # the agent's teardown (see rendezvous.leave_group)
     yield pa.RecordBatch.from_pydict({"value": [float(value.item())]})
 
 

@@ -7,7 +7,6 @@ yields the result (history + weights, in chunks) after every rank has left the g
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -22,11 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from spark_ddl.artifact import build_from_class_path, output_batches, state_dict_to_bytes
-from spark_ddl.config import TrainConfig
+from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
 from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
-from spark_ddl.rendezvous import environment_fingerprint, init_process_group, rendezvous
+from spark_ddl.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.sync import make_strategy
 from spark_ddl.sync.guard import check_replicas
@@ -36,8 +35,6 @@ log = logging.getLogger("spark_ddl.agent")
 # Seconds a rank whose error is only a consequence of a peer's failure (a broken collective)
 # waits before raising, so that the peer's own error reaches the driver first.
 SECONDARY_FAILURE_DELAY = 3.0
-# Seconds the GIL is released between the final barrier and the process group's teardown.
-GLOO_QUIESCE_SECONDS = 0.1
 
 
 @dataclass
@@ -147,7 +144,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     if loop.stopper is not None:
         loop.stopper.restore_best(strategy.trained_module)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
-    _leave_group(strategy)
+    leave_group(release=strategy.close)
     if rank != 0:
         return []
     summary = {
@@ -269,7 +266,7 @@ class _EpochLoop:
 
     def _validate(self) -> dict[str, Any]:
         """Loss (and accuracy for classifiers) over every agent's validation rows."""
-        module, loss_name = self.strategy.trained_module, self.config.loss
+        module, kind = self.strategy.trained_module, classification_kind(self.config.loss)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*rows, correct, rows
         rows = self.validation.num_rows
         chunk = max(self.config.batch_size, 1024)
@@ -280,33 +277,17 @@ class _EpochLoop:
                 y = self.validation.labels[start : start + chunk].to(self.device)
                 output = module(x)
                 sums[0] += self.loss_fn(output, y).double() * len(x)
-                if loss_name == "cross_entropy":
+                if kind == "multiclass":
                     sums[1] += (output.argmax(dim=1) == y).sum()
-                elif loss_name == "bce_with_logits":
+                elif kind == "binary":
                     sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
                 sums[2] += len(x)
         module.train()
         dist.all_reduce(sums)
         record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
-        if loss_name in ("cross_entropy", "bce_with_logits"):
+        if kind is not None:
             record["val_accuracy"] = float(sums[1] / sums[2])
         return record
-
-
-def _leave_group(strategy) -> None:
-    """Leave the process group together, without the teardown deadlock of gloo.
-
-    Every rank reaches one final barrier before anyone tears down. Then a short pause lets
-    gloo's worker threads finish releasing the last work item (that needs the GIL): the
-    process group's destructor joins those threads while this thread holds the GIL, so a
-    worker still waiting for the GIL there would deadlock (seen with torch 2.13). Only then
-    are the DDP wrapper and the group dropped, the group last.
-    """
-    dist.barrier()
-    time.sleep(GLOO_QUIESCE_SECONDS)
-    strategy.close()
-    gc.collect()
-    dist.destroy_process_group()
 
 
 def _is_secondary(exc: BaseException) -> bool:

@@ -15,6 +15,11 @@ COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 
+def classification_kind(loss: object) -> str | None:
+    """'multiclass' (cross_entropy), 'binary' (bce_with_logits), or None for regression losses."""
+    return {"cross_entropy": "multiclass", "bce_with_logits": "binary"}.get(loss) if isinstance(loss, str) else None
+
+
 @dataclass
 class TrainConfig:
     """Everything an agent needs to train, apart from the model and the data.

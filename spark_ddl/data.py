@@ -139,6 +139,11 @@ def validation_column(
     return None
 
 
+def empty_input_error() -> SchemaError:
+    """The driver's error for a training DataFrame without rows."""
+    return SchemaError("The training DataFrame is empty (0 rows): there is nothing to train on.")
+
+
 def select_training_columns(df: DataFrame, spec: ColumnSpec, validation: Column | None = None) -> DataFrame:
     """Project the input to exactly the columns the agents read."""
     columns = [features_column(spec).alias(FEATURES), label_column(spec).alias(LABEL)]
@@ -171,7 +176,7 @@ def balance_partitions(df: DataFrame, num_partitions: int) -> DataFrame:
         offsets.append(total)
         total += counts.get(pid, 0)
     if total == 0:
-        raise SchemaError("The training DataFrame is empty (0 rows): there is nothing to train on.")
+        raise empty_input_error()
     keys = partition_keys(df.sparkSession, num_partitions)
     position = F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)  # row within partition
     offset = F.element_at(F.array(*[F.lit(o) for o in offsets]), F.spark_partition_id() + 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from spark_ddl import artifact
 from spark_ddl.agent import AgentJob
-from spark_ddl.config import TrainConfig
+from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.data import ColumnSpec, normalize_feature_cols, resolve_columns, validation_column
 from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
@@ -286,11 +286,9 @@ class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
     @property
     def task(self) -> str:
         """'multiclass', 'binary', 'regression' or 'multi_regression'."""
-        loss = self._config.get("loss")
-        if loss == "cross_entropy":
-            return "multiclass"
-        if loss == "bce_with_logits":
-            return "binary"
+        kind = classification_kind(self._config.get("loss"))
+        if kind is not None:
+            return kind
         return "multi_regression" if self._spec and self._spec.label_is_array else "regression"
 
     # -------------------------------------------------------------- inference

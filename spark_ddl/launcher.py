@@ -16,8 +16,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from spark_ddl.agent import AgentJob, run_agent
 from spark_ddl.artifact import OUTPUT_DDL, reassemble, state_dict_from_bytes
 from spark_ddl.config import TrainConfig
-from spark_ddl.data import ColumnSpec, balance_partitions, select_training_columns
-from spark_ddl.errors import ClusterConfigError, SchemaError, training_error_from_spark
+from spark_ddl.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
+from spark_ddl.errors import ClusterConfigError, training_error_from_spark
 
 log = logging.getLogger("spark_ddl")
 
@@ -131,7 +131,7 @@ def run_training(
         sc.removeJobTag(tag)
     seconds = time.perf_counter() - started
     if not rows:  # Spark optimised the job away: only happens for an input with no rows
-        raise SchemaError("The training DataFrame is empty (0 rows): there is nothing to train on.")
+        raise empty_input_error()
     summary_bytes = reassemble(rows, "summary")
     weights = reassemble(rows, "weights")
     if summary_bytes is None or weights is None:

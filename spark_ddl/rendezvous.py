@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -76,3 +78,25 @@ def init_process_group(rdv: Rendezvous, backend: str, timeout: float) -> None:
         world_size=rdv.world_size,
         timeout=timedelta(seconds=timeout),
     )
+
+
+# Seconds the GIL is released between the final barrier and the process group's teardown.
+GLOO_QUIESCE_SECONDS = 0.1
+
+
+def leave_group(release: Callable[[], None] | None = None) -> None:
+    """Leave the process group together, without the teardown deadlock of gloo.
+
+    Every rank reaches one final barrier before anyone tears down. Then a short pause lets
+    gloo's worker threads finish releasing the last work item (that needs the GIL): the
+    process group's destructor joins those threads while this thread holds the GIL, so a
+    worker still waiting for the GIL there would deadlock (seen with torch 2.13). Only then
+    does ``release`` drop other holders of the group (e.g. the DDP wrapper), and the group
+    itself goes last.
+    """
+    dist.barrier()
+    time.sleep(GLOO_QUIESCE_SECONDS)
+    if release is not None:
+        release()
+    gc.collect()
+    dist.destroy_process_group()
