@@ -129,21 +129,23 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     if job.strategy_factory is not None:
         strategy = job.strategy_factory(device)
     else:
-        strategy = make_strategy(config.sync, device, config.sync_every, config.compression)
+        strategy = make_strategy(config, device, sizes)
     strategy.setup(
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),
     )
-    loop = _EpochLoop(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
-    history = loop.run()
-    strategy.finish()
+    loop_class = _EpochLoop if strategy.lockstep else _AsyncLoop
+    loop = loop_class(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
+    history = loop.run()  # ends with strategy.finish()
     check_replicas(strategy.trained_module, device, "at the end of training")
     epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
     dist.all_gather(epochs_run, torch.tensor([len(history)], dtype=torch.int64, device=device))
 
-    if loop.stopper is not None:
-        loop.stopper.restore_best(strategy.trained_module)
+    stopper = getattr(loop, "stopper", None)
+    if stopper is not None:
+        stopper.restore_best(strategy.trained_module)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
+    strategy_summary = strategy.summary()
     leave_group(release=strategy.close)
     if rank != 0:
         return []
@@ -151,10 +153,12 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
         "history": history, "world_size": rdv.world_size, "shard_sizes": sizes,
         "validation_sizes": [int(p["validation_rows"]) for p in rdv.peers], "feature_dim": dim,
         "device": plan.device, "backend": plan.backend, "threads_per_agent": threads,
-        "epochs_run_per_rank": [int(t.item()) for t in epochs_run],
-        "best_epoch": loop.stopper.best_epoch if loop.stopper else None,
-        "stopped_early": bool(loop.stopper and loop.stopper.stopped),
+        "best_epoch": stopper.best_epoch if stopper else None,
+        "stopped_early": bool(stopper and stopper.stopped),
+        **strategy_summary,
     }
+    if strategy.lockstep:
+        summary["epochs_run_per_rank"] = [int(t.item()) for t in epochs_run]
     return [
         *output_batches("summary", 0, json.dumps(summary).encode()),
         *output_batches("weights", 0, weights),
@@ -226,6 +230,7 @@ class _EpochLoop:
                 epoch + 1, record["val_loss"], self.strategy.trained_module, self.device
             ):
                 break
+        self.strategy.finish()
         return history
 
     def _train_epoch(self, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -265,29 +270,87 @@ class _EpochLoop:
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
 
     def _validate(self) -> dict[str, Any]:
-        """Loss (and accuracy for classifiers) over every agent's validation rows."""
-        module, kind = self.strategy.trained_module, classification_kind(self.config.loss)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*rows, correct, rows
-        rows = self.validation.num_rows
-        chunk = max(self.config.batch_size, 1024)
-        module.eval()
-        with torch.no_grad():
-            for start in range(0, rows, chunk):
-                x = self.validation.features[start : start + chunk].to(self.device)
-                y = self.validation.labels[start : start + chunk].to(self.device)
-                output = module(x)
-                sums[0] += self.loss_fn(output, y).double() * len(x)
-                if kind == "multiclass":
-                    sums[1] += (output.argmax(dim=1) == y).sum()
-                elif kind == "binary":
-                    sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
-                sums[2] += len(x)
-        module.train()
-        dist.all_reduce(sums)
-        record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
-        if kind is not None:
-            record["val_accuracy"] = float(sums[1] / sums[2])
-        return record
+        return validate(self.strategy.trained_module, self.validation, self.loss_fn,
+                        self.config, self.device)
+
+
+class _AsyncLoop:
+    """sync='async': every agent cycles through its own shard, pushing a gradient per update
+    and pulling fresh parameters, until the server has applied the run's budget of updates
+    (each agent's steps per epoch × epochs, shared: a fast agent does more of them). No
+    collective runs until the end, so a slow agent never stalls the others."""
+
+    def __init__(self, job: AgentJob, strategy, train: Shard, validation: Shard, sizes: list[int],
+                 rank: int, world_size: int, device: torch.device) -> None:
+        self.job, self.config, self.strategy = job, job.config, strategy
+        self.train, self.validation, self.rank, self.device = train, validation, rank, device
+        self.loss_fn = make_loss(self.config.loss)
+
+    def run(self) -> list[dict[str, Any]]:
+        config, model, rows = self.config, self.strategy.module, self.train.num_rows
+        features, labels = self.train.features.to(self.device), self.train.labels.to(self.device)
+        model.train()
+        order, position, local_epoch, step = None, rows, -1, 0
+        running = self.strategy.start()
+        while running:
+            batches = []
+            for _ in range(config.accumulate_steps):  # one update's micro-batches
+                if position >= rows:  # next pass over this agent's shard, freshly shuffled
+                    local_epoch += 1
+                    order = self.train.epoch_order(local_epoch, config.shuffle, config.seed,
+                                                   self.rank).to(self.device)
+                    position = 0
+                batches.append(order[position : position + config.batch_size])
+                position += len(batches[-1])
+            update_rows = sum(len(index) for index in batches)
+            loss_sum = 0.0
+            for number, index in enumerate(batches):
+                if self.job.fail_hook is not None:
+                    self.job.fail_hook(self.rank, local_epoch, step, self.strategy.trained_module)
+                loss = self.loss_fn(model(features[index]), labels[index])
+                loss_sum += float(loss.detach()) * len(index)
+                last = number == len(batches) - 1
+                self.strategy.step(loss * (len(index) / update_rows), last,
+                                   loss_sum=loss_sum, rows=update_rows)
+                step += 1
+            running = self.strategy.running
+        self.strategy.finish()
+        history = self.strategy.history()
+        if config.has_validation:  # the master as it was at each epoch's end, on every agent
+            epoch = 0
+            while self.strategy.load_epoch_snapshot(epoch):
+                record = validate(self.strategy.trained_module, self.validation, self.loss_fn,
+                                  config, self.device)
+                if history:
+                    history[epoch].update(record)
+                epoch += 1
+        return history
+
+
+def validate(module: nn.Module, validation: Shard, loss_fn, config: TrainConfig,
+             device: torch.device) -> dict[str, Any]:
+    """Collective: loss (and accuracy for classifiers) over every agent's validation rows."""
+    kind = classification_kind(config.loss)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*rows, correct, rows
+    chunk = max(config.batch_size, 1024)
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, validation.num_rows, chunk):
+            x = validation.features[start : start + chunk].to(device)
+            y = validation.labels[start : start + chunk].to(device)
+            output = module(x)
+            sums[0] += loss_fn(output, y).double() * len(x)
+            if kind == "multiclass":
+                sums[1] += (output.argmax(dim=1) == y).sum()
+            elif kind == "binary":
+                sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
+            sums[2] += len(x)
+    module.train()
+    dist.all_reduce(sums)
+    record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
+    if kind is not None:
+        record["val_accuracy"] = float(sums[1] / sums[2])
+    return record
 
 
 def _is_secondary(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ from spark_ddl.errors import ConfigError
 
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd")
+SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd", "async")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
@@ -43,6 +43,7 @@ class TrainConfig:
     sync_every: int = 8  # local_sgd: average parameters every this many steps
     compression: str = "none"  # allreduce only: torch DDP communication hook
     accumulate_steps: int = 1  # micro-batches per optimiser update (no communication between)
+    max_staleness: int | None = None  # async: bound on updates a gradient may miss (None: auto)
     check_every: int = 0  # compare replica checksums every this many updates (0: only at the end)
     early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
@@ -105,9 +106,43 @@ class TrainConfig:
                 )
         if not isinstance(self.lr_scheduler_kwargs, dict):
             raise ConfigError("lr_scheduler_kwargs must be a dict.")
+        if self.sync == "async":
+            self._validate_async()
         if self.use_gpu not in (None, True, False):
             raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
         return self
+
+    def _validate_async(self) -> None:
+        if self.max_staleness is not None:
+            _check_int("max_staleness", self.max_staleness, 0)
+            if self.max_staleness < self.num_workers - 1:
+                raise ConfigError(
+                    f"max_staleness={self.max_staleness} is too small for {self.num_workers} agents: "
+                    f"when all compute at once, each gradient misses the other "
+                    f"{self.num_workers - 1} agents' updates. Set max_staleness >= {self.num_workers - 1}."
+                )
+        if self.check_every:
+            raise ConfigError(
+                "check_every compares replicas of the synchronous strategies; with sync='async' "
+                "the replicas differ by design (they agree again at the end). Set check_every=0."
+            )
+        if self.early_stopping_patience:
+            raise ConfigError(
+                "early_stopping_patience needs every agent to stop at the same epoch, which "
+                "sync='async' does not have; use a synchronous strategy or set it to 0."
+            )
+        if self.lr_scheduler == "ReduceLROnPlateau":
+            raise ConfigError(
+                "lr_scheduler='ReduceLROnPlateau' needs a metric at each epoch end, which the "
+                "async server does not wait for; use an epoch-based scheduler (e.g. StepLR)."
+            )
+
+    @property
+    def resolved_max_staleness(self) -> int:
+        """max_staleness, or its default: 2 × (num_workers − 1), at least 4."""
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return max(4, 2 * (self.num_workers - 1))
 
     @property
     def is_classification(self) -> bool:

@@ -98,7 +98,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
     timeout = Param(Params._dummy(), "timeout",
                     "seconds any collective or rendezvous may wait before failing", typeConverter=_identity)
     sync = Param(Params._dummy(), "sync",
-                 "synchronisation strategy: 'allreduce' (DDP), 'parameter_server' or 'local_sgd'",
+                 "synchronisation strategy: 'allreduce' (DDP), 'parameter_server', 'local_sgd' or 'async' "
+                 "(asynchronous parameter server)",
                  typeConverter=TypeConverters.toString)
     compression = Param(Params._dummy(), "compression",
                         "gradient compression for sync='allreduce': 'none', 'fp16', 'bf16' or 'powersgd' "
@@ -106,6 +107,10 @@ class _TorchEstimatorParams(_TorchSharedParams):
     accumulate_steps = Param(Params._dummy(), "accumulate_steps",
                              "micro-batches whose gradients are accumulated, without communication, "
                              "before each update", typeConverter=_identity)
+    max_staleness = Param(Params._dummy(), "max_staleness",
+                          "async: the most updates a gradient may miss between the parameters it was "
+                          "computed on and its application; faster agents wait rather than exceed it "
+                          "(None: 2 x (num_workers - 1), at least 4)", typeConverter=_identity)
     check_every = Param(Params._dummy(), "check_every",
                         "compare the replicas' parameter checksums every this many updates and fail "
                         "on divergence (0: only at the end of training)", typeConverter=_identity)
@@ -136,7 +141,7 @@ class _TorchEstimatorParams(_TorchSharedParams):
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
             sync_every=defaults.sync_every, compression=defaults.compression,
             accumulate_steps=defaults.accumulate_steps, check_every=defaults.check_every,
-            validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
+            max_staleness=defaults.max_staleness, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
             lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
@@ -167,9 +172,10 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
         sync_every: int | None = None, compression: str | None = None,
         accumulate_steps: int | None = None, check_every: int | None = None,
+        max_staleness: int | None = None,
     ) -> None:
         super().__init__()
-        nullable = ("use_gpu", "validation_col", "lr_scheduler")
+        nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness")
         self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None or k in nullable})
 
     @keyword_only
@@ -187,7 +193,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
             sync_every=g(self.sync_every), compression=g(self.compression),
             accumulate_steps=g(self.accumulate_steps), check_every=g(self.check_every),
-            early_stopping_patience=g(self.early_stopping_patience),
+            max_staleness=g(self.max_staleness), early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()

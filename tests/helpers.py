@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from pyspark.sql import DataFrame, SparkSession
 from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TinyNet(nn.Module):

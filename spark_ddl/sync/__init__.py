@@ -4,23 +4,37 @@ from __future__ import annotations
 
 import torch
 
+from spark_ddl.config import TrainConfig
+from spark_ddl.objectives import make_scheduler
+from spark_ddl.shard import steps_per_epoch
 from spark_ddl.sync.allreduce import AllReduceStrategy
+from spark_ddl.sync.async_parameter_server import AsyncParameterServerStrategy
 from spark_ddl.sync.base import SyncStrategy
 from spark_ddl.sync.local_sgd import LocalSGDStrategy
 from spark_ddl.sync.parameter_server import ParameterServerStrategy
 
 __all__ = ["SyncStrategy", "AllReduceStrategy", "ParameterServerStrategy", "LocalSGDStrategy",
-           "make_strategy"]
+           "AsyncParameterServerStrategy", "make_strategy"]
 
 
-def make_strategy(
-    name: str, device: torch.device, sync_every: int = 1, compression: str = "none"
-) -> SyncStrategy:
-    """The strategy called ``name`` (see config.SYNC_STRATEGIES)."""
-    if name == "allreduce":
-        return AllReduceStrategy(device, compression)
-    if name == "parameter_server":
+def make_strategy(config: TrainConfig, device: torch.device, shard_sizes: list[int]) -> SyncStrategy:
+    """The strategy ``config.sync`` names (see config.SYNC_STRATEGIES)."""
+    if config.sync == "allreduce":
+        return AllReduceStrategy(device, config.compression)
+    if config.sync == "parameter_server":
         return ParameterServerStrategy(device)
-    if name == "local_sgd":
-        return LocalSGDStrategy(device, sync_every)
-    raise ValueError(f"unknown sync strategy {name!r}")
+    if config.sync == "local_sgd":
+        return LocalSGDStrategy(device, config.sync_every)
+    if config.sync == "async":
+        # pushes per epoch: each agent's own steps, grouped by accumulate_steps
+        pushes = [-(-steps_per_epoch([n], config.batch_size) // config.accumulate_steps)
+                  for n in shard_sizes]
+        scheduler = None
+        if config.lr_scheduler is not None:
+            def scheduler(optimizer):
+                return make_scheduler(config.lr_scheduler, optimizer, config.lr_scheduler_kwargs)
+        return AsyncParameterServerStrategy(
+            device, config.resolved_max_staleness, pushes, config.epochs, config.timeout,
+            keep_snapshots=config.has_validation, make_scheduler=scheduler,
+        )
+    raise ValueError(f"unknown sync strategy {config.sync!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ class SyncStrategy(ABC):
     """
 
     name: str = ""
+    lockstep: bool = True  # every agent runs the same steps together (False: async)
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
@@ -75,6 +76,10 @@ class SyncStrategy(ABC):
 
     def finish(self) -> None:
         """Called once after the last step (e.g. a final parameter average)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Strategy-specific facts for the training summary (rank 0)."""
+        return {}
 
     def close(self) -> None:
         """Drop every reference to communication objects (wrappers, optimiser state hooks).

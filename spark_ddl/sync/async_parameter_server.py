@@ -1,0 +1,363 @@
+"""Asynchronous parameter server with bounded staleness.
+
+Placement: the server is a thread inside rank 0's agent, beside rank 0's own training. A
+dedicated server rank would need one more barrier task (a Spark slot that holds no data);
+a thread keeps ``num_workers`` = the number of data shards. Rank 0's training thread talks
+to the server in memory; the other agents use torch.distributed point-to-point over two
+gloo groups of their own (also when training runs on NCCL): *requests* (agent → server,
+received from any source by the server thread only) and *replies* (server → agent, sent
+under the server's lock), so no gloo group is ever used by two threads at once.
+
+Protocol (fixed-size float tensors in the parameters' dtype):
+
+* agent → server ``[kind, loss_sum, rows, gradient...]``: ``HELLO`` asks for the first
+  parameters, ``PUSH`` delivers a gradient and asks for fresh parameters, ``DONE`` (an
+  agent without training rows) leaves at once;
+* server → agent ``[go, parameters...]``: ``go=1`` with the master parameters to compute the
+  next gradient on, ``go=0`` to stop.
+
+Work sharing: an epoch is a budget of pushes on the server (each agent's steps per epoch,
+summed). A fast agent cycles through its shard and does more of the pushes than a slow one,
+which is why async finishes sooner than the synchronous strategies when one agent lags.
+
+Staleness: a gradient computed on parameters of version ``v`` and applied at version ``V``
+has staleness ``V - v``. The server hands out fresh parameters ("grants" a step) only while
+every agent still computing could not see more than ``max_staleness`` other updates land
+before its own; an agent that would exceed the bound waits. So every applied gradient has
+staleness <= ``max_staleness`` (recorded in the summary), and the agent with the oldest
+parameters never waits, so the scheme cannot deadlock.
+
+Every wait has a timeout (the training ``timeout``); a peer that dies breaks the groups'
+connections and fails the waits at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from spark_ddl.sync.base import OptimizerFactory, SyncStrategy, broadcast_state
+
+HELLO, PUSH, DONE = 0.0, 1.0, 2.0
+HEADER = 3  # kind, loss_sum, rows
+
+
+class AsyncTimeout(TimeoutError):
+    """An agent or the server waited longer than the training timeout."""
+
+
+class _Server:
+    """Master parameters, optimiser and the grant bookkeeping (lives on rank 0)."""
+
+    def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, world_size: int,
+                 pushes_per_epoch: int, epochs: int, max_staleness: int, keep_snapshots: bool,
+                 make_scheduler: Any) -> None:
+        self.master = copy.deepcopy(module).to("cpu")
+        self.params = [p for p in self.master.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params)
+        self.scheduler = make_scheduler(self.optimizer) if make_scheduler else None
+        self.max_staleness = max_staleness
+        self.pushes_per_epoch = pushes_per_epoch
+        self.budget = pushes_per_epoch * epochs
+        self.keep_snapshots = keep_snapshots
+        self.version = 0  # updates applied
+        self.granted = 0  # steps handed out (never more than the budget)
+        self.computing: dict[int, int] = {}  # rank -> version its current step started from
+        self.waiting: deque[int] = deque()
+        self.finished: set[int] = set()
+        self.pushes = [0] * world_size
+        self.max_staleness_seen = 0
+        self.epochs: list[dict[str, Any]] = []
+        self.snapshots: list[torch.Tensor] = []
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self.epochs.append({"lr": self.optimizer.param_groups[0]["lr"], "loss_sum": 0.0, "samples": 0,
+                            "started": time.perf_counter()})
+
+    def flat_parameters(self) -> torch.Tensor:
+        return _flatten_dense_tensors([p.detach() for p in self.params])
+
+    def receive(self, rank: int, kind: float, loss_sum: float, rows: int,
+                gradient: torch.Tensor | None) -> None:
+        """Apply one message from ``rank``; afterwards call ``grants``."""
+        if kind == DONE:
+            self.finished.add(rank)
+            return
+        if kind == PUSH:
+            started_from = self.computing.pop(rank)
+            staleness = self.version - started_from
+            self.max_staleness_seen = max(self.max_staleness_seen, staleness)
+            for param, grad in zip(self.params, _unflatten_dense_tensors(gradient, self.params)):
+                param.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.version += 1
+            self.pushes[rank] += 1
+            epoch = self.epochs[-1]
+            epoch["loss_sum"] += loss_sum
+            epoch["samples"] += rows
+            if self.version % self.pushes_per_epoch == 0:
+                epoch["seconds"] = time.perf_counter() - epoch["started"]
+                if self.keep_snapshots:
+                    self.snapshots.append(self.flat_parameters().clone())
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                if self.version < self.budget:
+                    self._new_epoch()
+        self.waiting.append(rank)
+
+    def grants(self) -> list[tuple[int, bool]]:
+        """(rank, go) for every waiting agent that may now start a step (go) or must stop."""
+        decided = []
+        for rank in list(self.waiting):
+            if self.granted >= self.budget:
+                decided.append((rank, False))
+            elif self._may_start(rank):
+                self.computing[rank] = self.version
+                self.granted += 1
+                decided.append((rank, True))
+            else:
+                continue
+            self.waiting.remove(rank)
+            if not decided[-1][1]:
+                self.finished.add(rank)
+        return decided
+
+    def _may_start(self, rank: int) -> bool:
+        # After granting, each computing agent may see the others' pushes land before its own.
+        others = len(self.computing)
+        return all(self.version - started + others <= self.max_staleness
+                   for started in self.computing.values()) and others <= self.max_staleness
+
+    def history(self) -> list[dict[str, Any]]:
+        records = []
+        for number, epoch in enumerate(self.epochs, start=1):
+            seconds = epoch.get("seconds", time.perf_counter() - epoch["started"])
+            samples = epoch["samples"]
+            records.append({"epoch": number, "lr": epoch["lr"],
+                            "train_loss": epoch["loss_sum"] / max(samples, 1), "samples": samples,
+                            "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None})
+        return records
+
+
+class AsyncParameterServerStrategy(SyncStrategy):
+    """Agents push gradients and pull parameters without waiting for each other."""
+
+    name = "async"
+    lockstep = False
+
+    def __init__(self, device: torch.device, max_staleness: int, pushes_per_rank: list[int],
+                 epochs: int, timeout: float, keep_snapshots: bool = False,
+                 make_scheduler: Any = None) -> None:
+        super().__init__(device)
+        self._max_staleness = max_staleness
+        self._pushes_per_rank = pushes_per_rank  # per epoch
+        self._epochs = epochs
+        self._timeout = timeout
+        self._keep_snapshots = keep_snapshots
+        self._make_scheduler = make_scheduler
+        self._rank = -1
+        self._requests = self._replies = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._error: BaseException | None = None
+        self._local_go: bool | None = None  # rank 0's answer from its own server
+        self._params: list[nn.Parameter] = []
+        self._message: torch.Tensor | None = None
+        self._reply: torch.Tensor | None = None
+        self._server_reply: torch.Tensor | None = None
+        self.running = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        broadcast_state(module)  # identical buffers; parameters come from the server anyway
+        self._module = module
+        self._optimizer = make_optimizer(module.parameters())  # the agent's own never steps
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        if len({p.dtype for p in self._params}) > 1:
+            raise ValueError("sync='async' needs all trainable parameters in one dtype")
+        self._rank = dist.get_rank()
+        wait = timedelta(seconds=self._timeout)
+        self._requests = dist.new_group(backend="gloo", timeout=wait)
+        self._replies = dist.new_group(backend="gloo", timeout=wait)
+        numel = sum(p.numel() for p in self._params)
+        dtype = self._params[0].dtype if self._params else torch.float32
+        self._message = torch.zeros(HEADER + numel, dtype=dtype)
+        self._reply = torch.zeros(1 + numel, dtype=dtype)
+        if self._rank == 0:
+            self._server_reply = torch.zeros_like(self._reply)
+            self._server = _Server(module, make_optimizer, dist.get_world_size(),
+                                   sum(self._pushes_per_rank), self._epochs, self._max_staleness,
+                                   self._keep_snapshots, self._make_scheduler)
+            remote = [r for r in range(1, dist.get_world_size())]
+            self._thread = threading.Thread(target=self._serve, args=(remote,), daemon=True,
+                                            name="spark-ddl-async-server")
+            self._thread.start()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The server's optimiser on rank 0 (its learning rate is the one that counts)."""
+        if self._server is not None:
+            return self._server.optimizer
+        return super().optimizer
+
+    def start(self) -> bool:
+        """Ask for the first parameters (or leave at once without rows); True if a step may run."""
+        has_rows = self._pushes_per_rank[self._rank] > 0
+        self.running = self._exchange(HELLO if has_rows else DONE, 0.0, 0, None)
+        return self.running
+
+    def step(self, loss: torch.Tensor, sync: bool = True, loss_sum: float = 0.0, rows: int = 0) -> None:
+        """Backward; with ``sync`` push the gradient and pull the parameters of the next step.
+
+        ``loss_sum`` and ``rows`` (summed over the accumulated micro-steps) feed the
+        server's per-epoch training loss.
+        """
+        loss.backward()
+        if not sync:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        gradient = _flatten_dense_tensors(grads).to("cpu")
+        for param in self._params:
+            param.grad = None
+        self.running = self._exchange(PUSH, loss_sum, rows, gradient)
+
+    def finish(self) -> None:
+        """Wait for the server to finish; then every replica takes the final master parameters."""
+        if self._thread is not None:
+            self._thread.join(self._timeout)
+            if self._thread.is_alive():
+                raise AsyncTimeout(f"the async server did not finish within {self._timeout:.0f} s")
+            self._raise_server_error()
+            self._load(self._server.flat_parameters())
+        flat = self._flat_local()
+        dist.broadcast(flat, src=0)
+        self._load(flat)
+        floating = [b for b in self.trained_module.buffers() if b.is_floating_point()]
+        for buffer in floating:  # e.g. BatchNorm statistics: every agent saw different rows
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
+
+    def load_epoch_snapshot(self, epoch_index: int) -> bool:
+        """Collective: every replica takes the master parameters as they were at the end of
+        epoch ``epoch_index`` (kept when validation is on). False when there is none."""
+        count = torch.tensor([len(self._server.snapshots) if self._server else 0], device=self._device)
+        dist.broadcast(count, src=0)
+        if epoch_index >= int(count.item()):
+            return False
+        flat = self._server.snapshots[epoch_index].clone() if self._server else self._flat_local()
+        flat = flat.to(self._device)
+        dist.broadcast(flat, src=0)
+        self._load(flat)
+        return True
+
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch training records from the server (rank 0; empty elsewhere)."""
+        return self._server.history() if self._server else []
+
+    def summary(self) -> dict[str, Any]:
+        if self._server is None:
+            return {}
+        return {"max_staleness": self._max_staleness,
+                "max_staleness_seen": self._server.max_staleness_seen,
+                "pushes_per_rank": list(self._server.pushes)}
+
+    def close(self) -> None:
+        self._requests = self._replies = None
+        super().close()
+
+    # -- communication ---------------------------------------------------------------------
+
+    def _exchange(self, kind: float, loss_sum: float, rows: int, gradient: torch.Tensor | None) -> bool:
+        """Send one message to the server; wait for its answer (go=True) unless DONE."""
+        if self._rank == 0:
+            return self._exchange_local(kind, loss_sum, rows, gradient)
+        message = self._message
+        message[0], message[1], message[2] = kind, loss_sum, rows
+        if gradient is not None:
+            message[HEADER:] = gradient
+        dist.send(message, dst=0, group=self._requests)
+        if kind == DONE:
+            return False
+        dist.recv(self._reply, src=0, group=self._replies)
+        if self._reply[0].item() == 0:
+            return False
+        self._load(self._reply[1:])
+        return True
+
+    def _exchange_local(self, kind: float, loss_sum: float, rows: int,
+                        gradient: torch.Tensor | None) -> bool:
+        deadline = time.monotonic() + self._timeout
+        with self._lock:
+            self._raise_server_error()
+            self._local_go = None
+            self._server.receive(0, kind, loss_sum, rows, gradient)
+            self._answer(self._server.grants())
+            if kind == DONE:
+                return False
+            while self._local_go is None:
+                self._raise_server_error()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AsyncTimeout(
+                        f"rank 0 waited {self._timeout:.0f} s for the async server to grant a step"
+                    )
+                self._lock.wait(min(left, 1.0))
+            if self._local_go:
+                self._load(self._server.flat_parameters())
+            return self._local_go
+
+    def _serve(self, remote: list[int]) -> None:
+        """Server thread: receive from any agent until every remote agent has stopped."""
+        inbox = torch.zeros_like(self._message)
+        try:
+            while any(r not in self._server.finished for r in remote):
+                sender = dist.recv(inbox, group=self._requests)
+                kind = float(inbox[0].item())
+                gradient = inbox[HEADER:].clone() if kind == PUSH else None
+                with self._lock:
+                    self._server.receive(sender, kind, float(inbox[1].item()), int(inbox[2].item()),
+                                         gradient)
+                    self._answer(self._server.grants())
+        except BaseException as exc:  # surfaces in rank 0's training thread
+            with self._lock:
+                self._error = exc
+                self._lock.notify_all()
+
+    def _answer(self, decisions: list[tuple[int, bool]]) -> None:
+        """Send each decision (called with the lock held, so one thread uses ``replies``)."""
+        for rank, go in decisions:
+            if rank == 0:
+                self._local_go = go
+                self._lock.notify_all()
+                continue
+            reply = self._server_reply
+            reply[0] = 1.0 if go else 0.0
+            if go:
+                reply[1:] = self._server.flat_parameters()
+            dist.send(reply, dst=rank, group=self._replies)
+
+    def _raise_server_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the async parameter server failed: {self._error}") from self._error
+
+    def _flat_local(self) -> torch.Tensor:
+        return _flatten_dense_tensors([p.detach() for p in self._params]).to(self._device)
+
+    def _load(self, flat: torch.Tensor) -> None:
+        flat = flat.to(self._device)
+        with torch.no_grad():
+            for param, value in zip(self._params, _unflatten_dense_tensors(flat, self._params)):
+                param.copy_(value)
