@@ -4,6 +4,10 @@ to the collectives per update, and held-out accuracy — plus the naive per-para
 
     python jobs/bench_strategies.py --epochs 10 --json bench_results/strategies.json
 
+A second table slows agent 1 by ``--straggler-ms`` per step and compares the fit time of
+``allreduce`` (every step waits for the slow agent) with ``async`` (the fast agent does more
+of the updates, within ``max_staleness``).
+
 All strategies run in one warm local[2] session with the same data, model and seed. Bytes are
 the payload each agent passes to the collectives per update (not wire bytes: a ring all-reduce
 moves about 2(m-1)/m times its payload), computed from the model's tensor sizes.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +68,8 @@ def payload_bytes(module: torch.nn.Module, variant: str, sync_every: int) -> flo
         return dense + dense + buffers  # gradients to rank 0, parameters and buffers back
     if variant == "local_sgd":
         return dense / sync_every
+    if variant == "async":  # each push: gradient (+3 header values) up, parameters (+1) back
+        return dense + dense + 16
     raise ValueError(variant)
 
 
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", default="256,256")
     parser.add_argument("--sync-every", type=int, default=8)
+    parser.add_argument("--straggler-ms", type=float, default=20.0,
+                        help="sleep per step on agent 1 in the straggler table (0: skip it)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-strategies")
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "allreduce+powersgd": {"sync": "allreduce", "compression": "powersgd"},
         "parameter_server": {"sync": "parameter_server"},
         "local_sgd": {"sync": "local_sgd", "sync_every": args.sync_every},
+        # every push is applied alone: with momentum 0.9 and stale gradients lr 0.02 diverges
+        "async": {"sync": "async", "lr": 0.005},
         "naive": {"sync": "allreduce"},
     }
     probe = MLP(**kwargs)
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         epoch_seconds = statistics.median(h["seconds"] for h in model.history[1:] or model.history)
         accuracy = model.transform(test).select(
             F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
-        rows.append({"strategy": name if name != "naive" else NaiveAllReduce.name,
+        label = {"naive": NaiveAllReduce.name, "async": "async (lr 0.005)"}.get(name, name)
+        rows.append({"strategy": label,
                      "seconds_per_epoch": epoch_seconds,
                      "payload_bytes_per_update": payload_bytes(probe, name, args.sync_every),
                      "collective_calls_per_update": len(list(probe.parameters())) if name == "naive" else None,
@@ -112,9 +124,38 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['strategy']:<32} {row['seconds_per_epoch']:>8.3f} {row['seconds_per_epoch'] / reference:>11.2f} "
               f"{row['payload_bytes_per_update']:>13,.0f} {row['held_out_accuracy']:>9.4f}")
-    out = {"benchmark": "strategies", "epochs": args.epochs, "hidden": args.hidden, "rows": rows}
+    stragglers = straggler_table(train, base, variants, args.straggler_ms) if args.straggler_ms else []
+    out = {"benchmark": "strategies", "epochs": args.epochs, "hidden": args.hidden, "rows": rows,
+           "straggler_ms": args.straggler_ms, "straggler_rows": stragglers}
     emit(out, args.json)
     return 0
+
+
+def straggler_table(train, base: dict, variants: dict, straggler_ms: float) -> list[dict]:
+    """Fit seconds (median of 3) of allreduce and async with agent 1 slowed on every step."""
+
+    def slow_agent_one(rank: int, epoch: int, step: int, module) -> None:
+        if rank == 1:
+            time.sleep(straggler_ms / 1000)
+
+    rows = []
+    for name in ("allreduce", "async"):
+        estimator = TorchEstimator(**{**base, **variants[name]})
+        estimator._fail_hook = slow_agent_one
+        estimator.fit(train.limit(64))
+        seconds, model = [], None
+        for _ in range(3):
+            started = time.perf_counter()
+            model = estimator.fit(train)
+            seconds.append(time.perf_counter() - started)
+        rows.append({"strategy": name, "fit_seconds": statistics.median(seconds),
+                     "updates_per_rank": model.summary.get("pushes_per_rank")})
+    print(f"\nAgent 1 slowed by {straggler_ms:g} ms per step (fit seconds, median of 3)\n")
+    print(f"{'strategy':<12} {'fit s':>7} {'÷ allreduce':>11}  updates per agent")
+    for row in rows:
+        print(f"{row['strategy']:<12} {row['fit_seconds']:>7.2f} {row['fit_seconds'] / rows[0]['fit_seconds']:>11.2f}  "
+              f"{row['updates_per_rank'] or 'equal (lock-step)'}")
+    return rows
 
 
 if __name__ == "__main__":

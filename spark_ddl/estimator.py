@@ -141,8 +141,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
             use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
             sync_every=defaults.sync_every, compression=defaults.compression,
             accumulate_steps=defaults.accumulate_steps, check_every=defaults.check_every,
-            max_staleness=defaults.max_staleness, validation_col=None, validation_fraction=0.0, early_stopping_patience=0,
-            lr_scheduler=None, lr_scheduler_kwargs={},
+            max_staleness=defaults.max_staleness, validation_col=None, validation_fraction=0.0,
+            early_stopping_patience=0, lr_scheduler=None, lr_scheduler_kwargs={},
         )
 
 

@@ -29,12 +29,11 @@ def make_strategy(config: TrainConfig, device: torch.device, shard_sizes: list[i
         # pushes per epoch: each agent's own steps, grouped by accumulate_steps
         pushes = [-(-steps_per_epoch([n], config.batch_size) // config.accumulate_steps)
                   for n in shard_sizes]
-        scheduler = None
-        if config.lr_scheduler is not None:
-            def scheduler(optimizer):
-                return make_scheduler(config.lr_scheduler, optimizer, config.lr_scheduler_kwargs)
+        def scheduler(optimizer: torch.optim.Optimizer):
+            return make_scheduler(config.lr_scheduler, optimizer, config.lr_scheduler_kwargs)
+
         return AsyncParameterServerStrategy(
             device, config.resolved_max_staleness, pushes, config.epochs, config.timeout,
-            keep_snapshots=config.has_validation, make_scheduler=scheduler,
+            keep_snapshots=config.has_validation, make_scheduler=scheduler if config.lr_scheduler else None,
         )
     raise ValueError(f"unknown sync strategy {config.sync!r}")
