@@ -94,11 +94,14 @@ def test_async_with_uneven_or_empty_shards_shuts_down_cleanly(spark, sizes):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
-def test_async_reports_per_epoch_validation_of_the_master(spark):
+def test_async_reports_per_epoch_validation_of_the_master(any_spark):
     parts = split_by_sizes(*regression_arrays(160, seed=4), [80, 80])
     model = TorchEstimator(model=TinyNet(), loss="mse", lr=0.05, batch_size=8, epochs=3, sync="async",
-                           timeout=30, validation_fraction=0.25).fit(frame_with_partitions(spark, parts))
+                           timeout=30, validation_fraction=0.25, lr_scheduler="StepLR",
+                           lr_scheduler_kwargs={"step_size": 1, "gamma": 0.5}
+                           ).fit(frame_with_partitions(any_spark, parts))
     assert [h["epoch"] for h in model.history] == [1, 2, 3]
+    assert [h["lr"] for h in model.history] == [0.05, 0.025, 0.0125]  # the server's scheduler
     assert all(h["val_samples"] == sum(model.summary["validation_sizes"]) for h in model.history)
     assert model.history[-1]["val_loss"] < model.history[0]["val_loss"]
 
