@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spark_ddl.artifact import build_from_class_path, output_batches, state_dict_to_bytes
+from spark_ddl.checkpoint import CheckpointEvery, compatibility_record, read_checkpoint, write_checkpoint
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
@@ -136,6 +137,8 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     )
     loop_class = _EpochLoop if strategy.lockstep else _AsyncLoop
     loop = loop_class(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
+    if config.resume_from is not None:
+        loop.resume(load_checkpoint_everywhere(config.resume_from, rank))
     history = loop.run()  # ends with strategy.finish()
     check_replicas(strategy.trained_module, device, "at the end of training")
     epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
@@ -188,6 +191,13 @@ class _EarlyStopping:
         self.stopped = bool(decision.item())
         return self.stopped
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any], keep_weights: bool) -> None:
+        self.best_loss, self.best_epoch = float(state["best_loss"]), state["best_epoch"]
+        self.best_state = state["best_state"] if keep_weights else None
+
     def restore_best(self, module: nn.Module) -> None:
         if self.best_state is not None:
             module.load_state_dict(self.best_state)
@@ -211,13 +221,18 @@ class _EpochLoop:
         self.check_every, self.updates = self.config.check_every, 0
         patience = self.config.early_stopping_patience
         self.stopper = _EarlyStopping(patience, keep_weights=rank == 0) if patience else None
+        self.every = CheckpointEvery.parse(self.config.checkpoint_every) if self.config.checkpoint_dir else None
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.start_step, self.start_loss_sum = 0, 0, 0.0
 
     def run(self) -> list[dict[str, Any]]:
-        history: list[dict[str, Any]] = []
+        history = self.history
         features, labels = self.train.features.to(self.device), self.train.labels.to(self.device)
-        for epoch in range(self.config.epochs):
+        for epoch in range(self.start_epoch, self.config.epochs):
             record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
-            record.update(self._train_epoch(epoch, features, labels))
+            resuming = epoch == self.start_epoch
+            record.update(self._train_epoch(epoch, features, labels, self.start_step if resuming else 0,
+                                            self.start_loss_sum if resuming else 0.0))
             if self.config.has_validation:
                 record.update(self._validate())
             history.append(record)
@@ -230,16 +245,69 @@ class _EpochLoop:
                 epoch + 1, record["val_loss"], self.strategy.trained_module, self.device
             ):
                 break
+            if self.every is not None and self.every.unit == "epochs" and (epoch + 1) % self.every.count == 0:
+                self._checkpoint(epoch + 1, 0, 0.0)
         self.strategy.finish()
         return history
 
-    def _train_epoch(self, epoch: int, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    def _checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
+        """Collective: gather what each rank must keep; rank 0 writes the checkpoint."""
+        strategy, config = self.strategy, self.config
+        mine: dict[str, Any] = {"rng": torch.get_rng_state(), "loss_sum": float(loss_sum),
+                                "strategy": strategy.state_dict()}
+        if self.device.type == "cuda":
+            mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if not strategy.replicas_identical:
+            mine["model"] = _cpu_state(strategy.trained_module.state_dict())
+            mine["optimizer"] = strategy.optimizer.state_dict()
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return
+        state = {
+            "settings": compatibility_record(config), "shard_sizes": self.sizes,
+            "epoch": epoch, "step": step, "updates": self.updates, "history": self.history,
+            "ranks": gathered,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "stopper": self.stopper.state_dict() if self.stopper is not None else None,
+        }
+        if strategy.replicas_identical:
+            state["model"] = _cpu_state(strategy.trained_module.state_dict())
+            state["optimizer"] = strategy.optimizer.state_dict()
+        path = write_checkpoint(config.checkpoint_dir, state, self.updates, config.keep_checkpoints)
+        log.info("checkpoint written: %s (epoch %d, step %d)", path, epoch + 1, step)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint ``state`` left off (every rank calls this)."""
+        if state["shard_sizes"] != self.sizes:
+            raise ValueError(
+                f"the checkpoint was written for shards of {state['shard_sizes']} rows but this "
+                f"fit's agents hold {self.sizes}: the input data changed. Resume with the same "
+                "DataFrame, or start a new run in an empty checkpoint_dir."
+            )
+        mine, strategy = state["ranks"][self.rank], self.strategy
+        strategy.trained_module.load_state_dict(mine.get("model") or state["model"])
+        strategy.optimizer.load_state_dict(mine.get("optimizer") or state["optimizer"])
+        strategy.load_state_dict(mine["strategy"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.stopper is not None and state["stopper"] is not None:
+            self.stopper.load_state_dict(state["stopper"], keep_weights=self.rank == 0)
+        torch.set_rng_state(mine["rng"])
+        if self.device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.history = list(state["history"])
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        self.start_loss_sum, self.updates = float(mine["loss_sum"]), int(state["updates"])
+
+    def _train_epoch(self, epoch: int, features: torch.Tensor, labels: torch.Tensor,
+                     first_step: int = 0, loss_so_far: float = 0.0) -> dict[str, Any]:
         config, model = self.config, self.strategy.module
         model.train()
         started = time.perf_counter()
         order = self.train.epoch_order(epoch, config.shuffle, config.seed, self.rank).to(self.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for step in range(self.steps):
+        loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=self.device)
+        for step in range(first_step, self.steps):
             if self.job.fail_hook is not None:
                 self.job.fail_hook(self.rank, epoch, step, self.strategy.trained_module)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
@@ -257,10 +325,13 @@ class _EpochLoop:
                 else:
                     objective = output.sum() * 0.0  # still joins the collective with zero gradient
                 self.strategy.step(objective, sync)
-            if sync and self.check_every and self.config.sync != "local_sgd":
-                self.updates += 1
-                if self.updates % self.check_every == 0:
-                    check_replicas(self.strategy.trained_module, self.device, f"after update {self.updates}")
+            if not sync:
+                continue
+            self.updates += 1
+            if self.check_every and self.config.sync != "local_sgd" and self.updates % self.check_every == 0:
+                check_replicas(self.strategy.trained_module, self.device, f"after update {self.updates}")
+            if self.every is not None and self.every.unit == "steps" and self.updates % self.every.count == 0:
+                self._checkpoint(epoch, step + 1, float(loss_sum))
         totals = torch.stack([loss_sum, torch.tensor(float(self.sizes[self.rank]), dtype=torch.float64,
                                                      device=self.device)])
         dist.all_reduce(totals)
@@ -377,3 +448,15 @@ def _raise_agent_failure(rank: int, exc: BaseException) -> None:
             dist.destroy_process_group()
         time.sleep(SECONDARY_FAILURE_DELAY)
     raise AgentFailure(info) from exc
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:
+    """Collective: rank 0 reads the checkpoint and every rank receives it (no shared
+    filesystem needed for reading)."""
+    holder = [read_checkpoint(path) if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

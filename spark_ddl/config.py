@@ -49,6 +49,13 @@ class TrainConfig:
     lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     has_validation: bool = False  # set by the driver when a validation set is configured
+    checkpoint_dir: str | None = None  # local path or pyarrow.fs URI; None: no checkpoints
+    checkpoint_every: int | str = 1  # epochs (int or "N epochs") or "N steps" (updates)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
+    max_retries: int = 0  # resubmissions of a failed barrier job (from the newest checkpoint)
+    stall_timeout: float | None = None  # seconds without a completed step anywhere → fail
+    resume_from: str | None = None  # set by the driver for one attempt: the checkpoint to load
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first invalid setting; return self."""
@@ -108,9 +115,36 @@ class TrainConfig:
             raise ConfigError("lr_scheduler_kwargs must be a dict.")
         if self.sync == "async":
             self._validate_async()
+        self._validate_fault_tolerance()
         if self.use_gpu not in (None, True, False):
             raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
         return self
+
+    def _validate_fault_tolerance(self) -> None:
+        from spark_ddl.checkpoint import CheckpointEvery
+
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
+                raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
+            if self.sync == "async":
+                raise ConfigError(
+                    "checkpoints continue a run exactly, which needs a lock-step strategy; "
+                    "sync='async' is not reproducible. Use allreduce, parameter_server or local_sgd."
+                )
+        try:
+            CheckpointEvery.parse(self.checkpoint_every)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        _check_int("max_retries", self.max_retries, 0)
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue.")
+        if self.stall_timeout is not None and not (
+            isinstance(self.stall_timeout, (int, float)) and not isinstance(self.stall_timeout, bool)
+            and self.stall_timeout > 0
+        ):
+            raise ConfigError(f"stall_timeout must be a positive number of seconds or None, got "
+                              f"{self.stall_timeout!r}.")
 
     def _validate_async(self) -> None:
         if self.max_staleness is not None:

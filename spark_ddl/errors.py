@@ -32,6 +32,8 @@ class TrainingError(SparkDDLError, RuntimeError):
         remote_type: the class name of the exception raised on the worker.
         remote_message: its message.
         remote_traceback: the worker-side traceback text.
+        retriable: True when an agent was lost or stalled (a resubmission may succeed);
+            False for an error the agent's own code raised (it would recur).
     """
 
     def __init__(
@@ -41,12 +43,19 @@ class TrainingError(SparkDDLError, RuntimeError):
         remote_type: str | None = None,
         remote_message: str | None = None,
         remote_traceback: str | None = None,
+        retriable: bool = False,
     ) -> None:
         super().__init__(message)
         self.rank = rank
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
+        self.retriable = retriable
+        self.attempts: list[dict[str, Any]] = []  # every attempt of the fit, set by the driver
+
+    def summary_line(self) -> str:
+        """One line: the rank and the error."""
+        return f"rank {self.rank}: {self.remote_type}: {self.remote_message}"
 
 
 # --------------------------------------------------------------------------------------
@@ -94,9 +103,13 @@ def training_error_from_spark(exc: BaseException) -> TrainingError | None:
     """
     text = str(exc)
     records = parse_agent_failures(text)
+    primary = [r for r in records if not r.get("secondary")]
+    if not primary:
+        lost = agent_lost_error(text)
+        if lost is not None:
+            return lost
     if not records:
         return None
-    primary = [r for r in records if not r.get("secondary")]
     record = (primary or records)[0]
     remote_type = record.get("type", "Exception")
     message = (
@@ -110,6 +123,28 @@ def training_error_from_spark(exc: BaseException) -> TrainingError | None:
         remote_type=remote_type,
         remote_message=record.get("message"),
         remote_traceback=record.get("traceback"),
+        retriable=not primary,  # only peers' broken connections: the cause was outside Python
+    )
+
+
+_LOST_SIGNS = ("Python worker exited unexpectedly", "ExecutorLostFailure", "Remote RPC client disassociated",
+               "Executor heartbeat timed out", "Python worker exited")
+_BARRIER_TASK_RE = re.compile(r"barrier task ResultTask\(\d+, (\d+)\) finished unsuccessfully")
+
+
+def agent_lost_error(text: str) -> TrainingError | None:
+    """A retriable TrainingError when Spark's text says an agent's process or executor died."""
+    sign = next((s for s in _LOST_SIGNS if s in text), None)
+    if sign is None:
+        return None
+    task = _BARRIER_TASK_RE.search(text)
+    rank = int(task.group(1)) if task else None
+    line = next((ln.strip() for ln in text.splitlines() if sign in ln), sign)
+    return TrainingError(
+        f"Training failed: agent rank {rank if rank is not None else '?'} was lost ({line}). "
+        "Its process or executor died without a Python error (killed, out of memory, crashed). "
+        "With max_retries and checkpoint_dir the fit resubmits and resumes.",
+        rank=rank, remote_type="AgentLost", remote_message=line, retriable=True,
     )
 
 

@@ -111,6 +111,23 @@ class _TorchEstimatorParams(_TorchSharedParams):
                           "async: the most updates a gradient may miss between the parameters it was "
                           "computed on and its application; faster agents wait rather than exceed it "
                           "(None: 2 x (num_workers - 1), at least 4)", typeConverter=_identity)
+    checkpoint_dir = Param(Params._dummy(), "checkpoint_dir",
+                           "directory (local path or pyarrow.fs URI, reachable from every executor) "
+                           "for training checkpoints; None: none", typeConverter=_identity)
+    checkpoint_every = Param(Params._dummy(), "checkpoint_every",
+                             "checkpoint every N epochs (an int or 'N epochs') or 'N steps' (updates)",
+                             typeConverter=_identity)
+    keep_checkpoints = Param(Params._dummy(), "keep_checkpoints", "newest checkpoints kept",
+                             typeConverter=_identity)
+    resume = Param(Params._dummy(), "resume",
+                   "continue from the newest checkpoint in checkpoint_dir (fresh start if there is none)",
+                   typeConverter=TypeConverters.toBoolean)
+    max_retries = Param(Params._dummy(), "max_retries",
+                        "resubmit a barrier job that failed because an agent was lost or stalled, up to "
+                        "this many times, resuming from the newest checkpoint", typeConverter=_identity)
+    stall_timeout = Param(Params._dummy(), "stall_timeout",
+                          "fail when no agent completes a step for this many seconds; None: off",
+                          typeConverter=_identity)
     check_every = Param(Params._dummy(), "check_every",
                         "compare the replicas' parameter checksums every this many updates and fail "
                         "on divergence (0: only at the end of training)", typeConverter=_identity)
@@ -143,6 +160,9 @@ class _TorchEstimatorParams(_TorchSharedParams):
             accumulate_steps=defaults.accumulate_steps, check_every=defaults.check_every,
             max_staleness=defaults.max_staleness, validation_col=None, validation_fraction=0.0,
             early_stopping_patience=0, lr_scheduler=None, lr_scheduler_kwargs={},
+            checkpoint_dir=None, checkpoint_every=defaults.checkpoint_every,
+            keep_checkpoints=defaults.keep_checkpoints, resume=defaults.resume,
+            max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout,
         )
 
 
@@ -172,10 +192,13 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
         sync_every: int | None = None, compression: str | None = None,
         accumulate_steps: int | None = None, check_every: int | None = None,
-        max_staleness: int | None = None,
+        max_staleness: int | None = None, checkpoint_dir: str | None = None,
+        checkpoint_every: int | str | None = None, keep_checkpoints: int | None = None,
+        resume: bool | None = None, max_retries: int | None = None, stall_timeout: float | None = None,
     ) -> None:
         super().__init__()
-        nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness")
+        nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness", "checkpoint_dir",
+                    "stall_timeout")
         self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None or k in nullable})
 
     @keyword_only
@@ -193,7 +216,10 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
             sync_every=g(self.sync_every), compression=g(self.compression),
             accumulate_steps=g(self.accumulate_steps), check_every=g(self.check_every),
-            max_staleness=g(self.max_staleness), early_stopping_patience=g(self.early_stopping_patience),
+            max_staleness=g(self.max_staleness), checkpoint_dir=g(self.checkpoint_dir),
+            checkpoint_every=g(self.checkpoint_every), keep_checkpoints=g(self.keep_checkpoints),
+            resume=g(self.resume), max_retries=g(self.max_retries), stall_timeout=g(self.stall_timeout),
+            early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()

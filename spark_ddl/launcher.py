@@ -3,6 +3,7 @@ reassemble rank 0's result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,9 +16,10 @@ from pyspark.sql import Column, DataFrame, SparkSession
 
 from spark_ddl.agent import AgentJob, run_agent
 from spark_ddl.artifact import OUTPUT_DDL, reassemble, state_dict_from_bytes
+from spark_ddl.checkpoint import compatibility_record, incompatibilities, newest_checkpoint, read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
-from spark_ddl.errors import ClusterConfigError, training_error_from_spark
+from spark_ddl.errors import ClusterConfigError, ConfigError, TrainingError, training_error_from_spark
 
 log = logging.getLogger("spark_ddl")
 
@@ -102,11 +104,68 @@ def run_training(
     """Launch one barrier task per agent over ``df`` and return rank 0's result.
 
     ``validation`` is a boolean column marking validation rows (None: no validation set).
+    A job that fails because an agent was lost or stalled is resubmitted up to
+    ``max_retries`` times, each attempt resuming from the newest checkpoint; the summary's
+    ``attempts`` records every attempt and why it failed.
     """
     config = job.config
     spark = df.sparkSession
     check_cluster(spark, config)
+    first_resume = check_checkpoint_dir(config)
     prepared = balance_partitions(select_training_columns(df, spec, validation), config.num_workers)
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(1, config.max_retries + 2):
+        resume_from = first_resume if attempt == 1 else (
+            newest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None)
+        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from))
+        record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
+        try:
+            result = _run_barrier_job(prepared, attempt_job)
+        except TrainingError as error:
+            attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
+                                 retriable=error.retriable))
+            error.attempts = attempts
+            if attempt > config.max_retries or not error.retriable:
+                raise
+            log.warning("training attempt %d failed (%s); retrying (%d of %d)%s", attempt,
+                        error.summary_line(), attempt, config.max_retries,
+                        " from the newest checkpoint" if config.checkpoint_dir else " from scratch")
+            continue
+        attempts.append(dict(record, error=None))
+        result.summary["attempts"] = attempts
+        return result
+    raise AssertionError("unreachable")
+
+
+def check_checkpoint_dir(config: TrainConfig) -> str | None:
+    """Before launch: never overwrite another run's checkpoints; on resume, check that the
+    newest checkpoint was written with the same settings. Returns the checkpoint to resume."""
+    if config.checkpoint_dir is None:
+        return None
+    newest = newest_checkpoint(config.checkpoint_dir)
+    if newest is None:
+        return None
+    if not config.resume:
+        raise ConfigError(
+            f"checkpoint_dir {config.checkpoint_dir} already holds checkpoints of a run "
+            f"({newest.rsplit('/', 1)[-1]}). Pass resume=True to continue that run, or choose an "
+            "empty directory for a new one."
+        )
+    saved = read_checkpoint(newest)
+    differences = incompatibilities(saved["settings"], compatibility_record(config))
+    if differences:
+        raise ConfigError(
+            f"cannot resume from {newest}: it was written with other settings ("
+            + "; ".join(differences) + "). Use the run's settings, or an empty checkpoint_dir."
+        )
+    if saved["epoch"] >= config.epochs and saved["step"] == 0:
+        log.info("checkpoint %s already finished epoch %d of %d", newest, saved["epoch"], config.epochs)
+    return newest
+
+
+def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
+    """One attempt: the barrier job over the prepared partitions, collected on the driver."""
+    spark = prepared.sparkSession
 
     def agent(batches):
         return run_agent(job, batches)

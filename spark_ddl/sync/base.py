@@ -37,6 +37,7 @@ class SyncStrategy(ABC):
 
     name: str = ""
     lockstep: bool = True  # every agent runs the same steps together (False: async)
+    replicas_identical: bool = True  # after every update (False: local SGD between averages)
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
@@ -76,6 +77,13 @@ class SyncStrategy(ABC):
 
     def finish(self) -> None:
         """Called once after the last step (e.g. a final parameter average)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own counters, for checkpoints (plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     def summary(self) -> dict[str, Any]:
         """Strategy-specific facts for the training summary (rank 0)."""

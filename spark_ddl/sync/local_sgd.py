@@ -8,6 +8,7 @@ update as all-reduce; with larger periods replicas drift between averages.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ class LocalSGDStrategy(SyncStrategy):
     """Independent optimiser steps, periodic parameter averaging."""
 
     name = "local_sgd"
+    replicas_identical = False
 
     def __init__(self, device: torch.device, sync_every: int) -> None:
         self._device = device
@@ -42,6 +44,13 @@ class LocalSGDStrategy(SyncStrategy):
         self._averager.average_parameters(self.module.parameters())
         self._unaveraged_steps = (self._unaveraged_steps + 1) % self._sync_every
         self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averager_step": int(self._averager.step), "unaveraged_steps": self._unaveraged_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._averager.step = int(state["averager_step"])
+        self._unaveraged_steps = int(state["unaveraged_steps"])
 
     def finish(self) -> None:
         if self._unaveraged_steps:  # the replicas drifted since the last average

@@ -1,0 +1,132 @@
+"""Training checkpoints: written by rank 0 (agent side), found and checked by the driver.
+
+A checkpoint is one file ``checkpoint-u<updates>.pt`` (``torch.save`` of tensors, numbers
+and strings only, read back with ``weights_only=True``) in ``checkpoint_dir``, a local path
+or any URI ``pyarrow.fs`` understands. It holds everything a resumed run needs to continue
+exactly: model and optimiser state (per rank where replicas differ), scheduler and
+early-stopping state, the strategy's own counters, every rank's RNG state, the epoch and
+step to continue from (the data order is a function of seed, epoch and rank), the loss sums
+of the epoch in progress and the history so far. It is written under a temporary name and
+renamed, so a file with the final name is always complete; only the newest
+``keep_checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-u(\d{9})\.pt$")
+FORMAT = 1
+
+# Settings that must be equal for a checkpoint to continue a run exactly.
+COMPATIBLE_SETTINGS = ("loss", "optimizer", "lr", "optimizer_kwargs", "batch_size", "num_workers",
+                       "shuffle", "seed", "sync", "sync_every", "compression", "accumulate_steps",
+                       "lr_scheduler", "lr_scheduler_kwargs", "early_stopping_patience")
+
+
+@dataclass(frozen=True)
+class CheckpointEvery:
+    """How often to checkpoint: every ``count`` epochs or every ``count`` updates."""
+
+    count: int
+    unit: str  # "epochs" | "steps"
+
+    @classmethod
+    def parse(cls, value: Any) -> "CheckpointEvery":
+        """An int (epochs) or a string such as ``"2 epochs"`` / ``"500 steps"``."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return cls(value, "epochs")
+        match = re.fullmatch(r"\s*(\d+)\s*(epochs?|steps?)\s*", str(value))
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(
+                f"checkpoint_every must be a positive number of epochs (e.g. 1) or a string like "
+                f"'2 epochs' or '500 steps', got {value!r}."
+            )
+        unit = "epochs" if match.group(2).startswith("epoch") else "steps"
+        return cls(int(match.group(1)), unit)
+
+
+def filesystem(path: str):
+    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" not in path:
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.FileSystem.from_uri(path)
+
+
+def checkpoint_name(updates: int) -> str:
+    return f"checkpoint-u{updates:09d}.pt"
+
+
+def list_checkpoints(path: str) -> list[str]:
+    """Complete checkpoints in ``path`` (names), oldest first; [] if it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    names = [os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(inner))]
+    return sorted(n for n in names if CHECKPOINT_RE.match(n))
+
+
+def newest_checkpoint(path: str) -> str | None:
+    """The full path of the newest complete checkpoint in ``path``, or None."""
+    names = list_checkpoints(path)
+    return f"{path.rstrip('/')}/{names[-1]}" if names else None
+
+
+def write_checkpoint(path: str, state: dict[str, Any], updates: int, keep: int) -> str:
+    """Write ``state`` atomically as the checkpoint after ``updates`` updates; prune old ones."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)
+    buffer = io.BytesIO()
+    torch.save(dict(state, format=FORMAT), buffer)
+    final = f"{inner}/{checkpoint_name(updates)}"
+    temporary = f"{inner}/.tmp-{uuid.uuid4().hex[:12]}-{checkpoint_name(updates)}"
+    try:
+        with fs.open_output_stream(temporary) as out:
+            out.write(buffer.getvalue())
+        fs.move(temporary, final)
+    except BaseException:
+        try:
+            fs.delete_file(temporary)
+        except OSError:
+            pass
+        raise
+    for old in list_checkpoints(path)[:-keep]:
+        fs.delete_file(f"{inner}/{old}")
+    return final
+
+
+def read_checkpoint(full_path: str) -> dict[str, Any]:
+    """Load a checkpoint written by ``write_checkpoint`` (tensors and plain values only)."""
+    fs, inner = filesystem(full_path)
+    with fs.open_input_stream(inner) as stream:
+        data = stream.read()
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{full_path} is not a spark_ddl checkpoint of format {FORMAT}")
+    return state
+
+
+def compatibility_record(config: Any) -> dict[str, Any]:
+    """The settings a checkpoint records so that a resume can check it continues the same run."""
+    record = {}
+    for name in COMPATIBLE_SETTINGS:
+        value = getattr(config, name)
+        record[name] = value if not callable(value) else f"callable:{getattr(value, '__qualname__', '?')}"
+    return record
+
+
+def incompatibilities(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's settings and this fit's."""
+    return [f"{name}: checkpoint {saved.get(name)!r}, this fit {current.get(name)!r}"
+            for name in COMPATIBLE_SETTINGS if saved.get(name) != current.get(name)]

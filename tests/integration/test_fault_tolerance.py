@@ -1,0 +1,117 @@
+"""Checkpoints, retry with exact resume, and resuming an interrupted run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from spark_ddl import ConfigError, TorchEstimator, TrainingError
+from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def die_once(marker: str, rank_to_kill: int = 1):
+    """Hard exit (no Python error, like a lost executor) in epoch 2, first attempt only."""
+
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        if rank == rank_to_kill and epoch == 1 and step == 5 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)
+
+    return hook
+
+
+def frame(spark, sizes=(80, 80)):
+    return frame_with_partitions(spark, split_by_sizes(*regression_arrays(sum(sizes), seed=4), sizes))
+
+
+def estimator(**params) -> TorchEstimator:
+    torch.manual_seed(7)
+    settings = dict(model=TinyNet(), loss="mse", optimizer="sgd", lr=0.05, optimizer_kwargs={"momentum": 0.9},
+                    batch_size=8, epochs=3, timeout=60, seed=11)  # shuffled every epoch
+    settings.update(params)
+    return TorchEstimator(**settings)
+
+
+def assert_same_weights(a, b) -> None:
+    left, right = a.get_module().state_dict(), b.get_module().state_dict()
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+@pytest.mark.parametrize("every", [pytest.param("3 steps", id="mid-epoch"), pytest.param(1, id="epoch")])
+def test_killed_agent_is_retried_and_resumes_exactly(any_spark, tmp_path, every):
+    if every == 1 and any_spark.sparkContext.master.startswith("local-cluster"):
+        pytest.skip("the epoch-boundary variant runs on local[2] only (time)")
+    data = frame(any_spark)
+    reference = estimator().fit(data)
+    resilient = estimator(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=every, max_retries=2)
+    resilient._fail_hook = die_once(str(tmp_path / "killed"))
+    model = resilient.fit(data)
+    assert os.path.exists(tmp_path / "killed")  # the agent really died once
+    attempts = model.summary["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert attempts[0]["rank"] == 1 and "AgentLost: " in attempts[0]["error"] and attempts[0]["retriable"]
+    assert attempts[1]["resumed_from"] and attempts[1]["error"] is None
+    assert_same_weights(model, reference)  # exactly, on CPU
+    assert [h["train_loss"] for h in model.history] == [h["train_loss"] for h in reference.history]
+    assert len(list_checkpoints(str(tmp_path / "ckpt"))) == 2  # keep_checkpoints
+
+
+def test_a_new_fit_with_resume_continues_an_interrupted_run(spark, tmp_path):
+    data, checkpoints = frame(spark), str(tmp_path / "ckpt")
+    reference = estimator(epochs=4).fit(data)
+    interrupted = estimator(epochs=4, checkpoint_dir=checkpoints)  # max_retries=0: the fit fails
+    interrupted._fail_hook = die_once(str(tmp_path / "killed"))
+    with pytest.raises(TrainingError, match="was lost") as info:
+        interrupted.fit(data)
+    assert info.value.retriable and len(info.value.attempts) == 1
+    assert read_checkpoint(f"{checkpoints}/{list_checkpoints(checkpoints)[-1]}")["epoch"] == 1
+    with pytest.raises(ConfigError, match="Pass resume=True"):  # never overwrite another run's checkpoints
+        estimator(epochs=4, checkpoint_dir=checkpoints).fit(data)
+    with pytest.raises(ConfigError, match="batch_size: checkpoint 8, this fit 16"):
+        estimator(epochs=4, checkpoint_dir=checkpoints, resume=True, batch_size=16).fit(data)
+    resumed = estimator(epochs=4, checkpoint_dir=checkpoints, resume=True).fit(data)
+    assert resumed.summary["attempts"][0]["resumed_from"].endswith(".pt")
+    assert_same_weights(resumed, reference)
+
+
+@pytest.mark.parametrize("sync", ["local_sgd", "parameter_server"])
+def test_other_lock_step_strategies_resume_exactly(spark, tmp_path, sync):
+    data = frame(spark)
+    reference = estimator(sync=sync, sync_every=3).fit(data)
+    resilient = estimator(sync=sync, sync_every=3, checkpoint_dir=str(tmp_path / "c"),
+                          checkpoint_every="4 steps", max_retries=1)
+    resilient._fail_hook = die_once(str(tmp_path / "killed"), rank_to_kill=0)
+    model = resilient.fit(data)
+    assert len(model.summary["attempts"]) == 2
+    assert_same_weights(model, reference)
+
+
+def test_a_python_error_is_not_retried(spark, tmp_path):
+    def raise_in_epoch_two(rank, epoch, step, module):
+        if rank == 1 and epoch == 1:
+            raise KeyError("deterministic bug")
+
+    failing = estimator(checkpoint_dir=str(tmp_path / "c"), max_retries=3)
+    failing._fail_hook = raise_in_epoch_two
+    with pytest.raises(TrainingError, match="deterministic bug") as info:
+        failing.fit(frame(spark))
+    assert not info.value.retriable and len(info.value.attempts) == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"checkpoint_every": "3 hours"}, "checkpoint_every must be"),
+    ({"resume": True}, "resume=True needs checkpoint_dir"),
+    ({"checkpoint_dir": "/tmp/x", "sync": "async"}, "sync='async' is not reproducible"),
+    ({"max_retries": -1}, "max_retries must be >= 0"),
+    ({"stall_timeout": 0}, "stall_timeout must be a positive number"),
+])
+def test_fault_tolerance_settings_are_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TorchEstimator(model=TinyNet(), **settings).train_config()
