@@ -25,6 +25,7 @@ from spark_ddl.checkpoint import CheckpointEvery, compatibility_record, read_che
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
+from spark_ddl.heartbeat import Heartbeat
 from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
 from spark_ddl.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
@@ -48,6 +49,9 @@ class AgentJob:
     class_kwargs: dict[str, Any] = field(default_factory=dict)
     fail_hook: Any = None  # tests only: callable(rank, epoch, step, module) run before each step
     strategy_factory: Any = None  # benchmarks only: callable(device) -> SyncStrategy
+    monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
+    monitor_secret: str | None = None
+    heartbeat_interval: float = 1.0
 
     def build_module(self) -> nn.Module:
         if self.class_path is not None:
@@ -69,18 +73,20 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
 
     context = BarrierTaskContext.get()
     rank = context.partitionId()
+    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval).start()
     result: list[pa.RecordBatch] = []
     try:
-        result = _train(job, context, batches)
+        result = _train(job, context, batches, heartbeat)
     except Exception as exc:
         _raise_agent_failure(rank, exc)
     finally:
+        heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
     yield from result
 
 
-def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa.RecordBatch]:
+def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> list[pa.RecordBatch]:
     config = job.config
     rank = context.partitionId()
     threads = max(1, int(context.cpus() or 1))
@@ -98,6 +104,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
+    heartbeat.set("reading the partition")
     train, validation = Shard.from_arrow(batches, label_dtype(config.loss))
     info = {
         "rows": train.num_rows,
@@ -107,6 +114,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
         "device": plan.device,
         "fingerprint": environment_fingerprint(plan.backend),
     }
+    heartbeat.set("rendezvous with the other agents", waiting=True)
     rdv = rendezvous(context, info, config.timeout)
     if rdv.world_size != config.num_workers:
         raise RuntimeError(
@@ -126,6 +134,7 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
     train, validation = train.with_feature_dim(dim), validation.with_feature_dim(dim)
     init_process_group(rdv, plan.backend, config.timeout)
 
+    heartbeat.set("building the model and the sync strategy")
     module = job.build_module().to(device)
     if job.strategy_factory is not None:
         strategy = job.strategy_factory(device)
@@ -136,10 +145,12 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch]) -> list[pa
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),
     )
     loop_class = _EpochLoop if strategy.lockstep else _AsyncLoop
-    loop = loop_class(job, strategy, train, validation, sizes, rank, rdv.world_size, device)
+    loop = loop_class(job, strategy, train, validation, sizes, rank, rdv.world_size, device, heartbeat)
     if config.resume_from is not None:
+        heartbeat.set("loading the checkpoint", waiting=rank != 0)
         loop.resume(load_checkpoint_everywhere(config.resume_from, rank))
     history = loop.run()  # ends with strategy.finish()
+    heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
     check_replicas(strategy.trained_module, device, "at the end of training")
     epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
     dist.all_gather(epochs_run, torch.tensor([len(history)], dtype=torch.int64, device=device))
@@ -207,8 +218,8 @@ class _EpochLoop:
     """The per-epoch work every agent does in lock-step with the others."""
 
     def __init__(self, job: AgentJob, strategy, train: Shard, validation: Shard, sizes: list[int],
-                 rank: int, world_size: int, device: torch.device) -> None:
-        self.job, self.config, self.strategy = job, job.config, strategy
+                 rank: int, world_size: int, device: torch.device, heartbeat: Heartbeat) -> None:
+        self.job, self.config, self.strategy, self.heartbeat = job, job.config, strategy, heartbeat
         self.train, self.validation = train, validation
         self.sizes, self.rank, self.world_size, self.device = sizes, rank, world_size, device
         self.loss_fn = make_loss(self.config.loss)
@@ -234,6 +245,7 @@ class _EpochLoop:
             record.update(self._train_epoch(epoch, features, labels, self.start_step if resuming else 0,
                                             self.start_loss_sum if resuming else 0.0))
             if self.config.has_validation:
+                self.heartbeat.set("validation", epoch=epoch, step=None)
                 record.update(self._validate())
             history.append(record)
             if self.scheduler is not None:
@@ -253,6 +265,8 @@ class _EpochLoop:
     def _checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
         """Collective: gather what each rank must keep; rank 0 writes the checkpoint."""
         strategy, config = self.strategy, self.config
+        self.heartbeat.set("writing a checkpoint" if self.rank == 0 else "waiting for rank 0's checkpoint",
+                           waiting=self.rank != 0)
         mine: dict[str, Any] = {"rng": torch.get_rng_state(), "loss_sum": float(loss_sum),
                                 "strategy": strategy.state_dict()}
         if self.device.type == "cuda":
@@ -307,7 +321,9 @@ class _EpochLoop:
         started = time.perf_counter()
         order = self.train.epoch_order(epoch, config.shuffle, config.seed, self.rank).to(self.device)
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=self.device)
+        heartbeat = self.heartbeat
         for step in range(first_step, self.steps):
+            heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
             if self.job.fail_hook is not None:
                 self.job.fail_hook(self.rank, epoch, step, self.strategy.trained_module)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
@@ -324,6 +340,8 @@ class _EpochLoop:
                     objective = loss * (local_rows * self.world_size / self.update_rows[step])
                 else:
                     objective = output.sum() * 0.0  # still joins the collective with zero gradient
+                heartbeat.set("backward pass and gradient synchronisation", waiting=sync, epoch=epoch, step=step,
+                              updates=self.updates)
                 self.strategy.step(objective, sync)
             if not sync:
                 continue
@@ -332,6 +350,7 @@ class _EpochLoop:
                 check_replicas(self.strategy.trained_module, self.device, f"after update {self.updates}")
             if self.every is not None and self.every.unit == "steps" and self.updates % self.every.count == 0:
                 self._checkpoint(epoch, step + 1, float(loss_sum))
+        heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
         totals = torch.stack([loss_sum, torch.tensor(float(self.sizes[self.rank]), dtype=torch.float64,
                                                      device=self.device)])
         dist.all_reduce(totals)
@@ -352,8 +371,8 @@ class _AsyncLoop:
     collective runs until the end, so a slow agent never stalls the others."""
 
     def __init__(self, job: AgentJob, strategy, train: Shard, validation: Shard, sizes: list[int],
-                 rank: int, world_size: int, device: torch.device) -> None:
-        self.job, self.config, self.strategy = job, job.config, strategy
+                 rank: int, world_size: int, device: torch.device, heartbeat: Heartbeat) -> None:
+        self.job, self.config, self.strategy, self.heartbeat = job, job.config, strategy, heartbeat
         self.train, self.validation, self.rank, self.device = train, validation, rank, device
         self.loss_fn = make_loss(self.config.loss)
 
@@ -376,15 +395,19 @@ class _AsyncLoop:
             update_rows = sum(len(index) for index in batches)
             loss_sum = 0.0
             for number, index in enumerate(batches):
+                self.heartbeat.set("forward pass (model code)", epoch=local_epoch, step=step)
                 if self.job.fail_hook is not None:
                     self.job.fail_hook(self.rank, local_epoch, step, self.strategy.trained_module)
                 loss = self.loss_fn(model(features[index]), labels[index])
                 loss_sum += float(loss.detach()) * len(index)
                 last = number == len(batches) - 1
+                self.heartbeat.set("backward pass, pushing the gradient and pulling parameters" if last
+                                   else "backward pass", waiting=last, epoch=local_epoch, step=step)
                 self.strategy.step(loss * (len(index) / update_rows), last,
                                    loss_sum=loss_sum, rows=update_rows)
                 step += 1
             running = self.strategy.running
+        self.heartbeat.set("waiting for the other agents to finish", waiting=True, step=None)
         self.strategy.finish()
         history = self.strategy.history()
         if config.has_validation:  # the master as it was at each epoch's end, on every agent

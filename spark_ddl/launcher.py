@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from spark_ddl.checkpoint import compatibility_record, incompatibilities, newest
 from spark_ddl.config import TrainConfig
 from spark_ddl.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
 from spark_ddl.errors import ClusterConfigError, ConfigError, TrainingError, training_error_from_spark
+from spark_ddl.monitor import AgentMonitor, driver_host
 
 log = logging.getLogger("spark_ddl")
 
 EXECUTOR_WAIT_SECONDS = 60.0  # how long to wait for executors to register before failing
+MONITOR_POLL_SECONDS = 0.25  # how often the driver looks at the agents' status
+CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its tasks
 
 
 @dataclass
@@ -164,30 +168,56 @@ def check_checkpoint_dir(config: TrainConfig) -> str | None:
 
 
 def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
-    """One attempt: the barrier job over the prepared partitions, collected on the driver."""
+    """One attempt: the barrier job over the prepared partitions, collected on the driver
+    while the agents' status channel is watched for stalls."""
     spark = prepared.sparkSession
+    sc = spark.sparkContext
+    config = job.config
+    monitor = AgentMonitor(driver_host(sc), config.stall_timeout)
+    job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
+                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0)
 
     def agent(batches):
         return run_agent(job, batches)
 
     output = prepared.mapInArrow(agent, OUTPUT_DDL, barrier=True)
-    sc = spark.sparkContext
     tag = f"spark_ddl-fit-{uuid.uuid4().hex[:12]}"
-    sc.addJobTag(tag)
+    outcome: dict[str, Any] = {}
+
+    def collect() -> None:  # job tags are per thread: set it in the thread that runs the job
+        sc.addJobTag(tag)
+        try:
+            outcome["rows"] = output.collect()
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
+            outcome["error"] = exc
+        finally:
+            sc.removeJobTag(tag)
+
     started = time.perf_counter()
+    runner = threading.Thread(target=collect, daemon=True, name=f"spark-ddl-{tag}")
+    runner.start()
     try:
-        rows = output.collect()
+        while runner.is_alive():
+            runner.join(MONITOR_POLL_SECONDS)
+            stall = monitor.stall_error(config.num_workers)
+            if stall is not None and runner.is_alive():
+                log.error("%s", stall)
+                sc.cancelJobsWithTag(tag)
+                runner.join(CANCEL_WAIT_SECONDS)
+                raise stall
     except KeyboardInterrupt:
         sc.cancelJobsWithTag(tag)
         raise
-    except Exception as exc:
+    finally:
+        monitor.close()
+    if "error" in outcome:
+        exc = outcome["error"]
         error = training_error_from_spark(exc)
         if error is None:
-            raise
+            raise exc
         error.spark_exception = exc  # Spark's own (long) exception, for debugging
         raise error from None
-    finally:
-        sc.removeJobTag(tag)
+    rows = outcome["rows"]
     seconds = time.perf_counter() - started
     if not rows:  # Spark optimised the job away: only happens for an input with no rows
         raise empty_input_error()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from spark_ddl import ConfigError, TorchEstimator, TrainingError
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
+from spark_ddl.monitor import StallError
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 pytestmark = pytest.mark.timeout(300)
@@ -115,3 +117,24 @@ def test_a_python_error_is_not_retried(spark, tmp_path):
 def test_fault_tolerance_settings_are_checked(settings, message):
     with pytest.raises(ConfigError, match=message):
         TorchEstimator(model=TinyNet(), **settings).train_config()
+
+
+def sleep_forever_in_epoch_two(rank: int, epoch: int, step: int, module) -> None:
+    if rank == 1 and epoch == 1 and step == 2:
+        time.sleep(3600)
+
+
+def test_a_stalled_agent_fails_the_fit_within_stall_timeout_naming_it(spark):
+    data = frame(spark)
+    stalling = estimator(stall_timeout=4)
+    stalling._fail_hook = sleep_forever_in_epoch_two
+    started = time.monotonic()
+    with pytest.raises(StallError) as info:
+        stalling.fit(data)
+    assert time.monotonic() - started < 4 + 20  # start-up, one epoch, the timeout, cancelling
+    error = info.value
+    assert error.rank == 1 and error.retriable
+    assert "rank 1: epoch 2, step 3: forward pass (model code)" in str(error)
+    assert "rank 0: epoch 2, step 3: backward pass and gradient synchronisation" in str(error)
+    model = estimator(stall_timeout=4).fit(data)  # the session recovers at once
+    assert len(model.history) == 3

@@ -1,0 +1,58 @@
+"""Agent side of the status channel: a daemon thread that tells the driver what this agent
+is doing (see ``spark_ddl.monitor``).
+
+The training loop only assigns to ``Heartbeat.status`` (no I/O on the hot path); the thread
+sends it every ``interval`` seconds, also while the training thread is blocked in a
+collective or stuck in user code. Any channel error ends the thread quietly: training never
+depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from typing import Any
+
+
+class Heartbeat:
+    """Reports ``status`` (phase, epoch, step, updates, waiting) for one rank."""
+
+    def __init__(self, address: tuple[str, int] | None, secret: str | None, rank: int,
+                 interval: float = 1.0) -> None:
+        self.status: dict[str, Any] = {"phase": "starting", "epoch": None, "step": None,
+                                       "updates": 0, "waiting": False}
+        self._address, self._secret, self._rank, self._interval = address, secret, rank, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set(self, phase: str, waiting: bool = False, **fields: Any) -> None:
+        """Record the current phase (``waiting``: blocked on peers, not computing)."""
+        status = dict(self.status, phase=phase, waiting=waiting, **fields)
+        self.status = status  # one reference assignment: the sender sees old or new, whole
+
+    def start(self) -> "Heartbeat":
+        if self._address is not None and self._secret is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="spark-ddl-heartbeat")
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Send the last status and close the connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2 * self._interval + 1)
+
+    def _run(self) -> None:
+        try:
+            with socket.create_connection(self._address, timeout=10) as connection:
+                connection.settimeout(10)
+                send = connection.sendall
+                send((json.dumps({"secret": self._secret, "rank": self._rank}) + "\n").encode())
+                while True:
+                    send((json.dumps(self.status) + "\n").encode())
+                    if self._stop.wait(self._interval):
+                        send((json.dumps(self.status) + "\n").encode())
+                        return
+        except (OSError, ValueError, TypeError):
+            return  # best effort: the driver may be unreachable; training goes on

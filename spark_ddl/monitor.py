@@ -1,0 +1,182 @@
+"""Driver side of the agents' status channel, and the stall detector built on it.
+
+Each agent's heartbeat thread (``spark_ddl.heartbeat``) connects to this server over TCP and
+sends newline-delimited JSON: first ``{"secret": ..., "rank": r}``, then its status every
+interval. The server accepts only connections that present this run's secret (compared in
+constant time) and only JSON objects, never pickles; a malformed or oversized line is
+dropped and counted, and never disturbs training. The channel is best effort: if it fails,
+training goes on.
+
+Stall detection: the driver notes when each rank's reported status last *changed* (a step
+completed, a new phase began). Once every rank has reported, a run in which nothing changed
+on any rank for ``stall_timeout`` seconds is stalled; the report names the ranks that were not waiting for a peer
+(the ones that stalled) and what each was doing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from spark_ddl.errors import TrainingError
+
+log = logging.getLogger("spark_ddl.monitor")
+
+MAX_LINE_BYTES = 64 * 1024
+
+
+class StallError(TrainingError):
+    """No agent made progress for ``stall_timeout`` seconds (the job was cancelled)."""
+
+
+@dataclass
+class RankStatus:
+    """What the driver last heard from one rank."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    heard: float = 0.0  # monotonic time of the last message
+    changed: float = 0.0  # monotonic time the status last changed
+
+
+class AgentMonitor:
+    """A TCP server on the driver that collects the agents' status for one training job."""
+
+    def __init__(self, host: str, stall_timeout: float | None) -> None:
+        self.secret = secrets.token_hex(16)
+        self.stall_timeout = stall_timeout
+        self.ranks: dict[int, RankStatus] = {}
+        self.malformed = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        monitor = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = 60 * 60  # a silent connection is dropped after an hour
+
+            def handle(self) -> None:
+                monitor._serve_connection(self.rfile)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            block_on_close = False
+
+        self._server = Server((host, 0), Handler)
+        self.address = (host, self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        daemon=True, name="spark-ddl-monitor")
+        self._thread.start()
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _serve_connection(self, stream) -> None:
+        hello = self._read_json(stream)
+        if hello is None or not hmac.compare_digest(str(hello.get("secret", "")), self.secret) or not isinstance(
+            hello.get("rank"), int
+        ):
+            with self._lock:
+                self.refused += 1
+            return  # closing the connection is the whole answer
+        rank = hello["rank"]
+        while True:
+            line = stream.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            message = self._parse(line)
+            if message is not None:
+                self._record(rank, message)
+
+    def _read_json(self, stream) -> dict[str, Any] | None:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        return self._parse(line) if line else None
+
+    def _parse(self, line: bytes) -> dict[str, Any] | None:
+        try:
+            if len(line) > MAX_LINE_BYTES:
+                raise ValueError("line too long")
+            value = json.loads(line)
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+            return value
+        except (ValueError, UnicodeDecodeError):
+            with self._lock:
+                self.malformed += 1
+            return None
+
+    def _record(self, rank: int, status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        status = {k: status.get(k) for k in ("phase", "epoch", "step", "updates", "waiting")}
+        with self._lock:
+            entry = self.ranks.setdefault(rank, RankStatus(changed=now))
+            if status != entry.status:
+                entry.status, entry.changed = status, now
+            entry.heard = now
+
+    # -- stall detection -------------------------------------------------------------------
+
+    def stall_error(self, num_workers: int) -> StallError | None:
+        """A StallError when no rank's status changed for stall_timeout seconds, else None."""
+        if self.stall_timeout is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            ranks = {r: RankStatus(dict(s.status), s.heard, s.changed) for r, s in self.ranks.items()}
+        if len(ranks) < num_workers:
+            return None  # still starting: Spark's scheduling and the rendezvous have their own timeouts
+        last_change = max(s.changed for s in ranks.values())
+        if now - last_change < self.stall_timeout:
+            return None
+        silent = [r for r in ranks if now - ranks[r].heard > self.stall_timeout]
+        busy = [r for r, s in ranks.items() if r not in silent and not s.status.get("waiting")]
+        culprits = sorted(silent + busy) or sorted(ranks)
+        details = []
+        for rank in range(num_workers):
+            entry = ranks[rank]
+            if rank in silent:
+                details.append(f"rank {rank}: stopped reporting {now - entry.heard:.0f} s ago, last in "
+                               f"{describe(entry.status)}")
+            else:
+                details.append(f"rank {rank}: {describe(entry.status)}")
+        first = culprits[0] if culprits else None
+        return StallError(
+            f"Training stalled: no agent made progress for {now - last_change:.0f} s "
+            f"(stall_timeout={self.stall_timeout:g}). Stalled: rank(s) {culprits}.\n  "
+            + "\n  ".join(details)
+            + "\nThe job was cancelled. If steps can legitimately take this long, raise stall_timeout.",
+            rank=first, remote_type="Stall",
+            remote_message=f"rank(s) {culprits} stalled in {describe(ranks[first].status) if first in ranks else '?'}",
+            retriable=True,
+        )
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket (connections close with their agents)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def describe(status: dict[str, Any]) -> str:
+    """'epoch 2, step 5: computing the step (forward/backward)' and the like."""
+    where = []
+    if status.get("epoch") is not None:
+        where.append(f"epoch {int(status['epoch']) + 1}")
+    if status.get("step") is not None:
+        where.append(f"step {int(status['step']) + 1}")
+    phase = status.get("phase") or "unknown"
+    return (", ".join(where) + ": " if where else "") + str(phase)
+
+
+def driver_host(spark_context) -> str:
+    """The address executors use to reach the driver."""
+    host = spark_context.getConf().get("spark.driver.host", None)
+    if host:
+        return host
+    return socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,73 @@
+"""The driver's status channel: only this run's agents, only JSON, never disturbed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from spark_ddl.heartbeat import Heartbeat
+from spark_ddl.monitor import MAX_LINE_BYTES, AgentMonitor
+
+
+@pytest.fixture
+def monitor():
+    server = AgentMonitor("127.0.0.1", stall_timeout=0.5)
+    yield server
+    server.close()
+
+
+def wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def send_lines(address, *lines: bytes) -> bytes:
+    with socket.create_connection(address, timeout=5) as connection:
+        for line in lines:
+            connection.sendall(line)
+        connection.shutdown(socket.SHUT_WR)
+        return connection.recv(1)  # b"" once the server closed its side
+
+
+def test_a_connection_without_the_runs_secret_is_refused(monitor):
+    closed = send_lines(monitor.address, json.dumps({"secret": "guess", "rank": 0}).encode() + b"\n",
+                        json.dumps({"phase": "forged", "step": 1}).encode() + b"\n")
+    assert closed == b""
+    wait_for(lambda: monitor.refused == 1)
+    assert monitor.ranks == {}
+
+
+def test_malformed_lines_are_dropped_and_the_channel_keeps_working(monitor):
+    hello = json.dumps({"secret": monitor.secret, "rank": 1}).encode() + b"\n"
+    send_lines(monitor.address, hello, b"not json\n", b"[1, 2]\n", b"\xff\xfe\n", b"x" * (MAX_LINE_BYTES + 10) + b"\n",
+               json.dumps({"phase": "forward pass", "epoch": 0, "step": 4, "waiting": False}).encode() + b"\n")
+    wait_for(lambda: 1 in monitor.ranks)
+    assert monitor.malformed >= 4
+    assert monitor.ranks[1].status["step"] == 4
+
+
+def test_heartbeats_feed_the_stall_detector(monitor):
+    beats = [Heartbeat(monitor.address, monitor.secret, rank, interval=0.05).start() for rank in (0, 1)]
+    beats[0].set("backward pass and gradient synchronisation", waiting=True, epoch=1, step=2)
+    beats[1].set("forward pass (model code)", epoch=1, step=2)
+    wait_for(lambda: len(monitor.ranks) == 2)
+    assert monitor.stall_error(2) is None  # just heard from both
+    wait_for(lambda: monitor.stall_error(2) is not None, seconds=3)
+    error = monitor.stall_error(2)
+    assert error.rank == 1 and "rank 1: epoch 2, step 3: forward pass (model code)" in str(error)
+    for beat in beats:
+        beat.stop()
+
+
+def test_an_unreachable_driver_does_not_disturb_the_agent():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = unused.getsockname()  # bound, not listening: connections are refused
+    beat = Heartbeat(address, "secret", 0, interval=0.05).start()
+    beat.set("forward pass (model code)", step=1)
+    beat.stop()  # returns promptly, raises nothing
