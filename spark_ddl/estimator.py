@@ -21,6 +21,7 @@ from spark_ddl.data import ColumnSpec, normalize_feature_cols, resolve_columns, 
 from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
 from spark_ddl.launcher import run_training
+from spark_ddl.preflight import check_input
 from spark_ddl.persistence import TorchModelReader, TorchModelWriter, load_module, read_metadata
 
 
@@ -128,6 +129,10 @@ class _TorchEstimatorParams(_TorchSharedParams):
     stall_timeout = Param(Params._dummy(), "stall_timeout",
                           "fail when no agent completes a step for this many seconds; None: off",
                           typeConverter=_identity)
+    check_input = Param(Params._dummy(), "check_input",
+                        "scan the input on the driver before training (nulls, NaN/inf, label range, "
+                        "feature lengths, model output shape) and fail with a clear error",
+                        typeConverter=TypeConverters.toBoolean)
     check_every = Param(Params._dummy(), "check_every",
                         "compare the replicas' parameter checksums every this many updates and fail "
                         "on divergence (0: only at the end of training)", typeConverter=_identity)
@@ -162,7 +167,7 @@ class _TorchEstimatorParams(_TorchSharedParams):
             early_stopping_patience=0, lr_scheduler=None, lr_scheduler_kwargs={},
             checkpoint_dir=None, checkpoint_every=defaults.checkpoint_every,
             keep_checkpoints=defaults.keep_checkpoints, resume=defaults.resume,
-            max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout,
+            max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout, check_input=True,
         )
 
 
@@ -195,6 +200,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         max_staleness: int | None = None, checkpoint_dir: str | None = None,
         checkpoint_every: int | str | None = None, keep_checkpoints: int | None = None,
         resume: bool | None = None, max_retries: int | None = None, stall_timeout: float | None = None,
+        check_input: bool | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness", "checkpoint_dir",
@@ -267,7 +273,11 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         validation = validation_column(dataset.schema, self.getOrDefault(self.validation_col),
                                        self.getOrDefault(self.validation_fraction), config.seed)
         job, template, arch = self._agent_job(config)
-        result = run_training(dataset, spec, job, validation)
+        def preflight(training: DataFrame) -> None:
+            check_input(dataset, training, spec, config, template)
+
+        result = run_training(dataset, spec, job, validation,
+                              preflight if self.getOrDefault(self.check_input) else None)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
         model = TorchModel(template, spec=spec, config=config, architecture=arch, summary=summary)

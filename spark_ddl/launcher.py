@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -103,11 +103,14 @@ def _check_gpu_resources(spark: SparkSession) -> None:
 
 
 def run_training(
-    df: DataFrame, spec: ColumnSpec, job: AgentJob, validation: Column | None = None
+    df: DataFrame, spec: ColumnSpec, job: AgentJob, validation: Column | None = None,
+    preflight: Callable[[DataFrame], None] | None = None,
 ) -> FitResult:
     """Launch one barrier task per agent over ``df`` and return rank 0's result.
 
     ``validation`` is a boolean column marking validation rows (None: no validation set).
+    ``preflight`` checks the projected training columns after the cluster checks and before
+    anything is launched (the estimator's input scan).
     A job that fails because an agent was lost or stalled is resubmitted up to
     ``max_retries`` times, each attempt resuming from the newest checkpoint; the summary's
     ``attempts`` records every attempt and why it failed.
@@ -116,7 +119,10 @@ def run_training(
     spark = df.sparkSession
     check_cluster(spark, config)
     first_resume = check_checkpoint_dir(config)
-    prepared = balance_partitions(select_training_columns(df, spec, validation), config.num_workers)
+    training = select_training_columns(df, spec, validation)
+    if preflight is not None:
+        preflight(training)
+    prepared = balance_partitions(training, config.num_workers)
     attempts: list[dict[str, Any]] = []
     for attempt in range(1, config.max_retries + 2):
         resume_from = first_resume if attempt == 1 else (

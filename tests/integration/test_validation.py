@@ -88,6 +88,8 @@ def test_empty_dataframe_is_refused_with_a_clear_message(spark):
 
     nothing = (np.empty((0, 4), dtype=np.float32), np.empty((0,), dtype=np.float32))
     two_empty_partitions = frame_with_partitions(spark, [nothing, nothing])
-    with pytest.raises(TrainingError, match="the training DataFrame is empty"):  # found by the agents
+    with pytest.raises(SchemaError, match="The training DataFrame is empty"):  # the driver's input scan
         TorchEstimator(model=TinyNet(), loss="mse", timeout=30).fit(two_empty_partitions)
+    with pytest.raises(TrainingError, match="the training DataFrame is empty"):  # without it: the agents
+        TorchEstimator(model=TinyNet(), loss="mse", timeout=30, check_input=False).fit(two_empty_partitions)
 
