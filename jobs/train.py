@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
     p.add_argument("--master", default=None,
                    help="Spark master (default: spark-submit's, else embedded local[workers])")
+    p.add_argument("--sync", default="allreduce", choices=["allreduce", "parameter_server", "local_sgd", "async"],
+                   help="synchronisation strategy")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (path or URI) for retries/resume")
+    p.add_argument("--checkpoint-every", default="1", help="N (epochs), 'N epochs' or 'N steps'")
+    p.add_argument("--max-retries", type=int, default=0, help="resubmissions after a lost or stalled agent")
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
+    p.add_argument("--stall-timeout", type=float, default=None, help="fail when no agent progresses this long")
     p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
     return p.parse_args(argv)
 
@@ -83,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         loss="cross_entropy", optimizer=args.optimizer, lr=args.lr, optimizer_kwargs=optimizer_kwargs,
         batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
         feature_cols=feature_cols, label_col=args.label_col, seed=args.seed, timeout=args.timeout,
+        sync=args.sync, checkpoint_dir=args.checkpoint_dir, max_retries=args.max_retries, resume=args.resume,
+        checkpoint_every=int(args.checkpoint_every) if args.checkpoint_every.isdigit() else args.checkpoint_every,
+        stall_timeout=args.stall_timeout,
     )
     started = time.perf_counter()
     model = estimator.fit(train)
