@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from torch import nn
 
 from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator, launcher
 from tests.helpers import TinyNet
