@@ -22,9 +22,13 @@ setup(
         "pyarrow>=11",
         "numpy>=1.23",
         "safetensors>=0.4",
+        "tqdm>=4.60",
+        "PyYAML>=6",
     ],
+    entry_points={"console_scripts": ["spark-ddl = spark_ddl.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,121 +1,16 @@
-"""Train an MLP classifier on a Parquet/CSV file with spark_ddl and save the model.
+"""spark-submit entry point of `spark-ddl train` (the code lives in spark_ddl/apps/train.py).
 
-    python jobs/train.py                                  # digits, 2 agents, embedded local Spark
-    spark-submit --master spark://host:7077 jobs/train.py --data hdfs:///d.parquet --workers 8
-
-Prints the per-epoch training loss and the held-out accuracy (rows whose --split-col equals
-"test"; without a split column 20 % are held out at random), and writes the model directory.
+    spark-submit --master spark://host:7077 jobs/train.py --help
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from pyspark.sql import functions as F  # noqa: E402
-
-from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(REPO / "data" / "digits.parquet"), help="Parquet or CSV path/URI")
-    p.add_argument("--feature-cols", default="features",
-                   help="comma-separated feature column(s): one array/Vector column or numeric columns")
-    p.add_argument("--label-col", default="label", help="integer class label column")
-    p.add_argument("--split-col", default="split", help="column with 'train'/'test' (optional)")
-    p.add_argument("--hidden", default="128", help="comma-separated hidden layer sizes, e.g. 256,128")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--workers", type=int, default=2, help="number of agents (barrier tasks)")
-    p.add_argument("--batch-size", type=int, default=32, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait")
-    p.add_argument("--output", default=str(REPO / "artifacts" / "digits_mlp"), help="model directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
-    p.add_argument("--master", default=None,
-                   help="Spark master (default: spark-submit's, else embedded local[workers])")
-    p.add_argument("--sync", default="allreduce", choices=["allreduce", "parameter_server", "local_sgd", "async"],
-                   help="synchronisation strategy")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (path or URI) for retries/resume")
-    p.add_argument("--checkpoint-every", default="1", help="N (epochs), 'N epochs' or 'N steps'")
-    p.add_argument("--max-retries", type=int, default=0, help="resubmissions after a lost or stalled agent")
-    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
-    p.add_argument("--stall-timeout", type=float, default=None, help="fail when no agent progresses this long")
-    p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
-    return p.parse_args(argv)
-
-
-def read_table(spark, path: str):
-    if path.endswith(".csv"):
-        return spark.read.csv(path, header=True, inferSchema=True)
-    return spark.read.parquet(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("py4j").setLevel(logging.WARNING)
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-train")
-    df = read_table(spark, args.data)
-    feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]
-    if args.split_col in df.columns:
-        train = df.filter(F.col(args.split_col) != "test")
-        test = df.filter(F.col(args.split_col) == "test")
-    else:
-        train, test = df.randomSplit([0.8, 0.2], seed=args.seed)
-    if len(feature_cols) == 1:
-        first = df.select(feature_cols[0]).first()
-        value = first[0] if first else None
-        in_features = len(value) if hasattr(value, "__len__") else 1
-    else:
-        in_features = len(feature_cols)
-    num_classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
-    hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
-    optimizer_kwargs = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
-
-    estimator = TorchEstimator(
-        model="spark_ddl.models:MLP",
-        model_kwargs={"in_features": in_features, "out_features": num_classes, "hidden": hidden},
-        loss="cross_entropy", optimizer=args.optimizer, lr=args.lr, optimizer_kwargs=optimizer_kwargs,
-        batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-        feature_cols=feature_cols, label_col=args.label_col, seed=args.seed, timeout=args.timeout,
-        sync=args.sync, checkpoint_dir=args.checkpoint_dir, max_retries=args.max_retries, resume=args.resume,
-        checkpoint_every=int(args.checkpoint_every) if args.checkpoint_every.isdigit() else args.checkpoint_every,
-        stall_timeout=args.stall_timeout,
-    )
-    started = time.perf_counter()
-    model = estimator.fit(train)
-    fit_seconds = time.perf_counter() - started
-    print(f"\ntrained {args.epochs} epochs on {model.summary['world_size']} agents "
-          f"(shards {model.summary['shard_sizes']}, {model.summary['device']}) in {fit_seconds:.1f} s")
-    print(f"{'epoch':>5}  {'train_loss':>10}  {'samples/s':>10}")
-    for row in model.history:
-        print(f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {row['samples_per_s'] or 0:>10.0f}")
-
-    scored = model.transform(test)
-    accuracy, rows = scored.select(
-        F.avg((F.col("prediction") == F.col(args.label_col)).cast("double")), F.count(F.lit(1))
-    ).first()
-    print(f"held-out accuracy: {accuracy:.4f} on {rows} rows")
-    model.save(args.output, overwrite=args.overwrite)
-    print(f"model written to {args.output}")
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(
-            {"accuracy": accuracy, "test_rows": rows, "fit_seconds": fit_seconds,
-             "history": model.history, "output": args.output}, indent=2))
-    return 0
-
+from spark_ddl.apps.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

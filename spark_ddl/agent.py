@@ -37,6 +37,7 @@ log = logging.getLogger("spark_ddl.agent")
 # Seconds a rank whose error is only a consequence of a peer's failure (a broken collective)
 # waits before raising, so that the peer's own error reaches the driver first.
 SECONDARY_FAILURE_DELAY = 3.0
+RECENT_EPOCHS = 32  # epoch records rank 0's heartbeat carries to the driver
 
 
 @dataclass
@@ -73,7 +74,10 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
 
     context = BarrierTaskContext.get()
     rank = context.partitionId()
-    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval).start()
+    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval)
+    if job.config.agent_log_level != "OFF":
+        heartbeat.forward_logs(job.config.agent_log_level)
+    heartbeat.start()
     result: list[pa.RecordBatch] = []
     try:
         result = _train(job, context, batches, heartbeat)
@@ -233,6 +237,7 @@ class _EpochLoop:
         patience = self.config.early_stopping_patience
         self.stopper = _EarlyStopping(patience, keep_weights=rank == 0) if patience else None
         self.every = CheckpointEvery.parse(self.config.checkpoint_every) if self.config.checkpoint_dir else None
+        heartbeat.set("starting the epochs", steps_per_epoch=self.steps, epochs=self.config.epochs)
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.start_step, self.start_loss_sum = 0, 0, 0.0
 
@@ -248,6 +253,8 @@ class _EpochLoop:
                 self.heartbeat.set("validation", epoch=epoch, step=None)
                 record.update(self._validate())
             history.append(record)
+            if self.rank == 0:  # the driver's live progress shows the newest epochs
+                self.heartbeat.set("end of epoch", waiting=True, recent_epochs=history[-RECENT_EPOCHS:])
             if self.scheduler is not None:
                 if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.scheduler.step(record.get("val_loss", record["train_loss"]))

@@ -56,6 +56,8 @@ class TrainConfig:
     max_retries: int = 0  # resubmissions of a failed barrier job (from the newest checkpoint)
     stall_timeout: float | None = None  # seconds without a completed step anywhere → fail
     resume_from: str | None = None  # set by the driver for one attempt: the checkpoint to load
+    progress: str = "auto"  # driver output while training: auto | bar | log | off
+    agent_log_level: str = "WARNING"  # agents' log records at this level reach the driver; OFF: none
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first invalid setting; return self."""
@@ -116,6 +118,11 @@ class TrainConfig:
         if self.sync == "async":
             self._validate_async()
         self._validate_fault_tolerance()
+        if self.agent_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "OFF"):
+            raise ConfigError("agent_log_level must be DEBUG, INFO, WARNING, ERROR or OFF, got "
+                              f"{self.agent_log_level!r}.")
+        if self.progress not in ("auto", "bar", "log", "off"):
+            raise ConfigError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}.")
         if self.use_gpu not in (None, True, False):
             raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
         return self

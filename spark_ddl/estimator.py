@@ -22,6 +22,7 @@ from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
 from spark_ddl.launcher import run_training
 from spark_ddl.preflight import check_input
+from spark_ddl.summary import TrainingSummary
 from spark_ddl.persistence import TorchModelReader, TorchModelWriter, load_module, read_metadata
 
 
@@ -129,6 +130,13 @@ class _TorchEstimatorParams(_TorchSharedParams):
     stall_timeout = Param(Params._dummy(), "stall_timeout",
                           "fail when no agent completes a step for this many seconds; None: off",
                           typeConverter=_identity)
+    progress = Param(Params._dummy(), "progress",
+                     "live progress on the driver: 'auto' (a bar on a terminal, log lines otherwise), "
+                     "'bar', 'log' or 'off'", typeConverter=TypeConverters.toString)
+    agent_log_level = Param(Params._dummy(), "agent_log_level",
+                            "agents' log records at this level and above are re-emitted on the driver as "
+                            "'[rank N] logger: message' (logger spark_ddl.agents); 'OFF' for none",
+                            typeConverter=TypeConverters.toString)
     check_input = Param(Params._dummy(), "check_input",
                         "scan the input on the driver before training (nulls, NaN/inf, label range, "
                         "feature lengths, model output shape) and fail with a clear error",
@@ -168,6 +176,7 @@ class _TorchEstimatorParams(_TorchSharedParams):
             checkpoint_dir=None, checkpoint_every=defaults.checkpoint_every,
             keep_checkpoints=defaults.keep_checkpoints, resume=defaults.resume,
             max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout, check_input=True,
+            progress=defaults.progress, agent_log_level=defaults.agent_log_level,
         )
 
 
@@ -200,7 +209,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         max_staleness: int | None = None, checkpoint_dir: str | None = None,
         checkpoint_every: int | str | None = None, keep_checkpoints: int | None = None,
         resume: bool | None = None, max_retries: int | None = None, stall_timeout: float | None = None,
-        check_input: bool | None = None,
+        check_input: bool | None = None, progress: str | None = None, agent_log_level: str | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness", "checkpoint_dir",
@@ -225,6 +234,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             max_staleness=g(self.max_staleness), checkpoint_dir=g(self.checkpoint_dir),
             checkpoint_every=g(self.checkpoint_every), keep_checkpoints=g(self.keep_checkpoints),
             resume=g(self.resume), max_retries=g(self.max_retries), stall_timeout=g(self.stall_timeout),
+            progress=g(self.progress), agent_log_level=g(self.agent_log_level),
             early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
@@ -300,7 +310,7 @@ class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
         self._spec = spec
         self._config = config.to_json_dict() if isinstance(config, TrainConfig) else dict(config or {})
         self._architecture = architecture or {"kind": "unknown"}
-        self.summary: dict[str, Any] = summary or {}
+        self.summary = TrainingSummary(summary or {})
         self._key = uuid.uuid4().hex
         self._export_bytes: bytes | None = None  # set when the network came from a torch.export program
         self._broadcast: tuple[Any, str, Any] | None = None  # (SparkContext, weights version, Broadcast)
@@ -318,6 +328,10 @@ class TorchModel(Model, _TorchSharedParams, MLWritable, MLReadable):
     def history(self) -> list[dict[str, Any]]:
         """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s."""
         return list(self.summary.get("history", []))
+
+    def plot_history(self, path: str) -> str:
+        """Write a PNG of the per-epoch loss (and validation accuracy) curves; needs matplotlib."""
+        return self.summary.plot(path)
 
     @property
     def feature_dim(self) -> int | None:

@@ -10,9 +10,13 @@ depends on it.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
+from collections import deque
 from typing import Any
+
+MAX_QUEUED_LOG_RECORDS = 1000  # older records are dropped when the driver cannot keep up
 
 
 class Heartbeat:
@@ -25,11 +29,32 @@ class Heartbeat:
         self._address, self._secret, self._rank, self._interval = address, secret, rank, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._logs: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_LOG_RECORDS)
+        self._handler: logging.Handler | None = None
+        self._sent_once = False
 
     def set(self, phase: str, waiting: bool = False, **fields: Any) -> None:
         """Record the current phase (``waiting``: blocked on peers, not computing)."""
         status = dict(self.status, phase=phase, waiting=waiting, **fields)
         self.status = status  # one reference assignment: the sender sees old or new, whole
+
+    def forward_logs(self, level: str | int) -> None:
+        """Send this process's log records at ``level`` and above to the driver (until ``stop``)."""
+        heartbeat = self
+
+        class _Forward(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    heartbeat._logs.append({"level": record.levelname, "name": record.name,
+                                            "message": record.getMessage()})
+                except Exception:  # noqa: BLE001 - a log record must never break training
+                    self.handleError(record)
+
+        self._handler = _Forward(level)
+        logging.getLogger().addHandler(self._handler)
+        ours = logging.getLogger("spark_ddl")
+        if ours.getEffectiveLevel() > self._handler.level:
+            ours.setLevel(self._handler.level)
 
     def start(self) -> "Heartbeat":
         if self._address is not None and self._secret is not None:
@@ -38,7 +63,10 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
-        """Send the last status and close the connection."""
+        """Send the last status and log records, and close the connection."""
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2 * self._interval + 1)
@@ -50,9 +78,12 @@ class Heartbeat:
                 send = connection.sendall
                 send((json.dumps({"secret": self._secret, "rank": self._rank}) + "\n").encode())
                 while True:
-                    send((json.dumps(self.status) + "\n").encode())
-                    if self._stop.wait(self._interval):
-                        send((json.dumps(self.status) + "\n").encode())
+                    stopping = self._stop.wait(self._interval) if self._sent_once else False
+                    lines = [json.dumps({"log": self._logs.popleft()}) for _ in range(len(self._logs))]
+                    lines.append(json.dumps(self.status))
+                    send(("\n".join(lines) + "\n").encode())
+                    self._sent_once = True
+                    if stopping:
                         return
         except (OSError, ValueError, TypeError):
             return  # best effort: the driver may be unreachable; training goes on

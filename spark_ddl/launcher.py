@@ -22,6 +22,7 @@ from spark_ddl.config import TrainConfig
 from spark_ddl.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
 from spark_ddl.errors import ClusterConfigError, ConfigError, TrainingError, training_error_from_spark
 from spark_ddl.monitor import AgentMonitor, driver_host
+from spark_ddl.progress import ProgressReporter
 
 log = logging.getLogger("spark_ddl")
 
@@ -202,9 +203,11 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
     started = time.perf_counter()
     runner = threading.Thread(target=collect, daemon=True, name=f"spark-ddl-{tag}")
     runner.start()
+    reporter = ProgressReporter(config.progress)
     try:
         while runner.is_alive():
             runner.join(MONITOR_POLL_SECONDS)
+            reporter.update(monitor.status_of(0))
             stall = monitor.stall_error(config.num_workers)
             if stall is not None and runner.is_alive():
                 log.error("%s", stall)
@@ -216,6 +219,8 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
         raise
     finally:
         monitor.close()
+        reporter.update(monitor.status_of(0))  # the agents' last reports arrived before they finished
+        reporter.close(finished="rows" in outcome)
     if "error" in outcome:
         exc = outcome["error"]
         error = training_error_from_spark(exc)

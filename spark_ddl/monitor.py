@@ -29,8 +29,10 @@ from typing import Any
 from spark_ddl.errors import TrainingError
 
 log = logging.getLogger("spark_ddl.monitor")
+agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here
 
 MAX_LINE_BYTES = 64 * 1024
+STATUS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_per_epoch", "epochs", "recent_epochs")
 
 
 class StallError(TrainingError):
@@ -91,7 +93,11 @@ class AgentMonitor:
             if not line:
                 return
             message = self._parse(line)
-            if message is not None:
+            if message is None:
+                continue
+            if isinstance(message.get("log"), dict):
+                self._log_agent_record(rank, message["log"])
+            else:
                 self._record(rank, message)
 
     def _read_json(self, stream) -> dict[str, Any] | None:
@@ -111,9 +117,15 @@ class AgentMonitor:
                 self.malformed += 1
             return None
 
+    def _log_agent_record(self, rank: int, record: dict[str, Any]) -> None:
+        """Re-emit an agent's log record on the driver, prefixed with its rank."""
+        level = logging.getLevelName(str(record.get("level", "INFO")))
+        agent_log.log(level if isinstance(level, int) else logging.INFO, "[rank %d] %s: %s", rank,
+                      str(record.get("name", "?"))[:200], str(record.get("message", ""))[:MAX_LINE_BYTES])
+
     def _record(self, rank: int, status: dict[str, Any]) -> None:
         now = time.monotonic()
-        status = {k: status.get(k) for k in ("phase", "epoch", "step", "updates", "waiting")}
+        status = {k: status.get(k) for k in STATUS_KEYS}
         with self._lock:
             entry = self.ranks.setdefault(rank, RankStatus(changed=now))
             if status != entry.status:
@@ -155,6 +167,12 @@ class AgentMonitor:
             remote_message=f"rank(s) {culprits} stalled in {describe(ranks[first].status) if first in ranks else '?'}",
             retriable=True,
         )
+
+    def status_of(self, rank: int) -> dict[str, Any]:
+        """The newest status ``rank`` reported ({} before its first report)."""
+        with self._lock:
+            entry = self.ranks.get(rank)
+            return dict(entry.status) if entry else {}
 
     def close(self) -> None:
         """Stop serving and close the listening socket (connections close with their agents)."""

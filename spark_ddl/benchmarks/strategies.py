@@ -2,7 +2,7 @@
 to the collectives per update, and held-out accuracy — plus the naive per-parameter
 ``all_reduce`` loop of textbook examples (one call per parameter tensor).
 
-    python jobs/bench_strategies.py --epochs 10 --json bench_results/strategies.json
+    spark-ddl bench strategies --epochs 10 --json bench_results/strategies.json
 
 A second table slows agent 1 by ``--straggler-ms`` per step and compares the fit time of
 ``allreduce`` (every step waits for the slow agent) with ``async`` (the fast agent does more
@@ -21,18 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
+import torch
+import torch.distributed as dist
+from pyspark.sql import functions as F
 
-from benchlib import emit  # noqa: E402
-from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
-from spark_ddl.models import MLP  # noqa: E402
-from spark_ddl.sync.base import SyncStrategy  # noqa: E402
+from spark_ddl.apps.options import parse_with_config
+from spark_ddl.benchmarks.common import emit
+from spark_ddl import TorchEstimator, get_or_create_session
+from spark_ddl.models import MLP
+from spark_ddl.sync.base import SyncStrategy
 
 
 class NaiveAllReduce(SyncStrategy):
@@ -73,17 +72,20 @@ def payload_bytes(module: torch.nn.Module, variant: str, sync_every: int) -> flo
     raise ValueError(variant)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run this benchmark with command-line arguments ``argv``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / "data" / "digits.parquet"),
+                        help="Parquet with features, label and split columns (default: the shipped digits)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", default="256,256")
     parser.add_argument("--sync-every", type=int, default=8)
     parser.add_argument("--straggler-ms", type=float, default=20.0,
                         help="sleep per step on agent 1 in the straggler table (0: skip it)")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-strategies")
-    digits = spark.read.parquet(str(REPO / "data" / "digits.parquet"))
+    digits = spark.read.parquet(args.data)
     train = digits.filter(F.col("split") == "train").repartition(2).cache()
     test = digits.filter(F.col("split") == "test").cache()
     train.count(), test.count()

@@ -1,7 +1,7 @@
 """Launch overhead: fit() of a trivial model vs TorchDistributor.run of one all-reduce vs the
 floor (a bare barrier mapInArrow job that starts a gloo group and all-reduces one tensor).
 
-    python jobs/bench_launch.py --repeats 5 --json bench_results/launch.json
+    spark-ddl bench launch --repeats 5 --json bench_results/launch.json
 
 All three run side by side in one warm local[2] session; the table shows medians and the
 ratios to fit(). Timings on a shared machine are noisy: compare the ratios of one run.
@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from benchlib import emit, timed  # noqa: E402
-from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
+from spark_ddl.apps.options import parse_with_config
+from spark_ddl.benchmarks.common import emit, timed
+from spark_ddl import TorchEstimator, get_or_create_session
 
 
 def allreduce_once() -> float:
@@ -58,12 +55,13 @@ def floor_job(batches):
     yield pa.RecordBatch.from_pydict({"value": [float(value.item())]})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run this benchmark with command-line arguments ``argv``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-distributor", action="store_true", help="leave TorchDistributor out")
     parser.add_argument("--json", default=None, help="write the result here")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
 
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-launch")
     rows = [([float(i), 1.0, 2.0, 3.0], float(i % 2)) for i in range(16)]

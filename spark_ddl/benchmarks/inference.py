@@ -1,7 +1,7 @@
 """Inference throughput: TorchModel.transform vs an identity mapInArrow over the same
 DataFrame (Spark's own Arrow channel: the ceiling) vs a plain torch forward in one process.
 
-    python jobs/bench_inference.py --rows 200000 --repeats 3 --json bench_results/inference.json
+    spark-ddl bench inference --rows 200000 --repeats 3 --json bench_results/inference.json
 
 All three run side by side in one warm local[2] session; medians over repeats. Spark work
 is forced with the ``noop`` sink, so no result is collected to the driver.
@@ -12,35 +12,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import torch
 
-from benchlib import emit, timed  # noqa: E402
-from spark_ddl import TorchModel, get_or_create_session  # noqa: E402
-from spark_ddl.data import ColumnSpec  # noqa: E402
-from spark_ddl.models import MLP  # noqa: E402
+from spark_ddl.apps.options import parse_with_config
+from spark_ddl.benchmarks.common import emit, timed
+from spark_ddl import TorchModel, get_or_create_session
+from spark_ddl.data import ColumnSpec
+from spark_ddl.models import MLP
 
 
 def identity(batches):
     yield from batches
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run this benchmark with command-line arguments ``argv``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--hidden", default="128", help="hidden layer sizes of the MLP")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-inference")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.rows, args.features)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts in jobs/ (timing with a warm-up, medians)."""
+"""Shared pieces of the benchmark scripts (timing with a warm-up, medians)."""
 
 from __future__ import annotations
 

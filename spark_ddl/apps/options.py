@@ -1,0 +1,49 @@
+"""Command-line parsing shared by the apps: ``--config FILE`` (JSON or YAML) supplies option
+values, and flags given on the command line override them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a .json, .yaml or .yml file (keys may use '-' or '_')."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                      required: Sequence[str] = ()) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config FILE`` values as defaults; ``required`` options must end up set
+    (from the file or the command line)."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON or YAML file of option values (keys as the long flags, '-' or '_'); "
+                             "flags on the command line override it")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        try:
+            values = load_config_file(known.config)
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read --config {known.config}: {exc}")
+        options = {action.dest for action in parser._actions}  # noqa: SLF001 - argparse has no public list
+        unknown = sorted(set(values) - options)
+        if unknown:
+            parser.error(f"--config {known.config} has unknown option(s) {unknown}; valid: "
+                         f"{sorted(options - {'help', 'config'})}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    missing = [name for name in required if getattr(args, name, None) in (None, "")]
+    if missing:
+        parser.error("missing required option(s): " + ", ".join(f"--{m.replace('_', '-')}" for m in missing))
+    return args

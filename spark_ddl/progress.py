@@ -1,0 +1,79 @@
+"""Live training progress on the driver, from rank 0's status reports.
+
+On a terminal: a tqdm bar over all steps (epoch, loss of the last epoch, samples/s, ETA).
+Otherwise: one log line per finished epoch (logger ``spark_ddl.progress``). ``progress="off"``
+shows nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("spark_ddl.progress")
+
+PROGRESS_MODES = ("auto", "bar", "log", "off")
+
+
+class ProgressReporter:
+    """Turns rank 0's status (epoch, step, steps_per_epoch, recent_epochs) into progress output."""
+
+    def __init__(self, mode: str = "auto", stream=None) -> None:
+        stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(stream, "isatty", lambda: False)() else "log"
+        self.mode, self._stream = mode, stream
+        self._bar = None
+        self._shown_epochs = 0
+        self.lines: list[str] = []  # what the log mode reported (kept for the summary and tests)
+
+    def update(self, status: dict[str, Any]) -> None:
+        if self.mode == "off" or not status:
+            return
+        epochs, steps = status.get("epochs"), status.get("steps_per_epoch")
+        for record in status.get("recent_epochs") or []:
+            if isinstance(record, dict) and int(record.get("epoch", 0)) > self._shown_epochs:
+                self._shown_epochs = int(record["epoch"])
+                self._epoch_done(record, epochs)
+        if self.mode == "bar" and epochs and steps:
+            self._advance_bar(status, int(epochs), int(steps))
+
+    def _epoch_done(self, record: dict[str, Any], epochs: Any) -> None:
+        parts = [f"epoch {record['epoch']}/{epochs or '?'}", f"train_loss {record.get('train_loss', float('nan')):.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val_loss {record['val_loss']:.4f}")
+        if "val_accuracy" in record:
+            parts.append(f"val_accuracy {record['val_accuracy']:.4f}")
+        if record.get("seconds") is not None:
+            parts.append(f"{record['seconds']:.2f} s")
+        if record.get("samples_per_s"):
+            parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+        if epochs and record.get("seconds"):
+            parts.append(f"ETA {max(0, int(epochs) - int(record['epoch'])) * record['seconds']:.0f} s")
+        line = ", ".join(parts)
+        self.lines.append(line)
+        if self.mode == "log":
+            log.info("%s", line)
+        elif self._bar is not None:
+            self._bar.set_postfix_str(line.split(", ", 1)[1], refresh=False)
+
+    def _advance_bar(self, status: dict[str, Any], epochs: int, steps: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=epochs * steps, unit="step", file=self._stream, dynamic_ncols=True,
+                             desc="training")
+        epoch, step = status.get("epoch"), status.get("step")
+        if epoch is None:
+            return
+        done = int(epoch) * steps + (int(step) if step is not None else steps)
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+
+    def close(self, finished: bool) -> None:
+        if self._bar is not None:
+            if finished:
+                self._bar.update(self._bar.total - self._bar.n)
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,50 @@
+"""The spark-ddl console script: subcommands, --help, --config files with flags overriding them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_ddl import TorchModel, cli
+
+SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--help"], ["train", "predict", "bench"]),
+    (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir"]),
+    (["predict", "--help"], ["--model", "--input", "--output", "--config"]),
+    (["bench", "--help"], ["launch", "inference", "strategies"]),
+    (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
+])
+def test_console_script_help(args, expected):
+    assert SPARK_DDL.exists(), "the console script is declared in setup.py and installed by pip"
+    out = subprocess.run([str(SPARK_DDL), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in expected:
+        assert word in out.stdout, word
+
+
+def test_config_file_with_flags_overriding_it(spark, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 7\nhidden: '16'\nprogress: 'off'\nvalidation-fraction: 0\n")
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["train", "--config", str(config), "--epochs", "2", "--output", str(tmp_path / "m"),
+                     "--metrics-json", str(metrics)]) == 0
+    assert len(json.loads(metrics.read_text())["history"]) == 2  # the flag wins over the file's 7
+    assert TorchModel.load(str(tmp_path / "m")).get_module()[0].out_features == 16  # from the file
+
+
+def test_config_file_errors_name_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochs": 2, "learning_rate": 0.1}))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(bad)])
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--input", "x.parquet", "--output", "y"])
+    assert "missing required option(s): --model" in capsys.readouterr().err
