@@ -29,6 +29,7 @@ from spark_ddl.heartbeat import Heartbeat
 from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
 from spark_ddl.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
+from spark_ddl.shard_cache import DiskShard
 from spark_ddl.sync import make_strategy
 from spark_ddl.sync.guard import check_replicas
 
@@ -109,7 +110,17 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat:
         torch.cuda.set_device(device)
 
     heartbeat.set("reading the partition")
-    train, validation = Shard.from_arrow(batches, label_dtype(config.loss))
+    reset_peak_rss()
+    train, validation = Shard.from_arrow(batches, label_dtype(config.loss), config.spill_bytes)
+    try:
+        return _train_on(job, context, heartbeat, train, validation, threads, plan, device)
+    finally:
+        train.close()  # a disk shard's file goes with it
+
+
+def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: Shard, threads: int,
+              plan, device: torch.device) -> list[pa.RecordBatch]:
+    config, rank = job.config, context.partitionId()
     info = {
         "rows": train.num_rows,
         "validation_rows": validation.num_rows,
@@ -156,8 +167,10 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat:
     history = loop.run()  # ends with strategy.finish()
     heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
     check_replicas(strategy.trained_module, device, "at the end of training")
-    epochs_run = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(rdv.world_size)]
-    dist.all_gather(epochs_run, torch.tensor([len(history)], dtype=torch.int64, device=device))
+    facts = torch.tensor([len(history), peak_rss_bytes(), train.num_rows * (train.feature_dim or 0) * 4],
+                         dtype=torch.int64, device=device)
+    per_rank = [torch.zeros_like(facts) for _ in range(rdv.world_size)]
+    dist.all_gather(per_rank, facts)
 
     stopper = getattr(loop, "stopper", None)
     if stopper is not None:
@@ -172,11 +185,14 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat:
         "validation_sizes": [int(p["validation_rows"]) for p in rdv.peers], "feature_dim": dim,
         "device": plan.device, "backend": plan.backend, "threads_per_agent": threads,
         "best_epoch": stopper.best_epoch if stopper else None,
+        "peak_rss_bytes_per_rank": [int(t[1].item()) for t in per_rank],
+        "shard_feature_bytes_per_rank": [int(t[2].item()) for t in per_rank],
+        "shard_storage": "disk" if isinstance(train, DiskShard) else "memory",
         "stopped_early": bool(stopper and stopper.stopped),
         **strategy_summary,
     }
     if strategy.lockstep:
-        summary["epochs_run_per_rank"] = [int(t.item()) for t in epochs_run]
+        summary["epochs_run_per_rank"] = [int(t[0].item()) for t in per_rank]
     return [
         *output_batches("summary", 0, json.dumps(summary).encode()),
         *output_batches("weights", 0, weights),
@@ -243,11 +259,11 @@ class _EpochLoop:
 
     def run(self) -> list[dict[str, Any]]:
         history = self.history
-        features, labels = self.train.features.to(self.device), self.train.labels.to(self.device)
+        fetch, index_device = self.train.batch_source(self.device)
         for epoch in range(self.start_epoch, self.config.epochs):
             record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
             resuming = epoch == self.start_epoch
-            record.update(self._train_epoch(epoch, features, labels, self.start_step if resuming else 0,
+            record.update(self._train_epoch(epoch, fetch, index_device, self.start_step if resuming else 0,
                                             self.start_loss_sum if resuming else 0.0))
             if self.config.has_validation:
                 self.heartbeat.set("validation", epoch=epoch, step=None)
@@ -321,12 +337,12 @@ class _EpochLoop:
         self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
         self.start_loss_sum, self.updates = float(mine["loss_sum"]), int(state["updates"])
 
-    def _train_epoch(self, epoch: int, features: torch.Tensor, labels: torch.Tensor,
+    def _train_epoch(self, epoch: int, fetch, index_device: torch.device,
                      first_step: int = 0, loss_so_far: float = 0.0) -> dict[str, Any]:
         config, model = self.config, self.strategy.module
         model.train()
         started = time.perf_counter()
-        order = self.train.epoch_order(epoch, config.shuffle, config.seed, self.rank).to(self.device)
+        order = self.train.epoch_order(epoch, config.shuffle, config.seed, self.rank).to(index_device)
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=self.device)
         heartbeat = self.heartbeat
         for step in range(first_step, self.steps):
@@ -336,10 +352,11 @@ class _EpochLoop:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
             sync = self.is_sync_step[step]
+            features, labels = fetch(index)
             with self.strategy.micro_step(sync):
-                output = model(features[index])
+                output = model(features)
                 if local_rows:
-                    loss = self.loss_fn(output, labels[index])
+                    loss = self.loss_fn(output, labels)
                     loss_sum += loss.detach().double() * local_rows
                     # Weight so that the all-reduce *average* equals the mean over all rows of
                     # the update (every agent, every accumulated micro-step), also when shards
@@ -385,7 +402,7 @@ class _AsyncLoop:
 
     def run(self) -> list[dict[str, Any]]:
         config, model, rows = self.config, self.strategy.module, self.train.num_rows
-        features, labels = self.train.features.to(self.device), self.train.labels.to(self.device)
+        fetch, index_device = self.train.batch_source(self.device)
         model.train()
         order, position, local_epoch, step = None, rows, -1, 0
         running = self.strategy.start()
@@ -395,7 +412,7 @@ class _AsyncLoop:
                 if position >= rows:  # next pass over this agent's shard, freshly shuffled
                     local_epoch += 1
                     order = self.train.epoch_order(local_epoch, config.shuffle, config.seed,
-                                                   self.rank).to(self.device)
+                                                   self.rank).to(index_device)
                     position = 0
                 batches.append(order[position : position + config.batch_size])
                 position += len(batches[-1])
@@ -405,7 +422,8 @@ class _AsyncLoop:
                 self.heartbeat.set("forward pass (model code)", epoch=local_epoch, step=step)
                 if self.job.fail_hook is not None:
                     self.job.fail_hook(self.rank, local_epoch, step, self.strategy.trained_module)
-                loss = self.loss_fn(model(features[index]), labels[index])
+                features, labels = fetch(index)
+                loss = self.loss_fn(model(features), labels)
                 loss_sum += float(loss.detach()) * len(index)
                 last = number == len(batches) - 1
                 self.heartbeat.set("backward pass, pushing the gradient and pulling parameters" if last
@@ -490,3 +508,24 @@ def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:
     holder = [read_checkpoint(path) if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS counter (Linux), so a reused Python worker reports this fit's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as out:
+            out.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since ``reset_peak_rss`` (VmHWM; 0 if unknown)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

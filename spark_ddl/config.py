@@ -57,6 +57,8 @@ class TrainConfig:
     stall_timeout: float | None = None  # seconds without a completed step anywhere → fail
     resume_from: str | None = None  # set by the driver for one attempt: the checkpoint to load
     progress: str = "auto"  # driver output while training: auto | bar | log | off
+    shard_storage: str = "auto"  # memory | disk (memory-mapped file on the executor) | auto
+    shard_memory_limit_mb: float = 2048.0  # auto: shards above this spill to disk
     agent_log_level: str = "WARNING"  # agents' log records at this level reach the driver; OFF: none
 
     def validate(self) -> "TrainConfig":
@@ -121,6 +123,10 @@ class TrainConfig:
         if self.agent_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "OFF"):
             raise ConfigError("agent_log_level must be DEBUG, INFO, WARNING, ERROR or OFF, got "
                               f"{self.agent_log_level!r}.")
+        if self.shard_storage not in ("auto", "memory", "disk"):
+            raise ConfigError(f"shard_storage must be 'auto', 'memory' or 'disk', got {self.shard_storage!r}.")
+        if not (isinstance(self.shard_memory_limit_mb, (int, float)) and self.shard_memory_limit_mb >= 0):
+            raise ConfigError(f"shard_memory_limit_mb must be a number >= 0, got {self.shard_memory_limit_mb!r}.")
         if self.progress not in ("auto", "bar", "log", "off"):
             raise ConfigError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}.")
         if self.use_gpu not in (None, True, False):
@@ -184,6 +190,15 @@ class TrainConfig:
         if self.max_staleness is not None:
             return self.max_staleness
         return max(4, 2 * (self.num_workers - 1))
+
+    @property
+    def spill_bytes(self) -> int | None:
+        """Bytes of training rows an agent keeps in memory before spilling (None: never)."""
+        if self.shard_storage == "memory":
+            return None
+        if self.shard_storage == "disk":
+            return 0
+        return int(self.shard_memory_limit_mb * 2**20)
 
     @property
     def is_classification(self) -> bool:

@@ -137,6 +137,13 @@ class _TorchEstimatorParams(_TorchSharedParams):
                             "agents' log records at this level and above are re-emitted on the driver as "
                             "'[rank N] logger: message' (logger spark_ddl.agents); 'OFF' for none",
                             typeConverter=TypeConverters.toString)
+    shard_storage = Param(Params._dummy(), "shard_storage",
+                          "where an agent keeps its training rows: 'memory', 'disk' (an Arrow IPC file on "
+                          "the executor's local disk, memory-mapped) or 'auto' (disk above "
+                          "shard_memory_limit_mb)", typeConverter=TypeConverters.toString)
+    shard_memory_limit_mb = Param(Params._dummy(), "shard_memory_limit_mb",
+                                  "shard_storage='auto': an agent's training rows beyond this many MB go to disk",
+                                  typeConverter=TypeConverters.toFloat)
     check_input = Param(Params._dummy(), "check_input",
                         "scan the input on the driver before training (nulls, NaN/inf, label range, "
                         "feature lengths, model output shape) and fail with a clear error",
@@ -177,6 +184,7 @@ class _TorchEstimatorParams(_TorchSharedParams):
             keep_checkpoints=defaults.keep_checkpoints, resume=defaults.resume,
             max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout, check_input=True,
             progress=defaults.progress, agent_log_level=defaults.agent_log_level,
+            shard_storage=defaults.shard_storage, shard_memory_limit_mb=defaults.shard_memory_limit_mb,
         )
 
 
@@ -210,6 +218,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         checkpoint_every: int | str | None = None, keep_checkpoints: int | None = None,
         resume: bool | None = None, max_retries: int | None = None, stall_timeout: float | None = None,
         check_input: bool | None = None, progress: str | None = None, agent_log_level: str | None = None,
+        shard_storage: str | None = None, shard_memory_limit_mb: float | None = None,
     ) -> None:
         super().__init__()
         nullable = ("use_gpu", "validation_col", "lr_scheduler", "max_staleness", "checkpoint_dir",
@@ -235,6 +244,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
             checkpoint_every=g(self.checkpoint_every), keep_checkpoints=g(self.keep_checkpoints),
             resume=g(self.resume), max_retries=g(self.max_retries), stall_timeout=g(self.stall_timeout),
             progress=g(self.progress), agent_log_level=g(self.agent_log_level),
+            shard_storage=g(self.shard_storage), shard_memory_limit_mb=g(self.shard_memory_limit_mb),
             early_stopping_patience=g(self.early_stopping_patience),
             lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
             has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from spark_ddl.data import FEATURES, LABEL, VALIDATION
+from spark_ddl.shard_cache import DiskShard, open_shard, write_shard
 
 
 @dataclass
@@ -32,37 +34,46 @@ class Shard:
 
     @classmethod
     def from_arrow(
-        cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype
-    ) -> tuple["Shard", "Shard"]:
+        cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype, spill_bytes: int | None = None,
+    ) -> tuple["Shard | DiskShard", "Shard"]:
         """The partition's training rows and validation rows (columns ``FEATURES``,
-        ``LABEL`` and, when present, the boolean ``VALIDATION``)."""
-        feature_parts: list[np.ndarray] = []
-        label_parts: list[np.ndarray] = []
-        validation_parts: list[np.ndarray] = []
-        width: int | None = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            feats = batch.column(batch.schema.get_field_index(FEATURES))
-            width = _check_list_width(feats, FEATURES, width)
-            feature_parts.append(_flat_values(feats, np.float32).reshape(batch.num_rows, width))
-            labels = batch.column(batch.schema.get_field_index(LABEL))
-            label_parts.append(_label_values(labels))
-            index = batch.schema.get_field_index(VALIDATION)
-            if index >= 0:
-                validation_parts.append(
-                    batch.column(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-                )
-        if not feature_parts:
-            empty = cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
-            return empty, empty
-        features = torch.from_numpy(np.concatenate(feature_parts))
-        labels = torch.from_numpy(np.concatenate(label_parts)).to(label_dtype)
-        if not validation_parts:
-            return cls(features, labels), cls(features[:0], labels[:0])
-        is_validation = torch.from_numpy(np.concatenate(validation_parts))
-        return (cls(features[~is_validation], labels[~is_validation]),
-                cls(features[is_validation], labels[is_validation]))
+        ``LABEL`` and, when present, the boolean ``VALIDATION``).
+
+        With ``spill_bytes``, training rows beyond that many bytes go to a memory-mapped file on
+        the executor's disk as they stream in (``spark_ddl.shard_cache``); 0 spills everything.
+        """
+        validation_parts: list[tuple[np.ndarray, np.ndarray]] = []
+        pieces = _training_pieces(batches, label_dtype, validation_parts)
+        buffered: list[tuple[np.ndarray, np.ndarray]] = []
+        size, disk = 0, None
+        for piece in pieces:
+            buffered.append(piece)
+            size += piece[0].nbytes + piece[1].nbytes
+            if spill_bytes is not None and size > spill_bytes:
+                width = piece[0].shape[1]
+                path = write_shard(itertools.chain(buffered, pieces), width, _label_arrow_type(label_dtype))
+                buffered = []
+                disk = open_shard(path, label_dtype)
+                break
+        train = disk if disk is not None else cls._concatenate(buffered, label_dtype)
+        return train, cls._concatenate(validation_parts, label_dtype)
+
+    @classmethod
+    def _concatenate(cls, parts: list[tuple[np.ndarray, np.ndarray]], label_dtype: torch.dtype) -> "Shard":
+        if not parts:
+            return cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
+        features = torch.from_numpy(np.concatenate([f for f, _ in parts]))
+        labels = torch.from_numpy(np.concatenate([lab for _, lab in parts])).to(label_dtype)
+        return cls(features, labels)
+
+    def batch_source(self, device: torch.device) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                                                         torch.device]:
+        """(fetch, index device): ``fetch(index)`` gives the rows' features and labels on ``device``."""
+        features, labels = self.features.to(device), self.labels.to(device)
+        return (lambda index: (features[index], labels[index])), device
+
+    def close(self) -> None:
+        """Nothing to release for rows in memory (see DiskShard.close)."""
 
     def with_feature_dim(self, dim: int) -> "Shard":
         """An empty shard reshaped to the width the other agents reported."""
@@ -72,10 +83,44 @@ class Shard:
 
     def epoch_order(self, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
         """Row indices for one epoch: a fresh seeded permutation, or the partition order."""
-        if not shuffle:
-            return torch.arange(self.num_rows)
-        generator = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
-        return torch.randperm(self.num_rows, generator=generator)
+        return epoch_order(self.num_rows, epoch, shuffle, seed, rank)
+
+
+def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
+    """Row indices for one epoch of a shard of ``rows`` rows (in memory or on disk)."""
+    if not shuffle:
+        return torch.arange(rows)
+    generator = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
+    return torch.randperm(rows, generator=generator)
+
+
+def _training_pieces(batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype,
+                     validation_parts: list[tuple[np.ndarray, np.ndarray]]
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(features (n, d) float32, labels) of each batch's training rows; validation rows are
+    appended to ``validation_parts`` on the way."""
+    width: int | None = None
+    label_numpy = np.int64 if label_dtype == torch.int64 else np.float32
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        feats = batch.column(batch.schema.get_field_index(FEATURES))
+        width = _check_list_width(feats, FEATURES, width)
+        features = _flat_values(feats, np.float32).reshape(batch.num_rows, width)
+        labels = _label_values(batch.column(batch.schema.get_field_index(LABEL))).astype(label_numpy, copy=False)
+        index = batch.schema.get_field_index(VALIDATION)
+        if index < 0:
+            yield features, labels
+            continue
+        held_out = batch.column(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        if held_out.any():
+            validation_parts.append((features[held_out], labels[held_out]))
+        if not held_out.all():
+            yield features[~held_out], labels[~held_out]
+
+
+def _label_arrow_type(label_dtype: torch.dtype) -> pa.DataType:
+    return pa.int64() if label_dtype == torch.int64 else pa.float32()
 
 
 def _check_list_width(column: pa.Array, name: str, width: int | None) -> int:
