@@ -110,16 +110,19 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat:
         torch.cuda.set_device(device)
 
     heartbeat.set("reading the partition")
+    map_large_allocations()
     reset_peak_rss()
+    rss_before_data = peak_rss_bytes()
+    _log_memory("before reading the partition")
     train, validation = Shard.from_arrow(batches, label_dtype(config.loss), config.spill_bytes)
     try:
-        return _train_on(job, context, heartbeat, train, validation, threads, plan, device)
+        return _train_on(job, context, heartbeat, train, validation, threads, plan, device, rss_before_data)
     finally:
         train.close()  # a disk shard's file goes with it
 
 
 def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: Shard, threads: int,
-              plan, device: torch.device) -> list[pa.RecordBatch]:
+              plan, device: torch.device, rss_before_data: int) -> list[pa.RecordBatch]:
     config, rank = job.config, context.partitionId()
     info = {
         "rows": train.num_rows,
@@ -147,6 +150,7 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: S
         raise ValueError(f"agents hold feature arrays of different lengths: {sorted(dims)}")
     dim = dims.pop()
     train, validation = train.with_feature_dim(dim), validation.with_feature_dim(dim)
+    _log_memory("after reading the partition")
     init_process_group(rdv, plan.backend, config.timeout)
 
     heartbeat.set("building the model and the sync strategy")
@@ -159,6 +163,7 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: S
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),
     )
+    _log_memory("after the process group, model and strategy")
     loop_class = _EpochLoop if strategy.lockstep else _AsyncLoop
     loop = loop_class(job, strategy, train, validation, sizes, rank, rdv.world_size, device, heartbeat)
     if config.resume_from is not None:
@@ -166,8 +171,10 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: S
         loop.resume(load_checkpoint_everywhere(config.resume_from, rank))
     history = loop.run()  # ends with strategy.finish()
     heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
+    _log_memory("after training")
     check_replicas(strategy.trained_module, device, "at the end of training")
-    facts = torch.tensor([len(history), peak_rss_bytes(), train.num_rows * (train.feature_dim or 0) * 4],
+    facts = torch.tensor([len(history), peak_rss_bytes(), train.num_rows * (train.feature_dim or 0) * 4,
+                          rss_before_data],
                          dtype=torch.int64, device=device)
     per_rank = [torch.zeros_like(facts) for _ in range(rdv.world_size)]
     dist.all_gather(per_rank, facts)
@@ -187,6 +194,7 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: S
         "best_epoch": stopper.best_epoch if stopper else None,
         "peak_rss_bytes_per_rank": [int(t[1].item()) for t in per_rank],
         "shard_feature_bytes_per_rank": [int(t[2].item()) for t in per_rank],
+        "rss_before_data_bytes_per_rank": [int(t[3].item()) for t in per_rank],
         "shard_storage": "disk" if isinstance(train, DiskShard) else "memory",
         "stopped_early": bool(stopper and stopper.stopped),
         **strategy_summary,
@@ -529,3 +537,27 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def _log_memory(where: str) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
+        fields = dict(line.split(":", 1) for line in status.splitlines() if line.startswith(("VmRSS", "VmHWM")))
+        log.debug("memory %s: RSS %s, peak %s", where, fields.get("VmRSS", "?").strip(), fields.get("VmHWM", "?").strip())
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Have glibc serve allocations above ``threshold`` bytes with their own mmap.
+
+    glibc raises its mmap threshold after large blocks are freed, after which the shard's
+    pieces (megabytes each) come from the heap and freeing them does not lower RSS: the
+    shard's peak would be two copies instead of one. A fixed threshold keeps each piece's
+    memory returnable the moment it is copied into the shard. No-op without glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also turns off its dynamic adjustment)
+    except (OSError, AttributeError):
+        pass

@@ -60,11 +60,23 @@ class Shard:
 
     @classmethod
     def _concatenate(cls, parts: list[tuple[np.ndarray, np.ndarray]], label_dtype: torch.dtype) -> "Shard":
+        """One tensor pair from the pieces, emptying ``parts`` as it goes: each piece is freed as
+        soon as it is copied, so the peak is about one shard plus one piece, not two shards."""
         if not parts:
             return cls(torch.empty((0, 0), dtype=torch.float32), torch.empty((0,), dtype=label_dtype))
-        features = torch.from_numpy(np.concatenate([f for f, _ in parts]))
-        labels = torch.from_numpy(np.concatenate([lab for _, lab in parts])).to(label_dtype)
-        return cls(features, labels)
+        rows = sum(len(f) for f, _ in parts)
+        features = np.empty((rows, *parts[0][0].shape[1:]), dtype=np.float32)
+        labels = np.empty((rows, *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+        position = 0
+        parts.reverse()  # pop from the end: O(1) and in the original order
+        while parts:
+            piece_features, piece_labels = parts.pop()
+            features[position : position + len(piece_features)] = piece_features
+            labels[position : position + len(piece_labels)] = piece_labels
+            position += len(piece_features)
+            del piece_features, piece_labels
+        pa.default_memory_pool().release_unused()  # Spark's Arrow batches, freed above
+        return cls(torch.from_numpy(features), torch.from_numpy(labels).to(label_dtype))
 
     def batch_source(self, device: torch.device) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                                                          torch.device]:
@@ -94,6 +106,9 @@ def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> t
     return torch.randperm(rows, generator=generator)
 
 
+ARROW_RELEASE_BYTES = 64 * 2**20  # release Arrow's freed memory after this many bytes of batches
+
+
 def _training_pieces(batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype,
                      validation_parts: list[tuple[np.ndarray, np.ndarray]]
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -101,18 +116,26 @@ def _training_pieces(batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype
     appended to ``validation_parts`` on the way."""
     width: int | None = None
     label_numpy = np.int64 if label_dtype == torch.int64 else np.float32
+    since_release = 0
     for batch in batches:
         if batch.num_rows == 0:
             continue
         feats = batch.column(batch.schema.get_field_index(FEATURES))
         width = _check_list_width(feats, FEATURES, width)
-        features = _flat_values(feats, np.float32).reshape(batch.num_rows, width)
-        labels = _label_values(batch.column(batch.schema.get_field_index(LABEL))).astype(label_numpy, copy=False)
+        # Own copies, so the Arrow batch (Spark's buffers) can go now, not when the shard is built.
+        features = np.array(_flat_values(feats, np.float32).reshape(batch.num_rows, width), copy=True)
+        labels = np.array(_label_values(batch.column(batch.schema.get_field_index(LABEL))), dtype=label_numpy)
         index = batch.schema.get_field_index(VALIDATION)
-        if index < 0:
+        held_out = (batch.column(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+                    if index >= 0 else None)
+        since_release += features.nbytes
+        del feats, batch
+        if since_release > ARROW_RELEASE_BYTES:  # give the freed Arrow memory back to the OS
+            pa.default_memory_pool().release_unused()
+            since_release = 0
+        if held_out is None:
             yield features, labels
             continue
-        held_out = batch.column(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
         if held_out.any():
             validation_parts.append((features[held_out], labels[held_out]))
         if not held_out.all():

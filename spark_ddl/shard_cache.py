@@ -1,19 +1,19 @@
 """Disk-backed shard: the partition's rows in an Arrow IPC file on the executor's local disk,
-memory-mapped, so an agent can train on a shard larger than its memory budget.
+so an agent can train on a shard larger than its memory budget.
 
 The file holds record batches with a ``fixed_size_list<float32>`` features column and a
-label column, written as the partition streams in (never the whole shard in memory). Reads
-go through one ``mmap`` of the file, wrapped zero-copy by pyarrow; a mini-batch gathers its
-rows from the mapped pages into a small tensor. Mapped pages count towards the process's RSS
-while resident, so after every ``release_every`` gathered bytes the mapping is told to drop
-them (``madvise(MADV_DONTNEED)``: the data stays in the OS page cache, which is not the
-agent's memory). The rows, their order and hence training are identical to the in-memory
-shard.
+label column, written as the partition streams in (never the whole shard in memory). The
+file is memory-mapped once to read its layout (where each batch's values start); a
+mini-batch then reads its rows with ``pread`` into a small tensor. Rows are not gathered
+through the mapping because a page fault on a file mapping maps the whole page-cache folio
+(hundreds of KB on ext4 with large folios), so random rows would pull most of the file into
+the process's RSS; ``pread`` copies only the row, and the file's pages stay in the OS page
+cache, which is not the agent's memory. The rows, their order and hence training are
+identical to the in-memory shard.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 import uuid
@@ -23,40 +23,46 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-RELEASE_EVERY_BYTES = 64 * 2**20  # drop mapped pages after gathering this much
-
 
 class DiskArray:
-    """Rows of a 2-D float32 (or label) array stored across the record batches of an IPC file."""
+    """Rows of a 2-D (or 1-D label) array stored in the record batches of an IPC file."""
 
-    def __init__(self, chunks: list[np.ndarray], dtype: torch.dtype) -> None:
-        self._chunks = chunks  # zero-copy views into the mapping, one per record batch
-        self._starts = np.cumsum([0] + [len(c) for c in chunks])
-        self.dtype = dtype
-        self.shape = (int(self._starts[-1]), *chunks[0].shape[1:]) if chunks else (0,)
+    def __init__(self, fd: int, offsets: list[int], lengths: list[int], row_shape: tuple[int, ...],
+                 numpy_dtype: np.dtype, dtype: torch.dtype) -> None:
+        self._fd = fd
+        self._offsets = np.asarray(offsets, dtype=np.int64)  # file offset of each batch's first row
+        self._starts = np.cumsum([0] + list(lengths))
+        self._row_shape, self._numpy_dtype, self.dtype = row_shape, np.dtype(numpy_dtype), dtype
+        self._row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self._numpy_dtype.itemsize
+        self.shape = (int(self._starts[-1]), *row_shape)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The rows at ``index`` (any order, repeats allowed) as a new tensor, and bytes read."""
-        rows = index.cpu().numpy()
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self._chunks[0].dtype)
-        chunk_of = np.searchsorted(self._starts, rows, side="right") - 1
-        for chunk in np.unique(chunk_of):
-            picked = chunk_of == chunk
-            out[picked] = self._chunks[chunk][rows[picked] - self._starts[chunk]]
-        return torch.from_numpy(out).to(self.dtype), out.nbytes
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at ``index`` (any order, repeats allowed) as a new tensor."""
+        rows = index.cpu().numpy().astype(np.int64, copy=False)
+        out = np.empty((len(rows), *self._row_shape), dtype=self._numpy_dtype)
+        if len(rows):
+            batch = np.searchsorted(self._starts, rows, side="right") - 1
+            positions = self._offsets[batch] + (rows - self._starts[batch]) * self._row_bytes
+            # rows that follow each other in the file and in the batch are read with one call
+            breaks = np.flatnonzero(np.diff(positions) != self._row_bytes) + 1
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            size = self._row_bytes
+            for first, last in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+                wanted = (last - first) * size
+                if os.preadv(self._fd, [view[first * size : last * size]], int(positions[first])) != wanted:
+                    raise OSError(f"short read from the shard cache file (wanted {wanted} bytes)")
+        return torch.from_numpy(out).to(self.dtype)
 
 
 class DiskShard:
-    """An agent's training rows in a memory-mapped Arrow IPC file (see the module docstring)."""
+    """An agent's training rows in an Arrow IPC file on local disk (see the module docstring)."""
 
-    def __init__(self, path: str, features: DiskArray, labels: DiskArray, handle, mapping: mmap.mmap) -> None:
-        self.path = path
+    def __init__(self, path: str, fd: int, features: DiskArray, labels: DiskArray) -> None:
+        self.path, self._fd = path, fd
         self.features, self.labels = features, labels
-        self._handle, self._mapping = handle, mapping
-        self._since_release = 0
 
     @property
     def num_rows(self) -> int:
@@ -76,7 +82,7 @@ class DiskShard:
         return self
 
     def batch_source(self, device: torch.device):
-        """(fetch, index device): rows are gathered on the CPU, then moved to ``device``."""
+        """(fetch, index device): rows are read on the CPU, then moved to ``device``."""
         def fetch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features, labels = self.batch(index)
             return features.to(device), labels.to(device)
@@ -84,28 +90,14 @@ class DiskShard:
         return fetch, torch.device("cpu")
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of the rows at ``index`` (new tensors, not views of the file)."""
-        features, read = self.features.gather(index)
-        labels, read_labels = self.labels.gather(index)
-        self._since_release += read + read_labels
-        if self._since_release >= RELEASE_EVERY_BYTES:
-            self.release_pages()
-        return features, labels
-
-    def release_pages(self) -> None:
-        """Drop the mapping's resident pages from this process (they stay in the page cache)."""
-        if hasattr(self._mapping, "madvise"):
-            self._mapping.madvise(mmap.MADV_DONTNEED)
-        self._since_release = 0
+        """Features and labels of the rows at ``index`` (new tensors)."""
+        return self.features.gather(index), self.labels.gather(index)
 
     def close(self) -> None:
-        """Unmap and delete the file."""
-        self.features = self.labels = None  # the views into the mapping go first
-        try:
-            self._mapping.close()
-        except BufferError:  # a view is still alive somewhere; the OS unmaps at exit
-            pass
-        self._handle.close()
+        """Close and delete the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -140,20 +132,38 @@ def write_shard(batches: Iterable[tuple[np.ndarray, np.ndarray]], feature_dim: i
 
 
 def open_shard(path: str, label_dtype: torch.dtype) -> DiskShard:
-    """Map the IPC file written by ``write_shard``."""
-    handle = open(path, "rb")
-    size = os.fstat(handle.fileno()).st_size
-    mapping = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
-    reader = pa.ipc.open_file(pa.py_buffer(mapping))
-    features, labels = [], []
-    for number in range(reader.num_record_batches):
-        batch = reader.get_batch(number)
-        column = batch.column(0)
-        width = column.type.list_size
-        features.append(column.values.to_numpy(zero_copy_only=True).reshape(len(column), width))
-        label = batch.column(1)
-        if pa.types.is_fixed_size_list(label.type):
-            labels.append(label.values.to_numpy(zero_copy_only=True).reshape(len(label), label.type.list_size))
-        else:
-            labels.append(label.to_numpy(zero_copy_only=True))
-    return DiskShard(path, DiskArray(features, torch.float32), DiskArray(labels, label_dtype), handle, mapping)
+    """Open the IPC file written by ``write_shard``: map it once to find where each batch's
+    values lie, then keep only a file descriptor for the reads."""
+    mapped = pa.memory_map(path, "r")
+    try:
+        base = mapped.read_buffer(1).address if mapped.size() else 0  # zero-copy: the mapping itself
+        mapped.seek(0)
+        reader = pa.ipc.open_file(mapped)
+        layout: dict[str, list] = {"features": [], "labels": [], "lengths": []}
+        feature_width, label_shape, label_numpy = 0, (), np.int64
+        for number in range(reader.num_record_batches):
+            batch = reader.get_batch(number)
+            features, labels = batch.column(0), batch.column(1)
+            feature_width = features.type.list_size
+            layout["features"].append(_first_value_offset(features.values, base))
+            if pa.types.is_fixed_size_list(labels.type):
+                label_shape, label_numpy = (labels.type.list_size,), np.float32
+                layout["labels"].append(_first_value_offset(labels.values, base))
+            else:
+                label_numpy = labels.type.to_pandas_dtype()
+                layout["labels"].append(_first_value_offset(labels, base))
+            layout["lengths"].append(len(batch))
+    finally:
+        mapped.close()
+    fd = os.open(path, os.O_RDONLY)
+    features = DiskArray(fd, layout["features"], layout["lengths"], (feature_width,), np.float32, torch.float32)
+    labels = DiskArray(fd, layout["labels"], layout["lengths"], label_shape, label_numpy, label_dtype)
+    return DiskShard(path, fd, features, labels)
+
+
+def _first_value_offset(array: pa.Array, base: int) -> int:
+    """File offset of the array's first value (its data buffer lies inside the mapping)."""
+    if array.null_count:
+        raise ValueError("the shard cache holds no nulls")
+    data = array.buffers()[1]
+    return data.address - base + array.offset * array.type.bit_width // 8

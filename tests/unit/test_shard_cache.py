@@ -41,7 +41,6 @@ def test_spilled_shard_equals_the_in_memory_one_and_deletes_its_file():
         features, labels = disk_train.batch(index)
         assert torch.equal(features, memory_train.features[index])
         assert torch.equal(labels, memory_train.labels[index]) and labels.dtype == torch.int64
-    disk_train.release_pages()
     path = disk_train.path
     disk_train.close()
     assert not os.path.exists(path)
