@@ -106,7 +106,7 @@ def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> t
     return torch.randperm(rows, generator=generator)
 
 
-ARROW_RELEASE_BYTES = 64 * 2**20  # release Arrow's freed memory after this many bytes of batches
+ARROW_RELEASE_BYTES = 8 * 2**20  # release Arrow's freed memory after this many bytes of batches
 
 
 def _training_pieces(batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype,

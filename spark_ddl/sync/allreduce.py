@@ -53,7 +53,8 @@ class AllReduceStrategy(SyncStrategy):
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         device_ids = [self._device.index] if self._device.type == "cuda" else None
         self._module = module
-        self._ddp = DistributedDataParallel(module, device_ids=device_ids)
+        # gradients live in the all-reduce buckets: one copy less per step, and less memory
+        self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
         register_compression(self._ddp, self._compression)
         self._optimizer = make_optimizer(self._ddp.parameters())
 
