@@ -23,7 +23,7 @@ from torch import nn
 from spark_ddl.artifact import build_from_class_path, output_batches, state_dict_to_bytes
 from spark_ddl.checkpoint import CheckpointEvery, compatibility_record, read_checkpoint, write_checkpoint
 from spark_ddl.config import TrainConfig, classification_kind
-from spark_ddl.devices import select_device, task_gpu_addresses
+from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
 from spark_ddl.errors import AgentFailure
 from spark_ddl.heartbeat import Heartbeat
 from spark_ddl.objectives import label_dtype, make_loss, make_optimizer, make_scheduler
@@ -121,8 +121,8 @@ def _train(job: AgentJob, context, batches: Iterator[pa.RecordBatch], heartbeat:
         train.close()  # a disk shard's file goes with it
 
 
-def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train, validation: Shard, threads: int,
-              plan, device: torch.device, rss_before_data: int) -> list[pa.RecordBatch]:
+def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train: Shard | DiskShard, validation: Shard, threads: int,
+              plan: DevicePlan, device: torch.device, rss_before_data: int) -> list[pa.RecordBatch]:
     config, rank = job.config, context.partitionId()
     info = {
         "rows": train.num_rows,
