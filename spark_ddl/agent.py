@@ -38,6 +38,10 @@ log = logging.getLogger("spark_ddl.agent")
 # Seconds a rank whose error is only a consequence of a peer's failure (a broken collective)
 # waits before raising, so that the peer's own error reaches the driver first.
 SECONDARY_FAILURE_DELAY = 3.0
+# Seconds a failing agent waits for its process group's teardown before reporting its error:
+# destroying a gloo group while a peer is inside a collective can block until the timeout,
+# and the root cause must reach the driver before the peers' follow-on errors.
+FAILURE_TEARDOWN_SECONDS = 2.0
 RECENT_EPOCHS = 32  # epoch records rank 0's heartbeat carries to the driver
 
 
@@ -86,8 +90,7 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
         _raise_agent_failure(rank, exc)
     finally:
         heartbeat.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_group_within(FAILURE_TEARDOWN_SECONDS)  # after leave_group (success) nothing is left
     yield from result
 
 
@@ -500,8 +503,7 @@ def _raise_agent_failure(rank: int, exc: BaseException) -> None:
         "secondary": secondary,
     }
     if secondary:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_group_within(FAILURE_TEARDOWN_SECONDS)
         time.sleep(SECONDARY_FAILURE_DELAY)
     raise AgentFailure(info) from exc
 
@@ -561,3 +563,22 @@ def map_large_allocations(threshold: int = 1 << 20) -> None:
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also turns off its dynamic adjustment)
     except (OSError, AttributeError):
         pass
+
+
+def destroy_group_within(seconds: float) -> None:
+    """Destroy the default process group, if any, waiting at most ``seconds`` for it.
+
+    A teardown that blocks (a peer still inside a collective) goes on in a daemon thread; the
+    next agent in this Python worker destroys a group that is still left, and a worker that
+    exits takes it along.
+    """
+    if not dist.is_initialized():
+        return
+    import threading
+
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True, name="spark-ddl-teardown")
+    teardown.start()
+    teardown.join(seconds)
+    if teardown.is_alive():
+        log.warning("the process group's teardown is still blocked after %.0f s; reporting the error first",
+                    seconds)
