@@ -71,7 +71,19 @@ class AgentMonitor:
             allow_reuse_address = True
             block_on_close = False
 
-        self._server = Server((host, 0), Handler)
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None  # None: no channel (agents report nothing)
+        for bind_host in (host, "0.0.0.0"):  # the driver's address may not be bindable (NAT, k8s)
+            try:
+                self._server = Server((bind_host, 0), Handler)
+                break
+            except OSError as exc:
+                log.debug("cannot listen on %s: %s", bind_host, exc)
+        if self._server is None:
+            log.warning("the agents' status channel could not start: no live progress and no stall "
+                        "detection for this fit; training goes on")
+            return
         self.address = (host, self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         daemon=True, name="spark-ddl-monitor")
@@ -176,6 +188,8 @@ class AgentMonitor:
 
     def close(self) -> None:
         """Stop serving and close the listening socket (connections close with their agents)."""
+        if self._server is None:
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

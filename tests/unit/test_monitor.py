@@ -75,3 +75,14 @@ def test_an_unreachable_driver_does_not_disturb_the_agent():
     beat = Heartbeat(address, "secret", 0, interval=0.05).start()
     beat.set("forward pass (model code)", step=1)
     beat.stop()  # returns promptly, raises nothing
+
+
+def test_an_unbindable_driver_address_falls_back_to_all_interfaces():
+    server = AgentMonitor("192.0.2.1", stall_timeout=None)  # TEST-NET: not an address of this machine
+    try:
+        assert server.address[0] == "192.0.2.1"  # what the agents are told
+        beat = Heartbeat(("127.0.0.1", server.address[1]), server.secret, 0, interval=0.05).start()
+        wait_for(lambda: 0 in server.ranks)
+        beat.stop()
+    finally:
+        server.close()
