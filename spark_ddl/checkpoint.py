@@ -14,13 +14,14 @@ renamed, so a file with the final name is always complete; only the newest
 from __future__ import annotations
 
 import io
-import os
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from spark_ddl.storage import arrow_store_for
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-u(\d{9})\.pt$")
 FORMAT = 1
@@ -53,28 +54,16 @@ class CheckpointEvery:
         return cls(int(match.group(1)), unit)
 
 
-def filesystem(path: str):
-    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs as pafs
-
-    if "://" not in path:
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    return pafs.FileSystem.from_uri(path)
-
-
 def checkpoint_name(updates: int) -> str:
     return f"checkpoint-u{updates:09d}.pt"
 
 
 def list_checkpoints(path: str) -> list[str]:
     """Complete checkpoints in ``path`` (names), oldest first; [] if it does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+    store, inner = arrow_store_for(path)
+    if not store.exists(inner):
         return []
-    names = [os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(inner))]
-    return sorted(n for n in names if CHECKPOINT_RE.match(n))
+    return sorted(n for n in store.list(inner) if CHECKPOINT_RE.match(n))
 
 
 def newest_checkpoint(path: str) -> str | None:
@@ -85,33 +74,30 @@ def newest_checkpoint(path: str) -> str | None:
 
 def write_checkpoint(path: str, state: dict[str, Any], updates: int, keep: int) -> str:
     """Write ``state`` atomically as the checkpoint after ``updates`` updates; prune old ones."""
-    fs, inner = filesystem(path)
-    fs.create_dir(inner, recursive=True)
+    store, inner = arrow_store_for(path)
+    store.mkdirs(inner)
     buffer = io.BytesIO()
     torch.save(dict(state, format=FORMAT), buffer)
     final = f"{inner}/{checkpoint_name(updates)}"
     temporary = f"{inner}/.tmp-{uuid.uuid4().hex[:12]}-{checkpoint_name(updates)}"
     try:
-        with fs.open_output_stream(temporary) as out:
-            out.write(buffer.getvalue())
-        fs.move(temporary, final)
+        store.write(temporary, buffer.getvalue())
+        store.rename(temporary, final)
     except BaseException:
         try:
-            fs.delete_file(temporary)
+            store.delete(temporary)
         except OSError:
             pass
         raise
     for old in list_checkpoints(path)[:-keep]:
-        fs.delete_file(f"{inner}/{old}")
+        store.delete(f"{inner}/{old}")
     return final
 
 
 def read_checkpoint(full_path: str) -> dict[str, Any]:
     """Load a checkpoint written by ``write_checkpoint`` (tensors and plain values only)."""
-    fs, inner = filesystem(full_path)
-    with fs.open_input_stream(inner) as stream:
-        data = stream.read()
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    store, inner = arrow_store_for(full_path)
+    state = torch.load(io.BytesIO(store.read(inner)), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"{full_path} is not a spark_ddl checkpoint of format {FORMAT}")
     return state

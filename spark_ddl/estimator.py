@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import uuid
 from typing import Any, Callable, Sequence
@@ -71,6 +72,13 @@ class _TorchSharedParams(Params):
     def setInferenceBatchSize(self, value: int):
         """Set the number of rows per forward pass in transform()."""
         return self._set(inference_batch_size=value)
+
+
+def _config_param_names() -> tuple[str, ...]:
+    """TrainConfig fields that the estimator exposes as Params of the same name (with the
+    config's defaults); the rest (has_validation, resume_from) the driver sets itself."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig)
+                 if isinstance(getattr(_TorchEstimatorParams, f.name, None), Param))
 
 
 class _TorchEstimatorParams(_TorchSharedParams):
@@ -172,19 +180,8 @@ class _TorchEstimatorParams(_TorchSharedParams):
         super().__init__()
         defaults = TrainConfig()
         self._setDefault(
-            model_kwargs={}, loss=defaults.loss, optimizer=defaults.optimizer, lr=defaults.lr,
-            optimizer_kwargs={}, batch_size=defaults.batch_size, epochs=defaults.epochs,
-            num_workers=defaults.num_workers, shuffle=defaults.shuffle, seed=defaults.seed,
-            use_gpu=defaults.use_gpu, timeout=defaults.timeout, sync=defaults.sync,
-            sync_every=defaults.sync_every, compression=defaults.compression,
-            accumulate_steps=defaults.accumulate_steps, check_every=defaults.check_every,
-            max_staleness=defaults.max_staleness, validation_col=None, validation_fraction=0.0,
-            early_stopping_patience=0, lr_scheduler=None, lr_scheduler_kwargs={},
-            checkpoint_dir=None, checkpoint_every=defaults.checkpoint_every,
-            keep_checkpoints=defaults.keep_checkpoints, resume=defaults.resume,
-            max_retries=defaults.max_retries, stall_timeout=defaults.stall_timeout, check_input=True,
-            progress=defaults.progress, agent_log_level=defaults.agent_log_level,
-            shard_storage=defaults.shard_storage, shard_memory_limit_mb=defaults.shard_memory_limit_mb,
+            **{name: getattr(defaults, name) for name in _config_param_names()},
+            model_kwargs={}, validation_col=None, validation_fraction=0.0, check_input=True,
         )
 
 
@@ -233,21 +230,11 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
     def train_config(self) -> TrainConfig:
         """The validated TrainConfig the agents receive."""
         g = self.getOrDefault
+        settings = {name: g(getattr(self, name)) for name in _config_param_names()}
+        for name in ("optimizer_kwargs", "lr_scheduler_kwargs"):
+            settings[name] = dict(settings[name] or {})
         return TrainConfig(
-            loss=g(self.loss), optimizer=g(self.optimizer), lr=g(self.lr),
-            optimizer_kwargs=dict(g(self.optimizer_kwargs) or {}), batch_size=g(self.batch_size),
-            epochs=g(self.epochs), num_workers=g(self.num_workers), shuffle=g(self.shuffle),
-            seed=g(self.seed), use_gpu=g(self.use_gpu), timeout=g(self.timeout), sync=g(self.sync),
-            sync_every=g(self.sync_every), compression=g(self.compression),
-            accumulate_steps=g(self.accumulate_steps), check_every=g(self.check_every),
-            max_staleness=g(self.max_staleness), checkpoint_dir=g(self.checkpoint_dir),
-            checkpoint_every=g(self.checkpoint_every), keep_checkpoints=g(self.keep_checkpoints),
-            resume=g(self.resume), max_retries=g(self.max_retries), stall_timeout=g(self.stall_timeout),
-            progress=g(self.progress), agent_log_level=g(self.agent_log_level),
-            shard_storage=g(self.shard_storage), shard_memory_limit_mb=g(self.shard_memory_limit_mb),
-            early_stopping_patience=g(self.early_stopping_patience),
-            lr_scheduler=g(self.lr_scheduler), lr_scheduler_kwargs=dict(g(self.lr_scheduler_kwargs) or {}),
-            has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
+            **settings, has_validation=bool(g(self.validation_col) or g(self.validation_fraction)),
         ).validate()
 
     def _agent_job(self, config: TrainConfig) -> tuple[AgentJob, nn.Module, dict[str, Any]]:

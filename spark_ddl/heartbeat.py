@@ -31,7 +31,6 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._logs: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_LOG_RECORDS)
         self._handler: logging.Handler | None = None
-        self._sent_once = False
 
     def set(self, phase: str, waiting: bool = False, **fields: Any) -> None:
         """Record the current phase (``waiting``: blocked on peers, not computing)."""
@@ -77,13 +76,15 @@ class Heartbeat:
                 connection.settimeout(10)
                 send = connection.sendall
                 send((json.dumps({"secret": self._secret, "rank": self._rank}) + "\n").encode())
-                while True:
-                    stopping = self._stop.wait(self._interval) if self._sent_once else False
-                    lines = [json.dumps({"log": self._logs.popleft()}) for _ in range(len(self._logs))]
-                    lines.append(json.dumps(self.status))
-                    send(("\n".join(lines) + "\n").encode())
-                    self._sent_once = True
-                    if stopping:
-                        return
+                self._send_pending(send)
+                while not self._stop.wait(self._interval):
+                    self._send_pending(send)
+                self._send_pending(send)  # the last status and log records
         except (OSError, ValueError, TypeError):
             return  # best effort: the driver may be unreachable; training goes on
+
+    def _send_pending(self, send) -> None:
+        """Queued log records, then the current status, as JSON lines."""
+        lines = [json.dumps({"log": self._logs.popleft()}) for _ in range(len(self._logs))]
+        lines.append(json.dumps(self.status))
+        send(("\n".join(lines) + "\n").encode())

@@ -105,21 +105,27 @@ class HadoopStore:
         self._fs.delete(self._path(path), True)
 
 
-def store_for(path: str) -> tuple[Store, str]:
-    """The store that handles ``path`` and the path in that store's terms."""
-    if "://" not in path:
-        import pyarrow.fs as pafs
-
-        return ArrowStore(pafs.LocalFileSystem()), os.path.abspath(path)
-    from pyspark import SparkContext
-
-    sc = SparkContext._active_spark_context  # noqa: SLF001
-    if sc is not None:
-        return HadoopStore(sc, path), path.rstrip("/")
+def arrow_store_for(path: str) -> tuple[ArrowStore, str]:
+    """A pyarrow store for a local path or any URI ``pyarrow.fs`` understands (no Spark needed,
+    so it also works on executors), and the path in that store's terms."""
     import pyarrow.fs as pafs
 
+    if "://" not in path:
+        return ArrowStore(pafs.LocalFileSystem()), os.path.abspath(path)
     filesystem, inner = pafs.FileSystem.from_uri(path)
     return ArrowStore(filesystem), inner
+
+
+def store_for(path: str) -> tuple[Store, str]:
+    """The store that handles ``path`` and the path in that store's terms (URIs go through
+    Hadoop's FileSystem while a SparkContext runs in this process)."""
+    if "://" in path:
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context  # noqa: SLF001
+        if sc is not None:
+            return HadoopStore(sc, path), path.rstrip("/")
+    return arrow_store_for(path)
 
 
 def write_directory(path: str, files: dict[str, bytes], overwrite: bool) -> None:

@@ -61,25 +61,28 @@ def noop(frame: DataFrame) -> None:
     frame.write.format("noop").mode("overwrite").save()
 
 
+def train_one_pass(model: torch.nn.Module, rows: int, features: int, batch: int) -> float:
+    """Seconds for one shuffled pass of SGD over ``rows`` random in-memory rows."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = torch.rand(rows, features), torch.randint(0, 10, (rows,))
+    order = torch.randperm(rows)
+    started = time.perf_counter()
+    for start in range(0, rows, batch):
+        index = order[start:start + batch]
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
 def plain_training_samples_per_s(rows: int, features: int, hidden: list[int], batch: int) -> float:
     """One process, one thread, in-memory tensors, the same model and batch: samples/s."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = MLP(features, 10, hidden)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        x = torch.rand(rows, features)
-        y = torch.randint(0, 10, (rows,))
-        order = torch.randperm(rows)
-        started = time.perf_counter()
-        for start in range(0, rows, batch):
-            index = order[start:start + batch]
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x[index]), y[index]).backward()
-            optimizer.step()
-        return rows / (time.perf_counter() - started)
+        return rows / train_one_pass(MLP(features, 10, hidden), rows, features, batch)
     finally:
         torch.set_num_threads(previous)
 
@@ -95,19 +98,10 @@ def _bare_ddp_worker(rank: int, port: int, rows: int, features: int, hidden: lis
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(MLP(features, 10, hidden))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    x, y = torch.rand(rows, features), torch.randint(0, 10, (rows,))
-    order = torch.randperm(rows)
-    started = time.perf_counter()
-    for start in range(0, rows, batch):
-        index = order[start:start + batch]
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x[index]), y[index]).backward()
-        optimizer.step()
+    seconds = train_one_pass(torch.nn.parallel.DistributedDataParallel(MLP(features, 10, hidden)), rows,
+                             features, batch)
     if rank == 0:
-        result.value = 2 * rows / (time.perf_counter() - started)
+        result.value = 2 * rows / seconds
     dist.barrier()
     dist.destroy_process_group()
 
