@@ -28,6 +28,7 @@ from spark_ddl.benchmarks.common import emit, timed
 from spark_ddl.benchmarks.launch import allreduce_once, floor_job
 from spark_ddl.data import ColumnSpec, select_training_columns
 from spark_ddl.models import MLP
+from spark_ddl.rendezvous import leave_group
 
 MB = 2**20
 
@@ -98,12 +99,12 @@ def _bare_ddp_worker(rank: int, port: int, rows: int, features: int, hidden: lis
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     torch.manual_seed(0)
-    seconds = train_one_pass(torch.nn.parallel.DistributedDataParallel(MLP(features, 10, hidden)), rows,
-                             features, batch)
+    replicas = [torch.nn.parallel.DistributedDataParallel(MLP(features, 10, hidden))]
+    seconds = train_one_pass(replicas[0], rows, features, batch)
     if rank == 0:
         result.value = 2 * rows / seconds
-    dist.barrier()
-    dist.destroy_process_group()
+    # The same teardown as the agent's: a plain barrier + destroy aborts now and then in gloo.
+    leave_group(release=replicas.clear)
 
 
 def bare_ddp_samples_per_s(rows: int, features: int, hidden: list[int], batch: int) -> float:
