@@ -31,6 +31,7 @@ from spark_ddl.rendezvous import environment_fingerprint, init_process_group, le
 from spark_ddl.shard import Shard, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.shard_cache import DiskShard
 from spark_ddl.sync import make_strategy
+from spark_ddl.sync.host_reduce import LocalPeerError, abort_local_peers, host_key
 from spark_ddl.sync.guard import check_replicas
 
 log = logging.getLogger("spark_ddl.agent")
@@ -132,6 +133,7 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train: Shard | DiskS
         "validation_rows": validation.num_rows,
         "feature_dim": train.feature_dim or validation.feature_dim,
         "host": os.uname().nodename,
+        "host_key": host_key(),
         "device": plan.device,
         "fingerprint": environment_fingerprint(plan.backend),
     }
@@ -161,7 +163,7 @@ def _train_on(job: AgentJob, context, heartbeat: Heartbeat, train: Shard | DiskS
     if job.strategy_factory is not None:
         strategy = job.strategy_factory(device)
     else:
-        strategy = make_strategy(config, device, sizes)
+        strategy = make_strategy(config, device, sizes, [p["host_key"] for p in rdv.peers])
     strategy.setup(
         module,
         lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs),
@@ -485,7 +487,7 @@ def validate(module: nn.Module, validation: Shard, loss_fn, config: TrainConfig,
 
 def _is_secondary(exc: BaseException) -> bool:
     """True for errors that only mean a peer went away (broken collective or store)."""
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    if isinstance(exc, (LocalPeerError, getattr(dist, "DistError", ()))):
         return True
     text = f"{type(exc).__name__}: {exc}"
     return isinstance(exc, RuntimeError) and any(
@@ -494,6 +496,7 @@ def _is_secondary(exc: BaseException) -> bool:
 
 
 def _raise_agent_failure(rank: int, exc: BaseException) -> None:
+    abort_local_peers(rank)  # agents waiting for this one's gradients in shared memory stop now
     secondary = _is_secondary(exc)
     info = {
         "rank": rank,

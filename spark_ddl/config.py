@@ -12,6 +12,7 @@ LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd", "async")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+ALLREDUCE_IMPLS = ("auto", "flat", "ddp")
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     sync: str = "allreduce"
     sync_every: int = 8  # local_sgd: average parameters every this many steps
     compression: str = "none"  # allreduce only: torch DDP communication hook
+    # allreduce only: "flat" (one gradient buffer averaged after backward, through shared memory
+    # between agents on one machine; CPU, no compression), "ddp" (torch DDP), "auto" (flat where it applies)
+    allreduce_impl: str = "auto"
     accumulate_steps: int = 1  # micro-batches per optimiser update (no communication between)
     max_staleness: int | None = None  # async: bound on updates a gradient may miss (None: auto)
     check_every: int = 0  # compare replica checksums every this many updates (0: only at the end)
@@ -99,6 +103,15 @@ class TrainConfig:
             raise ConfigError(
                 f"compression={self.compression!r} works with sync='allreduce' (DDP communication "
                 f"hooks), not with sync={self.sync!r}."
+            )
+        if self.allreduce_impl not in ALLREDUCE_IMPLS:
+            raise ConfigError(
+                f"allreduce_impl must be one of {', '.join(ALLREDUCE_IMPLS)}, got {self.allreduce_impl!r}."
+            )
+        if self.allreduce_impl == "flat" and (self.compression != "none" or self.use_gpu):
+            raise ConfigError(
+                "allreduce_impl='flat' averages uncompressed gradients of CPU agents; with "
+                f"compression={self.compression!r} or use_gpu=True use allreduce_impl='ddp' or 'auto'."
             )
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         if self.early_stopping_patience and not self.has_validation:

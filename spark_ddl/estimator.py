@@ -108,12 +108,17 @@ class _TorchEstimatorParams(_TorchSharedParams):
     timeout = Param(Params._dummy(), "timeout",
                     "seconds any collective or rendezvous may wait before failing", typeConverter=_identity)
     sync = Param(Params._dummy(), "sync",
-                 "synchronisation strategy: 'allreduce' (DDP), 'parameter_server', 'local_sgd' or 'async' "
+                 "synchronisation strategy: 'allreduce' (the default), 'parameter_server', 'local_sgd' or 'async' "
                  "(asynchronous parameter server)",
                  typeConverter=TypeConverters.toString)
     compression = Param(Params._dummy(), "compression",
                         "gradient compression for sync='allreduce': 'none', 'fp16', 'bf16' or 'powersgd' "
                         "(torch DDP communication hooks)", typeConverter=TypeConverters.toString)
+    allreduce_impl = Param(Params._dummy(), "allreduce_impl",
+                           "sync='allreduce': 'flat' (one gradient buffer averaged after backward, through "
+                           "shared memory between agents on one machine; CPU, compression='none'), 'ddp' "
+                           "(torch DDP, overlapped with backward) or 'auto' (flat where it applies)",
+                           typeConverter=TypeConverters.toString)
     accumulate_steps = Param(Params._dummy(), "accumulate_steps",
                              "micro-batches whose gradients are accumulated, without communication, "
                              "before each update", typeConverter=_identity)
@@ -209,7 +214,7 @@ class TorchEstimator(Estimator, _TorchEstimatorParams):
         inference_batch_size: int | None = None, validation_col: str | None = None,
         validation_fraction: float | None = None, early_stopping_patience: int | None = None,
         lr_scheduler: str | None = None, lr_scheduler_kwargs: dict | None = None,
-        sync_every: int | None = None, compression: str | None = None,
+        sync_every: int | None = None, compression: str | None = None, allreduce_impl: str | None = None,
         accumulate_steps: int | None = None, check_every: int | None = None,
         max_staleness: int | None = None, checkpoint_dir: str | None = None,
         checkpoint_every: int | str | None = None, keep_checkpoints: int | None = None,

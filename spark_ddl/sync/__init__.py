@@ -17,10 +17,13 @@ __all__ = ["SyncStrategy", "AllReduceStrategy", "ParameterServerStrategy", "Loca
            "AsyncParameterServerStrategy", "make_strategy"]
 
 
-def make_strategy(config: TrainConfig, device: torch.device, shard_sizes: list[int]) -> SyncStrategy:
-    """The strategy ``config.sync`` names (see config.SYNC_STRATEGIES)."""
+def make_strategy(config: TrainConfig, device: torch.device, shard_sizes: list[int],
+                  host_keys: list[str] | None = None) -> SyncStrategy:
+    """The strategy ``config.sync`` names (see config.SYNC_STRATEGIES); ``host_keys[r]``
+    identifies rank r's machine (see ``host_reduce.host_key``)."""
     if config.sync == "allreduce":
-        return AllReduceStrategy(device, config.compression)
+        return AllReduceStrategy(device, config.compression, config.allreduce_impl, host_keys,
+                                 config.timeout)
     if config.sync == "parameter_server":
         return ParameterServerStrategy(device)
     if config.sync == "local_sgd":

@@ -1,21 +1,29 @@
-"""Synchronous data parallelism: gradients averaged by bucketed all-reduce (torch DDP),
-optionally compressed by torch's DDP communication hooks (fp16, bf16, PowerSGD).
+"""Synchronous data parallelism: every agent applies the same averaged gradient.
 
-DDP broadcasts rank 0's parameters and buffers at construction, then all-reduces gradient
-buckets while backward is still running, so every agent applies the same averaged gradient.
+Two implementations (``allreduce_impl``):
+
+- ``ddp``: torch DDP, which all-reduces gradient buckets while backward is still running,
+  optionally compressed by torch's DDP communication hooks (fp16, bf16, PowerSGD). The GPU path.
+- ``flat``: one flat gradient buffer averaged after backward (``host_reduce``): shared memory
+  between agents on one machine, gloo between machines. The CPU path (``auto``), where DDP's
+  overlap only makes the all-reduce compete with backward for the same cores.
+
+Both start from rank 0's parameters and buffers and broadcast rank 0's buffers before every
+forward pass (DDP's ``broadcast_buffers``).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_ddl.sync.base import OptimizerFactory, SyncStrategy
+from spark_ddl.sync.base import OptimizerFactory, SyncStrategy, broadcast_state
+from spark_ddl.sync.host_reduce import FlatGradientReducer
 
 
 def register_compression(ddp: DistributedDataParallel, compression: str) -> None:
@@ -40,19 +48,42 @@ def register_compression(ddp: DistributedDataParallel, compression: str) -> None
         raise ValueError(f"unknown compression {compression!r}")
 
 
+def use_flat_reducer(impl: str, compression: str, device: torch.device, module: nn.Module) -> bool:
+    """Whether ``allreduce_impl=impl`` means the flat reducer for this module on this device."""
+    dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
+    applies = device.type == "cpu" and compression == "none" and len(dtypes) == 1
+    if impl == "flat" and not applies:
+        raise ValueError("allreduce_impl='flat' needs CPU agents, compression='none' and trainable "
+                         f"parameters of one dtype (got {sorted(map(str, dtypes))}); use 'ddp' or 'auto'.")
+    return impl == "flat" or (impl == "auto" and applies)
+
+
 class AllReduceStrategy(SyncStrategy):
-    """Gradient all-reduce, overlapped with backward (the default strategy)."""
+    """Gradient all-reduce (the default strategy)."""
 
     name = "allreduce"
 
-    def __init__(self, device: torch.device, compression: str = "none") -> None:
+    def __init__(self, device: torch.device, compression: str = "none", impl: str = "auto",
+                 host_keys: list[str] | None = None, timeout: float = 300.0) -> None:
         super().__init__(device)
+        self._timeout = timeout
         self._compression = compression
+        self._impl = impl
+        self._host_keys = host_keys
         self._ddp: DistributedDataParallel | None = None
+        self._reducer: FlatGradientReducer | None = None
+        self._buffers: list[torch.Tensor] = []
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        device_ids = [self._device.index] if self._device.type == "cuda" else None
         self._module = module
+        if use_flat_reducer(self._impl, self._compression, self._device, module):
+            broadcast_state(module)
+            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
+            self._reducer = FlatGradientReducer(module.parameters(), keys, self._timeout)
+            self._buffers = list(module.buffers())
+            self._optimizer = make_optimizer(module.parameters())
+            return
+        device_ids = [self._device.index] if self._device.type == "cuda" else None
         # gradients live in the all-reduce buckets: one copy less per step, and less memory
         self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
         register_compression(self._ddp, self._compression)
@@ -60,20 +91,41 @@ class AllReduceStrategy(SyncStrategy):
 
     @property
     def module(self) -> nn.Module:
+        if self._reducer is not None:
+            return self.trained_module
         assert self._ddp is not None, "setup() first"
         return self._ddp
 
     def micro_step(self, sync: bool) -> ContextManager[None]:
+        if self._reducer is not None:
+            if self._buffers:  # rank 0's buffers (e.g. batch-norm statistics) for every forward
+                broadcast_state(self._module, buffers_only=True)
+            return nullcontext()
         assert self._ddp is not None, "setup() first"
         return nullcontext() if sync else self._ddp.no_sync()  # no all-reduce while accumulating
 
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         assert self._optimizer is not None, "setup() first"
-        loss.backward()  # with sync, DDP's hooks average the gradients across agents here
-        if sync:
+        loss.backward()  # with DDP and sync, its hooks average the gradients across agents here
+        if not sync:
+            return
+        if self._reducer is not None:
+            self._reducer.average()
+            self._optimizer.step()
+            self._reducer.zero()
+        else:
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
 
+    def summary(self) -> dict[str, Any]:
+        if self._reducer is None:
+            return {"allreduce_impl": "ddp"}
+        return {"allreduce_impl": "flat", "shared_memory": self._reducer.shared_memory,
+                "hosts": [len(h) for h in self._reducer.layout.hosts]}
+
     def close(self) -> None:
         self._ddp = None  # the DDP reducer holds a reference to the process group
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = None
         super().close()

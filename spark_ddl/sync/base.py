@@ -14,9 +14,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def broadcast_state(module: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into every replica (one broadcast per dtype)."""
-    tensors = [t.data for t in module.parameters()] + [b for b in module.buffers()]
+def broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False) -> None:
+    """Copy rank ``src``'s parameters (unless ``buffers_only``) and buffers into every replica
+    (one broadcast per dtype)."""
+    tensors = [] if buffers_only else [t.data for t in module.parameters()]
+    tensors += list(module.buffers())
     for dtype in {t.dtype for t in tensors}:
         group = [t for t in tensors if t.dtype == dtype]
         flat = _flatten_dense_tensors(group)

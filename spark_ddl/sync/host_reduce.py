@@ -1,0 +1,334 @@
+"""Gradient averaging through one flat buffer, with shared memory between co-located agents.
+
+The CPU path of ``sync="allreduce"`` (``allreduce_impl="flat"``): no DDP. Every trainable
+parameter's ``.grad`` is a view into one flat buffer, so backward writes the gradients
+straight into it. Agents on one machine (same host name and boot) share one file in
+``/dev/shm`` that holds a gradient *slot* per local agent plus a *result*: the slot is the
+agent's flat buffer. ``average()`` then
+
+1. waits until every local agent finished its backward (a barrier in the shared file),
+2. lets local agent ``j`` sum chunk ``j`` of all slots into the result (memory bandwidth,
+   no sockets, each agent a ``1/L`` share),
+3. with agents on several machines: each machine's leader all-reduces the result with the
+   other leaders over gloo (one message per machine instead of one per agent),
+4. after a second barrier, every agent copies the result divided by the world size back into
+   its slot, where the optimiser reads it.
+
+The local barrier spins on per-agent counters in the file (yielding the core, then sleeping
+when a wait gets long): a gloo barrier's round trips through sockets and worker threads cost
+more than the whole reduction on a 2-core box. Spinning relies on x86-64's store order; other
+CPUs use a gloo barrier of the local group. A waiting agent gives up when a local peer's
+process exits, when a local peer reports its own failure (``abort_local_peers``), or after
+the timeout. When the shared file cannot be
+made (no ``/dev/shm``, too little room in it, agents that look co-located but do not see the
+same file), every agent counts as its own machine: a gloo all-reduce of the flat buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import platform
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SHARED_MEMORY_DIR = "/dev/shm"
+_TOKEN_BYTES = 32  # the run's token opens the file, so an agent can tell it mapped its leader's file
+SPIN_BARRIER = platform.machine().lower() in ("x86_64", "amd64")  # needs total store order
+_SPIN_SECONDS = 0.002  # busy-wait (yielding the core) this long, then sleep between looks
+_LIVENESS_SECONDS = 0.2  # how often a waiting agent checks that its local peers still run
+_ACTIVE_FILES: "weakref.WeakSet[_SharedFile]" = weakref.WeakSet()
+
+
+class LocalPeerError(RuntimeError):
+    """A local peer exited, failed, or did not arrive in time while this agent waited for it."""
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def abort_local_peers(rank: int) -> None:
+    """Tell every agent waiting in a shared gradient file of this process that ``rank`` failed."""
+    for shared in list(_ACTIVE_FILES):
+        shared.abort(rank)
+
+
+def host_key() -> str:
+    """What identifies this machine's shared memory: host name and boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+    except OSError:
+        boot_id = "?"
+    return f"{os.uname().nodename}/{boot_id}"
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Which ranks share a machine, as every rank computes it from the same host keys."""
+
+    hosts: list[list[int]]  # ranks per machine, machines ordered by their lowest rank
+    rank: int
+
+    @classmethod
+    def from_keys(cls, keys: list[str], rank: int) -> "HostLayout":
+        by_key: dict[str, list[int]] = {}
+        for r, key in enumerate(keys):
+            by_key.setdefault(key, []).append(r)
+        return cls(sorted(by_key.values()), rank)
+
+    @classmethod
+    def one_per_host(cls, world_size: int, rank: int) -> "HostLayout":
+        return cls([[r] for r in range(world_size)], rank)
+
+    @property
+    def local_ranks(self) -> list[int]:
+        return next(h for h in self.hosts if self.rank in h)
+
+    @property
+    def local_index(self) -> int:
+        return self.local_ranks.index(self.rank)
+
+    @property
+    def leaders(self) -> list[int]:
+        return [h[0] for h in self.hosts]
+
+
+def _all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (a collective)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class _SharedFile:
+    """The mapped file of one machine: a header of int64 words (token, abort word, one barrier
+    counter and one pid per local agent), then ``slots`` rows of ``numel``, then the result row."""
+
+    def __init__(self, path: str, token: bytes, slots: int, numel: int, dtype: torch.dtype, create: bool) -> None:
+        self.path = path
+        words = _TOKEN_BYTES // 8 + 1 + 2 * slots
+        header_bytes = -(-words * 8 // 64) * 64
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        size = header_bytes + (slots + 1) * numel * itemsize
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS at the first touch
+                os.pwrite(fd, token, 0)
+            elif os.fstat(fd).st_size != size or os.pread(fd, len(token), 0) != token:
+                raise OSError(f"{path} is not this run's gradient file")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        header = np.frombuffer(self._map, dtype=np.int64, count=words)
+        self._abort = header[_TOKEN_BYTES // 8:_TOKEN_BYTES // 8 + 1]  # failed rank + 1; 0: none
+        self.counters = header[_TOKEN_BYTES // 8 + 1:_TOKEN_BYTES // 8 + 1 + slots]
+        self.pids = header[_TOKEN_BYTES // 8 + 1 + slots:]
+        whole = torch.frombuffer(self._map, dtype=dtype, count=(slots + 1) * numel, offset=header_bytes)
+        self.slots = whole[: slots * numel].view(slots, numel)
+        self.result = whole[slots * numel:]
+        _ACTIVE_FILES.add(self)
+
+    def abort(self, rank: int) -> None:
+        self._abort[0] = rank + 1
+
+    def aborted_by(self) -> int | None:
+        value = int(self._abort[0])
+        return value - 1 if value else None
+
+    def close(self) -> None:
+        _ACTIVE_FILES.discard(self)
+        del self.slots, self.result, self.counters, self.pids, self._abort  # views of the mapping
+        try:
+            self._map.close()
+        except BufferError:  # a tensor view still lives somewhere: the mapping goes with it
+            pass
+
+
+class FlatGradientReducer:
+    """Owns the flat gradient buffer behind ``params``' ``.grad`` and averages it across all ranks."""
+
+    def __init__(self, params: Iterable[nn.Parameter], host_keys: list[str], timeout: float = 300.0,
+                 directory: str = SHARED_MEMORY_DIR, spin: bool = SPIN_BARRIER) -> None:
+        self._timeout = timeout
+        self._spin = spin
+        self._generation = 0
+        self._params = [p for p in params if p.requires_grad]
+        dtypes = {p.dtype for p in self._params}
+        if len(dtypes) != 1 or any(p.device.type != "cpu" for p in self._params):
+            raise ValueError("the flat gradient buffer needs CPU parameters of one dtype")
+        self._dtype = dtypes.pop()
+        self.numel = sum(p.numel() for p in self._params)
+        self.world_size = dist.get_world_size()
+        rank = dist.get_rank()
+        self._file: _SharedFile | None = None
+        layout = HostLayout.from_keys(host_keys, rank)
+        if any(len(h) > 1 for h in layout.hosts):
+            layout = self._open_shared_file(layout, directory)
+        self.layout = layout
+        self._local_group = self._leader_group = None
+        # every rank creates every group, in the same order (torch requires it)
+        for ranks in layout.hosts:
+            group = dist.new_group(ranks, backend="gloo") if len(ranks) > 1 else None
+            if rank in ranks:
+                self._local_group = group
+        if len(layout.hosts) > 1:
+            group = dist.new_group(layout.leaders, backend="gloo") if len(layout.hosts) < self.world_size else None
+            if rank in layout.leaders:
+                self._leader_group = group if group is not None else dist.group.WORLD
+        if self._file is not None:
+            self.flat = self._file.slots[layout.local_index]
+            self._slots, self._result = self._file.slots, self._file.result
+            local = len(layout.local_ranks)
+            chunk = -(-self.numel // local)
+            self._chunk = slice(layout.local_index * chunk, min(self.numel, (layout.local_index + 1) * chunk))
+            self._file.pids[layout.local_index] = os.getpid()
+            self._local_barrier()  # every local pid is written
+        else:
+            self.flat = torch.zeros(self.numel, dtype=self._dtype)
+        self.flat.zero_()
+        offset = 0
+        for p in self._params:
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether co-located agents exchange gradients through shared memory."""
+        return self._file is not None
+
+    def _open_shared_file(self, layout: HostLayout, directory: str) -> HostLayout:
+        """Map this machine's file (collective); the layout to use (one rank per host if any rank failed)."""
+        token = [secrets.token_hex(16) if layout.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        local = layout.local_ranks
+        leader = local[0]
+        path = os.path.join(directory, f"spark-ddl-grad-{token[0]}-{leader}")
+        opened, problem = None, ""
+        try:
+            if len(local) > 1 and layout.rank == leader:
+                opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype, create=True)
+        except OSError as error:
+            problem = f"{path}: {error}"
+        if _all_true(opened is not None or len(local) == 1 or layout.rank != leader):
+            try:
+                if len(local) > 1 and layout.rank != leader:
+                    opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype,
+                                         create=False)
+            except OSError as error:
+                problem = f"{path}: {error}"
+            shared = _all_true(opened is not None or len(local) == 1)
+        else:
+            shared = False
+        dist.barrier()  # everyone mapped it (or gave up): the name can go
+        if layout.rank == leader and len(local) > 1:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if shared:
+            self._file = opened
+            return layout
+        if opened is not None:
+            opened.close()
+        if problem:
+            log.warning("gradients go over gloo instead of shared memory: %s", problem)
+        return HostLayout.one_per_host(self.world_size, layout.rank)
+
+    def average(self) -> None:
+        """Replace every rank's gradients by their mean over all ranks (collective)."""
+        if self._file is not None:
+            self._local_barrier()  # every local slot holds its gradients
+            torch.sum(self._slots[:, self._chunk], dim=0, out=self._result[self._chunk])
+            self._local_barrier()  # the local sum is complete
+            if self._leader_group is not None:
+                dist.all_reduce(self._result, group=self._leader_group)
+            if len(self.layout.hosts) > 1:
+                self._local_barrier()  # the leaders' sum is complete
+            torch.mul(self._result, 1.0 / self.world_size, out=self.flat)
+        else:
+            if self._leader_group is not None:
+                dist.all_reduce(self.flat, group=self._leader_group)
+            self.flat.div_(self.world_size)
+
+    def _local_barrier(self) -> None:
+        """Wait until every agent on this machine arrived here as often as this one."""
+        if not self._spin:
+            dist.barrier(group=self._local_group)
+            return
+        assert self._file is not None
+        self._generation += 1
+        generation, counters = self._generation, self._file.counters
+        counters[self.layout.local_index] = generation  # the slot/result writes before it are visible first
+        started = time.monotonic()
+        next_check = started + _LIVENESS_SECONDS
+        while counters.min() < generation:
+            now = time.monotonic()
+            if now - started < _SPIN_SECONDS:
+                os.sched_yield()
+                continue
+            time.sleep(0.0002 if now - started < 1.0 else 0.002)
+            if now >= next_check:
+                next_check = now + _LIVENESS_SECONDS
+                self._check_local_peers(generation, now - started)
+
+    def _check_local_peers(self, generation: int, waited: float) -> None:
+        assert self._file is not None
+        local = self.layout.local_ranks
+        failed = self._file.aborted_by()
+        if failed is not None:
+            raise LocalPeerError(f"rank {failed} on this machine failed while rank {self.layout.rank} "
+                                 "waited for its gradients")
+        behind = [r for r, count in zip(local, self._file.counters) if count < generation]
+        for r in behind:
+            pid = int(self._file.pids[local.index(r)])
+            if pid <= 0:  # not written yet (the first barrier)
+                continue
+            if not _process_alive(pid):
+                raise LocalPeerError(f"rank {r} on this machine (pid {pid}) exited while rank "
+                                     f"{self.layout.rank} waited for its gradients")
+        if waited > self._timeout:
+            raise LocalPeerError(f"rank(s) {behind} on this machine did not finish their backward pass "
+                                 f"within timeout={self._timeout:g} s")
+
+    def zero(self) -> None:
+        """Zero the gradients in place (never ``set_to_none``: the views must stay)."""
+        self.flat.zero_()
+
+    def close(self) -> None:
+        """Detach the gradients from the buffer and unmap the shared file."""
+        for p in self._params:
+            p.grad = None
+        del self.flat
+        if self._file is not None:
+            del self._slots, self._result
+            self._file.close()
+            self._file = None
+        self._local_group = self._leader_group = None

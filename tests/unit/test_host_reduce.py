@@ -1,0 +1,136 @@
+"""The flat gradient reducer in real gloo process groups of spawned processes (no Spark)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spark_ddl.rendezvous import leave_group
+from spark_ddl.sync.host_reduce import (SPIN_BARRIER, FlatGradientReducer, HostLayout, LocalPeerError,
+                                        abort_local_peers)
+
+
+def test_host_layout_groups_ranks_by_machine_in_rank_order():
+    layout = HostLayout.from_keys(["b", "a", "b", "c", "a"], rank=4)
+    assert layout.hosts == [[0, 2], [1, 4], [3]]
+    assert layout.local_ranks == [1, 4] and layout.local_index == 1 and layout.leaders == [0, 1, 3]
+    assert HostLayout.one_per_host(3, 1).hosts == [[0], [1], [2]]
+
+
+def _worker(rank: int, world_size: int, store_path: str, host_keys: list[str], directory: str,
+            per_rank_directory: bool, spin: bool, outcome) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    module = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    if per_rank_directory:  # ranks that claim one machine but do not share its file system
+        directory = os.path.join(directory, str(rank))
+        os.makedirs(directory, exist_ok=True)
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("spark_ddl.sync.host_reduce").addHandler(handler)
+    reducer = FlatGradientReducer(module.parameters(), host_keys, directory=directory, spin=spin)
+    params = list(module.parameters())
+    results = []
+    for step in range(3):
+        # integer-valued gradients (exact in float32), accumulated over two backward passes
+        for micro in range(2):
+            for i, p in enumerate(params):
+                p.grad.add_(torch.full_like(p, float((rank + 1) * (step + 1) + i + micro)))
+        reducer.average()
+        results.append([p.grad.clone() for p in params])
+        views_intact = all(p.grad.untyped_storage().data_ptr() == reducer.flat.untyped_storage().data_ptr()
+                           for p in params)
+        reducer.zero()
+        assert all(float(p.grad.abs().sum()) == 0.0 for p in params)
+    ok = views_intact
+    for step, grads in enumerate(results):
+        for i, g in enumerate(grads):
+            expected = sum(2 * ((r + 1) * (step + 1) + i) + 1 for r in range(world_size)) / world_size
+            ok = ok and bool(torch.all(g == expected))
+    outcome[rank] = 1 if ok else 0
+    outcome[world_size + rank] = len(warnings)
+    if rank == 0:
+        outcome[2 * world_size] = 1 if reducer.shared_memory else 0
+    reducer.close()
+    leave_group()
+
+
+def run_ranks(tmp_path, host_keys: list[str], directory: str, per_rank_directory: bool = False,
+              spin: bool = SPIN_BARRIER) -> tuple[list[int], bool, int]:
+    """(whether each rank's averages were right, whether shared memory was used, warnings logged)."""
+    world_size = len(host_keys)
+    outcome = mp.get_context("spawn").Array("i", [-1] * (2 * world_size + 1))
+    mp.start_processes(_worker, args=(world_size, str(tmp_path / "store"), host_keys, directory,
+                                      per_rank_directory, spin, outcome), nprocs=world_size, start_method="spawn")
+    values = list(outcome)
+    return values[:world_size], values[-1] == 1, sum(values[world_size:2 * world_size])
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+@pytest.mark.parametrize("spin", [SPIN_BARRIER, False], ids=["default barrier", "gloo barrier"])
+def test_agents_on_one_machine_average_through_shared_memory(tmp_path, spin):
+    correct, shared, warnings = run_ranks(tmp_path, ["m"] * 3, "/dev/shm", spin=spin)
+    assert correct == [1, 1, 1] and shared and warnings == 0
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("spark-ddl-grad-")]  # unlinked
+
+
+def test_two_machines_combine_their_local_sums_over_gloo(tmp_path):
+    correct, shared, warnings = run_ranks(tmp_path, ["m1", "m1", "m2"], str(tmp_path))
+    assert correct == [1, 1, 1] and shared and warnings == 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("spark-ddl-grad-")]
+
+
+def test_without_a_shared_file_every_agent_uses_gloo(tmp_path):
+    correct, shared, warnings = run_ranks(tmp_path, ["m"] * 3, str(tmp_path / "missing"))
+    assert correct == [1, 1, 1] and not shared and warnings == 1  # the leader could not create it
+
+
+def test_agents_that_do_not_see_their_leaders_file_fall_back_to_gloo(tmp_path):
+    correct, shared, warnings = run_ranks(tmp_path, ["m"] * 3, str(tmp_path), per_rank_directory=True)
+    assert correct == [1, 1, 1] and not shared and warnings == 2  # each member could not open it
+
+
+def _failing_worker(rank: int, store_path: str, directory: str, how: str, outcome) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=3,
+                            timeout=timedelta(seconds=60))
+    module = torch.nn.Linear(4, 2)
+    reducer = FlatGradientReducer(module.parameters(), ["m"] * 3, timeout=30, directory=directory)
+    reducer.average()  # one good step
+    if rank == 2:
+        if how == "exited":
+            os._exit(3)
+        abort_local_peers(rank)  # what the agent does before it reports its own error
+        time.sleep(20)
+        return
+    started = time.monotonic()
+    try:
+        reducer.average()
+    except LocalPeerError as error:
+        outcome[rank] = time.monotonic() - started
+        outcome[3 + rank] = 1.0 if ("rank 2" in str(error) and how in str(error)) else 0.0
+
+
+@pytest.mark.skipif(not (os.path.isdir("/dev/shm") and SPIN_BARRIER), reason="the spin barrier's checks")
+@pytest.mark.parametrize("how", ["exited", "failed"])
+def test_waiting_agents_stop_soon_when_a_local_peer_exits_or_fails(tmp_path, how):
+    outcome = mp.get_context("spawn").Array("d", [-1.0] * 6)
+    context = mp.start_processes(_failing_worker, args=(str(tmp_path / "store"), "/dev/shm", how, outcome),
+                                 nprocs=3, start_method="spawn", join=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(outcome[r] >= 0 for r in (0, 1)):
+        time.sleep(0.1)
+    for process in context.processes:
+        process.kill()
+        process.join()
+    waited, named = list(outcome[:2]), list(outcome[3:5])
+    assert all(0 <= w < 2.0 for w in waited), waited  # not the 30 s timeout
+    assert named == [1.0, 1.0]
