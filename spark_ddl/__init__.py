@@ -4,6 +4,10 @@
     model = TorchEstimator(model=net, epochs=5, num_workers=2).fit(df)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from spark_ddl.errors import (  # noqa: E402
@@ -13,8 +17,24 @@ from spark_ddl.errors import (  # noqa: E402
     SparkDDLError,
     TrainingError,
 )
-from spark_ddl.estimator import TorchEstimator, TorchModel  # noqa: E402
-from spark_ddl.session import get_or_create_session  # noqa: E402
+
+if TYPE_CHECKING:
+    from spark_ddl.estimator import TorchEstimator, TorchModel
+    from spark_ddl.session import get_or_create_session
+
+# Imported on first use: the agents import this package too, and pyspark.ml would bring
+# pandas and scipy into every executor's Python worker (~70 MB each) for nothing.
+_LAZY = {"TorchEstimator": "spark_ddl.estimator", "TorchModel": "spark_ddl.estimator",
+         "get_or_create_session": "spark_ddl.session"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'spark_ddl' has no attribute {name!r}")
+
 
 __all__ = [
     "TorchEstimator",

@@ -6,13 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from pyspark.ml.functions import vector_to_array
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_ddl.errors import ConfigError, SchemaError
+
+
+def _is_vector(data_type: T.DataType) -> bool:
+    # pyspark.ml is imported here, not at the top: agents import this module's column names,
+    # and pyspark.ml would load pandas and scipy into every executor's Python worker
+    from pyspark.ml.linalg import VectorUDT
+
+    return isinstance(data_type, VectorUDT)
 
 FEATURES = "__ddl_features"
 LABEL = "__ddl_label"
@@ -65,7 +71,7 @@ def resolve_columns(
         )
     if len(cols) == 1 and _is_numeric_array(fields[cols[0]].dataType):
         kind = "array"
-    elif len(cols) == 1 and isinstance(fields[cols[0]].dataType, VectorUDT):
+    elif len(cols) == 1 and _is_vector(fields[cols[0]].dataType):
         kind = "vector"
     else:
         kind = "columns"
@@ -103,6 +109,8 @@ def features_column(spec: ColumnSpec) -> Column:
     if spec.feature_kind == "array":
         return F.col(spec.feature_cols[0]).cast("array<float>")
     if spec.feature_kind == "vector":
+        from pyspark.ml.functions import vector_to_array
+
         return vector_to_array(F.col(spec.feature_cols[0]), "float32")
     return F.array(*[F.col(c).cast("float") for c in spec.feature_cols])
 

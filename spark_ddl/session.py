@@ -20,6 +20,7 @@ def local_spark_conf(num_workers: int = 2) -> dict[str, str]:
         "spark.sql.shuffle.partitions": str(max(2, num_workers)),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.python.worker.reuse": "true",
+        "spark.python.worker.faulthandler.enabled": "true",  # a crashed worker shows its Python stack
         # barrier allGather must not wait a year when a task never arrives
         "spark.barrier.sync.timeout": "600s",
     }

@@ -8,8 +8,9 @@ Two implementations (``allreduce_impl``):
   between agents on one machine, gloo between machines. The CPU path (``auto``), where DDP's
   overlap only makes the all-reduce compete with backward for the same cores.
 
-Both start from rank 0's parameters and buffers and broadcast rank 0's buffers before every
-forward pass (DDP's ``broadcast_buffers``).
+Both start from rank 0's parameters and buffers, and after every update rank 0's buffers (e.g.
+batch-norm statistics) go to every agent: the next forward sees what DDP's
+``broadcast_buffers`` would give it, and the replicas stay identical between updates.
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ class AllReduceStrategy(SyncStrategy):
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self._module = module
+        self._buffers = list(module.buffers())
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             broadcast_state(module)
             keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
             self._reducer = FlatGradientReducer(module.parameters(), keys, self._timeout)
-            self._buffers = list(module.buffers())
             self._optimizer = make_optimizer(module.parameters())
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
@@ -98,8 +99,6 @@ class AllReduceStrategy(SyncStrategy):
 
     def micro_step(self, sync: bool) -> ContextManager[None]:
         if self._reducer is not None:
-            if self._buffers:  # rank 0's buffers (e.g. batch-norm statistics) for every forward
-                broadcast_state(self._module, buffers_only=True)
             return nullcontext()
         assert self._ddp is not None, "setup() first"
         return nullcontext() if sync else self._ddp.no_sync()  # no all-reduce while accumulating
@@ -116,6 +115,8 @@ class AllReduceStrategy(SyncStrategy):
         else:
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
+        if self._buffers:  # rank 0's (e.g. batch-norm statistics), as DDP sends before the next forward
+            broadcast_state(self._module, buffers_only=True)
 
     def summary(self) -> dict[str, Any]:
         if self._reducer is None:

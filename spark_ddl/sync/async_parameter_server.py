@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from spark_ddl.sync.base import OptimizerFactory, SyncStrategy, broadcast_state
+from spark_ddl.sync.base import average_floating_buffers, OptimizerFactory, SyncStrategy, broadcast_state
 
 HELLO, PUSH, DONE = 0.0, 1.0, 2.0
 HEADER = 3  # kind, loss_sum, rows
@@ -245,10 +245,7 @@ class AsyncParameterServerStrategy(SyncStrategy):
         flat = self._flat_local()
         dist.broadcast(flat, src=0)
         self._load(flat)
-        floating = [b for b in self.trained_module.buffers() if b.is_floating_point()]
-        for buffer in floating:  # e.g. BatchNorm statistics: every agent saw different rows
-            dist.all_reduce(buffer)
-            buffer /= dist.get_world_size()
+        average_floating_buffers(self.trained_module)
 
     def load_epoch_snapshot(self, epoch_index: int) -> bool:
         """Collective: every replica takes the master parameters as they were at the end of

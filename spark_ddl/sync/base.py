@@ -19,12 +19,20 @@ def broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False)
     (one broadcast per dtype)."""
     tensors = [] if buffers_only else [t.data for t in module.parameters()]
     tensors += list(module.buffers())
-    for dtype in {t.dtype for t in tensors}:
+    for dtype in dict.fromkeys(t.dtype for t in tensors):  # the same order on every rank (a set is not)
         group = [t for t in tensors if t.dtype == dtype]
         flat = _flatten_dense_tensors(group)
         dist.broadcast(flat, src=src)
         for tensor, value in zip(group, _unflatten_dense_tensors(flat, group)):
             tensor.copy_(value)
+
+
+def average_floating_buffers(module: nn.Module) -> None:
+    """Average floating buffers (e.g. batch-norm statistics: every agent saw other rows) across ranks."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
 
 
 class SyncStrategy(ABC):

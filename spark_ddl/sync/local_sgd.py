@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from spark_ddl.sync.base import SyncStrategy
+from spark_ddl.sync.base import SyncStrategy, average_floating_buffers
 
 
 class LocalSGDStrategy(SyncStrategy):
@@ -57,3 +57,4 @@ class LocalSGDStrategy(SyncStrategy):
             params = [p for p in self.module.parameters() if p.requires_grad]
             average_parameters(iter(params), self._averager.process_group)
         self._unaveraged_steps = 0
+        average_floating_buffers(self.module)

@@ -106,3 +106,43 @@ def test_guard_names_the_rank_whose_parameters_diverged(spark):
 def test_guard_passes_on_healthy_training(spark):
     model, _ = fit_with(spark, "allreduce", check_every=1)
     assert len(model.history) == 2
+
+
+@pytest.mark.parametrize("with_batch_norm", [False, True], ids=["mlp", "batch norm"])
+def test_flat_allreduce_equals_torch_ddp(any_spark, with_batch_norm):
+    """The CPU default (one flat buffer, shared memory between the agents of one machine, also
+    across executors) trains the same weights as DDP, batch-norm buffers (rank 0's) included."""
+    parts = split_by_sizes(*regression_arrays(160, seed=4), (80, 80))
+    torch.manual_seed(2)
+    net = (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+           if with_batch_norm else TinyNet())
+    frame = frame_with_partitions(any_spark, parts)
+    fits = {impl: TorchEstimator(model=copy.deepcopy(net), loss="mse", lr=0.05, batch_size=8, epochs=2, shuffle=False,
+                                 allreduce_impl=impl, timeout=60, optimizer_kwargs={"momentum": 0.9}).fit(frame)
+            for impl in ("flat", "ddp")}
+    flat, ddp = fits["flat"], fits["ddp"]
+    assert flat.summary["allreduce_impl"] == "flat" and flat.summary["shared_memory"]
+    assert flat.summary["hosts"] == [2] and ddp.summary["allreduce_impl"] == "ddp"
+    assert max_relative_difference(net.eval(), ddp.get_module()) > 1e-2
+    assert max_relative_difference(flat.get_module(), ddp.get_module()) <= 1e-5
+    if with_batch_norm:
+        flat_stats, ddp_stats = flat.get_module()[1].running_mean, ddp.get_module()[1].running_mean
+        assert torch.allclose(flat_stats, ddp_stats, rtol=1e-5, atol=1e-6) and flat_stats.abs().sum() > 0
+
+
+def test_allreduce_impl_flat_with_compression_is_refused_on_the_driver(spark):
+    with pytest.raises(Exception, match="allreduce_impl='flat'.*compression='fp16'"):
+        TorchEstimator(model=TinyNet(), loss="mse", allreduce_impl="flat", compression="fp16").train_config()
+
+
+@pytest.mark.parametrize("sync", ["parameter_server", "local_sgd", "async"])
+def test_every_strategy_trains_a_batch_norm_model_to_identical_replicas(spark, sync):
+    """Buffers (int64 and float) broadcast in the same order on every rank, and the replicas end
+    with the same batch-norm statistics (the final replica check would fail otherwise)."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    parts = split_by_sizes(*regression_arrays(160, seed=4), (80, 80))
+    model = TorchEstimator(model=net, loss="mse", lr=0.02, batch_size=8, epochs=2, sync=sync, sync_every=3,
+                           timeout=60).fit(frame_with_partitions(spark, parts))
+    statistics = model.get_module()[1]
+    assert statistics.running_mean.abs().sum() > 0 and int(statistics.num_batches_tracked) > 0
