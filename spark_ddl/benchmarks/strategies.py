@@ -57,7 +57,7 @@ def payload_bytes(module: torch.nn.Module, variant: str, sync_every: int) -> flo
     params = [p for p in module.parameters()]
     dense = sum(p.numel() for p in params) * 4
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-    if variant in ("allreduce", "naive"):
+    if variant in ("allreduce", "allreduce (ddp)", "naive"):
         return dense
     if variant == "allreduce+fp16":
         return dense / 2
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     base = dict(model="spark_ddl.models:MLP", model_kwargs=kwargs, loss="cross_entropy", optimizer="sgd",
                 lr=0.02, optimizer_kwargs={"momentum": 0.9}, batch_size=32, epochs=args.epochs, seed=0)
     variants = {
-        "allreduce": {"sync": "allreduce"},
+        "allreduce": {"sync": "allreduce"},  # on CPU agents: the flat buffer through shared memory
+        "allreduce (ddp)": {"sync": "allreduce", "allreduce_impl": "ddp"},
         "allreduce+fp16": {"sync": "allreduce", "compression": "fp16"},
         "allreduce+powersgd": {"sync": "allreduce", "compression": "powersgd"},
         "parameter_server": {"sync": "parameter_server"},
