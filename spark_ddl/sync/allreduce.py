@@ -86,7 +86,9 @@ class AllReduceStrategy(SyncStrategy):
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
         # gradients live in the all-reduce buckets: one copy less per step, and less memory
-        self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+        # buffers: rank 0's are broadcast after every update (step), not by DDP before every forward
+        self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
+                                            broadcast_buffers=False)
         register_compression(self._ddp, self._compression)
         self._optimizer = make_optimizer(self._ddp.parameters())
 

@@ -2,7 +2,7 @@
 
 The CPU path of ``sync="allreduce"`` (``allreduce_impl="flat"``): no DDP. Every trainable
 parameter's ``.grad`` is a view into one flat buffer, so backward writes the gradients
-straight into it. Agents on one machine (same host name and boot) share one file in
+straight into it. Agents on one machine (same host name, boot and PID namespace) share one file in
 ``/dev/shm`` that holds a gradient *slot* per local agent plus a *result*: the slot is the
 agent's flat buffer. ``average()`` then
 
@@ -48,7 +48,7 @@ _TOKEN_BYTES = 32  # the run's token opens the file, so an agent can tell it map
 SPIN_BARRIER = platform.machine().lower() in ("x86_64", "amd64")  # needs total store order
 _SPIN_SECONDS = 0.002  # busy-wait (yielding the core) this long, then sleep between looks
 _LIVENESS_SECONDS = 0.2  # how often a waiting agent checks that its local peers still run
-_ACTIVE_FILES: "weakref.WeakSet[_SharedFile]" = weakref.WeakSet()
+_ACTIVE_REDUCERS: "weakref.WeakSet[FlatGradientReducer]" = weakref.WeakSet()
 
 
 class LocalPeerError(RuntimeError):
@@ -73,19 +73,26 @@ def _process_alive(pid: int) -> bool:
 
 
 def abort_local_peers(rank: int) -> None:
-    """Tell every agent waiting in a shared gradient file of this process that ``rank`` failed."""
-    for shared in list(_ACTIVE_FILES):
-        shared.abort(rank)
+    """After ``rank`` (this process) failed: tell the agents waiting in its shared gradient
+    files, and release them (gradient views, mappings) now rather than at garbage collection."""
+    for reducer in list(_ACTIVE_REDUCERS):
+        reducer.abort(rank)
+        reducer.close()
 
 
 def host_key() -> str:
-    """What identifies this machine's shared memory: host name and boot id."""
+    """What identifies agents that can share memory and see each other's processes: host name,
+    boot id and PID namespace (containers that share a host name are not one machine here)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as boot:
             boot_id = boot.read().strip()
     except OSError:
         boot_id = "?"
-    return f"{os.uname().nodename}/{boot_id}"
+    try:
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_namespace = "?"
+    return f"{os.uname().nodename}/{boot_id}/{pid_namespace}"
 
 
 @dataclass(frozen=True)
@@ -154,17 +161,16 @@ class _SharedFile:
         whole = torch.frombuffer(self._map, dtype=dtype, count=(slots + 1) * numel, offset=header_bytes)
         self.slots = whole[: slots * numel].view(slots, numel)
         self.result = whole[slots * numel:]
-        _ACTIVE_FILES.add(self)
 
     def abort(self, rank: int) -> None:
-        self._abort[0] = rank + 1
+        if not self._abort[0]:  # the first failure is the cause; later ones follow from it
+            self._abort[0] = rank + 1
 
     def aborted_by(self) -> int | None:
         value = int(self._abort[0])
         return value - 1 if value else None
 
     def close(self) -> None:
-        _ACTIVE_FILES.discard(self)
         del self.slots, self.result, self.counters, self.pids, self._abort  # views of the mapping
         try:
             self._map.close()
@@ -189,6 +195,9 @@ class FlatGradientReducer:
         self.world_size = dist.get_world_size()
         rank = dist.get_rank()
         self._file: _SharedFile | None = None
+        self._shared = False
+        if len(host_keys) != self.world_size:
+            raise ValueError(f"{len(host_keys)} host keys for {self.world_size} ranks")
         layout = HostLayout.from_keys(host_keys, rank)
         if any(len(h) > 1 for h in layout.hosts):
             layout = self._open_shared_file(layout, directory)
@@ -218,52 +227,74 @@ class FlatGradientReducer:
         for p in self._params:
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+        self._addresses = [p.grad.data_ptr() for p in self._params]
+        _ACTIVE_REDUCERS.add(self)
+
+    def abort(self, rank: int) -> None:
+        """Make the local peers waiting in the shared file raise LocalPeerError naming ``rank``."""
+        if self._file is not None:
+            self._file.abort(rank)
 
     @property
     def shared_memory(self) -> bool:
-        """Whether co-located agents exchange gradients through shared memory."""
-        return self._file is not None
+        """Whether the agents of every machine with several agents exchange gradients through shared memory."""
+        return self._shared
 
     def _open_shared_file(self, layout: HostLayout, directory: str) -> HostLayout:
-        """Map this machine's file (collective); the layout to use (one rank per host if any rank failed)."""
+        """Map this machine's file (collective); the layout to use (one rank per host if any rank failed).
+
+        Every rank runs the same collectives whatever fails locally, and a leader removes the
+        file's name on every path (it is needed only until every local agent mapped it).
+        """
         token = [secrets.token_hex(16) if layout.rank == 0 else None]
         dist.broadcast_object_list(token, src=0)
         local = layout.local_ranks
         leader = local[0]
+        creates = len(local) > 1 and layout.rank == leader
         path = os.path.join(directory, f"spark-ddl-grad-{token[0]}-{leader}")
         opened, problem = None, ""
+
+        def open_file(create: bool) -> None:
+            nonlocal opened, problem
+            try:
+                opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype, create=create)
+            except Exception as error:  # noqa: BLE001 - any failure means: use gloo, on every rank
+                problem = f"{path}: {type(error).__name__}: {error}"
+
         try:
-            if len(local) > 1 and layout.rank == leader:
-                opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype, create=True)
-        except OSError as error:
-            problem = f"{path}: {error}"
-        if _all_true(opened is not None or len(local) == 1 or layout.rank != leader):
-            try:
-                if len(local) > 1 and layout.rank != leader:
-                    opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype,
-                                         create=False)
-            except OSError as error:
-                problem = f"{path}: {error}"
-            shared = _all_true(opened is not None or len(local) == 1)
-        else:
-            shared = False
-        dist.barrier()  # everyone mapped it (or gave up): the name can go
-        if layout.rank == leader and len(local) > 1:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            if creates:
+                open_file(create=True)
+            if _all_true(opened is not None or not creates):
+                if len(local) > 1 and not creates:
+                    open_file(create=False)
+                shared = _all_true(opened is not None or len(local) == 1)
+            else:
+                shared = False
+            dist.barrier()  # everyone mapped it (or gave up): the name can go
+        finally:
+            if creates:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._shared = shared
         if shared:
             self._file = opened
             return layout
         if opened is not None:
             opened.close()
         if problem:
-            log.warning("gradients go over gloo instead of shared memory: %s", problem)
+            log.warning("gradients go over gloo instead of shared memory (on every machine): %s", problem)
         return HostLayout.one_per_host(self.world_size, layout.rank)
 
     def average(self) -> None:
         """Replace every rank's gradients by their mean over all ranks (collective)."""
+        if any(p.grad is None or p.grad.data_ptr() != address for p, address in zip(self._params, self._addresses)):
+            raise RuntimeError(
+                "a parameter's .grad no longer points into the flat gradient buffer (something set it to "
+                "None or replaced it, e.g. optimizer.zero_grad() with set_to_none=True); with "
+                "allreduce_impl='flat' gradients must be zeroed in place. Use allreduce_impl='ddp' otherwise."
+            )
         if self._file is not None:
             self._local_barrier()  # every local slot holds its gradients
             torch.sum(self._slots[:, self._chunk], dim=0, out=self._result[self._chunk])
@@ -272,11 +303,11 @@ class FlatGradientReducer:
                 dist.all_reduce(self._result, group=self._leader_group)
             if len(self.layout.hosts) > 1:
                 self._local_barrier()  # the leaders' sum is complete
-            torch.mul(self._result, 1.0 / self.world_size, out=self.flat)
+            torch.div(self._result, self.world_size, out=self.flat)
         else:
             if self._leader_group is not None:
                 dist.all_reduce(self.flat, group=self._leader_group)
-            self.flat.div_(self.world_size)
+            torch.div(self.flat, self.world_size, out=self.flat)  # the same operation: the same bits
 
     def _local_barrier(self) -> None:
         """Wait until every agent on this machine arrived here as often as this one."""
@@ -315,7 +346,7 @@ class FlatGradientReducer:
                 raise LocalPeerError(f"rank {r} on this machine (pid {pid}) exited while rank "
                                      f"{self.layout.rank} waited for its gradients")
         if waited > self._timeout:
-            raise LocalPeerError(f"rank(s) {behind} on this machine did not finish their backward pass "
+            raise LocalPeerError(f"rank(s) {behind} on this machine did not reach the gradient exchange "
                                  f"within timeout={self._timeout:g} s")
 
     def zero(self) -> None:
@@ -323,7 +354,10 @@ class FlatGradientReducer:
         self.flat.zero_()
 
     def close(self) -> None:
-        """Detach the gradients from the buffer and unmap the shared file."""
+        """Detach the gradients from the buffer and unmap the shared file (again: no-op)."""
+        if not hasattr(self, "flat"):
+            return
+        _ACTIVE_REDUCERS.discard(self)
         for p in self._params:
             p.grad = None
         del self.flat

@@ -134,3 +134,40 @@ def test_waiting_agents_stop_soon_when_a_local_peer_exits_or_fails(tmp_path, how
     waited, named = list(outcome[:2]), list(outcome[3:5])
     assert all(0 <= w < 2.0 for w in waited), waited  # not the 30 s timeout
     assert named == [1.0, 1.0]
+
+
+def _random_worker(rank: int, world_size: int, store_path: str, host_keys: list[str], directory: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    module = torch.nn.Sequential(torch.nn.Linear(31, 17), torch.nn.Linear(17, 5))
+    reducer = FlatGradientReducer(module.parameters(), host_keys, directory=directory)
+    torch.manual_seed(rank)
+    for p in module.parameters():
+        p.grad.copy_(torch.randn_like(p))
+    reducer.average()
+    torch.save(reducer.flat.clone(), os.path.join(out_dir, f"rank{rank}.pt"))
+    if rank == 0:  # a replaced .grad is refused, not silently left out of the average
+        module[0].weight.grad = None
+        try:
+            reducer.average()
+        except RuntimeError as error:
+            open(os.path.join(out_dir, "refused.txt"), "w").write(str(error))
+    else:
+        time.sleep(0.5)
+    reducer.close()
+    reducer.close()  # a second close is a no-op
+
+
+def test_mixed_machines_give_every_rank_the_same_bits(tmp_path):
+    """One machine with two agents and one with one: random (inexact) gradients, world size 3 —
+    every rank must hold bit-identical averages, or the replicas drift apart."""
+    mp.start_processes(_random_worker, args=(3, str(tmp_path / "store"), ["m1", "m1", "m2"], str(tmp_path),
+                                             str(tmp_path)), nprocs=3, start_method="spawn")
+    averaged = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    assert torch.equal(averaged[0], averaged[1]) and torch.equal(averaged[0], averaged[2])
+    gradients = []
+    for r in range(3):  # what each rank drew
+        torch.manual_seed(r)
+        gradients.append(torch.cat([torch.randn(shape).reshape(-1) for shape in [(17, 31), (17,), (5, 17), (5,)]]))
+    assert torch.allclose(averaged[0], sum(gradients) / 3, atol=1e-6)
+    assert "zero_grad" in (tmp_path / "refused.txt").read_text()
