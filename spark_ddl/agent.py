@@ -412,6 +412,7 @@ class _AsyncLoop:
         self.job, self.config, self.strategy, self.heartbeat = job, job.config, strategy, heartbeat
         self.train, self.validation, self.rank, self.device = train, validation, rank, device
         self.loss_fn = make_loss(self.config.loss)
+        self._reported_epochs = 0
 
     def run(self) -> list[dict[str, Any]]:
         config, model, rows = self.config, self.strategy.module, self.train.num_rows
@@ -445,8 +446,10 @@ class _AsyncLoop:
                                    loss_sum=loss_sum, rows=update_rows)
                 step += 1
             running = self.strategy.running
+            self._report_progress()
         self.heartbeat.set("waiting for the other agents to finish", waiting=True, step=None)
         self.strategy.finish()
+        self._report_progress("finishing (final parameters, validation)")  # the last pushes came from peers
         history = self.strategy.history()
         if config.has_validation:  # the master as it was at each epoch's end, on every agent
             epoch = 0
@@ -457,6 +460,22 @@ class _AsyncLoop:
                     history[epoch].update(record)
                 epoch += 1
         return history
+
+
+    def _report_progress(self, phase: str = "forward pass (model code)") -> None:
+        """Rank 0: the server's global progress (updates by every agent, finished epochs' training
+        loss) for the driver's progress output; validation comes only at the end."""
+        progress = self.strategy.progress()
+        if progress is None:
+            return
+        updates, per_epoch = progress
+        fields: dict[str, Any] = {}
+        if updates // per_epoch > self._reported_epochs:  # an epoch ended: its record goes out
+            finished = self.strategy.finished_epochs()
+            self._reported_epochs = len(finished)
+            fields["recent_epochs"] = finished[-RECENT_EPOCHS:]
+        self.heartbeat.set(phase, epochs=self.config.epochs, steps_per_epoch=per_epoch, steps_done=updates,
+                           **fields)
 
 
 def validate(module: nn.Module, validation: Shard, loss_fn, config: TrainConfig,

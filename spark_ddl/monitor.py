@@ -32,7 +32,8 @@ log = logging.getLogger("spark_ddl.monitor")
 agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here
 
 MAX_LINE_BYTES = 64 * 1024
-STATUS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_per_epoch", "epochs", "recent_epochs")
+STATUS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_per_epoch", "epochs", "recent_epochs",
+               "steps_done")
 
 
 class StallError(TrainingError):

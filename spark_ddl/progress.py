@@ -64,12 +64,14 @@ class ProgressReporter:
 
             self._bar = tqdm(total=epochs * steps, unit="step", file=self._stream, dynamic_ncols=True,
                              desc="training")
-        epoch, step = status.get("epoch"), status.get("step")
-        if epoch is None:
-            return
-        done = int(epoch) * steps + (int(step) if step is not None else steps)
-        if done > self._bar.n:
-            self._bar.update(done - self._bar.n)
+        done = status.get("steps_done")  # async: updates by all agents together
+        if done is None:
+            epoch, step = status.get("epoch"), status.get("step")
+            if epoch is None:
+                return
+            done = int(epoch) * steps + (int(step) if step is not None else steps)
+        if int(done) > self._bar.n:
+            self._bar.update(int(done) - self._bar.n)
 
     def close(self, finished: bool) -> None:
         if self._bar is not None:

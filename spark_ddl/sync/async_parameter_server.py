@@ -260,6 +260,20 @@ class AsyncParameterServerStrategy(SyncStrategy):
         self._load(flat)
         return True
 
+    def progress(self) -> tuple[int, int] | None:
+        """Rank 0, while training: (updates applied by the server, updates per epoch); None elsewhere."""
+        if self._server is None:
+            return None
+        with self._lock:
+            return self._server.version, self._server.pushes_per_epoch
+
+    def finished_epochs(self) -> list[dict[str, Any]]:
+        """Rank 0: the training records of the epochs the server has finished so far."""
+        if self._server is None:
+            return []
+        with self._lock:
+            return self._server.history()[:self._server.version // self._server.pushes_per_epoch]
+
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch training records from the server (rank 0; empty elsewhere)."""
         return self._server.history() if self._server else []

@@ -37,6 +37,16 @@ def test_progress_lines_and_agent_logs_reach_the_driver(spark, caplog):
     assert len(model.history) == 3
 
 
+def test_async_training_reports_each_epoch_of_the_server(spark, caplog):
+    caplog.set_level(logging.INFO, logger="spark_ddl")
+    model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=30, progress="log",
+                           sync="async", lr=0.02).fit(data(spark))
+    progress = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
+    assert [line.split(",")[0] for line in progress] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    losses = [float(line.split("train_loss ")[1].split(",")[0]) for line in progress]
+    assert losses == pytest.approx([h["train_loss"] for h in model.history], abs=1e-4)
+
+
 def test_summary_table_and_history_plot(spark, tmp_path):
     model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=30, progress="off",
                            validation_fraction=0.2).fit(data(spark))
