@@ -8,12 +8,15 @@ early-stopping state, the strategy's own counters, every rank's RNG state, the e
 step to continue from (the data order is a function of seed, epoch and rank), the loss sums
 of the epoch in progress and the history so far. It is written under a temporary name and
 renamed, so a file with the final name is always complete; only the newest
-``keep_checkpoints`` are kept.
+``keep_checkpoints`` are kept. Beside each one, ``checkpoint-u<updates>.json`` (written first)
+holds what the driver checks before a resume — settings, epoch, step — so it need not read a
+model-sized file for that.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from spark_ddl.storage import arrow_store_for
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-u(\d{9})\.pt$")
 FORMAT = 1
+
+FACTS = ("settings", "epoch", "step", "shard_sizes")  # what the sidecar repeats
 
 # Settings that must be equal for a checkpoint to continue a run exactly.
 COMPATIBLE_SETTINGS = ("loss", "optimizer", "lr", "optimizer_kwargs", "batch_size", "num_workers",
@@ -78,10 +83,25 @@ def write_checkpoint(path: str, state: dict[str, Any], updates: int, keep: int) 
     store.mkdirs(inner)
     buffer = io.BytesIO()
     torch.save(dict(state, format=FORMAT), buffer)
-    final = f"{inner}/{checkpoint_name(updates)}"
-    temporary = f"{inner}/.tmp-{uuid.uuid4().hex[:12]}-{checkpoint_name(updates)}"
+    facts = json.dumps({name: state.get(name) for name in FACTS}, default=str).encode()
+    _write_atomically(store, inner, _facts_name(checkpoint_name(updates)), facts)  # first: a .pt always has one
+    final = _write_atomically(store, inner, checkpoint_name(updates), buffer.getvalue())
+    for old in list_checkpoints(path)[:-keep]:
+        store.delete(f"{inner}/{old}")
+        if store.exists(f"{inner}/{_facts_name(old)}"):
+            store.delete(f"{inner}/{_facts_name(old)}")
+    return final
+
+
+def _facts_name(checkpoint: str) -> str:
+    return checkpoint[: -len(".pt")] + ".json"
+
+
+def _write_atomically(store, inner: str, name: str, data: bytes) -> str:
+    final = f"{inner}/{name}"
+    temporary = f"{inner}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
     try:
-        store.write(temporary, buffer.getvalue())
+        store.write(temporary, data)
         store.rename(temporary, final)
     except BaseException:
         try:
@@ -89,9 +109,16 @@ def write_checkpoint(path: str, state: dict[str, Any], updates: int, keep: int) 
         except OSError:
             pass
         raise
-    for old in list_checkpoints(path)[:-keep]:
-        store.delete(f"{inner}/{old}")
     return final
+
+
+def read_checkpoint_facts(full_path: str) -> dict[str, Any]:
+    """Settings, epoch and step of a checkpoint, from its small sidecar file when there is one."""
+    store, inner = arrow_store_for(full_path)
+    sidecar = _facts_name(inner)
+    if store.exists(sidecar):
+        return json.loads(store.read(sidecar))
+    return read_checkpoint(full_path)
 
 
 def read_checkpoint(full_path: str) -> dict[str, Any]:
@@ -113,6 +140,10 @@ def compatibility_record(config: Any) -> dict[str, Any]:
 
 
 def incompatibilities(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a checkpoint's settings and this fit's."""
+    """Human-readable differences between a checkpoint's settings and this fit's (compared as
+    JSON values, the form the sidecar keeps: a tuple equals the list it becomes)."""
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+
     return [f"{name}: checkpoint {saved.get(name)!r}, this fit {current.get(name)!r}"
-            for name in COMPATIBLE_SETTINGS if saved.get(name) != current.get(name)]
+            for name in COMPATIBLE_SETTINGS if plain(saved.get(name)) != plain(current.get(name))]

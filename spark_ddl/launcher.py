@@ -17,7 +17,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 
 from spark_ddl.agent import AgentJob, run_agent
 from spark_ddl.artifact import OUTPUT_DDL, reassemble, state_dict_from_bytes
-from spark_ddl.checkpoint import compatibility_record, incompatibilities, newest_checkpoint, read_checkpoint
+from spark_ddl.checkpoint import compatibility_record, incompatibilities, newest_checkpoint, read_checkpoint_facts
 from spark_ddl.config import TrainConfig
 from spark_ddl.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
 from spark_ddl.errors import ClusterConfigError, ConfigError, TrainingError, training_error_from_spark
@@ -162,7 +162,7 @@ def check_checkpoint_dir(config: TrainConfig) -> str | None:
             f"({newest.rsplit('/', 1)[-1]}). Pass resume=True to continue that run, or choose an "
             "empty directory for a new one."
         )
-    saved = read_checkpoint(newest)
+    saved = read_checkpoint_facts(newest)
     differences = incompatibilities(saved["settings"], compatibility_record(config))
     if differences:
         raise ConfigError(

@@ -1,0 +1,49 @@
+"""Checkpoint files and their sidecars (no Spark)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import torch
+
+from spark_ddl import launcher
+from spark_ddl.checkpoint import (compatibility_record, incompatibilities, list_checkpoints, read_checkpoint,
+                                  read_checkpoint_facts, write_checkpoint)
+from spark_ddl.config import TrainConfig
+
+
+def state(config: TrainConfig, epoch: int) -> dict:
+    return {"model": {"w": torch.randn(1000)}, "settings": compatibility_record(config), "epoch": epoch,
+            "step": 0, "shard_sizes": [5, 6]}
+
+
+def test_each_checkpoint_has_a_sidecar_with_what_the_driver_checks_and_pruning_removes_both(tmp_path):
+    config = TrainConfig(optimizer="adam", optimizer_kwargs={"betas": (0.9, 0.99)})
+    for epoch in range(1, 4):
+        write_checkpoint(str(tmp_path), state(config, epoch), updates=10 * epoch, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-u000000020.json", "checkpoint-u000000020.pt",
+                     "checkpoint-u000000030.json", "checkpoint-u000000030.pt"]
+    newest = f"{tmp_path}/{list_checkpoints(str(tmp_path))[-1]}"
+    facts = read_checkpoint_facts(newest)
+    assert facts["epoch"] == read_checkpoint(newest)["epoch"] == 3 and facts["shard_sizes"] == [5, 6]
+    assert incompatibilities(facts["settings"], compatibility_record(config)) == []  # (0.9, 0.99) == [0.9, 0.99]
+    assert incompatibilities(facts["settings"], compatibility_record(replace(config, lr=0.5))) == [
+        "lr: checkpoint 0.1, this fit 0.5"]
+
+
+def test_the_resume_check_reads_the_sidecar_not_the_model_sized_file(tmp_path):
+    config = TrainConfig(checkpoint_dir=str(tmp_path), resume=True)
+    path = write_checkpoint(str(tmp_path), state(config, 1), updates=7, keep=2)
+    with open(path, "wb") as damaged:  # the driver must not need it
+        damaged.write(b"not a checkpoint")
+    assert launcher.check_checkpoint_dir(config) == path
+    sidecar = tmp_path / "checkpoint-u000000007.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "settings": {"lr": 9.0}}))
+    try:
+        launcher.check_checkpoint_dir(config)
+    except Exception as error:  # noqa: BLE001
+        assert "lr: checkpoint 9.0" in str(error)
+    else:
+        raise AssertionError("a checkpoint with other settings was accepted")
