@@ -461,7 +461,6 @@ class _AsyncLoop:
                 epoch += 1
         return history
 
-
     def _report_progress(self, phase: str = "forward pass (model code)") -> None:
         """Rank 0: the server's global progress (updates by every agent, finished epochs' training
         loss) for the driver's progress output; validation comes only at the end."""

@@ -77,6 +77,11 @@ def train_one_pass(model: torch.nn.Module, rows: int, features: int, batch: int)
     return time.perf_counter() - started
 
 
+def steady_samples_per_s(model: TorchModel) -> float:
+    """Median samples/s of a fit's epochs after the first (which pays warm-up), or of its only one."""
+    return statistics.median(h["samples_per_s"] for h in model.history[1:] or model.history)
+
+
 def plain_training_samples_per_s(rows: int, features: int, hidden: list[int], batch: int) -> float:
     """One process, one thread, in-memory tensors, the same model and batch: samples/s."""
     previous = torch.get_num_threads()
@@ -180,18 +185,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                loss="cross_entropy", lr=0.01, batch_size=args.batch_size, epochs=args.epochs,
                                timeout=600, progress="off", shard_storage="memory", check_input=False)
     model = estimator.fit(data)
-    agents = statistics.median(h["samples_per_s"] for h in model.history[1:] or model.history)
+    agents = steady_samples_per_s(model)
     plain = plain_training_samples_per_s(args.rows, args.features, hidden, args.batch_size)
     row("throughput", "plain PyTorch, 1 process × 1 thread", plain, "samples/s")
     row("throughput", "fit(), 2 agents × 1 thread (allreduce, flat)", agents, "samples/s", plain,
         "≥ 1.6× plain", agents >= 1.6 * plain)
     ddp = estimator.copy({estimator.allreduce_impl: "ddp"}).fit(data)
-    ddp_rate = statistics.median(h["samples_per_s"] for h in ddp.history[1:] or ddp.history)
+    ddp_rate = steady_samples_per_s(ddp)
     row("throughput", "fit(), 2 agents × 1 thread (allreduce, torch DDP)", ddp_rate, "samples/s", plain)
     bare = bare_ddp_samples_per_s(args.rows // 2, args.features, hidden, args.batch_size)
     row("throughput", "bare torch DDP/gloo, 2 processes × 1 thread, no Spark", bare, "samples/s", plain)
     local_sgd = estimator.copy({estimator.sync: "local_sgd", estimator.sync_every: 8}).fit(data)
-    local_sgd_rate = statistics.median(h["samples_per_s"] for h in local_sgd.history[1:] or local_sgd.history)
+    local_sgd_rate = steady_samples_per_s(local_sgd)
     row("throughput", "fit(), 2 agents × 1 thread (local_sgd, sync_every=8)", local_sgd_rate, "samples/s", plain,
         "≥ 1.6× plain", local_sgd_rate >= 1.6 * plain)
     model_bytes = sum(p.numel() * 4 for p in model.get_module().parameters())

@@ -73,11 +73,11 @@ class AllReduceStrategy(SyncStrategy):
         self._host_keys = host_keys
         self._ddp: DistributedDataParallel | None = None
         self._reducer: FlatGradientReducer | None = None
-        self._buffers: list[torch.Tensor] = []
+        self._has_buffers = False
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self._module = module
-        self._buffers = list(module.buffers())
+        self._has_buffers = any(True for _ in module.buffers())
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             broadcast_state(module)
             keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
@@ -117,7 +117,7 @@ class AllReduceStrategy(SyncStrategy):
         else:
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
-        if self._buffers:  # rank 0's (e.g. batch-norm statistics), as DDP sends before the next forward
+        if self._has_buffers:  # rank 0's (e.g. batch-norm statistics), as DDP sends before the next forward
             broadcast_state(self._module, buffers_only=True)
 
     def summary(self) -> dict[str, Any]:

@@ -138,7 +138,6 @@ class _SharedFile:
     counter and one pid per local agent), then ``slots`` rows of ``numel``, then the result row."""
 
     def __init__(self, path: str, token: bytes, slots: int, numel: int, dtype: torch.dtype, create: bool) -> None:
-        self.path = path
         words = _TOKEN_BYTES // 8 + 1 + 2 * slots
         header_bytes = -(-words * 8 // 64) * 64
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -214,7 +213,6 @@ class FlatGradientReducer:
                 self._leader_group = group if group is not None else dist.group.WORLD
         if self._file is not None:
             self.flat = self._file.slots[layout.local_index]
-            self._slots, self._result = self._file.slots, self._file.result
             local = len(layout.local_ranks)
             chunk = -(-self.numel // local)
             self._chunk = slice(layout.local_index * chunk, min(self.numel, (layout.local_index + 1) * chunk))
@@ -297,13 +295,14 @@ class FlatGradientReducer:
             )
         if self._file is not None:
             self._local_barrier()  # every local slot holds its gradients
-            torch.sum(self._slots[:, self._chunk], dim=0, out=self._result[self._chunk])
+            slots, result = self._file.slots, self._file.result
+            torch.sum(slots[:, self._chunk], dim=0, out=result[self._chunk])
             self._local_barrier()  # the local sum is complete
             if self._leader_group is not None:
-                dist.all_reduce(self._result, group=self._leader_group)
+                dist.all_reduce(result, group=self._leader_group)
             if len(self.layout.hosts) > 1:
                 self._local_barrier()  # the leaders' sum is complete
-            torch.div(self._result, self.world_size, out=self.flat)
+            torch.div(result, self.world_size, out=self.flat)
         else:
             if self._leader_group is not None:
                 dist.all_reduce(self.flat, group=self._leader_group)
@@ -362,7 +361,6 @@ class FlatGradientReducer:
             p.grad = None
         del self.flat
         if self._file is not None:
-            del self._slots, self._result
             self._file.close()
             self._file = None
         self._local_group = self._leader_group = None
