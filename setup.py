@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 version = {}
-for line in Path("spark_ddl/__init__.py").read_text().splitlines():
+for line in Path("spark_ddl/_version.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from spark_ddl.errors import (  # noqa: E402
+from spark_ddl._version import __version__
+from spark_ddl.errors import (
     ClusterConfigError,
     ConfigError,
     SchemaError,
@@ -19,13 +18,15 @@ from spark_ddl.errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from spark_ddl.estimator import TorchEstimator, TorchModel
-    from spark_ddl.session import get_or_create_session
+    from spark_ddl.driver.session import get_or_create_session
+    from spark_ddl.estimator import TorchEstimator
+    from spark_ddl.model import TorchModel
+    from spark_ddl.persistence import allow_pickle
 
 # Imported on first use: the agents import this package too, and pyspark.ml would bring
 # pandas and scipy into every executor's Python worker (~70 MB each) for nothing.
-_LAZY = {"TorchEstimator": "spark_ddl.estimator", "TorchModel": "spark_ddl.estimator",
-         "get_or_create_session": "spark_ddl.session"}
+_LAZY = {"TorchEstimator": "spark_ddl.estimator", "TorchModel": "spark_ddl.model",
+         "get_or_create_session": "spark_ddl.driver.session", "allow_pickle": "spark_ddl.persistence"}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +41,7 @@ __all__ = [
     "TorchEstimator",
     "TorchModel",
     "get_or_create_session",
+    "allow_pickle",
     "SparkDDLError",
     "ConfigError",
     "SchemaError",

@@ -1,27 +1,14 @@
-"""The trained model as bytes: safetensors weights, chunked rows through the job's output,
-class-path architectures, and torch.export programs checked before loading."""
+"""The trained model as bytes: safetensors weights, and torch.export programs checked before
+loading (so that loading one runs no pickle)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-from typing import Any, Iterable, Iterator
 
-import pyarrow as pa
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
-
-from spark_ddl.errors import ConfigError
-
-CHUNK_BYTES = 4 * 1024 * 1024  # no output row carries more than this
-
-OUTPUT_SCHEMA = pa.schema(
-    [("kind", pa.string()), ("rank", pa.int32()), ("seq", pa.int32()), ("data", pa.binary())]
-)
-OUTPUT_DDL = "kind string, rank int, seq int, data binary"
-
 
 # ------------------------------------------------------------------ weights <-> bytes
 
@@ -39,45 +26,6 @@ def state_dict_to_bytes(module: nn.Module) -> bytes:
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """Inverse of ``state_dict_to_bytes`` (runs no pickle)."""
     return load_safetensors(data)
-
-
-def output_batches(kind: str, rank: int, payload: bytes) -> Iterator[pa.RecordBatch]:
-    """``payload`` cut into rows of at most CHUNK_BYTES, as Arrow batches of OUTPUT_SCHEMA."""
-    chunks = [payload[i : i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
-    for seq, chunk in enumerate(chunks):
-        yield pa.RecordBatch.from_pydict(
-            {"kind": [kind], "rank": [rank], "seq": [seq], "data": [chunk]}, schema=OUTPUT_SCHEMA
-        )
-
-
-def reassemble(rows: Iterable[Any], kind: str, rank: int = 0) -> bytes | None:
-    """Join the chunks of one (kind, rank) payload in order; None if there were none."""
-    parts = sorted((r["seq"], bytes(r["data"])) for r in rows if r["kind"] == kind and r["rank"] == rank)
-    if not parts:
-        return None
-    if [seq for seq, _ in parts] != list(range(len(parts))):
-        raise RuntimeError(f"the {kind!r} payload of rank {rank} arrived incomplete")
-    return b"".join(data for _, data in parts)
-
-
-# ------------------------------------------------------------------ architectures
-
-
-def build_from_class_path(class_path: str, kwargs: dict[str, Any] | None) -> nn.Module:
-    """Instantiate ``"package.module:Class"`` with JSON keyword arguments (no pickle)."""
-    module_name, sep, attr = class_path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"model class path must look like 'package.module:Class', got {class_path!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for model {class_path!r}: {exc}") from exc
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    module = obj(**(kwargs or {}))
-    if not isinstance(module, nn.Module):
-        raise ConfigError(f"{class_path} built a {type(module).__name__}, not a torch.nn.Module")
-    return module
 
 
 # ------------------------------------------------------------------ torch.export programs

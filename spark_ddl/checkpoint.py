@@ -19,7 +19,6 @@ import io
 import json
 import re
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,34 +29,6 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-u(\d{9})\.pt$")
 FORMAT = 1
 
 FACTS = ("settings", "epoch", "step", "shard_sizes")  # what the sidecar repeats
-
-# Settings that must be equal for a checkpoint to continue a run exactly.
-COMPATIBLE_SETTINGS = ("loss", "optimizer", "lr", "optimizer_kwargs", "batch_size", "num_workers",
-                       "shuffle", "seed", "sync", "sync_every", "compression", "accumulate_steps",
-                       "lr_scheduler", "lr_scheduler_kwargs", "early_stopping_patience")
-
-
-@dataclass(frozen=True)
-class CheckpointEvery:
-    """How often to checkpoint: every ``count`` epochs or every ``count`` updates."""
-
-    count: int
-    unit: str  # "epochs" | "steps"
-
-    @classmethod
-    def parse(cls, value: Any) -> "CheckpointEvery":
-        """An int (epochs) or a string such as ``"2 epochs"`` / ``"500 steps"``."""
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return cls(value, "epochs")
-        match = re.fullmatch(r"\s*(\d+)\s*(epochs?|steps?)\s*", str(value))
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(
-                f"checkpoint_every must be a positive number of epochs (e.g. 1) or a string like "
-                f"'2 epochs' or '500 steps', got {value!r}."
-            )
-        unit = "epochs" if match.group(2).startswith("epoch") else "steps"
-        return cls(int(match.group(1)), unit)
-
 
 def checkpoint_name(updates: int) -> str:
     return f"checkpoint-u{updates:09d}.pt"
@@ -130,20 +101,12 @@ def read_checkpoint(full_path: str) -> dict[str, Any]:
     return state
 
 
-def compatibility_record(config: Any) -> dict[str, Any]:
-    """The settings a checkpoint records so that a resume can check it continues the same run."""
-    record = {}
-    for name in COMPATIBLE_SETTINGS:
-        value = getattr(config, name)
-        record[name] = value if not callable(value) else f"callable:{getattr(value, '__qualname__', '?')}"
-    return record
-
-
 def incompatibilities(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a checkpoint's settings and this fit's (compared as
-    JSON values, the form the sidecar keeps: a tuple equals the list it becomes)."""
+    """Human-readable differences between a checkpoint's settings and this fit's
+    (``TrainConfig.resume_record``), compared as JSON values, the form the sidecar keeps: a
+    tuple equals the list it becomes."""
     def plain(value: Any) -> Any:
         return json.loads(json.dumps(value, sort_keys=True, default=str))
 
     return [f"{name}: checkpoint {saved.get(name)!r}, this fit {current.get(name)!r}"
-            for name in COMPATIBLE_SETTINGS if plain(saved.get(name)) != plain(current.get(name))]
+            for name in current if plain(saved.get(name)) != plain(current.get(name))]

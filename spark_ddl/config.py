@@ -1,19 +1,26 @@
-"""The training configuration that travels from the driver to every agent."""
+"""The training settings that travel from the driver to every agent, each declared once.
+
+Every field of ``TrainConfig`` is a ``setting(...)`` (see ``spark_ddl.settings``): its
+declaration is the estimator's Param, its keyword argument, its command-line flag and its
+check. Rules that involve several settings live in ``validate``, and a strategy's own rules
+in its class (``SyncStrategy.check_settings``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_ddl.errors import ConfigError
+from spark_ddl.settings import check_all, declared, setting
+from spark_ddl.sync import strategy_class, strategy_descriptions
 
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SYNC_STRATEGIES = ("allreduce", "parameter_server", "local_sgd", "async")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 ALLREDUCE_IMPLS = ("auto", "flat", "ddp")
-CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 
 def classification_kind(loss: object) -> str | None:
@@ -21,104 +28,105 @@ def classification_kind(loss: object) -> str | None:
     return {"cross_entropy": "multiclass", "bce_with_logits": "binary"}.get(loss) if isinstance(loss, str) else None
 
 
+@dataclass(frozen=True)
+class CheckpointEvery:
+    """How often to checkpoint: every ``count`` epochs or every ``count`` updates."""
+
+    count: int
+    unit: str  # "epochs" | "steps"
+
+    @classmethod
+    def parse(cls, value: Any) -> "CheckpointEvery":
+        """An int (epochs) or a string such as ``"2 epochs"`` / ``"500 steps"``."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return cls(value, "epochs")
+        match = re.fullmatch(r"\s*(\d+)\s*(epochs?|steps?)\s*", str(value))
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(
+                f"checkpoint_every must be a positive number of epochs (e.g. 1) or a string like "
+                f"'2 epochs' or '500 steps', got {value!r}."
+            )
+        unit = "epochs" if match.group(2).startswith("epoch") else "steps"
+        return cls(int(match.group(1)), unit)
+
+
 @dataclass
 class TrainConfig:
-    """Everything an agent needs to train, apart from the model and the data.
+    """Everything an agent needs to train, apart from the model and the data."""
 
-    ``loss`` is a name from ``LOSSES`` or a callable ``loss(output, target) -> scalar`` that
-    returns the *mean* over the batch (like torch's default reduction).
-    """
-
-    loss: str | Callable[..., Any] = "cross_entropy"
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 32
-    epochs: int = 5
-    num_workers: int = 2
-    shuffle: bool = True
-    seed: int = 0
-    use_gpu: bool | None = None
-    timeout: float = 300.0
-    sync: str = "allreduce"
-    sync_every: int = 8  # local_sgd: average parameters every this many steps
-    compression: str = "none"  # allreduce only: torch DDP communication hook
-    # allreduce only: "flat" (one gradient buffer averaged after backward, through shared memory
-    # between agents on one machine; CPU, no compression), "ddp" (torch DDP), "auto" (flat where it applies)
-    allreduce_impl: str = "auto"
-    accumulate_steps: int = 1  # micro-batches per optimiser update (no communication between)
-    max_staleness: int | None = None  # async: bound on updates a gradient may miss (None: auto)
-    check_every: int = 0  # compare replica checksums every this many updates (0: only at the end)
-    early_stopping_patience: int = 0  # epochs without validation-loss improvement; 0 = off
-    lr_scheduler: str | None = None  # a class of torch.optim.lr_scheduler, stepped every epoch
-    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
-    has_validation: bool = False  # set by the driver when a validation set is configured
-    checkpoint_dir: str | None = None  # local path or pyarrow.fs URI; None: no checkpoints
-    checkpoint_every: int | str = 1  # epochs (int or "N epochs") or "N steps" (updates)
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
-    max_retries: int = 0  # resubmissions of a failed barrier job (from the newest checkpoint)
-    stall_timeout: float | None = None  # seconds without a completed step anywhere → fail
-    resume_from: str | None = None  # set by the driver for one attempt: the checkpoint to load
-    progress: str = "auto"  # driver output while training: auto | bar | log | off
-    shard_storage: str = "auto"  # memory | disk (memory-mapped file on the executor) | auto
-    shard_memory_limit_mb: float = 2048.0  # auto: shards above this spill to disk
-    agent_log_level: str = "WARNING"  # agents' log records at this level reach the driver; OFF: none
+    loss: str | Callable[..., Any] = setting(
+        "cross_entropy", "'cross_entropy', 'mse', 'bce_with_logits' or a callable(output, target) "
+        "returning the batch-mean loss", choices=LOSSES, callable_ok=True, resume_checked=True)
+    optimizer: str = setting("sgd", "the optimiser", choices=OPTIMIZERS, resume_checked=True)
+    lr: float = setting(0.1, "learning rate", positive=True, resume_checked=True)
+    optimizer_kwargs: dict[str, Any] = setting(
+        doc="extra keyword arguments of the optimiser (e.g. momentum)", default_factory=dict, resume_checked=True)
+    batch_size: int = setting(32, "mini-batch size per agent", minimum=1, resume_checked=True)
+    epochs: int = setting(5, "number of passes over the data", minimum=1)
+    num_workers: int = setting(2, "number of agents (barrier tasks)", minimum=1, resume_checked=True,
+                               cli_aliases=("--workers",))
+    shuffle: bool = setting(True, "reshuffle each agent's shard every epoch", resume_checked=True)
+    seed: int = setting(0, "random seed (shuffling, dropout)", resume_checked=True)
+    use_gpu: bool | None = setting(None, "None: GPU when the executors have one; True: require a GPU; "
+                                   "False: CPU", kind=bool, nullable=True)
+    timeout: float = setting(300.0, "seconds any collective or rendezvous may wait before failing",
+                             positive=True, unit="seconds")
+    sync: str = setting("allreduce", "synchronisation strategy", choices=strategy_descriptions,
+                        resume_checked=True)
+    sync_every: int = setting(8, "local_sgd: average the parameters every this many steps", minimum=1,
+                              resume_checked=True)
+    compression: str = setting("none", "gradient compression for sync='allreduce' (torch DDP "
+                               "communication hooks)", choices=COMPRESSIONS, resume_checked=True)
+    allreduce_impl: str = setting(
+        "auto", "sync='allreduce': 'flat' (one gradient buffer averaged after backward, through shared "
+        "memory between agents on one machine; CPU, compression='none'), 'ddp' (torch DDP, overlapped "
+        "with backward) or 'auto' (flat where it applies)", choices=ALLREDUCE_IMPLS)
+    accumulate_steps: int = setting(1, "micro-batches whose gradients are accumulated, without "
+                                    "communication, before each update", minimum=1, resume_checked=True)
+    max_staleness: int | None = setting(
+        None, "async: the most updates a gradient may miss between the parameters it was computed on and "
+        "its application; faster agents wait rather than exceed it (None: 2 x (num_workers - 1), at least 4)",
+        kind=int, nullable=True, minimum=0)
+    check_every: int = setting(0, "compare the replicas' parameter checksums every this many updates and "
+                               "fail on divergence (0: only at the end of training)", minimum=0)
+    early_stopping_patience: int = setting(
+        0, "stop after this many epochs without a better validation loss and restore the best epoch's "
+        "weights; 0 = off", minimum=0, resume_checked=True)
+    lr_scheduler: str | None = setting(None, "a torch.optim.lr_scheduler class name (e.g. 'StepLR'), "
+                                       "stepped every epoch", kind=str, nullable=True, resume_checked=True)
+    lr_scheduler_kwargs: dict[str, Any] = setting(doc="keyword arguments of the scheduler", default_factory=dict,
+                                                  resume_checked=True)
+    checkpoint_dir: str | None = setting(
+        None, "directory (local path or pyarrow.fs URI, reachable from every executor) for training "
+        "checkpoints; None: none", kind=str, nullable=True)
+    checkpoint_every: int | str = setting(
+        1, "checkpoint every N epochs (an int or 'N epochs') or 'N steps' (updates)", kind=object)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept", minimum=1)
+    resume: bool = setting(False, "continue from the newest checkpoint in checkpoint_dir (fresh start if "
+                           "there is none)")
+    max_retries: int = setting(0, "resubmit a barrier job that failed because an agent was lost or "
+                               "stalled, up to this many times, resuming from the newest checkpoint", minimum=0)
+    stall_timeout: float | None = setting(None, "fail when no agent completes a step for this many "
+                                          "seconds; None: off", kind=float, nullable=True, positive=True,
+                                          unit="seconds")
+    progress: str = setting("auto", "live progress on the driver: 'auto' (a bar on a terminal, log lines "
+                            "otherwise), 'bar', 'log' or 'off'", choices=("auto", "bar", "log", "off"))
+    shard_storage: str = setting("auto", "where an agent keeps its training rows: 'memory', 'disk' (a "
+                                 "memory-mapped file on the executor's local disk) or 'auto' (disk above "
+                                 "shard_memory_limit_mb)", choices=("auto", "memory", "disk"))
+    shard_memory_limit_mb: float = setting(2048.0, "shard_storage='auto': shards above this many MB spill "
+                                           "to disk", minimum=0)
+    agent_log_level: str = setting("WARNING", "agents' log records at this level and above are re-emitted "
+                                   "on the driver as [rank N] lines; 'OFF': none",
+                                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "OFF"))
+    # set by the driver, not by users
+    has_validation: bool = setting(False, "a validation set is configured", param=False)
+    resume_from: str | None = setting(None, "the checkpoint this attempt loads", kind=str, nullable=True,
+                                      param=False)
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first invalid setting; return self."""
-        _check_int("num_workers", self.num_workers, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("epochs", self.epochs, 1)
-        _check_int("seed", self.seed, None)
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
-        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {self.timeout!r}.")
-        if not (callable(self.loss) or self.loss in LOSSES):
-            raise ConfigError(
-                f"loss must be one of {', '.join(LOSSES)} or a callable(output, target), "
-                f"got {self.loss!r}."
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}."
-            )
-        if not isinstance(self.optimizer_kwargs, dict):
-            raise ConfigError(
-                f"optimizer_kwargs must be a dict, got {type(self.optimizer_kwargs).__name__}."
-            )
-        if self.sync not in SYNC_STRATEGIES:
-            raise ConfigError(
-                f"sync must be one of {', '.join(SYNC_STRATEGIES)}, got {self.sync!r}."
-            )
-        _check_int("sync_every", self.sync_every, 1)
-        _check_int("accumulate_steps", self.accumulate_steps, 1)
-        _check_int("check_every", self.check_every, 0)
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(
-                f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}."
-            )
-        if self.compression != "none" and self.sync != "allreduce":
-            raise ConfigError(
-                f"compression={self.compression!r} works with sync='allreduce' (DDP communication "
-                f"hooks), not with sync={self.sync!r}."
-            )
-        if self.allreduce_impl not in ALLREDUCE_IMPLS:
-            raise ConfigError(
-                f"allreduce_impl must be one of {', '.join(ALLREDUCE_IMPLS)}, got {self.allreduce_impl!r}."
-            )
-        if self.allreduce_impl == "flat" and (self.compression != "none" or self.use_gpu):
-            raise ConfigError(
-                "allreduce_impl='flat' averages uncompressed gradients of CPU agents; with "
-                f"compression={self.compression!r} or use_gpu=True use allreduce_impl='ddp' or 'auto'."
-            )
-        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
-        if self.early_stopping_patience and not self.has_validation:
-            raise ConfigError(
-                "early_stopping_patience needs a validation set: set validation_col or "
-                "validation_fraction."
-            )
+        check_all(self)
         if self.lr_scheduler is not None:
             import torch
 
@@ -128,81 +136,26 @@ class TrainConfig:
                     f"lr_scheduler must name a class in torch.optim.lr_scheduler (e.g. StepLR, "
                     f"CosineAnnealingLR, ReduceLROnPlateau), got {self.lr_scheduler!r}."
                 )
-        if not isinstance(self.lr_scheduler_kwargs, dict):
-            raise ConfigError("lr_scheduler_kwargs must be a dict.")
-        if self.sync == "async":
-            self._validate_async()
-        self._validate_fault_tolerance()
-        if self.agent_log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "OFF"):
-            raise ConfigError("agent_log_level must be DEBUG, INFO, WARNING, ERROR or OFF, got "
-                              f"{self.agent_log_level!r}.")
-        if self.shard_storage not in ("auto", "memory", "disk"):
-            raise ConfigError(f"shard_storage must be 'auto', 'memory' or 'disk', got {self.shard_storage!r}.")
-        if not (isinstance(self.shard_memory_limit_mb, (int, float)) and self.shard_memory_limit_mb >= 0):
-            raise ConfigError(f"shard_memory_limit_mb must be a number >= 0, got {self.shard_memory_limit_mb!r}.")
-        if self.progress not in ("auto", "bar", "log", "off"):
-            raise ConfigError(f"progress must be 'auto', 'bar', 'log' or 'off', got {self.progress!r}.")
-        if self.use_gpu not in (None, True, False):
-            raise ConfigError(f"use_gpu must be None, True or False, got {self.use_gpu!r}.")
-        return self
-
-    def _validate_fault_tolerance(self) -> None:
-        from spark_ddl.checkpoint import CheckpointEvery
-
-        if self.checkpoint_dir is not None:
-            if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
-                raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
-            if self.sync == "async":
-                raise ConfigError(
-                    "checkpoints continue a run exactly, which needs a lock-step strategy; "
-                    "sync='async' is not reproducible. Use allreduce, parameter_server or local_sgd."
-                )
+        if self.early_stopping_patience and not self.has_validation:
+            raise ConfigError(
+                "early_stopping_patience needs a validation set: set validation_col or "
+                "validation_fraction."
+            )
         try:
             CheckpointEvery.parse(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
-        _check_int("max_retries", self.max_retries, 0)
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue.")
-        if self.stall_timeout is not None and not (
-            isinstance(self.stall_timeout, (int, float)) and not isinstance(self.stall_timeout, bool)
-            and self.stall_timeout > 0
-        ):
-            raise ConfigError(f"stall_timeout must be a positive number of seconds or None, got "
-                              f"{self.stall_timeout!r}.")
-
-    def _validate_async(self) -> None:
-        if self.max_staleness is not None:
-            _check_int("max_staleness", self.max_staleness, 0)
-            if self.max_staleness < self.num_workers - 1:
-                raise ConfigError(
-                    f"max_staleness={self.max_staleness} is too small for {self.num_workers} agents: "
-                    f"when all compute at once, each gradient misses the other "
-                    f"{self.num_workers - 1} agents' updates. Set max_staleness >= {self.num_workers - 1}."
-                )
-        if self.check_every:
-            raise ConfigError(
-                "check_every compares replicas of the synchronous strategies; with sync='async' "
-                "the replicas differ by design (they agree again at the end). Set check_every=0."
-            )
-        if self.early_stopping_patience:
-            raise ConfigError(
-                "early_stopping_patience needs every agent to stop at the same epoch, which "
-                "sync='async' does not have; use a synchronous strategy or set it to 0."
-            )
-        if self.lr_scheduler == "ReduceLROnPlateau":
-            raise ConfigError(
-                "lr_scheduler='ReduceLROnPlateau' needs a metric at each epoch end, which the "
-                "async server does not wait for; use an epoch-based scheduler (e.g. StepLR)."
-            )
+        strategy_class(self.sync).check_settings(self)
+        return self
 
     @property
-    def resolved_max_staleness(self) -> int:
-        """max_staleness, or its default: 2 × (num_workers − 1), at least 4."""
-        if self.max_staleness is not None:
-            return self.max_staleness
-        return max(4, 2 * (self.num_workers - 1))
+    def checkpoint_interval(self) -> CheckpointEvery | None:
+        """How often to checkpoint (None without a checkpoint_dir)."""
+        return CheckpointEvery.parse(self.checkpoint_every) if self.checkpoint_dir else None
 
     @property
     def spill_bytes(self) -> int | None:
@@ -213,23 +166,18 @@ class TrainConfig:
             return 0
         return int(self.shard_memory_limit_mb * 2**20)
 
-    @property
-    def is_classification(self) -> bool:
-        """True when the loss is a classification loss (labels are class indices)."""
-        return self.loss in CLASSIFICATION_LOSSES
+    def resume_record(self) -> dict[str, Any]:
+        """The settings a checkpoint records so that a resume can check it continues the same run."""
+        return {name: _json_safe(getattr(self, name)) for name, (_, spec) in declared(self).items()
+                if spec.resume_checked}
 
     def to_json_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable view (a callable loss is recorded by its qualified name)."""
-        out = dataclasses.asdict(self)
-        if callable(self.loss):
-            out["loss"] = f"callable:{getattr(self.loss, '__module__', '?')}." + getattr(
-                self.loss, "__qualname__", type(self.loss).__name__
-            )
-        return out
+        """A JSON-serialisable view (a callable is recorded by its qualified name)."""
+        return {name: _json_safe(value) for name, value in dataclasses.asdict(self).items()}
 
 
-def _check_int(name: str, value: Any, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}.")
+def _json_safe(value: Any) -> Any:
+    if callable(value):
+        return f"callable:{getattr(value, '__module__', '?')}." + getattr(value, "__qualname__",
+                                                                          type(value).__name__)
+    return value

@@ -1,11 +1,13 @@
-"""Batched scoring on the executors: Arrow batches through a pandas iterator UDF, the model
-rebuilt once per Python worker and reused for every batch."""
+"""Batched scoring on the executors: Arrow batches through an Arrow (or pandas) iterator UDF,
+the network rebuilt once per Python worker from its ``ModelSource`` and kept in pyspark's
+LRU model cache for the next batches and tasks."""
 
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,14 +25,20 @@ try:  # pyspark >= 4.1
 except ImportError:  # pragma: no cover - older pyspark uses the pandas path
     _arrow_udf = None
 
-from spark_ddl.artifact import build_from_class_path, load_export_program, state_dict_from_bytes
-from spark_ddl.data import ColumnSpec, features_column
 from spark_ddl.devices import select_device, task_gpu_addresses
+from spark_ddl.driver.data import ColumnSpec, features_column
+from spark_ddl.model_source import ModelSource
 
 _PREDICTION_STRUCT = "__ddl_prediction"
-_CACHE: dict[tuple[str, str], nn.Module] = {}  # (model key, device) -> module, per Python worker
-_CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 4
+_BUILD_LOCK = threading.Lock()  # one build per model at a time in a Python worker
+
+
+@dataclass(frozen=True)
+class ScoringPayload:
+    """What the executors need to score: the network's source and its weights (safetensors)."""
+
+    source: ModelSource
+    weights: bytes
 
 
 def scoring_device() -> torch.device:
@@ -53,26 +61,19 @@ def _task_cpus() -> int:
     return max(1, int(context.cpus() or 1)) if context is not None else 1
 
 
-def _cached_module(key: str, payload: dict[str, Any], device: torch.device) -> nn.Module:
-    with _CACHE_LOCK:
-        module = _CACHE.get((key, str(device)))
-        if module is None:
-            if payload["export"] is not None:
-                module = load_export_program(payload["export"])  # captured in eval mode
-            else:
-                if payload["class_path"] is not None:
-                    module = build_from_class_path(payload["class_path"], payload["class_kwargs"])
-                    module.load_state_dict(state_dict_from_bytes(payload["weights"]))
-                else:
-                    from pyspark import cloudpickle
+def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> nn.Module:
+    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache)."""
+    from pyspark.ml.model_cache import ModelCache
 
-                    module = cloudpickle.loads(payload["module_bytes"])
-                module.eval()
-            module = module.to(device)
-            while len(_CACHE) >= _CACHE_SIZE:
-                _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[(key, str(device))] = module
-        return module
+    cache_key = f"spark_ddl:{key}:{device}"
+    module = ModelCache.get(cache_key)
+    if module is None:
+        with _BUILD_LOCK:
+            module = ModelCache.get(cache_key)
+            if module is None:
+                module = payload.source.build("score", payload.weights).to(device)
+                ModelCache.add(cache_key, module)
+    return module
 
 
 def _forward(module: nn.Module, features: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -98,8 +99,8 @@ def predict_frame(
 ) -> DataFrame:
     """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended.
 
-    ``broadcast`` holds the executor payload (see TorchModel._executor_payload); executors
-    build the network from it once per Python worker, keyed by ``model_key``.
+    ``broadcast`` holds the ``ScoringPayload``; executors build the network from it once per
+    Python worker, keyed by ``model_key``.
     """
     classification = task in ("multiclass", "binary")
     if classification:

@@ -1,180 +1,325 @@
-"""Saving and loading TorchModel the pyspark.ml way (``write().overwrite().save``,
-``TorchModel.load``, inside ``PipelineModel``), with no pickle on the default load path.
+"""Saving and loading ``TorchModel`` and ``TorchEstimator`` the pyspark.ml way
+(``write().overwrite().save``, ``load``, inside ``Pipeline``/``PipelineModel`` and the tuning
+models), all or nothing, with no pickle on the default load path.
 
 Directory layout::
 
-    metadata/part-00000    pyspark.ml metadata JSON (class, uid, params) + "spark_ddl" section
-    weights.safetensors    the state_dict
-    model.pt2              torch.export program, when export succeeded (scores without the code)
-    module.cloudpickle     only when the network was a module object (needs allow_pickle=True)
+    metadata/part-00000    pyspark.ml metadata JSON (DefaultParamsWriter's) + a "spark_ddl" section
+    weights.safetensors    a model's state_dict
+    model.pt2              a model's torch.export program, when export succeeded
+    module.cloudpickle     only for networks given as module objects (loading needs allow_pickle)
+    params.cloudpickle     only for an estimator's settings that are not JSON (e.g. a loss function)
+
+Models and estimators are read through their public surface (``get_module``,
+``model_source``, ``columns``, ``training_config``, ``summary``, the Params).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
-import time
-from typing import TYPE_CHECKING, Any
+import threading
+import types
+from typing import Any, Callable, Iterator, Protocol
 
 import pyspark
 import torch
-from pyspark.ml.util import MLReader, MLWriter
+from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
-import spark_ddl
 from spark_ddl import artifact, storage
+from spark_ddl._version import __version__
+from spark_ddl.driver.data import ColumnSpec, normalize_feature_cols
 from spark_ddl.errors import ConfigError
+from spark_ddl.model_source import EXPORT_FILE, ModelSource
+from spark_ddl.params import ALIASES
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from spark_ddl.estimator import TorchModel
+from torch import nn
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata/part-00000"
 WEIGHTS_FILE = "weights.safetensors"
-EXPORT_FILE = "model.pt2"
-PICKLED_MODULE_FILE = "module.cloudpickle"
+PICKLED_PARAMS_FILE = "params.cloudpickle"
+
+_TRUST = threading.local()
+
+
+@contextlib.contextmanager
+def allow_pickle() -> Iterator[None]:
+    """Within this block, loading (e.g. ``Pipeline.load``, ``CrossValidatorModel.load``) may
+    unpickle saved module objects and callables. Unpickling runs code: only for files you trust."""
+    previous = getattr(_TRUST, "allowed", False)
+    _TRUST.allowed = True
+    try:
+        yield
+    finally:
+        _TRUST.allowed = previous
+
+
+class SavableModel(Protocol):
+    """The public surface of ``TorchModel`` that saving reads."""
+
+    uid: str
+    summary: dict[str, Any]
+
+    def get_module(self) -> nn.Module: ...
+    @property
+    def model_source(self) -> ModelSource: ...
+    @property
+    def columns(self) -> ColumnSpec | None: ...
+    @property
+    def training_config(self) -> dict[str, Any]: ...
+    @property
+    def feature_dim(self) -> int | None: ...
+    def extractParamMap(self) -> dict[Any, Any]: ...
+    def isSet(self, param: Any) -> bool: ...
+
+
+class SavableEstimator(Protocol):
+    """The public surface of ``TorchEstimator`` that saving reads."""
+
+    uid: str
+
+    def model_source(self) -> tuple[ModelSource, nn.Module]: ...
+    def extractParamMap(self) -> dict[Any, Any]: ...
+    def isSet(self, param: Any) -> bool: ...
+
+
+def _pickle_allowed(explicit: bool) -> bool:
+    return explicit or getattr(_TRUST, "allowed", False)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_files(model: "TorchModel") -> dict[str, bytes]:
-    """Every file of the saved model, by name."""
-    module = model.get_module()
-    weights = artifact.state_dict_to_bytes(module)
-    files = {WEIGHTS_FILE: weights}
-    export_info: dict[str, Any]
-    exported = model._export_bytes  # noqa: SLF001
-    if exported is None and model.feature_dim is not None:
-        try:
-            exported = artifact.export_program(module, model.feature_dim)
-        except Exception as exc:  # export is best effort: many modules cannot be captured
-            export_info = {"file": None, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    if exported is not None:
-        files[EXPORT_FILE] = exported
-        export_info = {"file": EXPORT_FILE, "sha256": _sha256(exported)}
-    elif model.feature_dim is None:
-        export_info = {"file": None, "error": "feature width unknown"}
-    architecture = model._architecture  # noqa: SLF001
-    if architecture.get("kind") == "pickle":
-        from pyspark import cloudpickle
-
-        files[PICKLED_MODULE_FILE] = cloudpickle.dumps(module)
-    section = {
-        "format_version": FORMAT_VERSION,
-        "columns": model._spec.to_json_dict() if model._spec else None,  # noqa: SLF001
-        "config": model._config,  # noqa: SLF001
-        "architecture": architecture,
-        "summary": model.summary,
-        "feature_dim": model.feature_dim,
-        "weights_sha256": _sha256(weights),
-        "export": export_info,
-        "versions": {"spark_ddl": spark_ddl.__version__, "torch": torch.__version__,
-                     "pyspark": pyspark.__version__, "python": platform.python_version()},
-    }
-    metadata = {
-        "class": f"{type(model).__module__}.{type(model).__name__}",
-        "timestamp": int(round(time.time() * 1000)),
-        "sparkVersion": pyspark.__version__,
-        "uid": model.uid,
-        "paramMap": {p.name: v for p, v in model._paramMap.items()},  # noqa: SLF001
-        "defaultParamMap": {p.name: v for p, v in model._defaultParamMap.items()},  # noqa: SLF001
-        "spark_ddl": section,
-    }
-    # one line: pyspark.ml reads only the first line of the metadata file
-    files[METADATA_FILE] = json.dumps(metadata, separators=(",", ":"), default=str).encode()
-    return files
+def _metadata(instance: Any, params: dict[str, Any], section: dict[str, Any]) -> bytes:
+    """pyspark.ml's metadata JSON for ``instance`` with our section (one line: pyspark reads
+    only the first line of the metadata file)."""
+    spark_version = types.SimpleNamespace(version=pyspark.__version__)  # all the helper reads of a session
+    text = DefaultParamsWriter._get_metadata_to_save(  # noqa: SLF001 - pyspark's helper for nested writers
+        instance, spark_version, {"spark_ddl": section}, params)
+    return text.encode()
 
 
-class TorchModelWriter(MLWriter):
-    """``model.write().overwrite().save(path)``: all or nothing, never clobbering on failure.
+def _section(files: dict[str, bytes], **facts: Any) -> dict[str, Any]:
+    versions = {"spark_ddl": __version__, "torch": torch.__version__,
+                "pyspark": pyspark.__version__, "python": platform.python_version()}
+    return {"format_version": FORMAT_VERSION, **facts, "files_sha256": {n: _sha256(d) for n, d in files.items()},
+            "versions": versions}
 
-    Unlike pyspark's default writers, overwrite does not delete the old model first: the new
-    one is written beside it and swapped in only when complete.
-    """
 
-    def __init__(self, instance: "TorchModel") -> None:
+class _AtomicWriter(MLWriter):
+    """``save(path)``: every file written beside the target, swapped in only when complete.
+    Unlike pyspark's default writers, overwrite never deletes the old one first."""
+
+    def __init__(self, files: Callable[[], dict[str, bytes]]) -> None:
         super().__init__()
-        self.instance = instance
+        self._files = files
 
     def save(self, path: str) -> None:
         if not isinstance(path, str):
             raise TypeError(f"path should be a string, got {type(path).__name__}")
-        storage.write_directory(path, model_files(self.instance), overwrite=self.shouldOverwrite)
+        storage.write_directory(path, self._files(), overwrite=self.shouldOverwrite)
 
     def saveImpl(self, path: str) -> None:  # pragma: no cover - save() does the work
         self.save(path)
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    """The metadata JSON of a saved TorchModel; a clear error if ``path`` holds none."""
+    """The metadata JSON of a saved spark_ddl stage; a clear error if ``path`` holds none."""
     parts = [n for n in storage.list_directory(path, "metadata") if n.startswith("part-")]
     raw = storage.read_file(path, f"metadata/{parts[0]}") if parts else None
     if raw is None:
         raise FileNotFoundError(f"{path} holds no saved spark_ddl model (no metadata/part-*).")
-    metadata = json.loads(raw)
+    metadata = DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
     if "spark_ddl" not in metadata:
-        raise ValueError(f"{path} is a {metadata.get('class')} directory, not a spark_ddl TorchModel")
+        raise ValueError(f"{path} is a {metadata.get('class')} directory, not a spark_ddl stage")
     return metadata
 
 
-def _verified(path: str, name: str, expected_sha256: str | None) -> bytes:
-    data = storage.read_file(path, name)
-    if data is None:
-        raise FileNotFoundError(f"{path} has no {name}")
-    if expected_sha256 is not None and _sha256(data) != expected_sha256:
-        raise ValueError(f"{path}/{name} does not match the checksum in its metadata")
-    return data
+def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], bytes | None]:
+    """``read(name)``: a saved file's bytes, verified against the checksum in the metadata."""
+    checksums = dict(section.get("files_sha256") or {})
+    if "weights_sha256" in section:  # models saved before files_sha256 existed
+        checksums.setdefault(WEIGHTS_FILE, section["weights_sha256"])
+        if (section.get("export") or {}).get("sha256"):
+            checksums.setdefault(EXPORT_FILE, section["export"]["sha256"])
+
+    def read(name: str) -> bytes | None:
+        data = storage.read_file(path, name)
+        if data is not None and name in checksums and _sha256(data) != checksums[name]:
+            raise ValueError(f"{path}/{name} does not match the checksum in its metadata")
+        return data
+
+    return read
 
 
-def load_module(path: str, section: dict[str, Any], module: "nn.Module | None",
-                allow_pickle: bool) -> tuple["nn.Module", bytes | None]:
-    """The network of a saved model, and its export program bytes when it came from one.
+def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Set the saved Params on ``instance`` (pyspark's getAndSetParams), accepting the names
+    older versions saved (e.g. ``label_col`` for ``labelCol``)."""
+    renamed = dict(metadata)
+    for key in ("paramMap", "defaultParamMap"):
+        renamed[key] = {ALIASES.get(name, name): value for name, value in (metadata.get(key) or {}).items()
+                        if name not in skip and instance.hasParam(ALIASES.get(name, name))}
+    DefaultParamsReader.getAndSetParams(instance, renamed)
 
-    Order: the caller's ``module``; the saved class path; the torch.export program (checked
-    to need no unpickling); the pickled module only with ``allow_pickle=True``.
-    """
-    weights = _verified(path, WEIGHTS_FILE, section.get("weights_sha256"))
-    architecture = section.get("architecture", {})
-    export = section.get("export") or {}
-    if module is None and architecture.get("kind") == "class_path":
-        module = artifact.build_from_class_path(architecture["class_path"], architecture.get("kwargs"))
-    if module is not None:
-        module.load_state_dict(artifact.state_dict_from_bytes(weights))
-        return module, None
-    refusal = None
-    if export.get("file"):
-        exported = _verified(path, export["file"], export.get("sha256"))
+
+# ------------------------------------------------------------------ TorchModel
+
+
+def model_files(model: SavableModel) -> dict[str, bytes]:
+    """Every file of a saved model, by name."""
+    module = model.get_module()
+    weights = artifact.state_dict_to_bytes(module)
+    source = model.model_source
+    if source.pickled is not None:  # the network as it is now (a module object can change in training)
+        source = ModelSource.of_module(module).with_program(source.program)
+    export: dict[str, Any] = {"file": None}
+    if source.program is None and model.feature_dim is not None:
         try:
-            return artifact.load_export_program(exported), exported
-        except artifact.UnsafeArchiveError as exc:
-            refusal = f"its torch.export program was refused ({exc})"
-    if architecture.get("kind") == "pickle":
-        if not allow_pickle:
-            reason = refusal or "no torch.export program could be saved for it"
-            raise ConfigError(
-                f"The model at {path} was trained from a module object ({architecture.get('class')}) "
-                f"and {reason}, so only a pickle describes its architecture, and unpickling can run "
-                "arbitrary code. Pass module=<an instance of that architecture>, or "
-                "allow_pickle=True if you trust these files."
-            )
-        from pyspark import cloudpickle
-
-        module = cloudpickle.loads(_verified(path, PICKLED_MODULE_FILE, None))
-        module.load_state_dict(artifact.state_dict_from_bytes(weights))
-        return module, None
-    raise ConfigError(f"{path} does not describe its architecture; pass module=<an instance>.")
+            source = source.with_program(artifact.export_program(module, model.feature_dim))
+        except Exception as exc:  # export is best effort: many modules cannot be captured
+            export["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    elif model.feature_dim is None:
+        export["error"] = "feature width unknown"
+    if source.program is not None:
+        export = {"file": EXPORT_FILE}
+    files = {WEIGHTS_FILE: weights, **source.files()}
+    columns = model.columns
+    section = _section(files, columns=columns.to_json_dict() if columns else None, config=model.training_config,
+                       architecture=source.record(), summary=model.summary, feature_dim=model.feature_dim,
+                       export=export)
+    params = {p.name: v for p, v in model.extractParamMap().items() if model.isSet(p)}
+    files[METADATA_FILE] = _metadata(model, params, section)
+    return files
 
 
-class TorchModelReader(MLReader):
+class ModelWriter(_AtomicWriter):
+    """``model.write().overwrite().save(path)``."""
+
+    def __init__(self, instance: SavableModel) -> None:
+        super().__init__(lambda: model_files(instance))
+        self.instance = instance
+
+
+class ModelReader(MLReader):
     """``TorchModel.read().load(path)`` (what ``PipelineModel.load`` calls for this stage)."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type, module: nn.Module | None = None, allow_pickle: bool = False) -> None:
         super().__init__()
-        self.cls = cls
+        self.cls, self.module, self.allow_pickle = cls, module, allow_pickle
 
-    def load(self, path: str) -> "TorchModel":
-        return self.cls.load(path)
+    def load(self, path: str) -> Any:
+        metadata = read_metadata(path)
+        section = metadata["spark_ddl"]
+        read = _reader_of_files(path, section)
+        weights = read(WEIGHTS_FILE)
+        if weights is None:
+            raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
+        record = section.get("architecture") or {}
+        trusted = _pickle_allowed(self.allow_pickle)
+        if self.module is not None:
+            source = (ModelSource.from_files(record, read, False, path) if record.get("kind") == "class_path"
+                      else ModelSource.of_module(self.module))
+            module = self.module
+            module.load_state_dict(artifact.state_dict_from_bytes(weights))
+        else:
+            source = ModelSource.from_files(record, read, trusted, path)
+            module = source.build("score", weights, allow_pickle=trusted)
+        columns = section.get("columns")
+        spec = None
+        if columns:
+            spec = ColumnSpec(normalize_feature_cols(columns["feature_cols"]), columns["label_col"],
+                              columns["feature_kind"], columns.get("label_is_array", False))
+        model = self.cls(module, spec=spec, config=section.get("config"), source=source,
+                         summary=section.get("summary"))
+        model._resetUid(metadata["uid"])  # noqa: SLF001 - as pyspark's own readers do
+        _restore_params(model, metadata)
+        return model
+
+
+# ------------------------------------------------------------------ TorchEstimator
+
+
+def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
+    """Every file of a saved (unfitted) estimator: JSON Params, the network's source, and the
+    settings that are not JSON (callables) as one pickle."""
+    params, pickled_params, files = {}, {}, {}
+    source_record = None
+    for param, value in estimator.extractParamMap().items():
+        if not estimator.isSet(param):
+            continue
+        if param.name == "model" and value is not None:
+            source, _ = estimator.model_source()
+            files.update(source.files())
+            source_record = source.record()
+            continue
+        try:
+            json.dumps(value)
+            params[param.name] = value
+        except TypeError:
+            pickled_params[param.name] = value
+    if pickled_params:
+        from pyspark import cloudpickle
+
+        files[PICKLED_PARAMS_FILE] = cloudpickle.dumps(pickled_params)
+    section = _section(files, architecture=source_record, pickled_params=sorted(pickled_params))
+    files[METADATA_FILE] = _metadata(estimator, params, section)
+    return files
+
+
+class EstimatorWriter(_AtomicWriter):
+    """``estimator.write().overwrite().save(path)``."""
+
+    def __init__(self, instance: SavableEstimator) -> None:
+        super().__init__(lambda: estimator_files(instance))
+        self.instance = instance
+
+
+class EstimatorReader(MLReader):
+    """``TorchEstimator.read().load(path)`` (what ``Pipeline.load`` calls for this stage)."""
+
+    def __init__(self, cls: type, allow_pickle: bool = False) -> None:
+        super().__init__()
+        self.cls, self.allow_pickle = cls, allow_pickle
+
+    def load(self, path: str) -> Any:
+        metadata = read_metadata(path)
+        section = metadata["spark_ddl"]
+        read = _reader_of_files(path, section)
+        trusted = _pickle_allowed(self.allow_pickle)
+        pickled_names = list(section.get("pickled_params") or [])
+        if pickled_names and not trusted:
+            raise ConfigError(
+                f"The estimator at {path} has settings that only a pickle describes ({', '.join(pickled_names)}), "
+                "and unpickling can run arbitrary code. Load it with TorchEstimator.load(path, allow_pickle=True), "
+                "or wrap Pipeline.load/CrossValidatorModel.load in `with spark_ddl.allow_pickle():`, only for "
+                "files you trust."
+            )
+        estimator = self.cls()
+        estimator._resetUid(metadata["uid"])  # noqa: SLF001 - as pyspark's own readers do
+        _restore_params(estimator, metadata, skip=("model",))
+        record = section.get("architecture")
+        if record is not None:
+            estimator._set(model=self._model(record, read, trusted, path))  # noqa: SLF001
+        if pickled_names:
+            from pyspark import cloudpickle
+
+            estimator._set(**cloudpickle.loads(read(PICKLED_PARAMS_FILE)))  # noqa: SLF001
+        return estimator
+
+    @staticmethod
+    def _model(record: dict[str, Any], read: Callable[[str], bytes | None], trusted: bool, path: str) -> Any:
+        """The estimator's ``model`` Param: the class path, or the unpickled module object."""
+        if record.get("kind") == "class_path":
+            return record["class_path"]
+        if not trusted:
+            raise ConfigError(
+                f"The estimator at {path} trains a module object ({record.get('class')}), which only a pickle "
+                "describes, and unpickling can run arbitrary code. Load it with TorchEstimator.load(path, "
+                "allow_pickle=True), or wrap Pipeline.load/CrossValidatorModel.load in `with "
+                "spark_ddl.allow_pickle():`, only for files you trust; or use model='package.module:Class'."
+            )
+        return ModelSource.from_files(record, read, True, path).build("train")

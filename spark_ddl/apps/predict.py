@@ -11,9 +11,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 
 from spark_ddl import TorchModel, get_or_create_session
 from spark_ddl import storage

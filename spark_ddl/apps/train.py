@@ -22,6 +22,12 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
+from spark_ddl.config import TrainConfig
+from spark_ddl.settings import add_arguments, declared
+
+# What this command trains: its own defaults for a few training settings (every other flag
+# comes from TrainConfig's declarations and keeps their defaults).
+COMMAND_DEFAULTS = {"epochs": 15, "lr": 0.02}
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -32,31 +38,17 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--label-col", default="label", help="integer class label column")
     p.add_argument("--split-col", default="split", help="column with 'train'/'test' (optional)")
     p.add_argument("--hidden", default="128", help="comma-separated hidden layer sizes, e.g. 256,128")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--workers", type=int, default=2, help="number of agents (barrier tasks)")
-    p.add_argument("--batch-size", type=int, default=32, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (added to --optimizer-kwargs)")
     p.add_argument("--output", default=str(REPO / "artifacts" / "digits_mlp"), help="model directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
     p.add_argument("--master", default=None,
                    help="Spark master (default: spark-submit's, else embedded local[workers])")
-    p.add_argument("--sync", default="allreduce", choices=["allreduce", "parameter_server", "local_sgd", "async"],
-                   help="synchronisation strategy")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (path or URI) for retries/resume")
-    p.add_argument("--checkpoint-every", default="1", help="N (epochs), 'N epochs' or 'N steps'")
-    p.add_argument("--max-retries", type=int, default=0, help="resubmissions after a lost or stalled agent")
-    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
-    p.add_argument("--stall-timeout", type=float, default=None, help="fail when no agent progresses this long")
-    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "off"],
-                   help="live progress: a bar on a terminal, log lines otherwise")
     p.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG (needs matplotlib)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="fraction of the training rows held out for per-epoch validation (0: none)")
     p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
+    training = p.add_argument_group("training settings (TorchEstimator's)")
+    add_arguments(training, declared(TrainConfig), COMMAND_DEFAULTS, skip={"loss"})
     return parse_with_config(p, argv)
 
 
@@ -71,7 +63,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-train")
+    spark = get_or_create_session(master=args.master, num_workers=args.num_workers, app_name="spark_ddl-train")
     df = read_table(spark, args.data)
     feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]
     if args.split_col in df.columns:
@@ -87,18 +79,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         in_features = len(feature_cols)
     num_classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
-    optimizer_kwargs = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
-
+    settings = {name: getattr(args, name) for name in declared(TrainConfig) if hasattr(args, name)}
+    if args.optimizer == "sgd":
+        settings["optimizer_kwargs"] = {"momentum": args.momentum, **settings["optimizer_kwargs"]}
     estimator = TorchEstimator(
         model="spark_ddl.models:MLP",
         model_kwargs={"in_features": in_features, "out_features": num_classes, "hidden": hidden},
-        loss="cross_entropy", optimizer=args.optimizer, lr=args.lr, optimizer_kwargs=optimizer_kwargs,
-        batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-        feature_cols=feature_cols, label_col=args.label_col, seed=args.seed, timeout=args.timeout,
-        sync=args.sync, checkpoint_dir=args.checkpoint_dir, max_retries=args.max_retries, resume=args.resume,
-        checkpoint_every=int(args.checkpoint_every) if args.checkpoint_every.isdigit() else args.checkpoint_every,
-        stall_timeout=args.stall_timeout, progress=args.progress,
-        validation_fraction=args.validation_fraction,
+        loss="cross_entropy", feature_cols=feature_cols, label_col=args.label_col,
+        validation_fraction=args.validation_fraction, **settings,
     )
     started = time.perf_counter()
     model = estimator.fit(train)

@@ -42,7 +42,7 @@ def floor_job(batches):
     import torch.distributed as dist
     from pyspark import BarrierTaskContext
 
-    from spark_ddl.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
+    from spark_ddl.agent.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
 
     for _ in batches:
         pass

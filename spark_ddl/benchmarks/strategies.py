@@ -31,13 +31,17 @@ from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.models import MLP
-from spark_ddl.sync.base import SyncStrategy
+from spark_ddl.sync.base import LockstepStrategy
 
 
-class NaiveAllReduce(SyncStrategy):
+class NaiveAllReduce(LockstepStrategy):
     """The textbook loop: after backward, one all_reduce per parameter tensor, then step."""
 
     name = "naive per-parameter all_reduce"
+
+    @classmethod
+    def create(cls, settings, env) -> "NaiveAllReduce":
+        return cls(env.device)
 
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()

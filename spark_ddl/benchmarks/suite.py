@@ -26,9 +26,10 @@ from spark_ddl import TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
 from spark_ddl.benchmarks.launch import allreduce_once, floor_job
-from spark_ddl.data import ColumnSpec, select_training_columns
+from spark_ddl.agent.rendezvous import leave_group
+from spark_ddl.driver.data import ColumnSpec, select_training_columns
+from spark_ddl.model_source import ModelSource
 from spark_ddl.models import MLP
-from spark_ddl.rendezvous import leave_group
 
 MB = 2**20
 
@@ -50,7 +51,7 @@ def ingest_only(batches):
     """What an agent does with its partition before training: Arrow batches → tensors."""
     import pyarrow as pa
 
-    from spark_ddl.shard import Shard
+    from spark_ddl.agent.shard import Shard
 
     started = time.perf_counter()
     train, _ = Shard.from_arrow(batches, torch.int64)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     kwargs = {"in_features": args.features, "out_features": 10,
               "hidden": [int(h) for h in args.inference_hidden.split(",")]}
     scorer = TorchModel(MLP(**kwargs).eval(), spec=spec, config={"loss": "cross_entropy"},
-                        architecture={"kind": "class_path", "class_path": "spark_ddl.models:MLP", "kwargs": kwargs},
+                        source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
                         summary={"feature_dim": args.features})
     scored_s = statistics.median(timed(lambda: noop(scorer.transform(data)), args.repeats))
     x = np.random.default_rng(0).random((min(args.rows, 100_000), args.features), dtype=np.float32)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spark_ddl.sync.base import OptimizerFactory, SyncStrategy, broadcast_state
+from spark_ddl.errors import ConfigError
+from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
 from spark_ddl.sync.host_reduce import FlatGradientReducer
 
 
@@ -59,10 +60,24 @@ def use_flat_reducer(impl: str, compression: str, device: torch.device, module: 
     return impl == "flat" or (impl == "auto" and applies)
 
 
-class AllReduceStrategy(SyncStrategy):
+class AllReduceStrategy(LockstepStrategy):
     """Gradient all-reduce (the default strategy)."""
 
     name = "allreduce"
+    description = "(default): averaged gradients, every agent applies the same update"
+    supports_compression = True
+
+    @classmethod
+    def check_settings(cls, settings: StrategySettings) -> None:
+        if settings.allreduce_impl == "flat" and (settings.compression != "none" or settings.use_gpu):
+            raise ConfigError(
+                "allreduce_impl='flat' averages uncompressed gradients of CPU agents; with "
+                f"compression={settings.compression!r} or use_gpu=True use allreduce_impl='ddp' or 'auto'."
+            )
+
+    @classmethod
+    def create(cls, settings: StrategySettings, env: StrategyEnv) -> "AllReduceStrategy":
+        return cls(env.device, settings.compression, settings.allreduce_impl, env.host_keys, settings.timeout)
 
     def __init__(self, device: torch.device, compression: str = "none", impl: str = "auto",
                  host_keys: list[str] | None = None, timeout: float = 300.0) -> None:

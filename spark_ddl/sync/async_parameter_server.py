@@ -16,16 +16,7 @@ Protocol (fixed-size float tensors in the parameters' dtype):
 * server → agent ``[go, parameters...]``: ``go=1`` with the master parameters to compute the
   next gradient on, ``go=0`` to stop.
 
-Work sharing: an epoch is a budget of pushes on the server (each agent's steps per epoch,
-summed). A fast agent cycles through its shard and does more of the pushes than a slow one,
-which is why async finishes sooner than the synchronous strategies when one agent lags.
-
-Staleness: a gradient computed on parameters of version ``v`` and applied at version ``V``
-has staleness ``V - v``. The server hands out fresh parameters ("grants" a step) only while
-every agent still computing could not see more than ``max_staleness`` other updates land
-before its own; an agent that would exceed the bound waits. So every applied gradient has
-staleness <= ``max_staleness`` (recorded in the summary), and the agent with the oldest
-parameters never waits, so the scheme cannot deadlock.
+The grant rule and the epochs' budget live in ``async_server``.
 
 Every wait has a timeout (the training ``timeout``); a peer that dies breaks the groups'
 connections and fails the waits at once.
@@ -33,128 +24,83 @@ connections and fails the waits at once.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-from collections import deque
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from spark_ddl.sync.base import average_floating_buffers, OptimizerFactory, SyncStrategy, broadcast_state
+from spark_ddl.errors import ConfigError
+from spark_ddl.objectives import make_scheduler
+from spark_ddl.sync.async_server import DONE, HEADER, HELLO, PUSH, AsyncServer
+from spark_ddl.sync.base import (AsyncStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
+                                 average_floating_buffers, broadcast_state, copy_flat_into, flatten)
 
-HELLO, PUSH, DONE = 0.0, 1.0, 2.0
-HEADER = 3  # kind, loss_sum, rows
 
 
 class AsyncTimeout(TimeoutError):
     """An agent or the server waited longer than the training timeout."""
 
 
-class _Server:
-    """Master parameters, optimiser and the grant bookkeeping (lives on rank 0)."""
-
-    def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, world_size: int,
-                 pushes_per_epoch: int, epochs: int, max_staleness: int, keep_snapshots: bool,
-                 make_scheduler: Any) -> None:
-        self.master = copy.deepcopy(module).to("cpu")
-        self.params = [p for p in self.master.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params)
-        self.scheduler = make_scheduler(self.optimizer) if make_scheduler else None
-        self.max_staleness = max_staleness
-        self.pushes_per_epoch = pushes_per_epoch
-        self.budget = pushes_per_epoch * epochs
-        self.keep_snapshots = keep_snapshots
-        self.version = 0  # updates applied
-        self.granted = 0  # steps handed out (never more than the budget)
-        self.computing: dict[int, int] = {}  # rank -> version its current step started from
-        self.waiting: deque[int] = deque()
-        self.finished: set[int] = set()
-        self.pushes = [0] * world_size
-        self.max_staleness_seen = 0
-        self.epochs: list[dict[str, Any]] = []
-        self.snapshots: list[torch.Tensor] = []
-        self._new_epoch()
-
-    def _new_epoch(self) -> None:
-        self.epochs.append({"lr": self.optimizer.param_groups[0]["lr"], "loss_sum": 0.0, "samples": 0,
-                            "started": time.perf_counter()})
-
-    def flat_parameters(self) -> torch.Tensor:
-        return _flatten_dense_tensors([p.detach() for p in self.params])
-
-    def receive(self, rank: int, kind: float, loss_sum: float, rows: int,
-                gradient: torch.Tensor | None) -> None:
-        """Apply one message from ``rank``; afterwards call ``grants``."""
-        if kind == DONE:
-            self.finished.add(rank)
-            return
-        if kind == PUSH:
-            started_from = self.computing.pop(rank)
-            staleness = self.version - started_from
-            self.max_staleness_seen = max(self.max_staleness_seen, staleness)
-            for param, grad in zip(self.params, _unflatten_dense_tensors(gradient, self.params)):
-                param.grad = grad
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.version += 1
-            self.pushes[rank] += 1
-            epoch = self.epochs[-1]
-            epoch["loss_sum"] += loss_sum
-            epoch["samples"] += rows
-            if self.version % self.pushes_per_epoch == 0:
-                epoch["seconds"] = time.perf_counter() - epoch["started"]
-                if self.keep_snapshots:
-                    self.snapshots.append(self.flat_parameters().clone())
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                if self.version < self.budget:
-                    self._new_epoch()
-        self.waiting.append(rank)
-
-    def grants(self) -> list[tuple[int, bool]]:
-        """(rank, go) for every waiting agent that may now start a step (go) or must stop."""
-        decided = []
-        for rank in list(self.waiting):
-            if self.granted >= self.budget:
-                decided.append((rank, False))
-            elif self._may_start(rank):
-                self.computing[rank] = self.version
-                self.granted += 1
-                decided.append((rank, True))
-            else:
-                continue
-            self.waiting.remove(rank)
-            if not decided[-1][1]:
-                self.finished.add(rank)
-        return decided
-
-    def _may_start(self, rank: int) -> bool:
-        # After granting, each computing agent may see the others' pushes land before its own.
-        others = len(self.computing)
-        return all(self.version - started + others <= self.max_staleness
-                   for started in self.computing.values()) and others <= self.max_staleness
-
-    def history(self) -> list[dict[str, Any]]:
-        records = []
-        for number, epoch in enumerate(self.epochs, start=1):
-            seconds = epoch.get("seconds", time.perf_counter() - epoch["started"])
-            samples = epoch["samples"]
-            records.append({"epoch": number, "lr": epoch["lr"],
-                            "train_loss": epoch["loss_sum"] / max(samples, 1), "samples": samples,
-                            "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None})
-        return records
+def default_max_staleness(num_workers: int) -> int:
+    """max_staleness when it is not set: 2 x (num_workers - 1), at least 4."""
+    return max(4, 2 * (num_workers - 1))
 
 
-class AsyncParameterServerStrategy(SyncStrategy):
+class AsyncParameterServerStrategy(AsyncStrategy):
     """Agents push gradients and pull parameters without waiting for each other."""
 
     name = "async"
-    lockstep = False
+    description = "asynchronous parameter server: agents push gradients and pull parameters at their own pace"
+
+    @classmethod
+    def check_settings(cls, settings: StrategySettings) -> None:
+        super().check_settings(settings)
+        if settings.max_staleness is not None and settings.max_staleness < settings.num_workers - 1:
+            raise ConfigError(
+                f"max_staleness={settings.max_staleness} is too small for {settings.num_workers} agents: "
+                f"when all compute at once, each gradient misses the other "
+                f"{settings.num_workers - 1} agents' updates. Set max_staleness >= {settings.num_workers - 1}."
+            )
+        if settings.check_every:
+            raise ConfigError(
+                "check_every compares replicas of the synchronous strategies; with sync='async' "
+                "the replicas differ by design (they agree again at the end). Set check_every=0."
+            )
+        if settings.early_stopping_patience:
+            raise ConfigError(
+                "early_stopping_patience needs every agent to stop at the same epoch, which "
+                "sync='async' does not have; use a synchronous strategy or set it to 0."
+            )
+        if settings.lr_scheduler == "ReduceLROnPlateau":
+            raise ConfigError(
+                "lr_scheduler='ReduceLROnPlateau' needs a metric at each epoch end, which the "
+                "async server does not wait for; use an epoch-based scheduler (e.g. StepLR)."
+            )
+        if settings.checkpoint_dir is not None:
+            raise ConfigError(
+                "checkpoints continue a run exactly, which needs a lock-step strategy; "
+                "sync='async' is not reproducible. Use allreduce, parameter_server or local_sgd."
+            )
+
+    @classmethod
+    def create(cls, settings: StrategySettings, env: StrategyEnv) -> "AsyncParameterServerStrategy":
+        # pushes per epoch: each agent's own steps, grouped by accumulate_steps
+        steps = [-(-rows // settings.batch_size) for rows in env.shard_sizes]
+        pushes = [-(-count // settings.accumulate_steps) for count in steps]
+
+        def scheduler(optimizer: torch.optim.Optimizer) -> Any:
+            return make_scheduler(settings.lr_scheduler, optimizer, settings.lr_scheduler_kwargs)
+
+        max_staleness = settings.max_staleness
+        if max_staleness is None:
+            max_staleness = default_max_staleness(settings.num_workers)
+        return cls(env.device, max_staleness, pushes, settings.epochs, settings.timeout,
+                   keep_snapshots=settings.has_validation,
+                   make_scheduler=scheduler if settings.lr_scheduler else None)
 
     def __init__(self, device: torch.device, max_staleness: int, pushes_per_rank: list[int],
                  epochs: int, timeout: float, keep_snapshots: bool = False,
@@ -168,7 +114,7 @@ class AsyncParameterServerStrategy(SyncStrategy):
         self._make_scheduler = make_scheduler
         self._rank = -1
         self._requests = self._replies = None
-        self._server: _Server | None = None
+        self._server: AsyncServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
         self._error: BaseException | None = None
@@ -198,7 +144,7 @@ class AsyncParameterServerStrategy(SyncStrategy):
         self._reply = torch.zeros(1 + numel, dtype=dtype)
         if self._rank == 0:
             self._server_reply = torch.zeros_like(self._reply)
-            self._server = _Server(module, make_optimizer, dist.get_world_size(),
+            self._server = AsyncServer(module, make_optimizer, dist.get_world_size(),
                                    sum(self._pushes_per_rank), self._epochs, self._max_staleness,
                                    self._keep_snapshots, self._make_scheduler)
             remote = [r for r in range(1, dist.get_world_size())]
@@ -229,7 +175,7 @@ class AsyncParameterServerStrategy(SyncStrategy):
         if not sync:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        gradient = _flatten_dense_tensors(grads).to("cpu")
+        gradient = flatten(grads).to("cpu")
         for param in self._params:
             param.grad = None
         self.running = self._exchange(PUSH, loss_sum, rows, gradient)
@@ -365,10 +311,7 @@ class AsyncParameterServerStrategy(SyncStrategy):
             raise RuntimeError(f"the async parameter server failed: {self._error}") from self._error
 
     def _flat_local(self) -> torch.Tensor:
-        return _flatten_dense_tensors([p.detach() for p in self._params]).to(self._device)
+        return flatten([p.detach() for p in self._params]).to(self._device)
 
     def _load(self, flat: torch.Tensor) -> None:
-        flat = flat.to(self._device)
-        with torch.no_grad():
-            for param, value in zip(self._params, _unflatten_dense_tensors(flat, self._params)):
-                param.copy_(value)
+        copy_flat_into(flat.to(self._device), self._params)

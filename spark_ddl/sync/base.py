@@ -1,17 +1,82 @@
-"""The interface every synchronisation strategy implements; the agent loop sees only this."""
+"""The two contracts a synchronisation strategy implements, and what they share.
+
+``LockstepStrategy``: every agent runs the same steps together (allreduce, parameter_server,
+local_sgd); the lock-step loop drives it. ``AsyncStrategy``: agents step at their own pace
+(async); the async loop drives it. A strategy reads only the settings ``StrategySettings``
+lists and the facts in ``StrategyEnv``, so this package does not depend on the driver or
+on the agent's loops.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from spark_ddl.errors import ConfigError
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class StrategySettings(Protocol):
+    """The training settings strategies read (``TrainConfig`` provides them)."""
+
+    num_workers: int
+    batch_size: int
+    epochs: int
+    timeout: float
+    use_gpu: bool | None
+    compression: str
+    allreduce_impl: str
+    sync_every: int
+    accumulate_steps: int
+    max_staleness: int | None
+    check_every: int
+    early_stopping_patience: int
+    lr_scheduler: str | None
+    lr_scheduler_kwargs: dict[str, Any]
+    checkpoint_dir: str | None
+    has_validation: bool
+
+
+@dataclass(frozen=True)
+class StrategyEnv:
+    """What an agent knows when it builds its strategy (after the rendezvous)."""
+
+    device: torch.device
+    shard_sizes: list[int]  # training rows per rank
+    host_keys: list[str]  # per rank: which machine it runs on (see host_reduce.host_key)
+
+
+# ------------------------------------------------------------------ tensor helpers
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor holding ``tensors`` one after another (they share one dtype)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like each tensor of ``like`` (the inverse of ``flatten``)."""
+    views, offset = [], 0
+    for tensor in like:
+        views.append(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+    return views
+
+
+def copy_flat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the values of ``flat`` into ``tensors`` in place."""
+    with torch.no_grad():
+        for tensor, value in zip(tensors, unflatten(flat, tensors)):
+            tensor.copy_(value)
 
 
 def broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False) -> None:
@@ -21,10 +86,9 @@ def broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False)
     tensors += list(module.buffers())
     for dtype in dict.fromkeys(t.dtype for t in tensors):  # the same order on every rank (a set is not)
         group = [t for t in tensors if t.dtype == dtype]
-        flat = _flatten_dense_tensors(group)
+        flat = flatten(group)
         dist.broadcast(flat, src=src)
-        for tensor, value in zip(group, _unflatten_dense_tensors(flat, group)):
-            tensor.copy_(value)
+        copy_flat_into(flat, group)
 
 
 def average_floating_buffers(module: nn.Module) -> None:
@@ -35,24 +99,38 @@ def average_floating_buffers(module: nn.Module) -> None:
             buffer /= dist.get_world_size()
 
 
-class SyncStrategy(ABC):
-    """Keeps the replicas of all agents in step.
+# ------------------------------------------------------------------ the contracts
 
-    Lifecycle on every agent: ``setup`` once (after the process group exists), then per
-    micro-step ``with micro_step(sync): forward through self.module; step(loss, sync)``, then
-    ``finish`` and ``close`` once. ``sync=False`` only accumulates gradients (no
-    communication, no update); the next ``sync=True`` step applies them. Every agent calls the
-    same methods with the same arguments the same number of times.
+
+class SyncStrategy(ABC):
+    """What every strategy has: a name, its settings rules, the module and the optimiser.
+
+    Lifecycle on every agent: ``create``, ``setup`` once (after the process group exists),
+    the steps its loop drives, ``finish``, ``summary`` and ``close`` once.
     """
 
-    name: str = ""
-    lockstep: bool = True  # every agent runs the same steps together (False: async)
-    replicas_identical: bool = True  # after every update (False: local SGD between averages)
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line, for the Param doc and the CLI help
+    supports_compression: ClassVar[bool] = False
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def check_settings(cls, settings: StrategySettings) -> None:
+        """Raise ConfigError (on the driver, before launch) for settings this strategy cannot honour."""
+        if settings.compression != "none" and not cls.supports_compression:
+            raise ConfigError(
+                f"compression={settings.compression!r} works with sync='allreduce' (DDP communication "
+                f"hooks), not with sync={cls.name!r}."
+            )
+
+    @classmethod
+    @abstractmethod
+    def create(cls, settings: StrategySettings, env: StrategyEnv) -> "SyncStrategy":
+        """The strategy for one agent."""
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Make the replicas identical (rank 0's parameters win) and build the optimiser."""
@@ -77,23 +155,8 @@ class SyncStrategy(ABC):
         assert self._optimizer is not None, "setup() first"
         return self._optimizer
 
-    def micro_step(self, sync: bool) -> ContextManager[None]:
-        """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""
-        return nullcontext()
-
-    @abstractmethod
-    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
-        """Backward pass; with ``sync`` also synchronisation, optimiser update, zeroed gradients."""
-
     def finish(self) -> None:
         """Called once after the last step (e.g. a final parameter average)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The strategy's own counters, for checkpoints (plain values only)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
 
     def summary(self) -> dict[str, Any]:
         """Strategy-specific facts for the training summary (rank 0)."""
@@ -105,3 +168,60 @@ class SyncStrategy(ABC):
         Called after the final collective and before the process group is destroyed.
         """
         self._optimizer = None
+
+
+class LockstepStrategy(SyncStrategy):
+    """Every agent runs the same micro-steps together: per micro-step
+    ``with micro_step(sync): forward through self.module; step(loss, sync)``. ``sync=False``
+    only accumulates gradients (no communication, no update); the next ``sync=True`` step
+    applies them. Every agent calls the same methods with the same arguments."""
+
+    replicas_identical: ClassVar[bool] = True  # after every update (False: local SGD between averages)
+
+    def micro_step(self, sync: bool) -> ContextManager[None]:
+        """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""
+        return nullcontext()
+
+    @abstractmethod
+    def step(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Backward pass; with ``sync`` also synchronisation, optimiser update, zeroed gradients."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own counters, for checkpoints (plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class AsyncStrategy(SyncStrategy):
+    """Agents step at their own pace: ``start``, then ``step`` while ``running``, then
+    ``finish`` (collective: every replica takes the final parameters). The epochs are the
+    strategy's own (a budget of updates shared by all agents), so it keeps the history."""
+
+    running: bool = False
+
+    @abstractmethod
+    def start(self) -> bool:
+        """Ask for the first parameters; True if this agent may run a step."""
+
+    @abstractmethod
+    def step(self, loss: torch.Tensor, sync: bool = True, loss_sum: float = 0.0, rows: int = 0) -> None:
+        """Backward; with ``sync`` hand over the gradient and take fresh parameters (sets ``running``)."""
+
+    @abstractmethod
+    def progress(self) -> tuple[int, int] | None:
+        """(updates applied so far, updates per epoch) where this rank knows them, else None."""
+
+    @abstractmethod
+    def finished_epochs(self) -> list[dict[str, Any]]:
+        """The training records of the epochs finished so far (where known; else [])."""
+
+    @abstractmethod
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch training records after ``finish`` (rank 0; [] elsewhere)."""
+
+    @abstractmethod
+    def load_epoch_snapshot(self, epoch_index: int) -> bool:
+        """Collective: every replica takes the parameters as they were at the end of epoch
+        ``epoch_index``; False when there is none (validation of past epochs)."""

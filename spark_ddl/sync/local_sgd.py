@@ -11,24 +11,26 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from spark_ddl.sync.base import SyncStrategy, average_floating_buffers
+from spark_ddl.sync.base import LockstepStrategy, StrategyEnv, StrategySettings, average_floating_buffers
 
 
-class LocalSGDStrategy(SyncStrategy):
+class LocalSGDStrategy(LockstepStrategy):
     """Independent optimiser steps, periodic parameter averaging."""
 
     name = "local_sgd"
+    description = "each agent steps alone, parameters averaged every sync_every steps"
     replicas_identical = False
 
+    @classmethod
+    def create(cls, settings: StrategySettings, env: StrategyEnv) -> "LocalSGDStrategy":
+        return cls(env.device, settings.sync_every)
+
     def __init__(self, device: torch.device, sync_every: int) -> None:
-        self._device = device
+        super().__init__(device)
         self._sync_every = sync_every
-        self._module: nn.Module | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         # average after steps sync_every, 2*sync_every, ... (not after the very first step)
         with warnings.catch_warnings():  # torch advises DDP for period 1; we offer it on purpose
             warnings.simplefilter("ignore", UserWarning)

@@ -1,5 +1,6 @@
-"""The design's steps 4–6 literally: gradients reduced to rank 0, averaged there, rank 0 applies
-the optimiser, and the new parameters (and buffers) are broadcast to every agent.
+"""A central node, literally: gradients reduced to rank 0 (aggregation), averaged there, rank 0
+applies the optimiser (update), and the new parameters and buffers are broadcast to every
+agent (model broadcast).
 
 Same maths as all-reduce, more traffic through one node: rank 0 receives and sends the whole
 model every step. Offered for fidelity to the algorithm and as a baseline.
@@ -9,16 +10,20 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from spark_ddl.sync.base import SyncStrategy, broadcast_state
+from spark_ddl.sync.base import LockstepStrategy, StrategyEnv, StrategySettings, broadcast_state, flatten, unflatten
 
 
-class ParameterServerStrategy(SyncStrategy):
+class ParameterServerStrategy(LockstepStrategy):
     """Rank 0's optimiser applies the updates; everyone else only computes gradients (their
     optimisers exist for learning-rate schedulers but never step)."""
 
     name = "parameter_server"
+    description = "gradients reduced to rank 0, which updates and broadcasts the parameters"
+
+    @classmethod
+    def create(cls, settings: StrategySettings, env: StrategyEnv) -> "ParameterServerStrategy":
+        return cls(env.device)
 
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         module, optimizer = self.module, self.optimizer
@@ -27,11 +32,11 @@ class ParameterServerStrategy(SyncStrategy):
             return  # accumulate locally; the next sync step sends the sum
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = _flatten_dense_tensors(grads)
+        flat = flatten(grads)
         dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)  # step 4: gradients to the master
         if dist.get_rank() == 0:
             flat /= dist.get_world_size()
-            for param, grad in zip(params, _unflatten_dense_tensors(flat, grads)):
+            for param, grad in zip(params, unflatten(flat, grads)):
                 param.grad = grad
             optimizer.step()  # step 5: the master updates
         broadcast_state(module)  # step 6: everyone gets the master's parameters

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator, launcher
+from spark_ddl import ClusterConfigError, ConfigError, SchemaError, TorchEstimator
+from spark_ddl.driver import launcher
 from tests.helpers import TinyNet
 
 GOOD_ROWS = [([0.5, 1.0, -1.0, 2.0], 1.0)] * 6

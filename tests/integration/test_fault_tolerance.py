@@ -10,7 +10,7 @@ import torch
 
 from spark_ddl import ConfigError, TorchEstimator, TrainingError
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
-from spark_ddl.monitor import StallError
+from spark_ddl.driver.monitor import StallError
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 pytestmark = pytest.mark.timeout(300)

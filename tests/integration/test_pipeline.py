@@ -128,7 +128,7 @@ def test_tampered_model_is_refused_without_running_its_pickles(spark, tmp_path):
     (path / "model.pt2").write_bytes(tampered.getvalue())
     metadata_file = path / "metadata" / "part-00000"
     metadata = json.loads(metadata_file.read_text())
-    metadata["spark_ddl"]["export"]["sha256"] = __import__("hashlib").sha256(tampered.getvalue()).hexdigest()
+    metadata["spark_ddl"]["files_sha256"]["model.pt2"] = __import__("hashlib").sha256(tampered.getvalue()).hexdigest()
     metadata_file.write_text(json.dumps(metadata))
 
     with pytest.raises(ConfigError, match="torch.export program was refused") as info:
@@ -195,3 +195,80 @@ def test_train_validation_split_tunes_epochs(digits):
     assert len(model.validationMetrics) == 2
     assert model.validationMetrics[1] > model.validationMetrics[0]
     assert model.bestModel.stages[-1].summary["history"][-1]["epoch"] == 6
+
+
+def smooth_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss given as a callable (saved with the estimator as a pickle)."""
+    return nn.functional.smooth_l1_loss(output.reshape(-1), target.reshape(-1).float())
+
+
+def test_an_unfitted_pipeline_saves_loads_and_then_fits_the_same_model(digits, tmp_path):
+    train, test = digits
+    assembler = VectorAssembler(inputCols=[f"p{i}" for i in range(64)], outputCol="raw")
+    estimator = TorchEstimator(model="spark_ddl.models:MLP", model_kwargs={"in_features": 64, "out_features": 10},
+                               loss="cross_entropy", optimizer="adam", lr=0.01, batch_size=32, epochs=3,
+                               featuresCol="raw", labelCol="label", seed=7, validation_fraction=0.1)
+    pipeline = Pipeline(stages=[assembler, estimator])
+    path = str(tmp_path / "unfitted")
+    pipeline.save(path)
+    loaded = Pipeline.load(path)
+    loaded_estimator = loaded.getStages()[-1]
+    assert isinstance(loaded_estimator, TorchEstimator) and loaded_estimator.uid == estimator.uid
+    for name in ("model", "model_kwargs", "lr", "epochs", "seed", "labelCol", "feature_cols", "validation_fraction"):
+        assert loaded_estimator.getOrDefault(name) == estimator.getOrDefault(name), name
+    original, reloaded = pipeline.fit(train), loaded.fit(train)
+    first, second = original.stages[-1].get_module().state_dict(), reloaded.stages[-1].get_module().state_dict()
+    assert set(first) == set(second)
+    for name in first:  # same settings, same seed: the same training run
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+    accuracy = reloaded.transform(test).select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
+    assert accuracy > 0.85
+
+
+def test_an_estimator_with_a_module_object_and_a_callable_loss_loads_only_with_pickles_allowed(spark, tmp_path):
+    import spark_ddl
+
+    frame = spark.createDataFrame([([float(i % 7), 1.0, float(i % 3)], float(i % 5)) for i in range(40)],
+                                  "features array<float>, label double")
+    estimator = TorchEstimator(model=SelfishNet(), loss=smooth_l1, epochs=2, lr=0.05)
+    path = str(tmp_path / "estimator")
+    estimator.write().save(path)
+    assert sorted(p.name for p in (tmp_path / "estimator").iterdir()) == ["metadata", "module.cloudpickle",
+                                                                           "params.cloudpickle"]
+    with pytest.raises(ConfigError, match="allow_pickle=True"):
+        TorchEstimator.load(path)
+    pipeline_path = str(tmp_path / "pipeline")
+    Pipeline(stages=[estimator]).save(pipeline_path)
+    with pytest.raises(ConfigError, match="spark_ddl.allow_pickle"):
+        Pipeline.load(pipeline_path)
+    with spark_ddl.allow_pickle():
+        loaded = Pipeline.load(pipeline_path).getStages()[0]
+    assert TorchEstimator.load(path, allow_pickle=True).uid == loaded.uid == estimator.uid
+    assert loaded.getOrDefault("loss") is smooth_l1
+    weights = estimator.getOrDefault("model").state_dict()
+    for name, value in loaded.getOrDefault("model").state_dict().items():  # the initial weights travel too
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    model = loaded.fit(frame)
+    assert len(model.history) == 2
+
+
+def test_a_cross_validator_model_with_a_torch_model_saves_and_loads(spark, tmp_path):
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.tuning import CrossValidatorModel
+
+    frame = spark.createDataFrame([([float(i % 7), float(i % 5), float(i % 3)], float(i % 7) - 0.5 * (i % 3))
+                                   for i in range(64)], "features array<float>, label double")
+    estimator = TorchEstimator(model="tests.helpers:TinyNet", model_kwargs={"in_features": 3, "hidden": 6},
+                               loss="mse", epochs=2, batch_size=8)
+    grid = ParamGridBuilder().addGrid(estimator.lr, [1e-5, 0.05]).build()
+    cv_model = CrossValidator(estimator=estimator, estimatorParamMaps=grid, evaluator=RegressionEvaluator(),
+                              numFolds=2, seed=1).fit(frame)
+    path = str(tmp_path / "cv")
+    cv_model.save(path)
+    loaded = CrossValidatorModel.load(path)
+    assert isinstance(loaded.bestModel, TorchModel) and loaded.avgMetrics == cv_model.avgMetrics
+    assert loaded.getEstimator().uid == estimator.uid
+    assert [m[estimator.lr] for m in loaded.getEstimatorParamMaps()] == [1e-5, 0.05]
+    before = cv_model.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
+    after = loaded.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
+    assert (before == after).all()

@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from spark_ddl import TorchEstimator, launcher
-from spark_ddl.monitor import AgentMonitor
+from spark_ddl import TorchEstimator
+from spark_ddl.driver import launcher
+from spark_ddl.driver.monitor import AgentMonitor
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 

@@ -3,16 +3,17 @@ import os
 import pytest
 import torch
 
-from spark_ddl import artifact, storage
+from spark_ddl import artifact, storage, wire
+from spark_ddl.model_source import build_from_class_path
 
 
 def test_chunks_stay_under_the_limit_and_reassemble():
-    payload = os.urandom(artifact.CHUNK_BYTES * 2 + 123)
-    rows = [row for b in artifact.output_batches("weights", 0, payload) for row in b.to_pylist()]
-    assert len(rows) == 3 and max(len(r["data"]) for r in rows) <= artifact.CHUNK_BYTES
-    assert artifact.reassemble(list(reversed(rows)), "weights") == payload
+    payload = os.urandom(wire.CHUNK_BYTES * 2 + 123)
+    rows = [row for b in wire.output_batches("weights", 0, payload) for row in b.to_pylist()]
+    assert len(rows) == 3 and max(len(r["data"]) for r in rows) <= wire.CHUNK_BYTES
+    assert wire.reassemble(list(reversed(rows)), "weights") == payload
     with pytest.raises(RuntimeError, match="incomplete"):
-        artifact.reassemble(rows[:1] + rows[2:], "weights")
+        wire.reassemble(rows[:1] + rows[2:], "weights")
 
 
 def test_state_dict_round_trip_without_pickle():
@@ -43,8 +44,8 @@ def test_existing_path_needs_overwrite(tmp_path):
 
 def test_class_path_errors_are_clear():
     with pytest.raises(ValueError, match="package.module:Class"):
-        artifact.build_from_class_path("torch.nn.Linear", {})
-    module = artifact.build_from_class_path("torch.nn:Linear", {"in_features": 2, "out_features": 1})
+        build_from_class_path("torch.nn.Linear", {})
+    module = build_from_class_path("torch.nn:Linear", {"in_features": 2, "out_features": 1})
     assert isinstance(module, torch.nn.Linear)
 
 

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from spark_ddl.sync.async_parameter_server import DONE, HELLO, PUSH, _Server
+from spark_ddl.sync.async_server import DONE, HELLO, PUSH, AsyncServer
 
 
-def make_server(world_size: int, max_staleness: int, pushes_per_epoch: int, epochs: int) -> _Server:
+def make_server(world_size: int, max_staleness: int, pushes_per_epoch: int, epochs: int) -> AsyncServer:
     module = torch.nn.Linear(3, 1)
-    return _Server(module, lambda params: torch.optim.SGD(params, lr=0.1), world_size, pushes_per_epoch,
+    return AsyncServer(module, lambda params: torch.optim.SGD(params, lr=0.1), world_size, pushes_per_epoch,
                    epochs, max_staleness, keep_snapshots=True, make_scheduler=None)
 
 

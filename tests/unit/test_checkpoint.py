@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import torch
 
-from spark_ddl import launcher
-from spark_ddl.checkpoint import (compatibility_record, incompatibilities, list_checkpoints, read_checkpoint,
-                                  read_checkpoint_facts, write_checkpoint)
+from spark_ddl.checkpoint import (incompatibilities, list_checkpoints, read_checkpoint, read_checkpoint_facts,
+                                  write_checkpoint)
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver import launcher
 
 
 def state(config: TrainConfig, epoch: int) -> dict:
-    return {"model": {"w": torch.randn(1000)}, "settings": compatibility_record(config), "epoch": epoch,
+    return {"model": {"w": torch.randn(1000)}, "settings": config.resume_record(), "epoch": epoch,
             "step": 0, "shard_sizes": [5, 6]}
 
 
@@ -28,8 +28,8 @@ def test_each_checkpoint_has_a_sidecar_with_what_the_driver_checks_and_pruning_r
     newest = f"{tmp_path}/{list_checkpoints(str(tmp_path))[-1]}"
     facts = read_checkpoint_facts(newest)
     assert facts["epoch"] == read_checkpoint(newest)["epoch"] == 3 and facts["shard_sizes"] == [5, 6]
-    assert incompatibilities(facts["settings"], compatibility_record(config)) == []  # (0.9, 0.99) == [0.9, 0.99]
-    assert incompatibilities(facts["settings"], compatibility_record(replace(config, lr=0.5))) == [
+    assert incompatibilities(facts["settings"], config.resume_record()) == []  # (0.9, 0.99) == [0.9, 0.99]
+    assert incompatibilities(facts["settings"], replace(config, lr=0.5).resume_record()) == [
         "lr: checkpoint 0.1, this fit 0.5"]
 
 

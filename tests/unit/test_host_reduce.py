@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spark_ddl.rendezvous import leave_group
+from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.sync.host_reduce import (SPIN_BARRIER, FlatGradientReducer, HostLayout, LocalPeerError,
                                         abort_local_peers)
 

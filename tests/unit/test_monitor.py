@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from spark_ddl.heartbeat import Heartbeat
-from spark_ddl.monitor import MAX_LINE_BYTES, AgentMonitor
+from spark_ddl.agent.heartbeat import Heartbeat
+from spark_ddl.driver.monitor import MAX_LINE_BYTES, AgentMonitor
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from spark_ddl.data import FEATURES, LABEL, VALIDATION
-from spark_ddl.shard import Shard
-from spark_ddl.shard_cache import DiskShard
+from spark_ddl.wire import FEATURES, LABEL, VALIDATION
+from spark_ddl.agent.shard import Shard
+from spark_ddl.agent.disk_shard import DiskShard
 
 
 def batches(rows: int, width: int, seed: int = 0, per_batch: int = 37):

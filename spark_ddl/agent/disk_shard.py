@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from spark_ddl.agent.sampling import ShardRows
+
 
 class DiskArray:
     """Rows of a 2-D (or 1-D label) array stored in the record batches of an IPC file."""
@@ -57,26 +59,12 @@ class DiskArray:
         return torch.from_numpy(out).to(self.dtype)
 
 
-class DiskShard:
+class DiskShard(ShardRows):
     """An agent's training rows in an Arrow IPC file on local disk (see the module docstring)."""
 
     def __init__(self, path: str, fd: int, features: DiskArray, labels: DiskArray) -> None:
         self.path, self._fd = path, fd
         self.features, self.labels = features, labels
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.features)
-
-    @property
-    def feature_dim(self) -> int | None:
-        return int(self.features.shape[1]) if self.num_rows else None
-
-    def epoch_order(self, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
-        """The same row order as the in-memory shard would use."""
-        from spark_ddl.shard import epoch_order
-
-        return epoch_order(self.num_rows, epoch, shuffle, seed, rank)
 
     def with_feature_dim(self, dim: int) -> "DiskShard":
         return self

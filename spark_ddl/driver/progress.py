@@ -13,8 +13,6 @@ from typing import Any
 
 log = logging.getLogger("spark_ddl.progress")
 
-PROGRESS_MODES = ("auto", "bar", "log", "off")
-
 
 class ProgressReporter:
     """Turns rank 0's status (epoch, step, steps_per_epoch, recent_epochs) into progress output."""

@@ -17,8 +17,9 @@ from pyspark.sql import functions as F
 from torch import nn
 
 from spark_ddl.config import TrainConfig
-from spark_ddl.data import FEATURES, LABEL, ColumnSpec, empty_input_error
+from spark_ddl.driver.data import ColumnSpec, empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
+from spark_ddl.wire import FEATURES, LABEL
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from spark_ddl._version import __version__
+
 
 @dataclass
 class Rendezvous:
@@ -26,12 +28,10 @@ class Rendezvous:
 
 def environment_fingerprint(backend: str) -> dict[str, str]:
     """Versions that must match on every agent for them to train together."""
-    import spark_ddl
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "spark_ddl": spark_ddl.__version__,
+        "spark_ddl": __version__,
         "backend": backend,
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -12,35 +11,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from spark_ddl.data import FEATURES, LABEL, VALIDATION
-from spark_ddl.shard_cache import DiskShard, open_shard, write_shard
+from spark_ddl.agent.disk_shard import open_shard, write_shard
+from spark_ddl.agent.sampling import ShardRows
+from spark_ddl.wire import FEATURES, LABEL, VALIDATION
 
 
 @dataclass
-class Shard:
-    """The rows of one agent: features (n, d) float32 and labels (n,) or (n, k)."""
+class Shard(ShardRows):
+    """The rows of one agent in memory: features (n, d) float32 and labels (n,) or (n, k)."""
 
     features: torch.Tensor
     labels: torch.Tensor
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.features.shape[0])
-
-    @property
-    def feature_dim(self) -> int | None:
-        """None for an empty shard whose width cannot be known from its own rows."""
-        return int(self.features.shape[1]) if self.num_rows else None
-
     @classmethod
     def from_arrow(
         cls, batches: Iterable[pa.RecordBatch], label_dtype: torch.dtype, spill_bytes: int | None = None,
-    ) -> tuple["Shard | DiskShard", "Shard"]:
+    ) -> tuple[ShardRows, "Shard"]:
         """The partition's training rows and validation rows (columns ``FEATURES``,
         ``LABEL`` and, when present, the boolean ``VALIDATION``).
 
         With ``spill_bytes``, training rows beyond that many bytes go to a memory-mapped file on
-        the executor's disk as they stream in (``spark_ddl.shard_cache``); 0 spills everything.
+        the executor's disk as they stream in (``disk_shard``); 0 spills everything.
         """
         validation_parts: list[tuple[np.ndarray, np.ndarray]] = []
         pieces = _training_pieces(batches, label_dtype, validation_parts)
@@ -84,26 +75,11 @@ class Shard:
         features, labels = self.features.to(device), self.labels.to(device)
         return (lambda index: (features[index], labels[index])), device
 
-    def close(self) -> None:
-        """Nothing to release for rows in memory (see DiskShard.close)."""
-
     def with_feature_dim(self, dim: int) -> "Shard":
         """An empty shard reshaped to the width the other agents reported."""
         if self.features.shape[1:] == (dim,):
             return self
         return Shard(torch.empty((0, dim), dtype=torch.float32), self.labels)
-
-    def epoch_order(self, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
-        """Row indices for one epoch: a fresh seeded permutation, or the partition order."""
-        return epoch_order(self.num_rows, epoch, shuffle, seed, rank)
-
-
-def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
-    """Row indices for one epoch of a shard of ``rows`` rows (in memory or on disk)."""
-    if not shuffle:
-        return torch.arange(rows)
-    generator = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
-    return torch.randperm(rows, generator=generator)
 
 
 ARROW_RELEASE_BYTES = 8 * 2**20  # release Arrow's freed memory after this many bytes of batches
@@ -171,35 +147,3 @@ def _label_values(column: pa.Array) -> np.ndarray:
         width = _check_list_width(column, LABEL, None)
         return _flat_values(column, np.float32).reshape(len(column), width)
     return column.to_numpy(zero_copy_only=False)
-
-
-def _mix_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
-def steps_per_epoch(shard_sizes: list[int], batch_size: int) -> int:
-    """Steps every agent runs per epoch: enough for the largest shard to be seen once."""
-    return math.ceil(max(shard_sizes, default=0) / batch_size)
-
-
-def global_batch_sizes(shard_sizes: list[int], batch_size: int, steps: int) -> list[int]:
-    """Rows taken by all agents together at each step (shorter shards run out early)."""
-    return [
-        sum(min(batch_size, max(0, n - step * batch_size)) for n in shard_sizes)
-        for step in range(steps)
-    ]
-
-
-def update_groups(batch_totals: list[int], accumulate_steps: int) -> tuple[list[bool], list[int]]:
-    """Per micro-step: whether it ends an update (gradients are synchronised and applied),
-    and how many rows, over all agents, that update averages over.
-
-    Micro-steps are grouped ``accumulate_steps`` at a time; the epoch's last group may be
-    shorter.
-    """
-    is_sync, update_rows = [], []
-    for start in range(0, len(batch_totals), accumulate_steps):
-        group = batch_totals[start : start + accumulate_steps]
-        is_sync += [False] * (len(group) - 1) + [True]
-        update_rows += [sum(group)] * len(group)
-    return is_sync, update_rows

@@ -11,18 +11,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_ddl.errors import ConfigError, SchemaError
+from spark_ddl.wire import FEATURES, LABEL, VALIDATION
 
 
 def _is_vector(data_type: T.DataType) -> bool:
-    # pyspark.ml is imported here, not at the top: agents import this module's column names,
-    # and pyspark.ml would load pandas and scipy into every executor's Python worker
     from pyspark.ml.linalg import VectorUDT
 
     return isinstance(data_type, VectorUDT)
 
-FEATURES = "__ddl_features"
-LABEL = "__ddl_label"
-VALIDATION = "__ddl_is_validation"
+
 _PARTITION_KEY = "__ddl_partition_key"
 
 _NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)

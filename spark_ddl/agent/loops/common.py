@@ -1,0 +1,128 @@
+"""What both loops share: their inputs (``LoopContext``), their result (``LoopResult``), the
+``Loop`` protocol, validation over every agent's held-out rows, and early stopping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spark_ddl.agent.heartbeat import Heartbeat
+from spark_ddl.agent.sampling import ShardRows
+from spark_ddl.config import TrainConfig, classification_kind
+from spark_ddl.objectives import LossFn, make_loss
+from spark_ddl.sync.base import SyncStrategy
+
+RECENT_EPOCHS = 32  # epoch records rank 0's heartbeat carries to the driver
+
+
+@dataclass
+class LoopContext:
+    """Everything a loop works with on one agent."""
+
+    config: TrainConfig
+    strategy: SyncStrategy  # set up: replicas identical, optimiser built
+    train: ShardRows
+    validation: ShardRows
+    shard_sizes: list[int]  # training rows per rank, as agreed at the rendezvous
+    rank: int
+    world_size: int
+    device: torch.device
+    heartbeat: Heartbeat
+    fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: before each step
+    loss_fn: LossFn = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loss_fn = make_loss(self.config.loss)
+
+    def before_step(self, epoch: int, step: int) -> None:
+        """Run the test hook, if any (fault injection)."""
+        if self.fail_hook is not None:
+            self.fail_hook(self.rank, epoch, step, self.strategy.trained_module)
+
+
+@dataclass
+class LoopResult:
+    """What a loop hands back after its strategy finished."""
+
+    history: list[dict[str, Any]]  # one record per epoch (rank 0's are the result; a resumed run's too)
+    epochs_run: int  # epochs in this rank's history
+    steps_run: int  # micro-steps this rank ran in this attempt (a resumed run counts only its own)
+    best_epoch: int | None = None  # early stopping: the epoch whose weights are the result
+    best_state: dict[str, torch.Tensor] | None = None  # rank 0: those weights (applied after the checks)
+    stopped_early: bool = False
+
+
+class Loop(Protocol):
+    """A training loop over one agent's shard."""
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (collective on every rank)."""
+
+    def run(self) -> LoopResult:
+        """Train until the epochs (or the strategy's budget) are done; ends with ``strategy.finish()``."""
+
+
+def validate(module: nn.Module, validation: ShardRows, loss_fn: LossFn, config: TrainConfig,
+             device: torch.device) -> dict[str, Any]:
+    """Collective: loss (and accuracy for classifiers) over every agent's validation rows."""
+    kind = classification_kind(config.loss)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*rows, correct, rows
+    chunk = max(config.batch_size, 1024)
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, validation.num_rows, chunk):
+            x = validation.features[start : start + chunk].to(device)
+            y = validation.labels[start : start + chunk].to(device)
+            output = module(x)
+            sums[0] += loss_fn(output, y).double() * len(x)
+            if kind == "multiclass":
+                sums[1] += (output.argmax(dim=1) == y).sum()
+            elif kind == "binary":
+                sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
+            sums[2] += len(x)
+    module.train()
+    dist.all_reduce(sums)
+    record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
+    if kind is not None:
+        record["val_accuracy"] = float(sums[1] / sums[2])
+    return record
+
+
+class EarlyStopping:
+    """Tracks the best validation loss; rank 0 keeps the best weights and decides for all."""
+
+    def __init__(self, patience: int, keep_weights: bool) -> None:
+        self.patience = patience
+        self.keep_weights = keep_weights
+        self.best_loss = float("inf")
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped = False
+
+    def update(self, epoch: int, val_loss: float, module: nn.Module, device: torch.device) -> bool:
+        """Record this epoch; return True (the same on every rank) when training must stop."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            if self.keep_weights:
+                self.best_state = cpu_state(module.state_dict())
+        stop = self.best_epoch is not None and epoch - self.best_epoch >= self.patience
+        decision = torch.tensor([1 if stop else 0], device=device)
+        dist.broadcast(decision, src=0)  # rank 0's decision holds for all ranks
+        self.stopped = bool(decision.item())
+        return self.stopped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss, self.best_epoch = float(state["best_loss"]), state["best_epoch"]
+        self.best_state = state["best_state"] if self.keep_weights else None
+
+
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state dict on the CPU."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}

@@ -1,0 +1,183 @@
+"""The lock-step loop: every agent runs the same steps together, epoch by epoch, with a
+``LockstepStrategy`` owning the gradients. Also writes and resumes from checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spark_ddl.agent.loops.common import RECENT_EPOCHS, EarlyStopping, LoopContext, LoopResult, cpu_state, validate
+from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch, update_groups
+from spark_ddl.checkpoint import write_checkpoint
+from spark_ddl.objectives import make_scheduler
+from spark_ddl.sync.base import LockstepStrategy
+from spark_ddl.sync.guard import check_replicas
+
+log = logging.getLogger("spark_ddl.agent")
+
+
+class EpochLoop:
+    """The per-epoch work every agent does in lock-step with the others."""
+
+    def __init__(self, context: LoopContext) -> None:
+        assert isinstance(context.strategy, LockstepStrategy)
+        self.context, self.config, self.strategy = context, context.config, context.strategy
+        config, sizes = self.config, context.shard_sizes
+        self.steps = steps_per_epoch(sizes, config.batch_size)
+        self.is_sync_step, self.update_rows = update_groups(
+            global_batch_sizes(sizes, config.batch_size, self.steps), config.accumulate_steps
+        )
+        self.scheduler = make_scheduler(config.lr_scheduler, self.strategy.optimizer, config.lr_scheduler_kwargs)
+        self.updates = 0
+        patience = config.early_stopping_patience
+        self.stopper = EarlyStopping(patience, keep_weights=context.rank == 0) if patience else None
+        self.every = config.checkpoint_interval
+        context.heartbeat.set("starting the epochs", steps_per_epoch=self.steps, epochs=config.epochs)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.start_step, self.start_loss_sum = 0, 0, 0.0
+        self.steps_run = 0
+
+    def run(self) -> LoopResult:
+        context, history = self.context, self.history
+        fetch, index_device = context.train.batch_source(context.device)
+        for epoch in range(self.start_epoch, self.config.epochs):
+            record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
+            resuming = epoch == self.start_epoch
+            record.update(self._train_epoch(epoch, fetch, index_device, self.start_step if resuming else 0,
+                                            self.start_loss_sum if resuming else 0.0))
+            if self.config.has_validation:
+                context.heartbeat.set("validation", epoch=epoch, step=None)
+                record.update(validate(self.strategy.trained_module, context.validation, context.loss_fn,
+                                       self.config, context.device))
+            history.append(record)
+            if context.rank == 0:  # the driver's live progress shows the newest epochs
+                context.heartbeat.set("end of epoch", waiting=True, recent_epochs=history[-RECENT_EPOCHS:])
+            self._step_scheduler(record)
+            if self.stopper is not None and self.stopper.update(
+                epoch + 1, record["val_loss"], self.strategy.trained_module, context.device
+            ):
+                break
+            if self.every is not None and self.every.unit == "epochs" and (epoch + 1) % self.every.count == 0:
+                self._checkpoint(epoch + 1, 0, 0.0)
+        self.strategy.finish()
+        stopper = self.stopper
+        return LoopResult(history, epochs_run=len(history), steps_run=self.steps_run,
+                          best_epoch=stopper.best_epoch if stopper else None,
+                          best_state=stopper.best_state if stopper else None,
+                          stopped_early=bool(stopper and stopper.stopped))
+
+    def _step_scheduler(self, record: dict[str, Any]) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(record.get("val_loss", record["train_loss"]))
+        else:
+            self.scheduler.step()
+
+    def _train_epoch(self, epoch: int, fetch, index_device: torch.device,
+                     first_step: int = 0, loss_so_far: float = 0.0) -> dict[str, Any]:
+        context, config, strategy = self.context, self.config, self.strategy
+        model, heartbeat, world_size = strategy.module, context.heartbeat, context.world_size
+        model.train()
+        started = time.perf_counter()
+        order = context.train.epoch_order(epoch, config.shuffle, config.seed, context.rank).to(index_device)
+        loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=context.device)
+        for step in range(first_step, self.steps):
+            heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
+            context.before_step(epoch, step)
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            local_rows = int(index.numel())
+            sync = self.is_sync_step[step]
+            features, labels = fetch(index)
+            with strategy.micro_step(sync):
+                output = model(features)
+                if local_rows:
+                    loss = context.loss_fn(output, labels)
+                    loss_sum += loss.detach().double() * local_rows
+                    # Weight so that the all-reduce *average* equals the mean over all rows of
+                    # the update (every agent, every accumulated micro-step), also when shards
+                    # are uneven and this agent's batch is short or empty.
+                    objective = loss * (local_rows * world_size / self.update_rows[step])
+                else:
+                    objective = output.sum() * 0.0  # still joins the collective with zero gradient
+                heartbeat.set("backward pass and gradient synchronisation", waiting=sync, epoch=epoch, step=step,
+                              updates=self.updates)
+                strategy.step(objective, sync)
+            self.steps_run += 1
+            if sync:
+                self._after_update(epoch, step, loss_sum)
+        heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
+        totals = torch.stack([loss_sum, torch.tensor(float(context.shard_sizes[context.rank]), dtype=torch.float64,
+                                                     device=context.device)])
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - started
+        samples = int(totals[1].item())
+        return {"train_loss": float(totals[0].item() / max(samples, 1)), "samples": samples,
+                "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
+
+    def _after_update(self, epoch: int, step: int, loss_sum: torch.Tensor) -> None:
+        self.updates += 1
+        check_every = self.config.check_every
+        if check_every and self.strategy.replicas_identical and self.updates % check_every == 0:
+            check_replicas(self.strategy.trained_module, self.context.device, f"after update {self.updates}")
+        if self.every is not None and self.every.unit == "steps" and self.updates % self.every.count == 0:
+            self._checkpoint(epoch, step + 1, float(loss_sum))
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
+        """Collective: gather what each rank must keep; rank 0 writes the checkpoint."""
+        context, strategy, config = self.context, self.strategy, self.config
+        context.heartbeat.set("writing a checkpoint" if context.rank == 0 else "waiting for rank 0's checkpoint",
+                              waiting=context.rank != 0)
+        mine: dict[str, Any] = {"rng": torch.get_rng_state(), "loss_sum": float(loss_sum),
+                                "strategy": strategy.state_dict()}
+        if context.device.type == "cuda":
+            mine["cuda_rng"] = torch.cuda.get_rng_state(context.device)
+        if not strategy.replicas_identical:
+            mine["model"] = cpu_state(strategy.trained_module.state_dict())
+            mine["optimizer"] = strategy.optimizer.state_dict()
+        gathered: list[Any] | None = [None] * context.world_size if context.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if context.rank != 0:
+            return
+        state = {
+            "settings": config.resume_record(), "shard_sizes": context.shard_sizes,
+            "epoch": epoch, "step": step, "updates": self.updates, "history": self.history,
+            "ranks": gathered,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "stopper": self.stopper.state_dict() if self.stopper is not None else None,
+        }
+        if strategy.replicas_identical:
+            state["model"] = cpu_state(strategy.trained_module.state_dict())
+            state["optimizer"] = strategy.optimizer.state_dict()
+        path = write_checkpoint(config.checkpoint_dir, state, self.updates, config.keep_checkpoints)
+        log.info("checkpoint written: %s (epoch %d, step %d)", path, epoch + 1, step)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint ``state`` left off (every rank calls this)."""
+        context, strategy = self.context, self.strategy
+        if state["shard_sizes"] != context.shard_sizes:
+            raise ValueError(
+                f"the checkpoint was written for shards of {state['shard_sizes']} rows but this "
+                f"fit's agents hold {context.shard_sizes}: the input data changed. Resume with the same "
+                "DataFrame, or start a new run in an empty checkpoint_dir."
+            )
+        mine = state["ranks"][context.rank]
+        strategy.trained_module.load_state_dict(mine.get("model") or state["model"])
+        strategy.optimizer.load_state_dict(mine.get("optimizer") or state["optimizer"])
+        strategy.load_state_dict(mine["strategy"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.stopper is not None and state["stopper"] is not None:
+            self.stopper.load_state_dict(state["stopper"])
+        torch.set_rng_state(mine["rng"])
+        if context.device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], context.device)
+        self.history = list(state["history"])
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        self.start_loss_sum, self.updates = float(mine["loss_sum"]), int(state["updates"])

@@ -1,0 +1,151 @@
+"""``TorchModel``: a trained network with the columns it was trained on; ``transform`` scores a
+DataFrame in Arrow batches on the executors."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pyspark.ml import Model
+from pyspark.ml.util import MLReadable, MLWritable
+from pyspark.sql import DataFrame
+from torch import nn
+
+from spark_ddl import artifact
+from spark_ddl.config import TrainConfig, classification_kind
+from spark_ddl.driver.data import ColumnSpec, resolve_columns
+from spark_ddl.inference import ScoringPayload, predict_frame
+from spark_ddl.model_source import ModelSource
+from spark_ddl.params import SharedParams
+from spark_ddl.persistence import ModelReader, ModelWriter
+from spark_ddl.summary import TrainingSummary
+
+
+class TorchModel(Model, SharedParams, MLWritable, MLReadable):
+    """A trained network with the columns it was trained on; ``transform`` scores a DataFrame."""
+
+    def __init__(
+        self,
+        module: nn.Module | None = None,
+        spec: ColumnSpec | None = None,
+        config: TrainConfig | dict[str, Any] | None = None,
+        source: ModelSource | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._module = module
+        self._spec = spec
+        self._config = config.to_json_dict() if isinstance(config, TrainConfig) else dict(config or {})
+        self._source = source
+        self.summary = TrainingSummary(summary or {})
+        self._key = uuid.uuid4().hex
+        self._broadcast: tuple[Any, str, Any] | None = None  # (SparkContext, weights version, Broadcast)
+        if spec is not None:
+            self._set(feature_cols=list(spec.feature_cols), labelCol=spec.label_col)
+
+    # -------------------------------------------------------------- accessors
+
+    def get_module(self) -> nn.Module:
+        """The trained torch.nn.Module (rank 0's weights)."""
+        assert self._module is not None
+        return self._module
+
+    @property
+    def model_source(self) -> ModelSource:
+        """How the network is rebuilt elsewhere (executors, a later load)."""
+        if self._source is None:  # a TorchModel made around a module by hand
+            self._source = ModelSource.of_module(self.get_module())
+        return self._source
+
+    @property
+    def columns(self) -> ColumnSpec | None:
+        """The input columns the model was trained on, and their form."""
+        return self._spec
+
+    @property
+    def training_config(self) -> dict[str, Any]:
+        """The training settings (as JSON values) the model was trained with."""
+        return dict(self._config)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s."""
+        return list(self.summary.get("history", []))
+
+    def plot_history(self, path: str) -> str:
+        """Write a PNG of the per-epoch loss (and validation accuracy) curves; needs matplotlib."""
+        return self.summary.plot(path)
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Number of input features the network takes (None if unknown)."""
+        dim = self.summary.get("feature_dim")
+        return int(dim) if dim is not None else None
+
+    @property
+    def task(self) -> str:
+        """'multiclass', 'binary', 'regression' or 'multi_regression'."""
+        kind = classification_kind(self._config.get("loss"))
+        if kind is not None:
+            return kind
+        return "multi_regression" if self._spec and self._spec.label_is_array else "regression"
+
+    # -------------------------------------------------------------- inference
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols), None)
+        spec = ColumnSpec(spec.feature_cols, None, spec.feature_kind,
+                          self._spec.label_is_array if self._spec else False)
+        broadcast, version = self._payload_broadcast(dataset.sparkSession.sparkContext)
+        return predict_frame(
+            dataset, spec, broadcast, version, self.task,
+            self.getOrDefault(self.predictionCol),
+            self.getOrDefault(self.probabilityCol) or None,
+            self.getOrDefault(self.inference_batch_size),
+        )
+
+    def _weights_version(self) -> str:
+        """Changes whenever a tensor of the module is replaced or modified in place."""
+        state = self.get_module().state_dict()
+        marks = tuple((name, t.data_ptr(), t._version) for name, t in state.items())  # noqa: SLF001
+        return f"{self._key}-{hash(marks) & 0xFFFFFFFFFFFF:x}"
+
+    def _payload_broadcast(self, sc) -> tuple[Any, str]:
+        """The scoring payload and its cache key, broadcast once per SparkContext and weights
+        version (not once per transform)."""
+        version = self._weights_version()
+        cached = self._broadcast
+        if cached is None or cached[0] is not sc or cached[1] != version:
+            payload = ScoringPayload(self.model_source, artifact.state_dict_to_bytes(self.get_module()))
+            self._broadcast = cached = (sc, version, sc.broadcast(payload))
+        return cached[2], version
+
+    # -------------------------------------------------------------- persistence
+
+    def write(self) -> ModelWriter:
+        """A writer: ``model.write().overwrite().save(path)``."""
+        return ModelWriter(self)
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Write the model to ``path`` (local path or any Hadoop URI Spark can write), all or
+        nothing; an existing path is an error unless ``overwrite``."""
+        writer = self.write()
+        if overwrite:
+            writer.overwrite()
+        writer.save(path)
+
+    @classmethod
+    def read(cls) -> ModelReader:
+        """A reader: ``TorchModel.read().load(path)`` (what ``PipelineModel.load`` calls)."""
+        return ModelReader(cls)
+
+    @classmethod
+    def load(cls, path: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
+        """Load a saved model; runs no pickle unless ``allow_pickle=True``.
+
+        The network comes from ``module`` if given (its weights are replaced), else the saved
+        class path, else the saved torch.export program (no training code needed). A model
+        trained from a module object that torch.export could not capture needs ``module=`` or
+        ``allow_pickle=True`` (only for files you trust).
+        """
+        return ModelReader(cls, module, allow_pickle).load(path)

@@ -1,0 +1,204 @@
+"""How to rebuild a network: the one description the agents, the scoring executors and saved
+models all use.
+
+A ``ModelSource`` holds any of:
+
+- a class path ``"package.module:Class"`` and JSON keyword arguments (no pickle anywhere);
+- a torch.export program (scores without the model's code; checked before loading so that
+  loading runs no pickle);
+- the cloudpickled module object (what a user's ``nn.Module`` instance becomes; unpickling
+  runs code, so a saved one is loaded only with ``allow_pickle=True``).
+
+``build`` rebuilds the network for a purpose: training needs a trainable module (class path
+or pickle), scoring takes any of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from torch import nn
+
+from spark_ddl import artifact
+from spark_ddl.errors import ConfigError
+
+CLASS_PATH, PICKLE, EXPORT = "class_path", "pickle", "export"
+EXPORT_FILE = "model.pt2"
+PICKLED_MODULE_FILE = "module.cloudpickle"
+
+
+def build_from_class_path(class_path: str, kwargs: dict[str, Any] | None) -> nn.Module:
+    """Instantiate ``"package.module:Class"`` with JSON keyword arguments (no pickle)."""
+    module_name, sep, attr = class_path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"model class path must look like 'package.module:Class', got {class_path!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for model {class_path!r}: {exc}") from exc
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    module = obj(**(kwargs or {}))
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{class_path} built a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A network's architecture (and, for pickles and programs, its weights too)."""
+
+    class_path: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pickled: bytes | None = None  # cloudpickled nn.Module
+    program: bytes | None = None  # torch.export archive
+    class_name: str | None = None  # "package.module.Class", for messages
+
+    # -------------------------------------------------------------- from what users give
+
+    @classmethod
+    def of(cls, model: Any, kwargs: dict[str, Any] | None = None) -> tuple["ModelSource", nn.Module]:
+        """The source of a user's ``model`` (an nn.Module or a class path), and a local copy of
+        the network (the driver's template). Raises ConfigError with the fix."""
+        kwargs = dict(kwargs or {})
+        if isinstance(model, str):
+            try:
+                json.dumps(kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"model_kwargs must be JSON-serialisable: {exc}") from exc
+            template = build_from_class_path(model, kwargs)
+            return cls(class_path=model, kwargs=kwargs, class_name=_qualified_name(template)), template
+        if isinstance(model, nn.Module):
+            return cls.of_module(model), copy.deepcopy(model)
+        raise ConfigError(
+            f"model must be a torch.nn.Module or 'package.module:Class', got {type(model).__name__}."
+        )
+
+    @classmethod
+    def of_module(cls, module: nn.Module) -> "ModelSource":
+        """The cloudpickled module (raises ConfigError when it cannot be pickled)."""
+        from pyspark import cloudpickle
+
+        try:
+            pickled = cloudpickle.dumps(module)
+        except Exception as exc:
+            raise ConfigError(
+                f"The model cannot be serialised to send it to the executors ({type(exc).__name__}: "
+                f"{exc}). Remove unpicklable attributes (open files, locks, CUDA streams) or pass "
+                "model='package.module:Class'."
+            ) from exc
+        return cls(pickled=pickled, class_name=_qualified_name(module))
+
+    # -------------------------------------------------------------- what it is
+
+    @property
+    def kind(self) -> str:
+        """'class_path', 'pickle' or 'export': the form the architecture is described in."""
+        if self.class_path is not None:
+            return CLASS_PATH
+        return PICKLE if self.pickled is not None else EXPORT
+
+    def with_program(self, program: bytes | None) -> "ModelSource":
+        """The same source, also carrying a torch.export program."""
+        return replace(self, program=program)
+
+    def without_pickle(self) -> "ModelSource":
+        """The same source without the pickled module (what a reader that runs no pickle keeps)."""
+        return replace(self, pickled=None)
+
+    # -------------------------------------------------------------- rebuilding
+
+    def build(self, purpose: str = "train", weights: bytes | None = None, allow_pickle: bool = True) -> nn.Module:
+        """A fresh network, with ``weights`` (safetensors bytes) loaded when given.
+
+        ``purpose="train"``: a trainable module (class path, else the pickle). ``"score"``: the
+        class path, else the checked export program (captured in eval mode; runs no pickle),
+        else the pickle when ``allow_pickle``; in eval mode.
+        """
+        exported = False  # a program's module is in eval mode already and refuses train()/eval()
+        if self.class_path is not None:
+            module = build_from_class_path(self.class_path, self.kwargs)
+        elif purpose == "score" and self.program is not None:
+            module, exported = artifact.load_export_program(self.program), True
+        elif self.pickled is not None and allow_pickle:
+            module = self._unpickle()
+        else:
+            raise ConfigError(self._cannot_build(purpose))
+        if weights is not None:
+            module.load_state_dict(artifact.state_dict_from_bytes(weights))
+        if purpose == "score" and not exported:
+            module.eval()
+        return module
+
+    def _unpickle(self) -> nn.Module:
+        from pyspark import cloudpickle
+
+        try:
+            return cloudpickle.loads(self.pickled)
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(
+                f"The model cannot be rebuilt here ({exc}). Make its code importable on the executors "
+                "(spark.submit.pyFiles / addPyFile / addArtifacts), or pass model='pkg.module:Class'."
+            ) from exc
+
+    def _cannot_build(self, purpose: str) -> str:
+        if purpose == "train" and self.program is not None:
+            return (f"The model ({self.class_name or 'a torch.export program'}) was loaded from its "
+                    "torch.export program, which scores but cannot be trained. Pass module=<an instance of "
+                    "its architecture> when loading, or use a class path.")
+        return f"This model ({self.class_name or 'unknown'}) does not describe its architecture."
+
+    # -------------------------------------------------------------- saved files
+
+    def record(self) -> dict[str, Any]:
+        """The JSON description saved in a model's metadata (``files`` holds the bytes)."""
+        if self.class_path is not None:
+            return {"kind": CLASS_PATH, "class_path": self.class_path, "kwargs": self.kwargs,
+                    "class": self.class_name}
+        return {"kind": PICKLE if self.pickled is not None else EXPORT, "class": self.class_name}
+
+    def files(self) -> dict[str, bytes]:
+        """The files beside the metadata: the pickled module and/or the export program."""
+        out = {}
+        if self.pickled is not None:
+            out[PICKLED_MODULE_FILE] = self.pickled
+        if self.program is not None:
+            out[EXPORT_FILE] = self.program
+        return out
+
+    @classmethod
+    def from_files(cls, record: dict[str, Any], read: Callable[[str], bytes | None], allow_pickle: bool,
+                   where: str) -> "ModelSource":
+        """The source a saved ``record`` describes; ``read(name)`` returns a saved file's
+        (checksum-verified) bytes or None. Runs no pickle; without ``allow_pickle`` a module
+        that only a pickle describes is refused, naming the ways out."""
+        if record.get("kind") == CLASS_PATH:
+            return cls(class_path=record["class_path"], kwargs=dict(record.get("kwargs") or {}),
+                       class_name=record.get("class"))
+        program = read(EXPORT_FILE)
+        refusal = None
+        if program is not None:
+            try:
+                artifact.check_export_archive(program)
+            except artifact.UnsafeArchiveError as exc:
+                refusal, program = f"its torch.export program was refused ({exc})", None
+        pickled = read(PICKLED_MODULE_FILE) if allow_pickle else None
+        if program is None and pickled is None:
+            if record.get("kind") != PICKLE:
+                raise ConfigError(f"{where} does not describe its architecture; pass module=<an instance>.")
+            reason = refusal or "no torch.export program could be saved for it"
+            raise ConfigError(
+                f"The model at {where} was trained from a module object ({record.get('class')}) and "
+                f"{reason}, so only a pickle describes its architecture, and unpickling can run arbitrary "
+                "code. Pass module=<an instance of that architecture>, or allow_pickle=True if you trust "
+                "these files."
+            )
+        return cls(pickled=pickled, program=program, class_name=record.get("class"))
+
+
+def _qualified_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"

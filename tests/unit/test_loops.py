@@ -1,0 +1,182 @@
+"""The training loops and strategies in real gloo process groups of spawned processes (no
+Spark), each against an independent reference written here in plain torch."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spark_ddl.agent.heartbeat import Heartbeat
+from spark_ddl.agent.loops import LoopContext, make_loop
+from spark_ddl.agent.loops.common import cpu_state
+from spark_ddl.agent.rendezvous import leave_group
+from spark_ddl.agent.shard import Shard
+from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
+from spark_ddl.config import TrainConfig
+from spark_ddl.objectives import make_optimizer
+from spark_ddl.sync import StrategyEnv, make_strategy
+
+FEATURES = 4
+
+
+def data(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, FEATURES)).astype(np.float32)
+    y = (x @ rng.normal(size=FEATURES) + 0.1 * rng.normal(size=rows)).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def shards(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data(sum(sizes))
+    bounds = np.cumsum([0, *sizes])
+    return [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: dict, out: str,
+           resume_from: str | None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    config = TrainConfig(num_workers=world_size, loss="mse", shuffle=False, **settings).validate()
+    features, labels = shards(sizes)[rank]
+    train = Shard(features, labels)
+    validation = Shard(torch.empty(0, FEATURES), torch.empty(0))
+    strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, ["one-host"] * world_size))
+    strategy.setup(network(), lambda params: make_optimizer(config.optimizer, params, config.lr,
+                                                            config.optimizer_kwargs))
+    context = LoopContext(config, strategy, train, validation, sizes, rank, world_size, torch.device("cpu"),
+                          Heartbeat(None, None, rank))
+    loop = make_loop(context)
+    if resume_from is not None:
+        loop.resume(read_checkpoint(resume_from))
+    result = loop.run()
+    torch.save({"state": cpu_state(strategy.trained_module.state_dict()), "history": result.history,
+                "steps_run": result.steps_run}, f"{out}/rank{rank}.pt")
+    leave_group(release=strategy.close)
+
+
+def run_agents(tmp_path: Path, sizes: list[int], resume_from: str | None = None, **settings) -> list[dict]:
+    """Every rank's final state, history and step count."""
+    out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
+    out.mkdir()
+    mp.start_processes(_agent, args=(len(sizes), str(out / "store"), sizes, settings, str(out), resume_from),
+                       nprocs=len(sizes), start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(len(sizes))]
+
+
+def plain_sgd(sizes: list[int], batch_size: int, epochs: int, lr: float, momentum: float = 0.0) -> dict:
+    """One process: each step trains on the rows every agent would take at that step, together."""
+    model, parts = network(), shards(sizes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in range(epochs):
+        for step in range(math.ceil(max(sizes) / batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            x = torch.cat([p[0][window] for p in parts])
+            y = torch.cat([p[1][window] for p in parts])
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x).reshape(-1), y).backward()
+            optimizer.step()
+    return model.state_dict()
+
+
+def independent_sgd_averaged(sizes: list[int], batch_size: int, epochs: int, lr: float, every: int) -> dict:
+    """K processes, each plain SGD on its own shard; parameters averaged every ``every`` steps
+    and at the end."""
+    parts = shards(sizes)
+    models = [network() for _ in parts]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+
+    def average() -> None:
+        with torch.no_grad():
+            for tensors in zip(*(m.parameters() for m in models)):
+                mean = torch.stack([t for t in tensors]).mean(dim=0)
+                for t in tensors:
+                    t.copy_(mean)
+
+    updates = 0
+    for _ in range(epochs):
+        for step in range(math.ceil(max(sizes) / batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            for model, optimizer, (x, y) in zip(models, optimizers, parts):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(x[window]).reshape(-1), y[window]).backward()
+                optimizer.step()
+            updates += 1
+            if updates % every == 0:
+                average()
+    if updates % every:
+        average()
+    return models[0].state_dict()
+
+
+def assert_states_close(actual: dict, expected: dict, tolerance: float = 1e-5) -> None:
+    assert set(actual) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("sync, allreduce_impl", [("allreduce", "flat"), ("allreduce", "ddp"),
+                                                  ("parameter_server", "auto")])
+def test_synchronous_strategies_equal_one_process_on_the_combined_batch(tmp_path, sync, allreduce_impl):
+    sizes, batch, epochs = [37, 61], 8, 2  # uneven: agent 0 runs out of rows before agent 1
+    ranks = run_agents(tmp_path, sizes, sync=sync, allreduce_impl=allreduce_impl, batch_size=batch,
+                       epochs=epochs, lr=0.05, optimizer_kwargs={"momentum": 0.9})
+    expected = plain_sgd(sizes, batch, epochs, lr=0.05, momentum=0.9)
+    for rank in ranks:
+        assert_states_close(rank["state"], expected)
+    assert [h["samples"] for h in ranks[0]["history"]] == [98, 98]
+    assert ranks[0]["steps_run"] == ranks[1]["steps_run"] == epochs * math.ceil(61 / batch)
+
+
+def test_local_sgd_equals_independent_runs_averaged_every_k_steps(tmp_path):
+    sizes, batch, epochs, every = [40, 40], 8, 2, 3  # 10 updates: averages after 3, 6, 9 and at the end
+    ranks = run_agents(tmp_path, sizes, sync="local_sgd", sync_every=every, batch_size=batch, epochs=epochs,
+                       lr=0.05)
+    expected = independent_sgd_averaged(sizes, batch, epochs, lr=0.05, every=every)
+    for rank in ranks:
+        assert_states_close(rank["state"], expected)
+    # and it differs from all-reduce (the test could not pass by averaging every step)
+    synchronous = plain_sgd(sizes, batch, epochs, lr=0.05)
+    assert not all(torch.allclose(expected[n], synchronous[n], atol=1e-4) for n in expected)
+
+
+def test_one_async_agent_is_plain_sequential_sgd(tmp_path):
+    sizes, batch, epochs = [45], 8, 3
+    (rank,) = run_agents(tmp_path, sizes, sync="async", batch_size=batch, epochs=epochs, lr=0.05)
+    assert_states_close(rank["state"], plain_sgd(sizes, batch, epochs, lr=0.05))
+    assert [h["samples"] for h in rank["history"]] == [45, 45, 45]
+
+
+def test_async_agents_share_the_budget_and_end_identical(tmp_path):
+    sizes, batch, epochs = [30, 50], 8, 2
+    ranks = run_agents(tmp_path, sizes, sync="async", batch_size=batch, epochs=epochs, lr=0.01)
+    assert_states_close(ranks[0]["state"], ranks[1]["state"], tolerance=0)
+    budget = epochs * (math.ceil(30 / batch) + math.ceil(50 / batch))
+    assert ranks[0]["steps_run"] + ranks[1]["steps_run"] == budget  # every granted step ran once
+    assert sum(h["samples"] for h in ranks[0]["history"]) > 0
+
+
+def test_a_resumed_lockstep_run_runs_only_the_remaining_steps_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    sizes, batch, epochs = [24, 24], 8, 3
+    settings = dict(batch_size=batch, lr=0.05, optimizer_kwargs={"momentum": 0.9})
+    uninterrupted = run_agents(tmp_path, sizes, epochs=epochs, **settings)
+    checkpoints = tmp_path / "checkpoints"
+    run_agents(tmp_path, sizes, epochs=1, checkpoint_dir=str(checkpoints), **settings)  # "dies" after epoch 1
+    (first,) = list_checkpoints(str(checkpoints))[-1:]
+    resumed = run_agents(tmp_path, sizes, resume_from=f"{checkpoints}/{first}", epochs=epochs,
+                         checkpoint_dir=str(checkpoints), resume=True, **settings)
+    assert_states_close(resumed[0]["state"], uninterrupted[0]["state"], tolerance=0)
+    assert resumed[0]["steps_run"] == (epochs - 1) * (24 // batch)  # not a silent restart from scratch
+    assert [h["train_loss"] for h in resumed[0]["history"]] == [h["train_loss"] for h in uninterrupted[0]["history"]]
