@@ -92,6 +92,9 @@ class TrainConfig:
     early_stopping_patience: int = setting(
         0, "stop after this many epochs without a better validation loss and restore the best epoch's "
         "weights; 0 = off", minimum=0, resume_checked=True)
+    grad_clip_norm: float | None = setting(None, "clip the gradients' total norm to this before every update, "
+                                           "after the exchange (the same on every rank); None: off", kind=float,
+                                           nullable=True, positive=True, resume_checked=True)
     lr_scheduler: str | None = setting(None, "a torch.optim.lr_scheduler class name (e.g. 'StepLR'), "
                                        "stepped every epoch", kind=str, nullable=True, resume_checked=True)
     lr_scheduler_kwargs: dict[str, Any] = setting(doc="keyword arguments of the scheduler", default_factory=dict,

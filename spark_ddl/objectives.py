@@ -31,13 +31,26 @@ def label_dtype(loss: str | LossFn) -> torch.dtype:
 
 
 def make_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, kwargs: dict[str, Any]
+    name: str, params: Iterable[nn.Parameter], lr: float, kwargs: dict[str, Any],
+    grad_clip_norm: float | None = None,
 ) -> torch.optim.Optimizer:
-    """A torch optimiser by name ("sgd", "adam", "adamw") with extra keyword arguments."""
+    """A torch optimiser by name ("sgd", "adam", "adamw") with extra keyword arguments.
+
+    With ``grad_clip_norm``, every ``step()`` first clips the total norm of the gradients it is
+    about to apply: strategies step after the gradients are exchanged, so every rank clips
+    the same averaged gradient the same way.
+    """
     classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}")
-    return classes[name](params, lr=lr, **kwargs)
+    optimizer = classes[name](params, lr=lr, **kwargs)
+    if grad_clip_norm is not None:
+        def clip(optimizer: torch.optim.Optimizer, args: Any, step_kwargs: Any) -> None:
+            grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, grad_clip_norm)
+
+        optimizer.register_step_pre_hook(clip)
+    return optimizer
 
 
 def make_scheduler(

@@ -142,7 +142,8 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
         strategy = job.strategy_factory(device)
     else:
         strategy = make_strategy(config, config.sync, StrategyEnv(device, peers.shard_sizes, peers.host_keys))
-    strategy.setup(module, lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs))
+    strategy.setup(module, lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs,
+                                                         config.grad_clip_norm))
     return strategy
 
 

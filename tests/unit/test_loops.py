@@ -55,7 +55,7 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
     validation = Shard(torch.empty(0, FEATURES), torch.empty(0))
     strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, ["one-host"] * world_size))
     strategy.setup(network(), lambda params: make_optimizer(config.optimizer, params, config.lr,
-                                                            config.optimizer_kwargs))
+                                                            config.optimizer_kwargs, config.grad_clip_norm))
     context = LoopContext(config, strategy, train, validation, sizes, rank, world_size, torch.device("cpu"),
                           Heartbeat(None, None, rank))
     loop = make_loop(context)
@@ -76,7 +76,8 @@ def run_agents(tmp_path: Path, sizes: list[int], resume_from: str | None = None,
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(len(sizes))]
 
 
-def plain_sgd(sizes: list[int], batch_size: int, epochs: int, lr: float, momentum: float = 0.0) -> dict:
+def plain_sgd(sizes: list[int], batch_size: int, epochs: int, lr: float, momentum: float = 0.0,
+              clip: float | None = None) -> dict:
     """One process: each step trains on the rows every agent would take at that step, together."""
     model, parts = network(), shards(sizes)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -87,6 +88,8 @@ def plain_sgd(sizes: list[int], batch_size: int, epochs: int, lr: float, momentu
             y = torch.cat([p[1][window] for p in parts])
             optimizer.zero_grad()
             torch.nn.functional.mse_loss(model(x).reshape(-1), y).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
     return model.state_dict()
 
@@ -138,6 +141,17 @@ def test_synchronous_strategies_equal_one_process_on_the_combined_batch(tmp_path
         assert_states_close(rank["state"], expected)
     assert [h["samples"] for h in ranks[0]["history"]] == [98, 98]
     assert ranks[0]["steps_run"] == ranks[1]["steps_run"] == epochs * math.ceil(61 / batch)
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])
+def test_gradient_clipping_applies_to_the_averaged_gradient_on_every_rank(tmp_path, sync):
+    sizes, batch, epochs, clip = [24, 40], 8, 2, 0.05
+    ranks = run_agents(tmp_path, sizes, sync=sync, batch_size=batch, epochs=epochs, lr=0.1, grad_clip_norm=clip)
+    expected = plain_sgd(sizes, batch, epochs, lr=0.1, clip=clip)
+    for rank in ranks:
+        assert_states_close(rank["state"], expected)
+    unclipped = plain_sgd(sizes, batch, epochs, lr=0.1)
+    assert not all(torch.allclose(expected[n], unclipped[n], atol=1e-4) for n in expected)  # the clip bound
 
 
 def test_local_sgd_equals_independent_runs_averaged_every_k_steps(tmp_path):
