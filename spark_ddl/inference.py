@@ -7,13 +7,12 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from pyspark.broadcast import Broadcast
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -61,8 +60,9 @@ def _task_cpus() -> int:
     return max(1, int(context.cpus() or 1)) if context is not None else 1
 
 
-def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> nn.Module:
-    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache)."""
+def _cached_module(key: str, payload: Any, device: torch.device) -> nn.Module:
+    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache);
+    ``payload.value`` (the ``ScoringPayload``) is read only to build it."""
     from pyspark.ml.model_cache import ModelCache
 
     cache_key = f"spark_ddl:{key}:{device}"
@@ -71,7 +71,8 @@ def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> n
         with _BUILD_LOCK:
             module = ModelCache.get(cache_key)
             if module is None:
-                module = payload.source.build("score", payload.weights).to(device)
+                scoring = payload.value
+                module = scoring.source.build("score", scoring.weights).to(device)
                 ModelCache.add(cache_key, module)
     return module
 
@@ -90,7 +91,7 @@ def _forward(module: nn.Module, features: np.ndarray, batch_size: int, device: t
 def predict_frame(
     df: DataFrame,
     spec: ColumnSpec,
-    broadcast: Broadcast,
+    payload: Any,
     model_key: str,
     task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
     prediction_col: str,
@@ -99,8 +100,9 @@ def predict_frame(
 ) -> DataFrame:
     """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended.
 
-    ``broadcast`` holds the ``ScoringPayload``; executors build the network from it once per
-    Python worker, keyed by ``model_key``.
+    ``payload.value`` is the ``ScoringPayload`` (shipped as the session's kind allows:
+    ``spark_ddl.wire``); executors build the network from it once per Python worker, keyed by
+    ``model_key``.
     """
     classification = task in ("multiclass", "binary")
     if classification:
@@ -112,7 +114,7 @@ def predict_frame(
 
     def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
         device = scoring_device()
-        module = _cached_module(model_key, broadcast.value, device)
+        module = _cached_module(model_key, payload, device)
         torch.set_num_threads(_task_cpus())
         for array in arrays:
             yield _predict_arrow(module, array, task, batch_size, device)

@@ -13,7 +13,7 @@ import sys
 import time
 
 from spark_ddl import TorchModel, get_or_create_session
-from spark_ddl import storage
+from spark_ddl.driver.capabilities import directory_files
 from spark_ddl.apps.options import parse_with_config
 
 
@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def load_any_model(path: str):
     """A TorchModel, or a PipelineModel when the directory holds one."""
-    names = [n for n in storage.list_directory(path, "metadata") if n.startswith("part-")]
-    raw = storage.read_file(path, f"metadata/{names[0]}") if names else None
+    files = directory_files()
+    names = [n for n in files.list_directory(path, "metadata") if n.startswith("part-")]
+    raw = files.read_file(path, f"metadata/{names[0]}") if names else None
     if raw is None:
         raise SystemExit(f"{path} holds no saved model (no metadata/part-*)")
     class_name = json.loads(raw.splitlines()[0])["class"]
