@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import pytest
 
 from spark_ddl import TorchEstimator
 from spark_ddl.driver import launcher
-from spark_ddl.driver.monitor import AgentMonitor
+from spark_ddl.driver.monitor import AgentMonitor, StallError
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 
@@ -75,7 +76,30 @@ def test_training_goes_on_when_the_channel_fails(spark, monkeypatch, caplog):
     model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=2, timeout=30, progress="log",
                            stall_timeout=30).fit(data(spark))
     assert len(model.history) == 2 and model.summary["world_size"] == 2  # the summary came with the artifact
-    assert not [r for r in caplog.records if r.name == "spark_ddl.progress"]  # no live progress, no failure
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
+    # no live progress: the epochs' lines come from rank 0's summary when the fit ends
+    assert [line.split(",")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+
+
+def sleep_in_epoch_two(rank: int, epoch: int, step: int, module) -> None:
+    if rank == 1 and epoch == 1 and step == 1:
+        time.sleep(600)
+
+
+def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch):
+    """The agents cannot reach the driver (as for a Spark Connect client the executors cannot
+    connect to): the stalled agent's own watchdog fails the fit with StallError."""
+    monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
+    estimator._fail_hook = sleep_in_epoch_two
+    started = time.monotonic()
+    with pytest.raises(StallError) as info:
+        estimator.fit(data(spark))
+    assert time.monotonic() - started < 40  # not the hour of the sleep, nor the 60 s collective timeout
+    error = info.value
+    assert error.rank == 1 and error.retriable
+    assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(error)
+    assert "stopped itself" in str(error)
 
 
 @pytest.mark.parametrize("setting, message", [({"progress": "fancy"}, "progress must be"),
