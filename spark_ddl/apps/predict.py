@@ -3,6 +3,7 @@ Parquet/CSV input and write Parquet.
 
     python jobs/predict.py --model artifacts/digits_mlp --input data/digits.parquet --output out.parquet
     spark-submit --master spark://host:7077 jobs/predict.py --model hdfs:///m --input hdfs:///in --output hdfs:///out
+    python jobs/predict.py --remote sc://host:15002 --model /m --input /in.parquet --output /out.parquet
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--columns", default=None,
                    help="comma-separated input columns to keep beside the predictions (default: all)")
     p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[2])")
+    p.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
+                   help="score through a Spark Connect server (needs the 'connect' extra); paths are the "
+                        "server's; 'local[N]' starts a local one")
     return parse_with_config(p, argv, required=("model", "input", "output"))
 
 
@@ -47,7 +51,9 @@ def load_any_model(path: str):
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the predict command with command-line arguments ``argv``."""
     args = parse_args(argv, prog)
-    spark = get_or_create_session(master=args.master, app_name="spark_ddl-predict")
+    if args.remote and args.master:
+        raise SystemExit("--remote and --master exclude each other: a Spark Connect server has its own master")
+    spark = get_or_create_session(master=args.master, app_name="spark_ddl-predict", remote=args.remote)
     model = load_any_model(args.model)
     frame = (spark.read.csv(args.input, header=True, inferSchema=True) if args.input.endswith(".csv")
              else spark.read.parquet(args.input))

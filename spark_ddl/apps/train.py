@@ -2,6 +2,7 @@
 
     python jobs/train.py                                  # digits, 2 agents, embedded local Spark
     spark-submit --master spark://host:7077 jobs/train.py --data hdfs:///d.parquet --workers 8
+    python jobs/train.py --remote sc://host:15002 --data /data/d.parquet   # a Spark Connect server
 
 Prints the per-epoch training loss and the held-out accuracy (rows whose --split-col equals
 "test"; without a split column 20 % are held out at random), and writes the model directory.
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
     p.add_argument("--master", default=None,
                    help="Spark master (default: spark-submit's, else embedded local[workers])")
+    p.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
+                   help="train through a Spark Connect server (needs the 'connect' extra); paths "
+                        "(--data, --output) are the server's; 'local[N]' starts a local one")
     p.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG (needs matplotlib)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="fraction of the training rows held out for per-epoch validation (0: none)")
@@ -63,7 +67,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    spark = get_or_create_session(master=args.master, num_workers=args.num_workers, app_name="spark_ddl-train")
+    if args.remote and args.master:
+        raise SystemExit("--remote and --master exclude each other: a Spark Connect server has its own master")
+    spark = get_or_create_session(master=args.master, num_workers=args.num_workers, app_name="spark_ddl-train",
+                                  remote=args.remote)
     df = read_table(spark, args.data)
     feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]
     if args.split_col in df.columns:

@@ -101,7 +101,8 @@ def active_session() -> Any:
     return SparkSession.getActiveSession()
 
 
-def directory_files() -> DirectoryFiles:
-    """Model-directory files for the active session; without one, pyarrow.fs in this process."""
-    spark = active_session()
+def directory_files(spark: Any = None) -> DirectoryFiles:
+    """Model-directory files for ``spark`` (default: the active session); without a session,
+    pyarrow.fs in this process."""
+    spark = spark if spark is not None else active_session()
     return capabilities(spark).files() if spark is not None else StoreFiles()
