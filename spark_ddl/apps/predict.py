@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         extra = [c for c in scored.columns if c not in frame.columns]
         scored = scored.select(*keep, *extra)
     started = time.perf_counter()
-    scored.write.mode("overwrite" if args.overwrite else "errorifexists").parquet(args.output)
+    scored.write.mode("overwrite" if args.overwrite else "error").parquet(args.output)
     rows = spark.read.parquet(args.output).count()
     print(f"scored {rows} rows in {time.perf_counter() - started:.1f} s -> {args.output}")
     return 0
