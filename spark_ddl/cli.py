@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
-BENCHMARKS = ("suite", "launch", "inference", "strategies")
+BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping")
 
 
 def _train(argv: list[str]) -> int:
@@ -41,7 +41,7 @@ def _bench(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train an MLP on a Parquet/CSV table and save the model"),
     "predict": (_predict, "score a Parquet/CSV table with a saved model"),
-    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies)"),
+    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping)"),
 }
 
 
