@@ -23,8 +23,10 @@ STOP_TIMEOUT_SECONDS = 30.0
 
 def leave_connect_mode() -> None:
     """Forget the process-wide Spark Connect mode a ``builder.remote(...)`` session switched on
-    (pyspark's functions build Connect columns while it is on)."""
-    for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE"):
+    (pyspark's functions build Connect columns while it is on), and the token a local server
+    (``remote("local[N]")``) left in the environment: with it, later ``sc://`` clients speak TLS
+    to a server that does not."""
+    for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN"):
         os.environ.pop(key, None)
 
 
@@ -58,7 +60,8 @@ def connect_server(workdir: Path, master: str = "local[2]", conf: dict[str, str]
     env = dict(os.environ, SPARK_HOME=str(home), PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                PYTHONPATH=str(REPO), SPARK_LOCAL_IP="127.0.0.1", SPARK_LOG_DIR=str(workdir / "logs"),
                SPARK_PID_DIR=str(workdir / "pid"), SPARK_IDENT_STRING=f"ddl-test-{port}")
-    for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE", "PYSPARK_GATEWAY_PORT"):
+    for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE", "PYSPARK_GATEWAY_PORT",
+                "SPARK_CONNECT_AUTHENTICATE_TOKEN"):
         env.pop(key, None)  # a client's settings, not the server's
     log = open(workdir / "server.log", "wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -94,7 +94,7 @@ def connect_launch_times(repeats: int, distributor: bool) -> dict[str, list[floa
         return times
     finally:
         spark.stop()
-        for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE"):
+        for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN"):
             os.environ.pop(key, None)  # the process may start a classic session again
 
 

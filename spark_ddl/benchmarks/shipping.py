@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         results["Spark Connect (session artifact)"] = time_transforms(spark, model, args.rows, args.repeats)
     finally:
         spark.stop()
-        for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE"):
+        for key in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_LOCAL_REMOTE", "SPARK_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN"):
             os.environ.pop(key, None)
     print(f"\nTorchModel.transform of {args.rows} rows, weights {size_mb:.0f} MB, local[2] (seconds)\n")
     print(f"{'session':<34} {'first (ships)':>14} {'later (median)':>15}")

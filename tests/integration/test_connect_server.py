@@ -53,9 +53,14 @@ def regression_frame(spark):
                                  "features array<float>, label double")
 
 
-def sleep_in_epoch_two(rank: int, epoch: int, step: int, module) -> None:
-    if rank == 1 and epoch == 1 and step == 1:
-        time.sleep(600)
+def sleep_in_epoch_two(marker: str):
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        if rank == 1 and epoch == 1 and step == 1:
+            with open(marker, "w") as out:
+                out.write(repr(time.time()))  # when the stall began (same machine, same clock)
+            time.sleep(600)
+
+    return hook
 
 
 def test_fit_transform_save_and_load_in_a_new_session(server, tmp_path):
@@ -95,7 +100,8 @@ def test_a_failing_agent_raises_its_own_error(client):
     assert "in forward" in info.value.remote_traceback
 
 
-def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_stops_itself(client, caplog):
+def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_stops_itself(client, caplog,
+                                                                                             tmp_path):
     client.conf.set("spark.ddl.statusHost", "none")  # as when the executors cannot reach this client
     caplog.set_level(logging.INFO, logger="spark_ddl.progress")
     torch.manual_seed(7)
@@ -104,11 +110,11 @@ def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_
     progress = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
     assert [line.split(",")[0] for line in progress] == ["epoch 1/2", "epoch 2/2"]  # from rank 0's summary
     stalling = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
-    stalling._fail_hook = sleep_in_epoch_two
-    started = time.monotonic()
+    stalling._fail_hook = sleep_in_epoch_two(str(tmp_path / "stalled_at"))
     with pytest.raises(StallError) as info:
         stalling.fit(regression_frame(client))
-    assert time.monotonic() - started < 60
+    stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
+    assert 3 <= stalled_for < 3 + 20, stalled_for  # not the sleep, nor the 60 s collective timeout
     assert info.value.rank == 1 and "stopped itself" in str(info.value)
     assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(info.value)
 

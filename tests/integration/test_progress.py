@@ -81,21 +81,26 @@ def test_training_goes_on_when_the_channel_fails(spark, monkeypatch, caplog):
     assert [line.split(",")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
 
 
-def sleep_in_epoch_two(rank: int, epoch: int, step: int, module) -> None:
-    if rank == 1 and epoch == 1 and step == 1:
-        time.sleep(600)
+def sleep_in_epoch_two(marker: str):
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        if rank == 1 and epoch == 1 and step == 1:
+            with open(marker, "w") as out:
+                out.write(repr(time.time()))  # when the stall began (same machine, same clock)
+            time.sleep(600)
+
+    return hook
 
 
-def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch):
+def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch, tmp_path):
     """The agents cannot reach the driver (as for a Spark Connect client the executors cannot
     connect to): the stalled agent's own watchdog fails the fit with StallError."""
     monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
     estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
-    estimator._fail_hook = sleep_in_epoch_two
-    started = time.monotonic()
+    estimator._fail_hook = sleep_in_epoch_two(str(tmp_path / "stalled_at"))
     with pytest.raises(StallError) as info:
         estimator.fit(data(spark))
-    assert time.monotonic() - started < 40  # not the hour of the sleep, nor the 60 s collective timeout
+    stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
+    assert 3 <= stalled_for < 3 + 20, stalled_for  # not the sleep, nor the 60 s collective timeout
     error = info.value
     assert error.rank == 1 and error.retriable
     assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(error)
