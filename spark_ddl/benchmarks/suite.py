@@ -4,6 +4,9 @@ side by side in one warm local[2] session, each against its reference, with medi
     spark-ddl bench suite --json bench_results/suite.json
     spark-ddl bench suite --rows 100000 --repeats 2 --skip-distributor     # quicker
 
+Last, unless ``--skip-connect``, the launch rows' fit() and TorchDistributor.run are timed again
+from a Spark Connect client of a local server (which ends the classic session).
+
 Targets (issue "Performance"): launch ≤ 1.5× the floor and ≥ 5× faster than TorchDistributor;
 2-agent training ≥ 1.6× one plain single-thread process; ingest ≥ 0.8× and inference ≥ 0.7×
 the identity mapInArrow; peak RSS per agent ≤ 1.5 × shard bytes + model + 300 MB in memory
