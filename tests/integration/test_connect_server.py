@@ -114,7 +114,7 @@ def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_
     with pytest.raises(StallError) as info:
         stalling.fit(regression_frame(client))
     stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
-    assert 3 <= stalled_for < 3 + 20, stalled_for  # not the sleep, nor the 60 s collective timeout
+    assert 3 <= stalled_for < 45, stalled_for  # not the sleep; StallError below says which path (load here reaches 10)
     assert info.value.rank == 1 and "stopped itself" in str(info.value)
     assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(info.value)
 

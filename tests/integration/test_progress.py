@@ -100,7 +100,7 @@ def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch, tmp_
     with pytest.raises(StallError) as info:
         estimator.fit(data(spark))
     stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
-    assert 3 <= stalled_for < 3 + 20, stalled_for  # not the sleep, nor the 60 s collective timeout
+    assert 3 <= stalled_for < 45, stalled_for  # not the sleep; StallError below says which path (load here reaches 10)
     error = info.value
     assert error.rank == 1 and error.retriable
     assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(error)
