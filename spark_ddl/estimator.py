@@ -10,8 +10,9 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
+from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
-from spark_ddl.driver.data import resolve_columns, validation_column
+from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_input
 from spark_ddl.errors import ConfigError
@@ -71,11 +72,14 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
 
     def _fit(self, dataset: DataFrame) -> TorchModel:
         config = self.train_config()
-        spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols), self.getLabelCol())
+        spec = self.column_spec(dataset.schema, self.getLabelCol() or None)
+        if spec.label_col is None and config.train_step is None:
+            raise ConfigError("A built-in loss needs labels: set label_col, or give train_step=callable(model, batch).")
         validation = validation_column(dataset.schema, self._validation_col(),
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
-        job = AgentJob(config, source, fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
+        job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
+                       fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
@@ -84,7 +88,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                               preflight if self.getOrDefault(self.check_input) else None)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
-        model = TorchModel(template, spec=spec, config=config, source=source, summary=summary)
+        trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
+        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary)
         return self._copyValues(model)
 
     # -------------------------------------------------------------- persistence

@@ -14,14 +14,21 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.model_source import ModelSource
 
 # ------------------------------------------------------------------ the training rows
 
-FEATURES = "__ddl_features"  # array<float>: one row's features
-LABEL = "__ddl_label"  # double, or array<float> for array labels
+INPUT_PREFIX = "__ddl_in_"  # the model's inputs: __ddl_in_0, __ddl_in_1, ... (see batch_format)
+FEATURES = INPUT_PREFIX + "0"  # the one-input shorthand's column
+LABEL = "__ddl_label"  # bigint (integer labels), double, or array<float>
 VALIDATION = "__ddl_is_validation"  # boolean, present when a validation set is configured
+
+
+def input_column(index: int) -> str:
+    """The wire column of the model's ``index``-th input."""
+    return f"{INPUT_PREFIX}{index}"
 
 
 # ------------------------------------------------------------------ the job
@@ -33,6 +40,8 @@ class AgentJob:
 
     config: TrainConfig
     model: ModelSource
+    batch: BatchSpec  # the model's inputs (arrays' raggedness is settled by the agents from the data)
+    label_is_integer: bool = False  # integer label column (kept int64 for custom losses and steps)
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)

@@ -20,7 +20,8 @@ from spark_ddl.artifact import state_dict_from_bytes
 from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.cluster import check_cluster
-from spark_ddl.driver.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
+from spark_ddl.driver.columns import ColumnSpec, select_training_columns
+from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.monitor import AgentMonitor, driver_host
 from spark_ddl.driver.progress import ProgressReporter

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spark_ddl import artifact, storage, wire
+from spark_ddl.agent.shard import default_spec
 from spark_ddl.model_source import build_from_class_path
 
 
@@ -62,7 +63,7 @@ def test_export_archive_round_trip_and_tamper_check():
     import zipfile
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
-    data = artifact.export_program(module, 3)
+    data = artifact.export_program(module, default_spec(), {"features": (3,)})
     x = torch.randn(7, 3)
     torch.testing.assert_close(artifact.load_export_program(data)(x), module(x))
 

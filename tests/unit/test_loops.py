@@ -51,8 +51,8 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
                             timeout=timedelta(seconds=60))
     config = TrainConfig(num_workers=world_size, loss="mse", shuffle=False, **settings).validate()
     features, labels = shards(sizes)[rank]
-    train = Shard(features, labels)
-    validation = Shard(torch.empty(0, FEATURES), torch.empty(0))
+    train = Shard.of(features, labels)
+    validation = Shard.of(torch.empty(0, FEATURES), torch.empty(0))
     strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, ["one-host"] * world_size))
     strategy.setup(network(), lambda params: make_optimizer(config.optimizer, params, config.lr,
                                                             config.optimizer_kwargs, config.grad_clip_norm))
