@@ -171,10 +171,11 @@ def column_values(field: InputField, column: pa.Array) -> np.ndarray | Ragged:
 
 
 def _image_values(field: InputField, column: pa.Array) -> np.ndarray:
-    heights = pc.unique(column.field("height")).to_pylist()
-    widths = pc.unique(column.field("width")).to_pylist()
-    channels = pc.unique(column.field("nChannels")).to_pylist()
-    modes = pc.unique(column.field("mode")).to_pylist()
+    part = {name: pc.struct_field(column, name) for name in ("height", "width", "nChannels", "mode", "data")}
+    heights = pc.unique(part["height"]).to_pylist()
+    widths = pc.unique(part["width"]).to_pylist()
+    channels = pc.unique(part["nChannels"]).to_pylist()
+    modes = pc.unique(part["mode"]).to_pylist()
     if len(heights) > 1 or len(widths) > 1 or len(channels) > 1:
         raise ValueError(f"input {field.name!r} holds images of different sizes "
                          f"(heights {heights}, widths {widths}, channels {channels})")
@@ -185,13 +186,14 @@ def _image_values(field: InputField, column: pa.Array) -> np.ndarray:
     if bad:
         raise ValueError(f"input {field.name!r}: image mode {bad[0]} is not an 8-bit 1/3/4-channel image")
     height, width, depth = heights[0], widths[0], channels[0]
-    data = column.field("data")
+    data = part["data"]
     sizes = pc.binary_length(data)
     if pc.min(sizes).as_py() != height * width * depth or pc.max(sizes).as_py() != height * width * depth:
         raise ValueError(f"input {field.name!r}: image data of {pc.min(sizes).as_py()}–{pc.max(sizes).as_py()} "
                          f"bytes does not match {height}x{width}x{depth}")
-    flat = np.frombuffer(data.buffers()[2], dtype=np.uint8,
-                         offset=int(data.offsets[0].as_py()), count=rows * height * width * depth)
+    offsets = np.frombuffer(data.buffers()[1], dtype=np.int64 if pa.types.is_large_binary(data.type) else np.int32)
+    flat = np.frombuffer(data.buffers()[2], dtype=np.uint8, offset=int(offsets[data.offset]),
+                         count=rows * height * width * depth)
     pixels = flat.reshape(rows, height, width, depth)
     if depth >= 3:  # BGR(A) → RGB(A)
         pixels = pixels[..., [2, 1, 0, *range(3, depth)]]
