@@ -39,9 +39,10 @@ class AgentJob:
     """What the driver ships to every agent (pickled with the task closure)."""
 
     config: TrainConfig
-    model: ModelSource
-    batch: BatchSpec  # the model's inputs (arrays' raggedness is settled by the agents from the data)
+    model: ModelSource | None  # None: the agents run ``function`` instead of training a model
+    batch: BatchSpec | None  # the model's inputs (None: no data); arrays' raggedness is settled by the agents
     label_is_integer: bool = False  # integer label column (kept int64 for custom losses and steps)
+    function: bytes | None = None  # spark_ddl.run: the user's cloudpickled fn(ctx)
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
@@ -76,6 +77,50 @@ def reassemble(rows: Iterable[Any], kind: str, rank: int = 0) -> bytes | None:
     if [seq for seq, _ in parts] != list(range(len(parts))):
         raise RuntimeError(f"the {kind!r} payload of rank {rank} arrived incomplete")
     return b"".join(data for _, data in parts)
+
+
+# ------------------------------------------------------------------ return values (spark_ddl.run)
+
+
+def encode_value(value: Any) -> tuple[str, bytes]:
+    """(format, bytes) of a function's return value: tensors and state dicts as safetensors,
+    plain data as JSON, anything else as a cloudpickle (it comes from the user's own function,
+    which the driver shipped)."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    def plain(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to("cpu").contiguous().clone()
+
+    if value is None:
+        return "none", b""
+    if isinstance(value, torch.Tensor):
+        return "tensor", save_safetensors({"value": plain(value)})
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in value.items()):
+        return "state_dict", save_safetensors({k: plain(v) for k, v in value.items()})
+    try:
+        return "json", json.dumps(value).encode()
+    except (TypeError, ValueError):
+        from pyspark import cloudpickle
+
+        return "pickle", cloudpickle.dumps(value)
+
+
+def decode_value(kind: str, data: bytes) -> Any:
+    """The value ``encode_value`` encoded (a pickle only when the function returned one)."""
+    if kind == "none":
+        return None
+    if kind in ("tensor", "state_dict"):
+        from safetensors.torch import load as load_safetensors
+
+        tensors = load_safetensors(data)
+        return tensors["value"] if kind == "tensor" else tensors
+    if kind == "json":
+        return json.loads(data)
+    import pickle
+
+    return pickle.loads(data)
 
 
 # ------------------------------------------------------------------ agent failures

@@ -81,9 +81,11 @@ class RankStats:
         return [RankStats(*(int(v) for v in t.tolist())) for t in everyone]
 
 
-def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> AgentSetup:
+def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat,
+            require_rows: bool = True) -> AgentSetup:
     """Device, shard, rendezvous and process group: everything before the model. The caller
-    closes ``setup.shard`` when done."""
+    closes ``setup.shard`` when done. A job without a batch spec reads no rows (its partitions
+    only place the agents)."""
     config, rank = job.config, context.partitionId()
     threads = max(1, int(context.cpus() or 1))
     torch.set_num_threads(threads)
@@ -98,11 +100,17 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     reset_peak_rss()
     rss_before_data = peak_rss_bytes()
     log_memory("before reading the partition")
-    dtype = label_dtype(config.loss, job.label_is_integer, custom_step=config.train_step is not None)
-    shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
+    custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
+    dtype = label_dtype(config.loss, job.label_is_integer, custom_step=custom)
+    if job.batch is None:
+        for _ in batches:  # rows that only mark the partition
+            pass
+        shard = validation = Shard.of(torch.zeros(0, 0), torch.zeros(0))
+    else:
+        shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
     try:
         heartbeat.set("rendezvous with the other agents", waiting=True)
-        peers = meet_peers(config, job.batch, context, shard, validation, plan)
+        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows)
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
@@ -139,7 +147,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
 
 
 def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardRows, validation: ShardRows,
-               plan: DevicePlan) -> Peers:
+               plan: DevicePlan, require_rows: bool = True) -> Peers:
     """The rendezvous, and what every rank settles from what the others hold: the row counts,
     each input's row shape, and which arrays are ragged (rows of more than one length)."""
     info = {
@@ -160,7 +168,7 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
             "execution coalesced them). Repartition the input to num_workers partitions."
         )
     sizes = [int(p["rows"]) for p in rdv.peers]
-    if sum(sizes) == 0:
+    if sum(sizes) == 0 and require_rows:
         raise ValueError("the training DataFrame is empty: every partition has 0 training rows")
     if config.has_validation and not any(p["validation_rows"] for p in rdv.peers):
         raise ValueError("the validation set is empty: no row is marked for validation")

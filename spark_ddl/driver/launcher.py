@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
 
 from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
@@ -36,20 +37,27 @@ CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its task
 
 @dataclass
 class FitResult:
-    """Rank 0's weights and training summary, as received on the driver."""
+    """Rank 0's summary and payloads (the weights, or a function's return value), as received
+    on the driver."""
 
-    state_dict: dict[str, torch.Tensor]
     summary: dict[str, Any]
     seconds: float
+    payloads: dict[str, bytes]
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights (a fit's "weights" payload)."""
+        return state_dict_from_bytes(self.payloads["weights"])
 
 
 def run_training(
-    df: DataFrame, spec: ColumnSpec, job: AgentJob, validation: Column | None = None,
+    df: DataFrame, spec: ColumnSpec | None, job: AgentJob, validation: Column | None = None,
     preflight: Callable[[DataFrame], None] | None = None,
 ) -> FitResult:
     """Launch one barrier task per agent over ``df`` and return rank 0's result.
 
-    ``validation`` is a boolean column marking validation rows (None: no validation set).
+    ``spec`` says which columns the agents read (None: none, e.g. ``spark_ddl.run`` without a
+    DataFrame). ``validation`` is a boolean column marking validation rows (None: no validation set).
     ``preflight`` checks the projected training columns after the cluster checks and before
     anything is launched (the estimator's input scan).
     A job that fails because an agent was lost or stalled is resubmitted up to
@@ -60,7 +68,8 @@ def run_training(
     spark = df.sparkSession
     check_cluster(spark, config)
     first_resume = check_checkpoint_dir(config)
-    training = select_training_columns(df, spec, validation)
+    training = (select_training_columns(df, spec, validation) if spec is not None
+                else df.select(F.lit(0).cast("byte").alias("__ddl_unit")))  # rows only mark the partitions
     if preflight is not None:
         preflight(training)
     prepared = balance_partitions(training, config.num_workers)
@@ -172,8 +181,8 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
     seconds = time.perf_counter() - started
     if not rows:  # Spark optimised the job away: only happens for an input with no rows
         raise empty_input_error()
-    summary_bytes = reassemble(rows, "summary")
-    weights = reassemble(rows, "weights")
-    if summary_bytes is None or weights is None:
-        raise RuntimeError("the training job finished but rank 0 returned no model")
-    return FitResult(state_dict_from_bytes(weights), json.loads(summary_bytes), seconds)
+    payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
+    summary_bytes = payloads.pop("summary", None)
+    if summary_bytes is None or not payloads:
+        raise RuntimeError("the job finished but rank 0 returned no result")
+    return FitResult(json.loads(summary_bytes), seconds, payloads)

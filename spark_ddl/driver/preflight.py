@@ -128,6 +128,20 @@ def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config
     return stats
 
 
+def check_run_input(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
+    """``spark_ddl.run``'s checks: the inputs as for a fit, labels only for missing values (the
+    function's own loss decides the rest)."""
+    stats = input_stats(training, spec)
+    if stats.rows == 0:
+        raise empty_input_error()
+    for input_field, input_source in zip(spec.batch.inputs, spec.sources):
+        _check_input(source, spec, input_field, input_source, stats)
+    if spec.label_col and (stats.null_labels or stats.bad_labels):
+        raise SchemaError(f"Label column {spec.label_col!r} has {stats.null_labels} null and {stats.bad_labels} NaN "
+                          f"or infinite value(s) out of {stats.rows} rows. Drop those rows or fill the labels first.")
+    return stats
+
+
 def row_shapes(spec: ColumnSpec, stats: InputStats) -> dict[str, tuple[int, ...]]:
     """Each input's row shape as the data shows it (ragged arrays: their longest row)."""
     shapes: dict[str, tuple[int, ...]] = {}
