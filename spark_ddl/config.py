@@ -84,6 +84,11 @@ class TrainConfig:
                               resume_checked=True)
     compression: str = setting("none", "gradient compression for sync='allreduce' (torch DDP "
                                "communication hooks)", choices=COMPRESSIONS, resume_checked=True)
+    sparse_embeddings: str = setting(
+        "auto", "sync='allreduce' on CPU: exchange only the rows a batch touched of embedding tables ('always'), "
+        "never ('never'), or for tables of 16 MB and more when the update allows it ('auto': optimizer='sgd' "
+        "without weight_decay, no grad_clip_norm); nn.Embedding(sparse=True) tables are always exchanged so",
+        choices=("auto", "always", "never"))
     allreduce_impl: str = setting(
         "auto", "sync='allreduce': 'flat' (one gradient buffer averaged after backward, through shared "
         "memory between agents on one machine; CPU, compression='none'), 'ddp' (torch DDP, overlapped "

@@ -14,7 +14,7 @@ from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
-from spark_ddl.driver.preflight import check_input
+from spark_ddl.driver.preflight import check_input, check_sparse_tables
 from spark_ddl.errors import ConfigError
 from spark_ddl.model import TorchModel
 from spark_ddl.model_source import ModelSource
@@ -78,6 +78,7 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         validation = validation_column(dataset.schema, self._validation_col(),
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
+        check_sparse_tables(template, config)
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
                        fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
 

@@ -128,6 +128,19 @@ def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config
     return stats
 
 
+def check_sparse_tables(template: nn.Module, config: TrainConfig) -> None:
+    """Tables made with ``nn.Embedding(sparse=True)`` need an optimiser that takes sparse gradients."""
+    sparse = [name for name, m in template.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse and (config.optimizer != "sgd" or config.optimizer_kwargs.get("weight_decay")
+                   or config.grad_clip_norm is not None):
+        raise ConfigError(
+            f"The model's embedding table(s) {sparse} have sparse gradients (sparse=True), which need "
+            "optimizer='sgd' without weight_decay and no grad_clip_norm; with these settings create them with "
+            "sparse=False (spark_ddl then exchanges large tables' touched rows itself where it can)."
+        )
+
+
 def check_run_input(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
     """``spark_ddl.run``'s checks: the inputs as for a fit, labels only for missing values (the
     function's own loss decides the rest)."""

@@ -198,3 +198,33 @@ def test_eval_step_metrics_join_each_epochs_validation_record(spark):
     with torch.no_grad():
         expected = (model.get_module()(held[0]).reshape(-1) - held[1]).abs().mean().item()
     assert model.history[-1]["val_mae"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_large_tables_exchange_only_touched_rows_and_train_the_same(spark):
+    rng = np.random.default_rng(4)
+    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 10, 96), rng.integers(0, 140_000, 96),
+                                                          rng.normal(size=96))]
+    frame = spark.createDataFrame(rows, "user long, item long, rating double")
+    fits = {}
+    for policy in ("auto", "never"):  # a 140,000 x 32 table is 17.9 MB: 'auto' makes it sparse
+        torch.manual_seed(0)
+        fits[policy] = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+                                      model_kwargs={"users": 10, "items": 140_000, "dim": 32},
+                                      inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
+                                      optimizer="sgd", lr=0.05, optimizer_kwargs={"momentum": 0.9}, epochs=2,
+                                      batch_size=16, shuffle=False, sparse_embeddings=policy).fit(frame)
+    assert fits["auto"].summary["sparse_tables"] == 1 and fits["never"].summary["sparse_tables"] == 0
+    sparse, dense = fits["auto"].get_module().state_dict(), fits["never"].get_module().state_dict()
+    assert set(sparse) == set(dense)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_tables_with_an_optimiser_that_cannot_take_them_are_refused_on_the_driver(spark):
+    frame = spark.createDataFrame([(1, 2, 3.0)] * 8, "user long, item long, rating double")
+    with pytest.raises(ConfigError, match="sparse gradients"):
+        TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+                       model_kwargs={"users": 5, "items": 5, "sparse": True}, inputs={"user": "user", "item": "item"},
+                       label_col="rating", loss="mse", optimizer="adam").fit(frame)
+    with pytest.raises(ConfigError, match="sparse_embeddings='always' needs"):
+        TorchEstimator(model=TinyNet(), sparse_embeddings="always", optimizer="adam").train_config()
