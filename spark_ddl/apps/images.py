@@ -8,10 +8,8 @@ trained on the image structs, against a logistic-regression baseline on the same
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,22 +17,13 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.datasets import REPO, digits_as_png
-from spark_ddl.apps.options import parse_with_config, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "digits_cnn"), epochs=10, batch_size=32, lr=0.005)
     p.add_argument("--images", default=None, help="directory of split=*/label=*/*.png (default: the digits, "
                    "written to artifacts/digits_png on first use)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2, help="number of agents")
-    p.add_argument("--batch-size", type=int, default=32, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--sample", type=float, default=1.0, help="fraction of the training images to use (CI: small)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(REPO / "artifacts" / "digits_cnn"), help="model directory")
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[workers])")
-    p.add_argument("--metrics-json", default=None, help="write the results here")
     return parse_with_config(p, argv)
 
 
@@ -64,10 +53,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(f"\nSmallCNN on {model.summary['world_size']} agents, {args.epochs} epochs in {seconds:.1f} s")
     print(f"held-out accuracy: CNN {accuracy:.4f} | logistic regression on the pixels {baseline:.4f} "
           f"({test.count()} test images)")
-    model.save(args.output, overwrite=True)
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps({"accuracy": accuracy, "baseline_accuracy": baseline,
-                                                       "fit_seconds": seconds, "history": model.history}, indent=2))
+    save_results(model, args, {"accuracy": accuracy, "baseline_accuracy": baseline, "fit_seconds": seconds})
     return 0
 
 

@@ -10,34 +10,24 @@ against the baseline of means (global + user + movie, shrunk).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import parse_with_config, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
 from spark_ddl.models import PenalizedMSE
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "movielens_mf"), epochs=4, batch_size=128,
+                           lr=0.002)
     p.add_argument("--data", default=None, help="Parquet with userId, movieId, rating (default: dslabs movielens)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2, help="number of agents")
-    p.add_argument("--batch-size", type=int, default=128, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--dim", type=int, default=32, help="embedding size")
     p.add_argument("--l2", type=float, default=0.1, help="L2 penalty of the rows a batch used")
-    p.add_argument("--sample", type=float, default=1.0, help="fraction of the ratings to use (CI: small)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(REPO / "artifacts" / "movielens_mf"), help="model directory")
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[workers])")
-    p.add_argument("--metrics-json", default=None, help="write the results here")
     return parse_with_config(p, argv)
 
 
@@ -97,11 +87,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"agents, {args.epochs} epochs in {seconds:.1f} s")
     print(f"held-out RMSE ({rows} ratings): matrix factorisation {model_rmse:.4f} | means (global + user + movie) "
           f"{baseline_rmse:.4f} | global mean {mean_rmse:.4f}")
-    model.save(args.output, overwrite=True)
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(
-            {"rmse": model_rmse, "baseline_rmse": baseline_rmse, "global_mean_rmse": mean_rmse, "test_rows": rows,
-             "fit_seconds": seconds, "history": model.history}, indent=2))
+    save_results(model, args, {"rmse": model_rmse, "baseline_rmse": baseline_rmse, "global_mean_rmse": mean_rmse,
+                               "test_rows": rows, "fit_seconds": seconds})
     return 0
 
 

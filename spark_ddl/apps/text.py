@@ -10,36 +10,25 @@ majority class and a logistic regression on bags of words.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import parse_with_config, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
 PAD, UNKNOWN = 0, 1  # token ids kept for the padding and for words outside the vocabulary
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "tweets_text"), epochs=8, batch_size=64, lr=0.005)
     p.add_argument("--data", default=None, help="Parquet with text and source columns (default: trump_tweets)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="number of agents")
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--vocabulary", type=int, default=8000, help="most frequent words kept")
     p.add_argument("--max-length", type=int, default=64, help="tokens per tweet at most")
-    p.add_argument("--sample", type=float, default=1.0, help="fraction of the tweets to use (CI: small)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(REPO / "artifacts" / "tweets_text"), help="model directory")
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[workers])")
-    p.add_argument("--metrics-json", default=None, help="write the results here")
     return parse_with_config(p, argv)
 
 
@@ -94,11 +83,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"in {seconds:.1f} s")
     print(f"held-out accuracy ({rows} tweets): embedding model {accuracy:.4f} | majority class {majority:.4f} | "
           f"logistic regression on bags of words {bag_of_words:.4f}")
-    model.save(args.output, overwrite=True)
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(
-            {"accuracy": accuracy, "majority_accuracy": majority, "bag_of_words_accuracy": bag_of_words,
-             "fit_seconds": seconds, "test_rows": rows, "history": model.history}, indent=2))
+    save_results(model, args, {"accuracy": accuracy, "majority_accuracy": majority,
+                               "bag_of_words_accuracy": bag_of_words, "fit_seconds": seconds, "test_rows": rows})
     return 0
 
 
