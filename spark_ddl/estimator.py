@@ -37,6 +37,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     """
 
     _fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: fault injection
+    # tests only: (rank, module) on every rank after the final replica check, before rank 0's
+    # weights are serialised (lets a test see each replica, or make them differ on purpose)
+    _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
 
     @keyword_only
@@ -75,7 +78,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         validation = validation_column(dataset.schema, self._validation_col(),
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
-        job = AgentJob(config, source, fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
+        job = AgentJob(config, source, fail_hook=self._fail_hook, final_hook=self._final_hook,
+                       strategy_factory=self._strategy_factory)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)

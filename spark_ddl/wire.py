@@ -34,6 +34,7 @@ class AgentJob:
     config: TrainConfig
     model: ModelSource
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
+    final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
