@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -12,6 +13,7 @@ from spark_ddl import ConfigError, TorchEstimator, TrainingError
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.driver.monitor import StallError
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.tamper import Payload, torch_saved
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,28 +48,18 @@ def assert_same_weights(a, b) -> None:
         assert torch.equal(left[name], right[name]), name
 
 
-_UNINTERRUPTED: dict[tuple, object] = {}
-
-
-def uninterrupted(spark, sync: str):
-    """The reference run for ``sync`` on this session (shared by the variants that resume it)."""
-    key = (spark.sparkContext.applicationId, sync)
-    if key not in _UNINTERRUPTED:
-        _UNINTERRUPTED[key] = estimator(sync=sync, sync_every=3).fit(frame(spark))
-    return _UNINTERRUPTED[key]
-
-
 # 80 rows per agent, batch 8: 10 steps an epoch, 30 in all; the agent dies before step 6 of
-# epoch 2, after 15 updates. It resumes from the newest checkpoint and must run only the rest.
+# epoch 2, after 15 updates, and the fit resumes from the newest checkpoint: mid-epoch (u15;
+# for local_sgd, averaging every 4 updates, also mid-period) or at the end of epoch 1 (u10).
+# It must run only the remaining steps and end with the uninterrupted run's bits.
 @pytest.mark.parametrize("sync, every, killed_rank, resumed_at", [
     pytest.param("allreduce", "3 steps", 1, 15, id="allreduce-mid-epoch"),
-    pytest.param("allreduce", 1, 1, 10, id="allreduce-epoch-boundary"),
-    pytest.param("parameter_server", "4 steps", 0, 12, id="parameter_server-mid-epoch"),
-    pytest.param("local_sgd", "4 steps", 0, 12, id="local_sgd-mid-epoch"),
+    pytest.param("parameter_server", 1, 0, 10, id="parameter_server-epoch-boundary"),
+    pytest.param("local_sgd", "5 steps", 0, 15, id="local_sgd-mid-epoch"),
 ])
 def test_killed_agent_is_retried_and_resumes_exactly(any_spark, tmp_path, sync, every, killed_rank, resumed_at):
-    reference = uninterrupted(any_spark, sync)
-    resilient = estimator(sync=sync, sync_every=3, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=every,
+    reference = estimator(sync=sync, sync_every=4).fit(frame(any_spark))
+    resilient = estimator(sync=sync, sync_every=4, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=every,
                           max_retries=2)
     resilient._fail_hook = die_once(str(tmp_path / "killed"), rank_to_kill=killed_rank)
     model = resilient.fit(frame(any_spark))
@@ -99,6 +91,21 @@ def test_a_new_fit_with_resume_continues_an_interrupted_run(spark, tmp_path):
     assert resumed.summary["attempts"][0]["resumed_from"].endswith("checkpoint-u000000010.pt")
     assert resumed.summary["steps_run_per_rank"] == [30, 30]  # epochs 2-4 only
     assert_same_weights(resumed, reference)
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_by_the_resuming_agent(spark, tmp_path):
+    """A checkpoint replaced by a pickle payload beside a matching sidecar: the driver's check
+    passes, rank 0 reads the file with weights_only=True, the fit fails and the payload never runs."""
+    checkpoints, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    checkpoints.mkdir()
+    resuming = estimator(checkpoint_dir=str(checkpoints), resume=True)
+    facts = {"settings": resuming.train_config().resume_record(), "epoch": 1, "step": 0, "shard_sizes": [80, 80]}
+    (checkpoints / "checkpoint-u000000010.json").write_text(json.dumps(facts, default=str))
+    (checkpoints / "checkpoint-u000000010.pt").write_bytes(torch_saved({"format": 1, "model": Payload(marker)}))
+    with pytest.raises(TrainingError) as info:
+        resuming.fit(frame(spark))
+    assert info.value.rank == 0 and info.value.remote_type == "UnpicklingError", info.value
+    assert not info.value.retriable and not marker.exists()
 
 
 def test_a_python_error_is_not_retried(spark, tmp_path):
