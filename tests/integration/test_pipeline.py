@@ -22,6 +22,7 @@ from torch import nn
 
 import spark_ddl
 from spark_ddl import ConfigError, TorchEstimator, TorchModel
+from tests.references import assert_same_state
 from tests.tamper import pickled, plant, tampered_archive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,10 +240,8 @@ def test_an_unfitted_pipeline_saves_loads_and_then_fits_the_same_model(digits, t
     for name in ("model", "model_kwargs", "lr", "epochs", "seed", "labelCol", "feature_cols", "validation_fraction"):
         assert loaded_estimator.getOrDefault(name) == estimator.getOrDefault(name), name
     original, reloaded = pipeline.fit(train), loaded.fit(train)
-    first, second = original.stages[-1].get_module().state_dict(), reloaded.stages[-1].get_module().state_dict()
-    assert set(first) == set(second)
-    for name in first:  # same settings, same seed: the same training run
-        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+    # same settings, same seed: the same training run
+    assert_same_state(reloaded.stages[-1].get_module().state_dict(), original.stages[-1].get_module().state_dict())
     accuracy = reloaded.transform(test).select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
     assert accuracy > 0.85
 
@@ -265,9 +264,8 @@ def test_an_estimator_with_a_module_object_and_a_callable_loss_loads_only_with_p
         loaded = Pipeline.load(pipeline_path).getStages()[0]
     assert TorchEstimator.load(path, allow_pickle=True).uid == loaded.uid == estimator.uid
     assert loaded.getOrDefault("loss") is smooth_l1
-    weights = estimator.getOrDefault("model").state_dict()
-    for name, value in loaded.getOrDefault("model").state_dict().items():  # the initial weights travel too
-        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    # the initial weights travel too
+    assert_same_state(loaded.getOrDefault("model").state_dict(), estimator.getOrDefault("model").state_dict())
     model = loaded.fit(frame)
     assert len(model.history) == 2
 

@@ -165,10 +165,11 @@ def test_replicas_end_identical_buffers_included_and_the_driver_gets_rank_0s(spa
     model = estimator.fit(frame_with_partitions(spark, parts))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["1.running_mean"].abs().sum() > 0 and int(rank0["1.num_batches_tracked"]) > 0  # trained
+    returned = model.get_module().state_dict()
     if sync == "async":  # each agent counts the batches it ran itself; the statistics are averaged
         counter = "1.num_batches_tracked"
-        assert [int(rank0.pop(counter)), int(rank1.pop(counter))] == model.summary["pushes_per_rank"]
+        counts = [int(rank0.pop(counter)), int(rank1.pop(counter))]
+        assert counts == model.summary["pushes_per_rank"] and int(returned.pop(counter)) == counts[0]
     assert_same_state(rank1, rank0)  # same bits, buffers included
     offset = {k: v + 1 if v.is_floating_point() else v for k, v in rank0.items()}
-    returned = {k: v for k, v in model.get_module().state_dict().items() if k in offset}
     assert_same_state(returned, offset)  # rank 0's, after its own offset

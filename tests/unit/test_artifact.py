@@ -7,6 +7,7 @@ import torch
 
 from spark_ddl import artifact, storage, wire
 from spark_ddl.model_source import build_from_class_path
+from tests.references import assert_same_state
 from tests.tamper import EXPORT_ROUTES, tampered_archive
 
 
@@ -22,8 +23,7 @@ def test_chunks_stay_under_the_limit_and_reassemble():
 def test_state_dict_round_trip_without_pickle():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     restored = artifact.state_dict_from_bytes(artifact.state_dict_to_bytes(module))
-    for name, value in module.state_dict().items():
-        torch.testing.assert_close(restored[name], value)
+    assert_same_state(restored, module.state_dict())
 
 
 def test_failed_write_leaves_the_existing_model_intact(tmp_path):
