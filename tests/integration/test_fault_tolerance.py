@@ -156,5 +156,7 @@ def test_a_stalled_agent_fails_the_fit_within_stall_timeout_naming_it(spark, tmp
     assert error.rank == 1 and error.retriable
     assert "rank 1: epoch 2, step 3: forward pass (model code)" in str(error)
     assert "rank 0: epoch 2, step 3: backward pass and gradient synchronisation" in str(error)
-    model = estimator(stall_timeout=4).fit(data)  # the session recovers at once
+    # the session recovers at once (fresh Python workers replace the cancelled ones; their first
+    # model build can take seconds on a loaded machine, so no tight stall_timeout here)
+    model = estimator(stall_timeout=120).fit(data)
     assert len(model.history) == 3
