@@ -38,6 +38,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     """
 
     _fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: fault injection
+    # tests only: (rank, module) on every rank after the final replica check, before rank 0's
+    # weights are serialised (lets a test see each replica, or make them differ on purpose)
+    _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
 
     @keyword_only
@@ -80,7 +83,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         source, template = self.model_source()
         check_sparse_tables(template, config)
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
-                       fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
+                       fail_hook=self._fail_hook, final_hook=self._final_hook,
+                       strategy_factory=self._strategy_factory)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)

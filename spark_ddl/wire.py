@@ -44,6 +44,7 @@ class AgentJob:
     label_is_integer: bool = False  # integer label column (kept int64 for custom losses and steps)
     function: bytes | None = None  # spark_ddl.run: the user's cloudpickled fn(ctx)
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
+    final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None

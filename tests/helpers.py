@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -148,3 +149,33 @@ class TwoTower(nn.Module):
     def forward(self, user, item):
         dot = (self.user(user) * self.item(item)).sum(dim=1)
         return (dot + self.user_bias(user).squeeze(1) + self.item_bias(item).squeeze(1) + self.bias).unsqueeze(1)
+
+
+class SparkJobs:
+    """Counts the Spark jobs the whole application starts inside ``with SparkJobs(spark) as jobs:``
+    (``jobs.count`` afterwards), from any thread and in any job group: job ids are allocated in
+    sequence application-wide, so a one-task probe job before and after brackets them."""
+
+    def __init__(self, spark: SparkSession) -> None:
+        self.sc = spark.sparkContext
+        self.first: int | None = None
+        self.count: int | None = None
+
+    def _probe(self) -> int:
+        group = f"tests-probe-{uuid.uuid4().hex}"
+        self.sc.setJobGroup(group, "tests: job id probe")
+        try:
+            self.sc.parallelize([0], 1).count()
+        finally:
+            for key in ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel"):
+                self.sc.setLocalProperty(key, None)
+        (job,) = self.sc.statusTracker().getJobIdsForGroup(group)
+        return job
+
+    def __enter__(self) -> "SparkJobs":
+        self.first = self._probe()
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.count = self._probe() - self.first - 1
+        return False

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import astuple, dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import torch
@@ -141,7 +141,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
                           setup.rss_before_data)
-        return finish(strategy, result, stats, setup)
+        return finish(strategy, result, stats, setup, job.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
 
@@ -211,12 +211,16 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     return strategy
 
 
-def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup) -> list[pa.RecordBatch]:
-    """Final checks and facts (collective), leave the group together, then rank 0's result rows."""
+def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
+           final_hook: Callable[[int, Any], None] | None = None) -> list[pa.RecordBatch]:
+    """Final checks and facts (collective), leave the group together, then rank 0's result rows.
+    ``final_hook`` (tests only) sees every rank's module after the replica check."""
     device, peers = setup.device, setup.peers
     check_replicas(strategy.trained_module, device, "at the end of training")
-    per_rank = stats.gather(device)
     rank = peers.rendezvous.rank
+    if final_hook is not None:
+        final_hook(rank, strategy.trained_module)
+    per_rank = stats.gather(device)
     if result.best_state is not None:  # early stopping: rank 0 returns the best epoch's weights
         strategy.trained_module.load_state_dict(result.best_state)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""

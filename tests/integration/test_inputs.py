@@ -44,7 +44,6 @@ def test_every_input_type_reaches_the_model_as_the_table_says_in_training_and_tr
     assert ragged["tokens"] and not ragged["vec"] and not ragged["ids"]
     scored = model.transform(typed_frame).select("k", "prediction").toPandas()  # the same probe, scoring
     assert len(scored) == 48 and np.isfinite(scored["prediction"]).all()
-    module = model.get_module()
     assert model.getOrDefault("inputs") == TYPE_INPUTS
 
 
