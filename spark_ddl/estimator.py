@@ -10,10 +10,11 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
+from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
-from spark_ddl.driver.data import resolve_columns, validation_column
+from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
-from spark_ddl.driver.preflight import check_input
+from spark_ddl.driver.preflight import check_input, check_sparse_tables
 from spark_ddl.errors import ConfigError
 from spark_ddl.model import TorchModel
 from spark_ddl.model_source import ModelSource
@@ -37,6 +38,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     """
 
     _fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: fault injection
+    # tests only: (rank, module) on every rank after the final replica check, before rank 0's
+    # weights are serialised (lets a test see each replica, or make them differ on purpose)
+    _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
 
     @keyword_only
@@ -71,11 +75,16 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
 
     def _fit(self, dataset: DataFrame) -> TorchModel:
         config = self.train_config()
-        spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols), self.getLabelCol())
+        spec = self.column_spec(dataset.schema, self.getLabelCol() or None)
+        if spec.label_col is None and config.train_step is None:
+            raise ConfigError("A built-in loss needs labels: set label_col, or give train_step=callable(model, batch).")
         validation = validation_column(dataset.schema, self._validation_col(),
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
-        job = AgentJob(config, source, fail_hook=self._fail_hook, strategy_factory=self._strategy_factory)
+        check_sparse_tables(template, config)
+        job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
+                       fail_hook=self._fail_hook, final_hook=self._final_hook,
+                       strategy_factory=self._strategy_factory)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
@@ -84,7 +93,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                               preflight if self.getOrDefault(self.check_input) else None)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
-        model = TorchModel(template, spec=spec, config=config, source=source, summary=summary)
+        trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
+        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary)
         return self._copyValues(model)
 
     # -------------------------------------------------------------- persistence

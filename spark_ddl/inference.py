@@ -24,8 +24,9 @@ try:  # pyspark >= 4.1
 except ImportError:  # pragma: no cover - older pyspark uses the pandas path
     _arrow_udf = None
 
+from spark_ddl.batch_format import BatchSpec, Ragged, as_tensor, call_model, column_values
 from spark_ddl.devices import select_device, task_gpu_addresses
-from spark_ddl.driver.data import ColumnSpec, features_column
+from spark_ddl.driver.columns import ColumnSpec, select_input_columns
 from spark_ddl.model_source import ModelSource
 
 _PREDICTION_STRUCT = "__ddl_prediction"
@@ -77,20 +78,29 @@ def _cached_module(key: str, payload: Any, device: torch.device) -> nn.Module:
     return module
 
 
-def _forward(module: nn.Module, features: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+def _forward(module: nn.Module, columns: dict[str, Any], rows: int, spec: BatchSpec, batch_size: int,
+             device: torch.device) -> torch.Tensor:
     """Outputs on the CPU, computed ``batch_size`` rows at a time on ``device``."""
     outputs = []
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Arrow memory
-        for start in range(0, len(features), batch_size):
-            chunk = torch.from_numpy(features[start : start + batch_size]).to(device, non_blocking=True)
-            outputs.append(module(chunk).to("cpu"))
+        for start in range(0, rows, batch_size):
+            stop = min(rows, start + batch_size)
+            batch = {}
+            for field in spec.inputs:
+                column = columns[field.name]
+                if isinstance(column, Ragged):
+                    padded, mask = column.take(torch.arange(start, stop), field.max_length)
+                    batch[field.name], batch[field.mask_name] = padded.to(device), mask.to(device)
+                else:
+                    batch[field.name] = as_tensor(field, column[start:stop]).to(device, non_blocking=True)
+            outputs.append(call_model(module, batch, spec).to("cpu"))
     return torch.cat(outputs) if outputs else torch.empty(0, 1)
 
 
 def predict_frame(
     df: DataFrame,
-    spec: ColumnSpec,
+    spec: ColumnSpec,  # the model's inputs as trained (which arrays are ragged), read from df's columns
     payload: Any,
     model_key: str,
     task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
@@ -112,15 +122,18 @@ def predict_frame(
     else:
         return_type = "prediction double"
 
+    batch_spec = spec.batch
+
     def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
         device = scoring_device()
         module = _cached_module(model_key, payload, device)
         torch.set_num_threads(_task_cpus())
-        for array in arrays:
-            yield _predict_arrow(module, array, task, batch_size, device)
+        for array in arrays:  # one struct array of the inputs' wire columns
+            yield _predict_arrow(module, array, batch_spec, task, batch_size, device)
 
-    def predict_series(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        arrays = (pa.array(series, type=pa.list_(pa.float32())) for series in batches)
+    def predict_series(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        arrays = (pa.StructArray.from_arrays([pa.array(frame[c]) for c in frame.columns], names=list(frame.columns))
+                  for frame in batches)
         for array in predict_arrays(arrays):
             yield pd.DataFrame(array.to_pylist(), columns=[f.name for f in array.type])
 
@@ -130,27 +143,14 @@ def predict_frame(
         predict_arrays.__annotations__ = {"arrays": Iterator[pa.Array], "return": Iterator[pa.Array]}
         udf = _arrow_udf(predict_arrays, return_type)
     else:
-        predict_series.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.DataFrame]}
+        predict_series.__annotations__ = {"batches": Iterator[pd.DataFrame], "return": Iterator[pd.DataFrame]}
         udf = pandas_udf(predict_series, return_type)  # type: ignore[call-overload]
-    scored = df.withColumn(_PREDICTION_STRUCT, udf(features_column(spec)))
+    scored = df.withColumn(_PREDICTION_STRUCT, udf(F.struct(*select_input_columns(df, spec))))
     columns: list[Column] = [F.col(c) for c in df.columns]
     columns.append(F.col(f"{_PREDICTION_STRUCT}.prediction").alias(prediction_col))
     if classification and probability_col:
         columns.append(array_to_vector(F.col(f"{_PREDICTION_STRUCT}.probability")).alias(probability_col))
     return scored.select(*columns)
-
-
-def _features_matrix(array: pa.Array) -> np.ndarray:
-    """(rows, width) float32 view of a list<float> Arrow array (one copy at most)."""
-    rows = len(array)
-    if rows == 0:
-        return np.empty((0, 0), dtype=np.float32)
-    if array.null_count:
-        raise ValueError(f"{array.null_count} null feature array(s) in the input")
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if values.size % rows:
-        raise ValueError("feature arrays of unequal length in the input")
-    return values.reshape(rows, values.size // rows)
 
 
 def _double_lists(matrix: np.ndarray) -> pa.Array:
@@ -159,10 +159,11 @@ def _double_lists(matrix: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
 
 
-def _predict_arrow(module: nn.Module, array: pa.Array, task: str, batch_size: int,
+def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, task: str, batch_size: int,
                    device: torch.device) -> pa.Array:
     rows = len(array)
-    out = _forward(module, _features_matrix(array), batch_size, device).reshape(rows, -1)
+    columns = {f.name: column_values(f, array.field(f.column)) for f in spec.inputs}
+    out = _forward(module, columns, rows, spec, batch_size, device).reshape(rows, -1)
     if task == "multiclass":
         scores = torch.softmax(out.float(), dim=1)  # float32: several times faster than float64
         prediction = scores.argmax(dim=1).double().numpy()

@@ -12,9 +12,10 @@ from pyspark.sql import DataFrame
 from torch import nn
 
 from spark_ddl import artifact
+from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.driver.capabilities import capabilities
-from spark_ddl.driver.data import ColumnSpec, resolve_columns
+from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.inference import ScoringPayload, predict_frame
 from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
@@ -42,7 +43,13 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         self._key = uuid.uuid4().hex
         self._shipped: tuple[Any, str, Any] | None = None  # (session identity, weights version, shipped payload)
         if spec is not None:
-            self._set(feature_cols=list(spec.feature_cols), labelCol=spec.label_col)
+            if spec.batch.positional:
+                self._set(feature_cols=list(spec.feature_cols))
+            else:
+                self._set(inputs={f.name: list(s.columns) if s.form == "columns" else s.columns[0]
+                                  for f, s in zip(spec.batch.inputs, spec.sources)})
+            if spec.label_col:
+                self._set(labelCol=spec.label_col)
 
     # -------------------------------------------------------------- accessors
 
@@ -84,6 +91,14 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         return int(dim) if dim is not None else None
 
     @property
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each fixed-shape input's row shape, as the agents found it (ragged inputs have none)."""
+        shapes = self.summary.get("row_shapes")
+        if shapes is not None:
+            return {name: tuple(shape) for name, shape in shapes.items()}
+        return {POSITIONAL_KEY: (self.feature_dim,)} if self.feature_dim is not None else {}
+
+    @property
     def task(self) -> str:
         """'multiclass', 'binary', 'regression' or 'multi_regression'."""
         kind = classification_kind(self._config.get("loss"))
@@ -94,9 +109,10 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     # -------------------------------------------------------------- inference
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
-        spec = resolve_columns(dataset.schema, self.getOrDefault(self.feature_cols), None)
-        spec = ColumnSpec(spec.feature_cols, None, spec.feature_kind,
-                          self._spec.label_is_array if self._spec else False)
+        spec = self.column_spec(dataset.schema, None)
+        if self._spec is not None:  # arrays ragged in training are padded (with their mask) here too
+            ragged = [f.name for f in self._spec.batch.inputs if f.ragged]
+            spec = spec.with_batch(spec.batch.with_ragged(ragged))
         payload, version = self._shipped_payload(dataset.sparkSession)
         return predict_frame(
             dataset, spec, payload, version, self.task,

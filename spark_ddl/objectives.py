@@ -25,9 +25,13 @@ def make_loss(loss: str | LossFn) -> LossFn:
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def label_dtype(loss: str | LossFn) -> torch.dtype:
-    """The dtype the label tensor must have for this loss."""
-    return torch.int64 if loss == "cross_entropy" else torch.float32
+def label_dtype(loss: str | LossFn, integer_labels: bool = False, custom_step: bool = False) -> torch.dtype:
+    """The dtype of the label tensor: what a built-in loss needs (class indices for
+    cross_entropy, floats otherwise); a callable loss or a custom step gets the column's own
+    kind (int64 for an integer column, else float32)."""
+    if isinstance(loss, str) and not custom_step:
+        return torch.int64 if loss == "cross_entropy" else torch.float32
+    return torch.int64 if integer_labels else torch.float32
 
 
 def make_optimizer(

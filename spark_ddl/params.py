@@ -17,6 +17,7 @@ from pyspark.ml.param.shared import (HasLabelCol, HasPredictionCol, HasProbabili
                                      HasValidationIndicatorCol)
 
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.columns import ColumnSpec, resolve_columns
 from spark_ddl.errors import ConfigError
 from spark_ddl.settings import Setting, check, declared, default_of, setting
 
@@ -29,6 +30,15 @@ class ScoringSettings:
         doc="feature column(s): one array<float|double> column, one pyspark.ml Vector column, or a list of "
         "numeric columns", kind=object, default_factory=lambda: ["features"])
     inference_batch_size: int = setting(4096, "rows per forward pass in transform()", minimum=1)
+    inputs: dict[str, Any] | None = setting(
+        None, "named model inputs: {keyword argument: column, or list of numeric columns}; each batch is "
+        "passed as model(**inputs) with the columns' types kept (integers int64, floats float32, booleans, "
+        "arrays, Vectors, Spark image structs; variable-length arrays padded per batch with a <name>_mask); "
+        "instead of feature_cols", kind=dict, nullable=True, cli=False)
+    input_shapes: dict[str, Any] = setting(doc="per input: the shape each row's array is reshaped to, e.g. "
+                                           "{'image': (1, 8, 8)}", default_factory=dict, cli=False)
+    input_options: dict[str, Any] = setting(doc="per input: options, e.g. {'tokens': {'max_length': 128}} "
+                                            "(truncates variable-length arrays)", default_factory=dict, cli=False)
 
 
 @dataclass
@@ -104,6 +114,19 @@ class SharedParams(HasLabelCol, HasPredictionCol, HasProbabilityCol):
     def __init__(self) -> None:
         super().__init__()
         self._setDefault(**COLUMN_DEFAULTS, **declared_defaults(ScoringSettings))
+
+    def column_spec(self, schema: Any, label_col: str | None) -> ColumnSpec:
+        """The inputs (``inputs`` or ``feature_cols``) and the label, checked against ``schema``."""
+        inputs = self.getOrDefault("inputs")
+        if inputs and self.isSet("feature_cols"):
+            raise ConfigError("Set feature_cols (one input, passed to the model positionally) or inputs (named "
+                              "inputs, passed as keyword arguments), not both.")
+        return resolve_columns(schema, None if inputs else self.getOrDefault("feature_cols"), label_col, inputs,
+                               self.getOrDefault("input_shapes"), self.getOrDefault("input_options"))
+
+    def setInputs(self, value: dict[str, Any]):
+        """Set the named inputs ({keyword argument: column})."""
+        return self._set(inputs=value)
 
     def setFeatureCols(self, value: str | Sequence[str]):
         """Set the feature column(s)."""

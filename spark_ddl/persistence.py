@@ -31,7 +31,7 @@ from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, 
 from spark_ddl import artifact
 from spark_ddl._version import __version__
 from spark_ddl.driver.capabilities import directory_files
-from spark_ddl.driver.data import ColumnSpec, normalize_feature_cols
+from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
 from spark_ddl.params import ALIASES
@@ -73,6 +73,8 @@ class SavableModel(Protocol):
     def training_config(self) -> dict[str, Any]: ...
     @property
     def feature_dim(self) -> int | None: ...
+    @property
+    def row_shapes(self) -> dict[str, tuple[int, ...]]: ...
     def extractParamMap(self) -> dict[Any, Any]: ...
     def isSet(self, param: Any) -> bool: ...
 
@@ -182,17 +184,18 @@ def model_files(model: SavableModel) -> dict[str, bytes]:
     if source.pickled is not None:  # the network as it is now (a module object can change in training)
         source = ModelSource.of_module(module).with_program(source.program)
     export: dict[str, Any] = {"file": None}
-    if source.program is None and model.feature_dim is not None:
+    columns, shapes = model.columns, model.row_shapes
+    exportable = columns is not None and all(f.ragged or f.name in shapes for f in columns.batch.inputs)
+    if source.program is None and exportable:
         try:
-            source = source.with_program(artifact.export_program(module, model.feature_dim))
+            source = source.with_program(artifact.export_program(module, columns.batch, shapes))
         except Exception as exc:  # export is best effort: many modules cannot be captured
             export["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    elif model.feature_dim is None:
-        export["error"] = "feature width unknown"
+    elif not exportable:
+        export["error"] = "input shapes unknown"
     if source.program is not None:
         export = {"file": EXPORT_FILE}
     files = {WEIGHTS_FILE: weights, **source.files()}
-    columns = model.columns
     section = _section(files, columns=columns.to_json_dict() if columns else None, config=model.training_config,
                        architecture=source.record(), summary=model.summary, feature_dim=model.feature_dim,
                        export=export)
@@ -234,10 +237,7 @@ class ModelReader(MLReader):
             source = ModelSource.from_files(record, read, trusted, path)
             module = source.build("score", weights, allow_pickle=trusted)
         columns = section.get("columns")
-        spec = None
-        if columns:
-            spec = ColumnSpec(normalize_feature_cols(columns["feature_cols"]), columns["label_col"],
-                              columns["feature_kind"], columns.get("label_is_array", False))
+        spec = ColumnSpec.from_json_dict(columns) if columns else None
         model = self.cls(module, spec=spec, config=section.get("config"), source=source,
                          summary=section.get("summary"))
         model._resetUid(metadata["uid"])  # noqa: SLF001 - as pyspark's own readers do

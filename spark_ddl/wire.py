@@ -16,14 +16,21 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.model_source import ModelSource
 
 # ------------------------------------------------------------------ the training rows
 
-FEATURES = "__ddl_features"  # array<float>: one row's features
-LABEL = "__ddl_label"  # double, or array<float> for array labels
+INPUT_PREFIX = "__ddl_in_"  # the model's inputs: __ddl_in_0, __ddl_in_1, ... (see batch_format)
+FEATURES = INPUT_PREFIX + "0"  # the one-input shorthand's column
+LABEL = "__ddl_label"  # bigint (integer labels), double, or array<float>
 VALIDATION = "__ddl_is_validation"  # boolean, present when a validation set is configured
+
+
+def input_column(index: int) -> str:
+    """The wire column of the model's ``index``-th input."""
+    return f"{INPUT_PREFIX}{index}"
 
 
 # ------------------------------------------------------------------ the job
@@ -34,8 +41,12 @@ class AgentJob:
     """What the driver ships to every agent (pickled with the task closure)."""
 
     config: TrainConfig
-    model: ModelSource
+    model: ModelSource | None  # None: the agents run ``function`` instead of training a model
+    batch: BatchSpec | None  # the model's inputs (None: no data); arrays' raggedness is settled by the agents
+    label_is_integer: bool = False  # integer label column (kept int64 for custom losses and steps)
+    function: bytes | None = None  # spark_ddl.run: the user's cloudpickled fn(ctx)
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
+    final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
@@ -127,6 +138,50 @@ def describe(status: dict[str, Any]) -> str:
         where.append(f"step {int(status['step']) + 1}")
     phase = status.get("phase") or "unknown"
     return (", ".join(where) + ": " if where else "") + str(phase)
+
+
+# ------------------------------------------------------------------ return values (spark_ddl.run)
+
+
+def encode_value(value: Any) -> tuple[str, bytes]:
+    """(format, bytes) of a function's return value: tensors and state dicts as safetensors,
+    plain data as JSON, anything else as a cloudpickle (it comes from the user's own function,
+    which the driver shipped)."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    def plain(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to("cpu").contiguous().clone()
+
+    if value is None:
+        return "none", b""
+    if isinstance(value, torch.Tensor):
+        return "tensor", save_safetensors({"value": plain(value)})
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in value.items()):
+        return "state_dict", save_safetensors({k: plain(v) for k, v in value.items()})
+    try:
+        return "json", json.dumps(value).encode()
+    except (TypeError, ValueError):
+        from pyspark import cloudpickle
+
+        return "pickle", cloudpickle.dumps(value)
+
+
+def decode_value(kind: str, data: bytes) -> Any:
+    """The value ``encode_value`` encoded (a pickle only when the function returned one)."""
+    if kind == "none":
+        return None
+    if kind in ("tensor", "state_dict"):
+        from safetensors.torch import load as load_safetensors
+
+        tensors = load_safetensors(data)
+        return tensors["value"] if kind == "tensor" else tensors
+    if kind == "json":
+        return json.loads(data)
+    import pickle
+
+    return pickle.loads(data)
 
 
 # ------------------------------------------------------------------ agent failures

@@ -1,8 +1,10 @@
 """Disk-backed shard: the partition's rows in an Arrow IPC file on the executor's local disk,
 so an agent can train on a shard larger than its memory budget.
 
-The file holds record batches with a ``fixed_size_list<float32>`` features column and a
-label column, written as the partition streams in (never the whole shard in memory). The
+The file holds record batches with one column per model input (a ``fixed_size_list`` of the
+input's values, or a scalar column) and the label column, written as the partition streams in
+(never the whole shard in memory); the schema's metadata keeps each column's row shape and
+dtype. The
 file is memory-mapped once to read its layout (where each batch's values start); a
 mini-batch then reads its rows with ``pread`` into a small tensor. Rows are not gathered
 through the mapping because a page fault on a file mapping maps the whole page-cache folio
@@ -14,16 +16,19 @@ identical to the in-memory shard.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import uuid
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from spark_ddl.agent.sampling import ShardRows
+from spark_ddl.batch_format import LABEL_KEY, BatchSpec, as_tensor
 
 
 class DiskArray:
@@ -37,6 +42,10 @@ class DiskArray:
         self._row_shape, self._numpy_dtype, self.dtype = row_shape, np.dtype(numpy_dtype), dtype
         self._row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self._numpy_dtype.itemsize
         self.shape = (int(self._starts[-1]), *row_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row_bytes
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -62,24 +71,24 @@ class DiskArray:
 class DiskShard(ShardRows):
     """An agent's training rows in an Arrow IPC file on local disk (see the module docstring)."""
 
-    def __init__(self, path: str, fd: int, features: DiskArray, labels: DiskArray) -> None:
+    def __init__(self, path: str, fd: int, spec: BatchSpec, columns: dict[str, DiskArray], labels: DiskArray) -> None:
         self.path, self._fd = path, fd
-        self.features, self.labels = features, labels
+        self.spec, self.columns, self.labels = spec, columns, labels
 
-    def with_feature_dim(self, dim: int) -> "DiskShard":
-        return self
-
-    def batch_source(self, device: torch.device):
+    def batch_source(self, device: torch.device) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                                                         torch.device]:
         """(fetch, index device): rows are read on the CPU, then moved to ``device``."""
-        def fetch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features, labels = self.batch(index)
-            return features.to(device), labels.to(device)
+        def fetch(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: tensor.to(device) for name, tensor in self.batch(index).items()}
 
         return fetch, torch.device("cpu")
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of the rows at ``index`` (new tensors)."""
-        return self.features.gather(index), self.labels.gather(index)
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at ``index`` of every input, and their labels (new tensors)."""
+        batch = {f.name: as_tensor(f, self.columns[f.name].gather(index)) for f in self.spec.inputs}
+        if len(self.labels.shape) != 2 or self.labels.shape[1]:  # (n, 0): trained without labels
+            batch[LABEL_KEY] = self.labels.gather(index)
+        return batch
 
     def close(self) -> None:
         """Close and delete the file."""
@@ -98,55 +107,72 @@ def cache_directory() -> str:
     return local if local and os.path.isdir(local) else tempfile.gettempdir()
 
 
-def write_shard(batches: Iterable[tuple[np.ndarray, np.ndarray]], feature_dim: int, label_type: pa.DataType,
-                directory: str | None = None) -> str:
-    """Stream (features (n, d) float32, labels) pieces into a new Arrow IPC file; return its path."""
+def _stored(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.uint8) if array.dtype == np.bool_ else array  # Arrow packs booleans in bits
+
+
+def write_shard(pieces: Iterable[dict[str, np.ndarray]], directory: str | None = None) -> str:
+    """Stream pieces (column name → rows [n, *row_shape]) into a new Arrow IPC file; return its path."""
     path = os.path.join(directory or cache_directory(), f"spark_ddl-shard-{uuid.uuid4().hex}.arrow")
-    schema = pa.schema([("features", pa.list_(pa.float32(), feature_dim)), ("label", label_type)])
+    writer = sink = schema = None
     try:
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for features, labels in batches:
-                values = pa.array(features.reshape(-1), type=pa.float32())
-                column = pa.FixedSizeListArray.from_arrays(values, feature_dim)
-                label_array = (pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1), pa.float32()),
-                                                                 labels.shape[1])
-                               if labels.ndim == 2 else pa.array(labels, type=label_type))
-                writer.write_batch(pa.record_batch([column, label_array], schema=schema))
+        sink = pa.OSFile(path, "wb")
+        for piece in pieces:
+            if writer is None:
+                layout = {name: {"shape": list(rows.shape[1:]), "dtype": str(rows.dtype)} for name, rows in piece.items()}
+                fields = []
+                for name, rows in piece.items():
+                    value_type = pa.from_numpy_dtype(_stored(rows[:0]).dtype)
+                    width = math.prod(rows.shape[1:])
+                    fields.append((name, pa.list_(value_type, width) if rows.ndim > 1 else value_type))
+                schema = pa.schema(fields, metadata={"layout": json.dumps(layout)})
+                writer = pa.ipc.new_file(sink, schema)
+            columns = []
+            for name, rows in piece.items():
+                values = pa.array(_stored(rows).reshape(-1))
+                columns.append(pa.FixedSizeListArray.from_arrays(values, math.prod(rows.shape[1:]))
+                               if rows.ndim > 1 else values)
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+        if writer is not None:
+            writer.close()
+        sink.close()
     except BaseException:
+        if sink is not None:
+            sink.close()
         if os.path.exists(path):
             os.unlink(path)
         raise
     return path
 
 
-def open_shard(path: str, label_dtype: torch.dtype) -> DiskShard:
+def open_shard(path: str, spec: BatchSpec, dtypes: dict[str, torch.dtype]) -> DiskShard:
     """Open the IPC file written by ``write_shard``: map it once to find where each batch's
-    values lie, then keep only a file descriptor for the reads."""
+    values lie, then keep only a file descriptor for the reads. ``dtypes``: the tensor dtype of
+    each column."""
     mapped = pa.memory_map(path, "r")
     try:
         base = mapped.read_buffer(1).address if mapped.size() else 0  # zero-copy: the mapping itself
         mapped.seek(0)
         reader = pa.ipc.open_file(mapped)
-        layout: dict[str, list] = {"features": [], "labels": [], "lengths": []}
-        feature_width, label_shape, label_numpy = 0, (), np.int64
+        layout = json.loads(reader.schema.metadata[b"layout"])
+        names = reader.schema.names
+        offsets: dict[str, list[int]] = {name: [] for name in names}
+        lengths = []
         for number in range(reader.num_record_batches):
             batch = reader.get_batch(number)
-            features, labels = batch.column(0), batch.column(1)
-            feature_width = features.type.list_size
-            layout["features"].append(_first_value_offset(features.values, base))
-            if pa.types.is_fixed_size_list(labels.type):
-                label_shape, label_numpy = (labels.type.list_size,), np.float32
-                layout["labels"].append(_first_value_offset(labels.values, base))
-            else:
-                label_numpy = labels.type.to_pandas_dtype()
-                layout["labels"].append(_first_value_offset(labels, base))
-            layout["lengths"].append(len(batch))
+            for name, column in zip(names, batch.columns):
+                values = column.values if pa.types.is_fixed_size_list(column.type) else column
+                offsets[name].append(_first_value_offset(values, base))
+            lengths.append(len(batch))
     finally:
         mapped.close()
     fd = os.open(path, os.O_RDONLY)
-    features = DiskArray(fd, layout["features"], layout["lengths"], (feature_width,), np.float32, torch.float32)
-    labels = DiskArray(fd, layout["labels"], layout["lengths"], label_shape, label_numpy, label_dtype)
-    return DiskShard(path, fd, features, labels)
+    arrays = {}
+    for name in names:
+        stored = _stored(np.zeros(0, dtype=layout[name]["dtype"])).dtype
+        arrays[name] = DiskArray(fd, offsets[name], lengths, tuple(layout[name]["shape"]), stored, dtypes[name])
+    labels = arrays.pop(LABEL_KEY)
+    return DiskShard(path, fd, spec, arrays, labels)
 
 
 def _first_value_offset(array: pa.Array, base: int) -> int:

@@ -13,6 +13,7 @@ from typing import Iterator
 import pyarrow as pa
 import torch.distributed as dist
 
+from spark_ddl.agent.function import run_function
 from spark_ddl.agent.heartbeat import Heartbeat, interruptible
 from spark_ddl.agent.training import train
 from spark_ddl.sync.host_reduce import LocalPeerError, abort_local_peers
@@ -30,7 +31,8 @@ FAILURE_TEARDOWN_SECONDS = 2.0
 
 
 def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Train on this partition with the other barrier tasks; rank 0 yields the result rows."""
+    """Train on this partition with the other barrier tasks (or run ``spark_ddl.run``'s
+    function); rank 0 yields the result rows."""
     from pyspark import BarrierTaskContext
 
     context = BarrierTaskContext.get()
@@ -43,7 +45,7 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
     with interruptible(heartbeat):  # without a status channel the heartbeat may stop a stalled agent
         heartbeat.start()
         try:
-            result = train(job, context, batches, heartbeat)
+            result = (run_function if job.function is not None else train)(job, context, batches, heartbeat)
         except Exception as exc:
             heartbeat.stop()  # no interruption while the failure is reported
             _raise_agent_failure(rank, exc)

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
+
 
 def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
     """Row indices for one epoch of a shard of ``rows`` rows: a fresh seeded permutation, or
@@ -53,18 +55,24 @@ def update_groups(batch_totals: list[int], accumulate_steps: int) -> tuple[list[
 
 class ShardRows(ABC):
     """An agent's rows, in memory (``shard.Shard``) or on local disk (``disk_shard.DiskShard``):
-    ``features`` (n, d) and ``labels`` (n,) or (n, k), indexable by row."""
+    one column per model input (by the input's name) and the labels, indexable by row."""
 
-    features: Any
+    spec: BatchSpec
+    columns: dict[str, Any]
     labels: Any
 
     @property
     def num_rows(self) -> int:
-        return int(self.features.shape[0])
+        return int(len(self.labels))
+
+    @property
+    def features(self) -> Any:
+        """The one-input shorthand's rows."""
+        return self.columns[POSITIONAL_KEY]
 
     @property
     def feature_dim(self) -> int | None:
-        """None for an empty shard whose width cannot be known from its own rows."""
+        """The one-input shorthand's width (None for an empty shard, which cannot know it)."""
         return int(self.features.shape[1]) if self.num_rows else None
 
     def epoch_order(self, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:
@@ -72,13 +80,26 @@ class ShardRows(ABC):
         return epoch_order(self.num_rows, epoch, shuffle, seed, rank)
 
     @abstractmethod
-    def batch_source(self, device: torch.device) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    def batch_source(self, device: torch.device) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]],
                                                          torch.device]:
-        """(fetch, index device): ``fetch(index)`` gives the rows' features and labels on ``device``."""
+        """(fetch, index device): ``fetch(index)`` gives the rows' batch (a dict of named
+        tensors, ``"label"`` included) on ``device``."""
 
-    @abstractmethod
-    def with_feature_dim(self, dim: int) -> "ShardRows":
-        """This shard, reshaped to the width the other agents reported when it is empty."""
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each fixed-shape input's row shape (where this shard knows it)."""
+        return {name: tuple(column.shape[1:]) for name, column in self.columns.items()} if self.num_rows else {}
+
+    def lengths(self) -> dict[str, tuple[int, int]]:
+        """(shortest, longest) row of each input read as ragged (none here)."""
+        return {}
+
+    def settle(self, spec: BatchSpec, row_shapes: dict[str, tuple[int, ...]]) -> "ShardRows":
+        """This shard in the form the agents agreed on (see ``Shard.settle``)."""
+        return self
+
+    def data_bytes(self) -> int:
+        """Bytes of the inputs' values (what the rows cost in memory, wherever they are kept)."""
+        return sum(int(column.nbytes) for column in self.columns.values())
 
     def close(self) -> None:
         """Release what the rows hold (a disk shard's file)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import astuple, dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import torch
@@ -19,6 +19,7 @@ from spark_ddl.agent.memory import log_memory, map_large_allocations, peak_rss_b
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
+from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
 from spark_ddl.artifact import state_dict_to_bytes
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
@@ -38,8 +39,28 @@ class Peers:
     rendezvous: Rendezvous
     shard_sizes: list[int]  # training rows per rank
     validation_sizes: list[int]
-    feature_dim: int
+    batch: BatchSpec  # the inputs as the agents agreed on them (which arrays are ragged)
+    row_shapes: dict[str, tuple[int, ...]]  # each fixed-shape input's row shape
     host_keys: list[str]
+
+    @property
+    def feature_dim(self) -> int | None:
+        """The one-input shorthand's width."""
+        shape = self.row_shapes.get(POSITIONAL_KEY)
+        return int(shape[0]) if shape else None
+
+
+@dataclass
+class AgentSetup:
+    """One agent, ready to train: its device, its rows, and its peers (process group joined)."""
+
+    plan: DevicePlan
+    device: torch.device
+    threads: int
+    shard: ShardRows
+    validation: ShardRows
+    peers: Peers
+    rss_before_data: int
 
 
 @dataclass(frozen=True)
@@ -60,8 +81,11 @@ class RankStats:
         return [RankStats(*(int(v) for v in t.tolist())) for t in everyone]
 
 
-def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> list[pa.RecordBatch]:
-    """Train this partition with the other barrier tasks; rank 0 returns the result rows."""
+def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat,
+            require_rows: bool = True) -> AgentSetup:
+    """Device, shard, rendezvous and process group: everything before the model. The caller
+    closes ``setup.shard`` when done. A job without a batch spec reads no rows (its partitions
+    only place the agents)."""
     config, rank = job.config, context.partitionId()
     threads = max(1, int(context.cpus() or 1))
     torch.set_num_threads(threads)
@@ -71,24 +95,43 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
     device = torch.device(plan.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-
     heartbeat.set("reading the partition")
     map_large_allocations()
     reset_peak_rss()
     rss_before_data = peak_rss_bytes()
     log_memory("before reading the partition")
-    shard, validation = Shard.from_arrow(batches, label_dtype(config.loss), config.spill_bytes)
+    custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
+    dtype = label_dtype(config.loss, job.label_is_integer, custom_step=custom)
+    if job.batch is None:
+        for _ in batches:  # rows that only mark the partition
+            pass
+        shard = validation = Shard.of(torch.zeros(0, 0), torch.zeros(0))
+    else:
+        shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
     try:
         heartbeat.set("rendezvous with the other agents", waiting=True)
-        peers = meet_peers(config, context, shard, validation, plan)
-        shard, validation = shard.with_feature_dim(peers.feature_dim), validation.with_feature_dim(peers.feature_dim)
+        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows)
+        shard = shard.settle(peers.batch, peers.row_shapes)
+        validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
         init_process_group(peers.rendezvous, plan.backend, config.timeout)
+    except BaseException:
+        shard.close()
+        raise
+    return AgentSetup(plan, device, threads, shard, validation, peers, rss_before_data)
+
+
+def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> list[pa.RecordBatch]:
+    """Train this partition with the other barrier tasks; rank 0 returns the result rows."""
+    config, rank = job.config, context.partitionId()
+    setup = prepare(job, context, batches, heartbeat)
+    try:
         heartbeat.set("building the model and the sync strategy")
-        strategy = build_strategy(job, device, peers)
+        strategy = build_strategy(job, setup.device, setup.peers)
         log_memory("after the process group, model and strategy")
-        loop_context = LoopContext(config, strategy, shard, validation, peers.shard_sizes, rank,
-                                   peers.rendezvous.world_size, device, heartbeat, job.fail_hook)
+        loop_context = LoopContext(config, strategy, setup.shard, setup.validation, setup.peers.shard_sizes, rank,
+                                   setup.peers.rendezvous.world_size, setup.device, heartbeat, job.fail_hook,
+                                   batch=setup.peers.batch, row_shapes=setup.peers.row_shapes)
         loop = make_loop(loop_context)
         if config.resume_from is not None:
             heartbeat.set("loading the checkpoint", waiting=rank != 0)
@@ -96,20 +139,22 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         result = loop.run()  # ends with strategy.finish()
         heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
         log_memory("after training")
-        stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), shard.num_rows * (shard.feature_dim or 0) * 4,
-                          rss_before_data)
-        return finish(strategy, result, stats, peers, plan, threads, shard, device)
+        stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
+                          setup.rss_before_data)
+        return finish(strategy, result, stats, setup, job.final_hook)
     finally:
-        shard.close()  # a disk shard's file goes with it
+        setup.shard.close()  # a disk shard's file goes with it
 
 
-def meet_peers(config: TrainConfig, context: Any, shard: ShardRows, validation: ShardRows,
-               plan: DevicePlan) -> Peers:
-    """The rendezvous, and the checks every rank makes on what the others hold."""
+def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardRows, validation: ShardRows,
+               plan: DevicePlan, require_rows: bool = True) -> Peers:
+    """The rendezvous, and what every rank settles from what the others hold: the row counts,
+    each input's row shape, and which arrays are ragged (rows of more than one length)."""
     info = {
         "rows": shard.num_rows,
         "validation_rows": validation.num_rows,
-        "feature_dim": shard.feature_dim or validation.feature_dim,
+        "row_shapes": {**validation.row_shapes(), **shard.row_shapes()},
+        "lengths": _merged_lengths(shard.lengths(), validation.lengths()),
         "host": os.uname().nodename,
         "host_key": host_key(),
         "device": plan.device,
@@ -123,15 +168,34 @@ def meet_peers(config: TrainConfig, context: Any, shard: ShardRows, validation: 
             "execution coalesced them). Repartition the input to num_workers partitions."
         )
     sizes = [int(p["rows"]) for p in rdv.peers]
-    dims = {p["feature_dim"] for p in rdv.peers if p["feature_dim"] is not None}
-    if sum(sizes) == 0:
+    if sum(sizes) == 0 and require_rows:
         raise ValueError("the training DataFrame is empty: every partition has 0 training rows")
     if config.has_validation and not any(p["validation_rows"] for p in rdv.peers):
         raise ValueError("the validation set is empty: no row is marked for validation")
-    if len(dims) > 1:
-        raise ValueError(f"agents hold feature arrays of different lengths: {sorted(dims)}")
-    return Peers(rdv, sizes, [int(p["validation_rows"]) for p in rdv.peers], dims.pop(),
+    shapes: dict[str, tuple[int, ...]] = {}
+    for field in spec.inputs:
+        seen = sorted({tuple(p["row_shapes"][field.name]) for p in rdv.peers if field.name in p["row_shapes"]})
+        if len(seen) > 1:
+            what = "feature arrays of different lengths" if spec.positional else f"{field.name!r} rows of different shapes"
+            raise ValueError(f"agents hold {what}: {[list(s) if len(s) != 1 else s[0] for s in seen]}")
+        if seen:
+            shapes[field.name] = seen[0]
+    lengths = _merged_lengths(*(p["lengths"] for p in rdv.peers))
+    varying = [name for name, (low, high) in lengths.items() if low != high]
+    for name, (low, _) in lengths.items():
+        if name not in varying and not spec.field(name).ragged:
+            shapes[name] = (low,)  # one length everywhere: a fixed-shape input after all
+    return Peers(rdv, sizes, [int(p["validation_rows"]) for p in rdv.peers], spec.with_ragged(varying), shapes,
                  [p["host_key"] for p in rdv.peers])
+
+
+def _merged_lengths(*many: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    merged: dict[str, tuple[int, int]] = {}
+    for lengths in many:
+        for name, (low, high) in lengths.items():
+            old = merged.get(name, (low, high))
+            merged[name] = (min(old[0], low), max(old[1], high))
+    return merged
 
 
 def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStrategy:
@@ -147,12 +211,16 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     return strategy
 
 
-def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, peers: Peers, plan: DevicePlan,
-           threads: int, shard: ShardRows, device: torch.device) -> list[pa.RecordBatch]:
-    """Final checks and facts (collective), leave the group together, then rank 0's result rows."""
+def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
+           final_hook: Callable[[int, Any], None] | None = None) -> list[pa.RecordBatch]:
+    """Final checks and facts (collective), leave the group together, then rank 0's result rows.
+    ``final_hook`` (tests only) sees every rank's module after the replica check."""
+    device, peers = setup.device, setup.peers
     check_replicas(strategy.trained_module, device, "at the end of training")
-    per_rank = stats.gather(device)
     rank = peers.rendezvous.rank
+    if final_hook is not None:
+        final_hook(rank, strategy.trained_module)
+    per_rank = stats.gather(device)
     if result.best_state is not None:  # early stopping: rank 0 returns the best epoch's weights
         strategy.trained_module.load_state_dict(result.best_state)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
@@ -163,9 +231,10 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, peers: 
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
         "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,
-        "device": plan.device, "backend": plan.backend, "threads_per_agent": threads,
+        "batch_spec": peers.batch.to_json(), "row_shapes": {k: list(v) for k, v in peers.row_shapes.items()},
+        "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,
         "best_epoch": result.best_epoch,
-        "shard_storage": "memory" if isinstance(shard, Shard) else "disk",
+        "shard_storage": "memory" if isinstance(setup.shard, Shard) else "disk",
         "stopped_early": result.stopped_early,
         **{f"{f.name}_per_rank": [getattr(s, f.name) for s in per_rank] for f in fields(RankStats)},
         **strategy_summary,

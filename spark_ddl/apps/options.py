@@ -9,6 +9,38 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def application_parser(prog: str | None, doc: str | None, output: str, epochs: int, batch_size: int,
+                       lr: float) -> argparse.ArgumentParser:
+    """The options every application command shares (the data's sample, training length, agents,
+    output), with the command's own defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--workers", type=int, default=2, help="number of agents")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="mini-batch per agent")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--sample", type=float, default=1.0, help="fraction of the data to use (CI: small)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=output, help="model directory")
+    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[workers])")
+    p.add_argument("--metrics-json", default=None, help="write the results here")
+    return p
+
+
+def save_results(model: Any, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Save the model to ``--output`` and, with ``--metrics-json``, the results and the history."""
+    model.save(args.output, overwrite=True)
+    if args.metrics_json:
+        Path(args.metrics_json).write_text(json.dumps({**results, "history": model.history}, indent=2))
+
+
+def setup_logging() -> None:
+    """Log lines with a time stamp on stderr (progress lines arrive through logging)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """The mapping in a .json, .yaml or .yml file (keys may use '-' or '_')."""
     text = Path(path).read_text()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
-from spark_ddl.apps.options import parse_with_config
+from spark_ddl.apps.options import parse_with_config, setup_logging
 from spark_ddl.config import TrainConfig
 from spark_ddl.settings import add_arguments, declared
 
@@ -65,8 +64,7 @@ def read_table(spark, path: str):
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the train command with command-line arguments ``argv``."""
     args = parse_args(argv, prog)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    setup_logging()
     if args.remote and args.master:
         raise SystemExit("--remote and --master exclude each other: a Spark Connect server has its own master")
     spark = get_or_create_session(master=args.master, num_workers=args.num_workers, app_name="spark_ddl-train",

@@ -21,7 +21,7 @@ import torch
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
 from spark_ddl import TorchModel, get_or_create_session
-from spark_ddl.driver.data import ColumnSpec
+from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.model_source import ModelSource
 from spark_ddl.models import MLP
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     torch.manual_seed(0)
     kwargs = {"in_features": args.features, "out_features": 10, "hidden": [int(h) for h in args.hidden.split(",")]}
     module = MLP(**kwargs).eval()
-    model = TorchModel(module, spec=ColumnSpec(("features",), "label", "array"), config={"loss": "cross_entropy"},
+    model = TorchModel(module, spec=ColumnSpec.one_input(("features",), "array", "label"), config={"loss": "cross_entropy"},
                        source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
                        summary={"feature_dim": args.features})
 

@@ -162,6 +162,13 @@ def straggler_table(train, base: dict, variants: dict, straggler_ms: float) -> l
     for row in rows:
         print(f"{row['strategy']:<12} {row['fit_seconds']:>7.2f} {row['fit_seconds'] / rows[0]['fit_seconds']:>11.2f}  "
               f"{row['updates_per_rank'] or 'equal (lock-step)'}")
+    # the speed claims for async (they were timing assertions in the tests; measured here)
+    ratio = rows[1]["fit_seconds"] / rows[0]["fit_seconds"]
+    updates = rows[1]["updates_per_rank"] or [0, 0]
+    share = updates[0] / max(updates[1], 1)
+    rows[1]["targets"] = {"async ÷ allreduce <= 0.7": ratio <= 0.7, "agent 0 / agent 1 updates >= 1.5": share >= 1.5}
+    print(f"targets: async ÷ allreduce {ratio:.2f} ≤ 0.7 {'✓' if ratio <= 0.7 else '✗'}; "
+          f"agent 0 / agent 1 updates {share:.2f} ≥ 1.5 {'✓' if share >= 1.5 else '✗'}")
     return rows
 
 

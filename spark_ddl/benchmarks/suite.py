@@ -30,7 +30,7 @@ from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
 from spark_ddl.benchmarks.launch import CONNECT_DISTRIBUTOR, CONNECT_FIT, allreduce_once, connect_launch_times, floor_job
 from spark_ddl.agent.rendezvous import leave_group
-from spark_ddl.driver.data import ColumnSpec, select_training_columns
+from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.model_source import ModelSource
 from spark_ddl.models import MLP
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             (1.5 * shard + model_bytes) / MB, "≤ 1.5×shard + model", rss - before <= 1.5 * shard + model_bytes)
 
     # 3. ingest ----------------------------------------------------------------------------------
-    spec = ColumnSpec(("features",), "label", "array")
+    spec = ColumnSpec.one_input(("features",), "array", "label")
     prepared = select_training_columns(data, spec)
     feature_mb = args.rows * args.features * 4 / MB
     identity_s = statistics.median(timed(lambda: noop(data.mapInArrow(identity, data.schema)), args.repeats))

@@ -81,7 +81,9 @@ def _typed_training_error(type_name: str) -> type:
         return TrainingError
     if type_name not in _TYPED_ERRORS:
         try:
-            _TYPED_ERRORS[type_name] = type(f"Training{type_name}", (TrainingError, base), {})
-        except TypeError:  # incompatible instance layout (e.g. OSError)
+            typed = type(f"Training{type_name}", (TrainingError, base), {})
+            typed("probe")  # constructible from a message (ExceptionGroup is not)
+            _TYPED_ERRORS[type_name] = typed
+        except TypeError:  # an incompatible instance layout or constructor
             _TYPED_ERRORS[type_name] = TrainingError
     return _TYPED_ERRORS[type_name]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
 
 from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
@@ -23,7 +24,8 @@ from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_chec
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.capabilities import DirectoryFiles, SessionCapabilities, capabilities
 from spark_ddl.driver.cluster import check_cluster
-from spark_ddl.driver.data import ColumnSpec, balance_partitions, empty_input_error, select_training_columns
+from spark_ddl.driver.columns import ColumnSpec, select_training_columns
+from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter
@@ -39,20 +41,27 @@ SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long 
 
 @dataclass
 class FitResult:
-    """Rank 0's weights and training summary, as received on the driver."""
+    """Rank 0's summary and payloads (the weights, or a function's return value), as received
+    on the driver."""
 
-    state_dict: dict[str, torch.Tensor]
     summary: dict[str, Any]
     seconds: float
+    payloads: dict[str, bytes]
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights (a fit's "weights" payload)."""
+        return state_dict_from_bytes(self.payloads["weights"])
 
 
 def run_training(
-    df: DataFrame, spec: ColumnSpec, job: AgentJob, validation: Column | None = None,
+    df: DataFrame, spec: ColumnSpec | None, job: AgentJob, validation: Column | None = None,
     preflight: Callable[[DataFrame], None] | None = None,
 ) -> FitResult:
     """Launch one barrier task per agent over ``df`` and return rank 0's result.
 
-    ``validation`` is a boolean column marking validation rows (None: no validation set).
+    ``spec`` says which columns the agents read (None: none, e.g. ``spark_ddl.run`` without a
+    DataFrame). ``validation`` is a boolean column marking validation rows (None: no validation set).
     ``preflight`` checks the projected training columns after the cluster checks and before
     anything is launched (the estimator's input scan).
     A job that fails because an agent was lost or stalled is resubmitted up to
@@ -68,7 +77,8 @@ def run_training(
     check_cluster(spark, config)
     checkpoints = caps.checkpoint_files()
     first_resume = check_checkpoint_dir(config, checkpoints)
-    training = select_training_columns(df, spec, validation)
+    training = (select_training_columns(df, spec, validation) if spec is not None
+                else df.select(F.lit(0).cast("byte").alias("__ddl_unit")))  # rows only mark the partitions
     if preflight is not None:
         preflight(training)
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
@@ -187,12 +197,12 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     if not rows:  # Spark optimised the job away: only happens for an input with no rows
         reporter.close(finished=False)
         raise empty_input_error()
-    summary_bytes = reassemble(rows, "summary")
-    weights = reassemble(rows, "weights")
-    if summary_bytes is None or weights is None:
+    payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
+    summary_bytes = payloads.pop("summary", None)
+    if summary_bytes is None or not payloads:
         reporter.close(finished=False)
-        raise RuntimeError("the training job finished but rank 0 returned no model")
+        raise RuntimeError("the job finished but rank 0 returned no result")
     summary = json.loads(summary_bytes)
     reporter.catch_up(summary.get("history") or [], config.epochs)  # epochs no status report showed
     reporter.close(finished=True)
-    return FitResult(state_dict_from_bytes(weights), summary, seconds)
+    return FitResult(summary, seconds, payloads)

@@ -1,25 +1,40 @@
 """Driver-side input checks before any agent starts: one aggregation pass over the training
-columns, and one forward pass of the model on a tiny zero batch.
+columns, and one forward pass of the model on a tiny zero batch built from the real inputs'
+types and shapes.
 
-Each problem raises a SchemaError/ConfigError that names the column, the count or value,
-and the fix. ``check_input=False`` skips the data pass (the agents still refuse nulls and
-unequal feature lengths, only later).
+Each problem raises a SchemaError/ConfigError that names the column (or input), the count or
+value, and the fix. ``check_input=False`` skips the data pass (the agents still refuse nulls
+and unequal lengths, only later).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from torch import nn
 
+from spark_ddl.batch_format import FLOAT, LABEL_KEY, BatchSpec, InputField, call_model, dummy_batch, tensor_dtype
 from spark_ddl.config import TrainConfig
-from spark_ddl.driver.data import ColumnSpec, empty_input_error
+from spark_ddl.driver.columns import ColumnSpec, InputSource
+from spark_ddl.driver.data import empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
-from spark_ddl.wire import FEATURES, LABEL
+from spark_ddl.wire import LABEL
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What the aggregation found about one input."""
+
+    null_rows: int  # the value (array, vector, struct or scalar) is null
+    bad_rows: int  # an element is null, NaN or infinite
+    min_length: int | None = None  # arrays: shortest and longest row
+    max_length: int | None = None
+    image_sizes: int = 1  # images: distinct (height, width, channels)
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the first image
 
 
 @dataclass(frozen=True)
@@ -27,25 +42,65 @@ class InputStats:
     """What one aggregation over the training columns found."""
 
     rows: int
-    null_feature_rows: int  # the feature value (array/vector/any of the columns) is null
-    bad_feature_rows: int  # an element is null, NaN or infinite
-    min_length: int | None
-    max_length: int | None
-    null_labels: int
-    bad_labels: int  # NaN or infinite (for array labels: any element)
-    min_label: float | None
-    max_label: float | None
-    fractional_labels: int
+    inputs: dict[str, InputFacts]
+    null_labels: int = 0
+    bad_labels: int = 0  # NaN or infinite (for array labels: any element)
+    min_label: float | None = None
+    max_label: float | None = None
+    fractional_labels: int = 0
+    ragged: tuple[str, ...] = field(default=())  # named arrays whose rows differ in length
 
 
-def _not_finite(value) -> F.Column:
+def _not_finite(value: Column) -> Column:
     return value.isNull() | F.isnan(value) | (F.abs(value) == F.lit(float("inf")))
 
 
+def _count_if(condition: Column) -> Column:
+    return F.sum(F.when(condition, 1).otherwise(0))
+
+
+def _input_aggregates(index: int, input_field: InputField) -> list[Column]:
+    column = F.col(input_field.column)
+    prefix = f"i{index}_"
+    out = [_count_if(column.isNull()).alias(prefix + "null")]
+    if input_field.kind == "scalar":
+        bad = _not_finite(column) if input_field.dtype == FLOAT else F.lit(False)
+        out.append(_count_if(column.isNotNull() & bad).alias(prefix + "bad"))
+    elif input_field.kind == "image":
+        size = F.concat_ws("x", column["nChannels"], column["height"], column["width"])
+        out += [F.countDistinct(size).alias(prefix + "sizes"), F.first(size, ignorenulls=True).alias(prefix + "first"),
+                F.lit(0).alias(prefix + "bad")]
+    else:
+        element_bad = (lambda x: _not_finite(x)) if input_field.dtype == FLOAT else (lambda x: x.isNull())
+        out += [_count_if(column.isNotNull() & F.exists(column, element_bad)).alias(prefix + "bad"),
+                F.min(F.size(column)).alias(prefix + "min"), F.max(F.size(column)).alias(prefix + "max")]
+    return out
+
+
 def input_stats(training: DataFrame, spec: ColumnSpec) -> InputStats:
-    """One Spark job over the projected training columns (FEATURES, LABEL)."""
-    features, label = F.col(FEATURES), F.col(LABEL)
-    count_if = lambda condition: F.sum(F.when(condition, 1).otherwise(0))  # noqa: E731
+    """One Spark job over the projected training columns."""
+    aggregates = [F.count(F.lit(1)).alias("rows")]
+    for index, input_field in enumerate(spec.batch.inputs):
+        aggregates += _input_aggregates(index, input_field)
+    if spec.label_col:
+        aggregates += _label_aggregates(spec)
+    row = training.agg(*aggregates).first().asDict()
+    facts = {}
+    for index, input_field in enumerate(spec.batch.inputs):
+        value = lambda key: row.get(f"i{index}_{key}")  # noqa: E731
+        shape = None
+        if input_field.kind == "image" and value("first"):
+            shape = tuple(int(v) for v in value("first").split("x"))
+        facts[input_field.name] = InputFacts(int(value("null") or 0), int(value("bad") or 0), value("min"),
+                                             value("max"), int(value("sizes") or 1), shape)
+    ragged = tuple(f.name for f in spec.batch.inputs if f.kind == "array" and not spec.batch.positional
+                   and f.shape is None and (f.ragged or facts[f.name].min_length != facts[f.name].max_length))
+    return InputStats(int(row["rows"]), facts, int(row.get("null_labels") or 0), int(row.get("bad_labels") or 0),
+                      row.get("min_label"), row.get("max_label"), int(row.get("fractional") or 0), ragged)
+
+
+def _label_aggregates(spec: ColumnSpec) -> list[Column]:
+    label = F.col(LABEL)
     if spec.label_is_array:
         label_null, label_bad = label.isNull(), F.exists(label, _not_finite)
         label_min = label_max = F.lit(None).cast("double")
@@ -54,18 +109,9 @@ def input_stats(training: DataFrame, spec: ColumnSpec) -> InputStats:
         label_null, label_bad = label.isNull(), label.isNotNull() & _not_finite(label)
         finite = F.when(~_not_finite(label), label)
         label_min, label_max = F.min(finite), F.max(finite)
-        fractional = count_if(~_not_finite(label) & (label != F.floor(label)))
-    row = training.agg(
-        F.count(F.lit(1)).alias("rows"),
-        count_if(features.isNull()).alias("null_features"),
-        count_if(features.isNotNull() & F.exists(features, _not_finite)).alias("bad_features"),
-        F.min(F.size(features)).alias("min_length"), F.max(F.size(features)).alias("max_length"),
-        count_if(label_null).alias("null_labels"), count_if(label_bad).alias("bad_labels"),
-        label_min.alias("min_label"), label_max.alias("max_label"), fractional.alias("fractional"),
-    ).first()
-    return InputStats(int(row.rows), int(row.null_features or 0), int(row.bad_features or 0),
-                      row.min_length, row.max_length, int(row.null_labels or 0), int(row.bad_labels or 0),
-                      row.min_label, row.max_label, int(row.fractional or 0))
+        fractional = _count_if(~_not_finite(label) & (label != F.floor(label)))
+    return [_count_if(label_null).alias("null_labels"), _count_if(label_bad).alias("bad_labels"),
+            label_min.alias("min_label"), label_max.alias("max_label"), fractional.alias("fractional")]
 
 
 def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config: TrainConfig,
@@ -74,29 +120,93 @@ def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config
     stats = input_stats(training, spec)
     if stats.rows == 0:
         raise empty_input_error()
-    _check_features(source, spec, stats)
-    _check_labels(spec, config, stats)
-    check_model_output(template, config, spec, int(stats.max_length), stats.max_label)
+    for input_field, input_source in zip(spec.batch.inputs, spec.sources):
+        _check_input(source, spec, input_field, input_source, stats)
+    if spec.label_col:
+        _check_labels(spec, config, stats)
+    check_model_output(template, config, spec, row_shapes(spec, stats), stats.max_label, stats.ragged)
     return stats
 
 
-def _check_features(source: DataFrame, spec: ColumnSpec, stats: InputStats) -> None:
-    described = _describe_features(spec)
-    if stats.null_feature_rows or stats.bad_feature_rows:
-        detail = _per_column_problems(source, spec) if spec.feature_kind == "columns" else ""
+def check_sparse_tables(template: nn.Module, config: TrainConfig) -> None:
+    """Tables made with ``nn.Embedding(sparse=True)`` need an optimiser that takes sparse gradients."""
+    sparse = [name for name, m in template.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse and (config.optimizer != "sgd" or config.optimizer_kwargs.get("weight_decay")
+                   or config.grad_clip_norm is not None):
+        raise ConfigError(
+            f"The model's embedding table(s) {sparse} have sparse gradients (sparse=True), which need "
+            "optimizer='sgd' without weight_decay and no grad_clip_norm; with these settings create them with "
+            "sparse=False (spark_ddl then exchanges large tables' touched rows itself where it can)."
+        )
+
+
+def check_run_input(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
+    """``spark_ddl.run``'s checks: the inputs as for a fit, labels only for missing values (the
+    function's own loss decides the rest)."""
+    stats = input_stats(training, spec)
+    if stats.rows == 0:
+        raise empty_input_error()
+    for input_field, input_source in zip(spec.batch.inputs, spec.sources):
+        _check_input(source, spec, input_field, input_source, stats)
+    if spec.label_col and (stats.null_labels or stats.bad_labels):
+        raise SchemaError(f"Label column {spec.label_col!r} has {stats.null_labels} null and {stats.bad_labels} NaN "
+                          f"or infinite value(s) out of {stats.rows} rows. Drop those rows or fill the labels first.")
+    return stats
+
+
+def row_shapes(spec: ColumnSpec, stats: InputStats) -> dict[str, tuple[int, ...]]:
+    """Each input's row shape as the data shows it (ragged arrays: their longest row)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for input_field in spec.batch.inputs:
+        facts = stats.inputs[input_field.name]
+        if input_field.kind == "scalar":
+            shapes[input_field.name] = ()
+        elif input_field.kind == "image":
+            shapes[input_field.name] = facts.image_shape or (1, 1, 1)
+        elif input_field.shape is not None:
+            shapes[input_field.name] = tuple(input_field.shape)
+        else:
+            shapes[input_field.name] = (int(facts.max_length or 0),)
+    return shapes
+
+
+def _check_input(source: DataFrame, spec: ColumnSpec, input_field: InputField, input_source: InputSource,
+                 stats: InputStats) -> None:
+    facts = stats.inputs[input_field.name]
+    described = input_source.describe() if spec.batch.positional else (
+        f"Input {input_field.name!r} (column {input_source.columns[0]!r})")
+    if facts.null_rows or facts.bad_rows:
+        detail = _per_column_problems(source, input_source) if input_source.form == "columns" else ""
         raise SchemaError(
-            f"{described} hold missing or non-finite values: {stats.null_feature_rows} row(s) with a "
-            f"null feature value and {stats.bad_feature_rows} row(s) with a null, NaN or infinite "
-            f"element (after conversion to float32){detail}. Drop or impute them first (e.g. "
+            f"{described} hold missing or non-finite values: {facts.null_rows} row(s) with a "
+            f"null feature value and {facts.bad_rows} row(s) with a null, NaN or infinite "
+            f"element (after conversion to {input_field.dtype}){detail}. Drop or impute them first (e.g. "
             "df.na.drop(), pyspark.ml.feature.Imputer)."
         )
-    if stats.min_length != stats.max_length:
+    if input_field.kind == "image":
+        if facts.image_sizes > 1:
+            sizes = [r[0] for r in source.select(F.concat_ws("x", *(F.col(input_source.columns[0])[k] for k in
+                                                                      ("nChannels", "height", "width"))))
+                     .distinct().limit(2).collect()]
+            raise SchemaError(f"{described} holds images of different sizes (channels x height x width "
+                              f"{sizes[0]} and {sizes[1]}, ...). Resize them to one size first.")
+        return
+    if input_field.kind != "array":
+        return
+    if input_field.shape is not None and facts.min_length != facts.max_length:
+        raise SchemaError(f"{described} holds arrays of unequal length (between {facts.min_length} and "
+                          f"{facts.max_length}), which cannot take input_shapes {tuple(input_field.shape)}.")
+    if input_field.shape is not None and facts.max_length != math.prod(input_field.shape):
+        raise SchemaError(f"{described} holds arrays of {facts.max_length} elements, which cannot take "
+                          f"input_shapes {tuple(input_field.shape)} ({math.prod(input_field.shape)} elements).")
+    if spec.batch.positional and facts.min_length != facts.max_length:
         raise SchemaError(
-            f"{described} hold arrays of unequal length (between {stats.min_length} and "
-            f"{stats.max_length}); every row needs the same number of features. Pad, truncate or "
-            "filter the rows first."
+            f"{described} hold arrays of unequal length (between {facts.min_length} and "
+            f"{facts.max_length}); every row needs the same number of features. Pad, truncate or "
+            "filter the rows first (or use inputs= for variable-length arrays: they are padded per batch)."
         )
-    if not stats.max_length:
+    if not facts.max_length:
         raise SchemaError(f"{described} hold empty arrays: there are no features to train on.")
 
 
@@ -126,23 +236,48 @@ def _check_labels(spec: ColumnSpec, config: TrainConfig, stats: InputStats) -> N
         )
 
 
-def check_model_output(template: nn.Module, config: TrainConfig, spec: ColumnSpec, feature_dim: int,
-                       max_label: float | None) -> None:
-    """Forward a zero batch of 2 rows and check the output against the loss and the labels."""
-    probe = torch.zeros(2, feature_dim)
+def check_model_output(template: nn.Module, config: TrainConfig, spec: ColumnSpec,
+                       shapes: dict[str, tuple[int, ...]], max_label: float | None, ragged: tuple[str, ...] = ()) -> None:
+    """Run the model (or ``train_step``) on a zero batch of 2 rows shaped like the real inputs,
+    and check the output against the loss and the labels."""
+    batch_spec: BatchSpec = spec.batch.with_ragged(ragged)
+    batch = dummy_batch(batch_spec, shapes, rows=2)
     was_training = template.training
     template.eval()
     try:
         with torch.no_grad():
-            output = template(probe)
+            if config.train_step is not None:
+                label_dtype = torch.int64 if spec.label_is_integer else tensor_dtype(FLOAT)
+                batch[LABEL_KEY] = torch.zeros(2, dtype=label_dtype)
+                output = config.train_step(template, batch)
+            else:
+                output = call_model(template, batch, batch_spec)
     except Exception as exc:
-        raise ConfigError(
-            f"The model cannot run on a batch of {feature_dim} features (the width of "
-            f"{_describe_features(spec)}): {type(exc).__name__}: {exc}. Make its input size "
-            f"{feature_dim}, or select the feature columns it expects."
-        ) from exc
+        raise ConfigError(_cannot_run(spec, shapes, config, exc)) from exc
     finally:
         template.train(was_training)
+    if config.train_step is not None:
+        if not isinstance(output, torch.Tensor) or output.numel() != 1:
+            raise ConfigError(f"train_step must return the batch's loss as a scalar tensor; for a batch of 2 it "
+                              f"returned {_shape_of(output)}.")
+        return
+    _check_output(output, config, spec, max_label)
+
+
+def _cannot_run(spec: ColumnSpec, shapes: dict[str, tuple[int, ...]], config: TrainConfig, exc: Exception) -> str:
+    step = "train_step" if config.train_step is not None else "The model"
+    if spec.batch.positional:
+        width = shapes[spec.batch.inputs[0].name]
+        width_text = width[0] if len(width) == 1 else width
+        return (f"{step} cannot run on a batch of {width_text} features (the width of "
+                f"{spec.sources[0].describe()}): {type(exc).__name__}: {exc}. Make its input size "
+                f"{width_text}, or select the feature columns it expects.")
+    described = ", ".join(f"{f.name}={list(shapes.get(f.name, ()))}" for f in spec.batch.inputs)
+    return (f"{step} cannot run on a batch of the inputs (per-row shapes {described}): "
+            f"{type(exc).__name__}: {exc}. Make its forward take these keyword arguments and shapes.")
+
+
+def _check_output(output: object, config: TrainConfig, spec: ColumnSpec, max_label: float | None) -> None:
     if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != 2:
         raise ConfigError(
             f"The model must return a tensor with one row per input row; for a batch of 2 it returned "
@@ -168,20 +303,14 @@ def check_model_output(template: nn.Module, config: TrainConfig, spec: ColumnSpe
         )
 
 
-def _describe_features(spec: ColumnSpec) -> str:
-    if spec.feature_kind == "columns":
-        return f"Feature columns {list(spec.feature_cols)}"
-    return f"Feature column {spec.feature_cols[0]!r}"
-
-
-def _per_column_problems(source: DataFrame, spec: ColumnSpec) -> str:
+def _per_column_problems(source: DataFrame, input_source: InputSource) -> str:
     """Per-column counts of null/NaN/infinite values (only computed when there are some)."""
     counts = source.agg(*[
-        F.sum(F.when(_not_finite(F.col(c).cast("double")), 1).otherwise(0)).alias(c) for c in spec.feature_cols
+        F.sum(F.when(_not_finite(F.col(c).cast("double")), 1).otherwise(0)).alias(c) for c in input_source.columns
     ]).first().asDict()
     bad = {c: int(n) for c, n in counts.items() if n}
     return "; per column: " + ", ".join(f"{c!r}: {n}" for c, n in bad.items()) if bad else ""
 
 
-def _shape_of(value) -> str:
+def _shape_of(value: object) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
 from spark_ddl.sync.host_reduce import FlatGradientReducer
+from spark_ddl.sync.sparse_rows import average_sparse_gradient, make_tables_sparse, sparse_parameters, sparse_policy
 
 
 def register_compression(ddp: DistributedDataParallel, compression: str) -> None:
@@ -69,6 +70,11 @@ class AllReduceStrategy(LockstepStrategy):
 
     @classmethod
     def check_settings(cls, settings: StrategySettings) -> None:
+        if settings.sparse_embeddings == "always" and sparse_policy(settings) == "never":
+            raise ConfigError(
+                "sparse_embeddings='always' needs an update that takes sparse gradients: optimizer='sgd' without "
+                "weight_decay and no grad_clip_norm. Use sparse_embeddings='auto' or 'never' with these settings."
+            )
         if settings.allreduce_impl == "flat" and (settings.compression != "none" or settings.use_gpu):
             raise ConfigError(
                 "allreduce_impl='flat' averages uncompressed gradients of CPU agents; with "
@@ -77,7 +83,9 @@ class AllReduceStrategy(LockstepStrategy):
 
     @classmethod
     def create(cls, settings: StrategySettings, env: StrategyEnv) -> "AllReduceStrategy":
-        return cls(env.device, settings.compression, settings.allreduce_impl, env.host_keys, settings.timeout)
+        strategy = cls(env.device, settings.compression, settings.allreduce_impl, env.host_keys, settings.timeout)
+        strategy._sparse_policy = sparse_policy(settings)
+        return strategy
 
     def __init__(self, device: torch.device, compression: str = "none", impl: str = "auto",
                  host_keys: list[str] | None = None, timeout: float = 300.0) -> None:
@@ -88,6 +96,8 @@ class AllReduceStrategy(LockstepStrategy):
         self._host_keys = host_keys
         self._ddp: DistributedDataParallel | None = None
         self._reducer: FlatGradientReducer | None = None
+        self._sparse: list[nn.Parameter] = []  # embedding tables whose touched rows travel alone
+        self._sparse_policy = "never"  # which dense tables to switch to sparse gradients (see sparse_policy)
         self._has_buffers = False
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
@@ -96,7 +106,10 @@ class AllReduceStrategy(LockstepStrategy):
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             broadcast_state(module)
             keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
-            self._reducer = FlatGradientReducer(module.parameters(), keys, self._timeout)
+            make_tables_sparse(module, self._sparse_policy)
+            self._sparse = sparse_parameters(module)
+            dense = [p for p in module.parameters() if not any(p is s for s in self._sparse)]
+            self._reducer = FlatGradientReducer(dense, keys, self._timeout)
             self._optimizer = make_optimizer(module.parameters())
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
@@ -127,8 +140,12 @@ class AllReduceStrategy(LockstepStrategy):
             return
         if self._reducer is not None:
             self._reducer.average()
+            for table in self._sparse:
+                average_sparse_gradient(table)
             self._optimizer.step()
             self._reducer.zero()
+            for table in self._sparse:
+                table.grad = None
         else:
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
@@ -139,7 +156,7 @@ class AllReduceStrategy(LockstepStrategy):
         if self._reducer is None:
             return {"allreduce_impl": "ddp"}
         return {"allreduce_impl": "flat", "shared_memory": self._reducer.shared_memory,
-                "hosts": [len(h) for h in self._reducer.layout.hosts]}
+                "hosts": [len(h) for h in self._reducer.layout.hosts], "sparse_tables": len(self._sparse)}
 
     def close(self) -> None:
         self._ddp = None  # the DDP reducer holds a reference to the process group

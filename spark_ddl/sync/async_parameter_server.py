@@ -36,6 +36,7 @@ from torch import nn
 from spark_ddl.errors import ConfigError
 from spark_ddl.objectives import make_scheduler
 from spark_ddl.sync.async_server import DONE, HEADER, HELLO, PUSH, AsyncServer
+from spark_ddl.sync.sparse_rows import dense_gradient
 from spark_ddl.sync.base import (AsyncStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
                                  average_floating_buffers, broadcast_state, copy_flat_into, flatten)
 
@@ -174,7 +175,7 @@ class AsyncParameterServerStrategy(AsyncStrategy):
         loss.backward()
         if not sync:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        grads = [dense_gradient(p) for p in self._params]
         gradient = flatten(grads).to("cpu")
         for param in self._params:
             param.grad = None

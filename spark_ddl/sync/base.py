@@ -33,6 +33,10 @@ class StrategySettings(Protocol):
     use_gpu: bool | None
     compression: str
     allreduce_impl: str
+    sparse_embeddings: str
+    optimizer: str
+    optimizer_kwargs: dict[str, Any]
+    grad_clip_norm: float | None
     sync_every: int
     accumulate_steps: int
     max_staleness: int | None

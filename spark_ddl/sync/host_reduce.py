@@ -348,6 +348,20 @@ class FlatGradientReducer:
             raise LocalPeerError(f"rank(s) {behind} on this machine did not reach the gradient exchange "
                                  f"within timeout={self._timeout:g} s")
 
+    def adopt_gradients(self) -> None:
+        """Copy gradients that no longer live in the buffer (replaced, or set to None by
+        ``zero_grad(set_to_none=True)``) back into it, and point ``.grad`` at the views again:
+        for callers that do not control how gradients are zeroed (``spark_ddl.run``)."""
+        offset = 0
+        for param, address in zip(self._params, self._addresses):
+            view = self.flat[offset:offset + param.numel()].view_as(param)
+            if param.grad is None:
+                view.zero_()
+            elif param.grad.data_ptr() != address:
+                view.copy_(param.grad)
+            param.grad = view
+            offset += param.numel()
+
     def zero(self) -> None:
         """Zero the gradients in place (never ``set_to_none``: the views must stay)."""
         self.flat.zero_()

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from spark_ddl.sync.base import LockstepStrategy, StrategyEnv, StrategySettings, broadcast_state, flatten, unflatten
+from spark_ddl.sync.sparse_rows import dense_gradient
 
 
 class ParameterServerStrategy(LockstepStrategy):
@@ -31,7 +32,7 @@ class ParameterServerStrategy(LockstepStrategy):
         if not sync:
             return  # accumulate locally; the next sync step sends the sum
         params = [p for p in module.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [dense_gradient(p) for p in params]
         flat = flatten(grads)
         dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)  # step 4: gradients to the master
         if dist.get_rank() == 0:

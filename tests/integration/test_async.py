@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import pytest
@@ -12,14 +13,28 @@ from pyspark.sql import functions as F
 from spark_ddl import ConfigError, TorchEstimator, TrainingError
 from spark_ddl.models import MLP
 from tests.helpers import REPO, TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
-from tests.integration.test_equivalence import max_relative_difference
+from tests.references import combined_batch_sgd, max_relative_difference
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def slow_rank_one(rank: int, epoch: int, step: int, module) -> None:
-    if rank == 1:
-        time.sleep(0.03)
+def rank_one_starts_after_rank_zero_updated(directory: str, updates: int = 3, deadline_s: float = 60.0):
+    """Rank 1 refuses to take its first step until rank 0 has made ``updates`` updates (files as
+    the signal: both agents run on this machine). Under lock-step training this can never happen:
+    rank 0 would wait for rank 1's first gradient, and the hook raises after ``deadline_s``."""
+    signal = os.path.join(directory, "rank0-ahead")
+
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        if rank == 0 and step == updates:  # async steps count on across passes over the shard
+            open(signal, "w").close()
+        elif rank == 1 and step == 0:
+            deadline = time.monotonic() + deadline_s
+            while not os.path.exists(signal):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank 0 did not get {updates} updates ahead of rank 1")
+                time.sleep(0.01)
+
+    return hook
 
 
 def fail_on_rank(rank_to_fail: int):
@@ -44,41 +59,34 @@ def held_out_accuracy(model, test) -> float:
     return scored.where(F.col("prediction") == F.col("label")).count() / test.count()
 
 
-def test_async_with_a_slow_agent_finishes_sooner_and_still_learns(spark):
-    digits = spark.read.parquet(str(REPO / "data" / "digits.parquet")).cache()
+def test_async_agents_do_not_wait_for_a_slow_agent_and_still_learn(spark, tmp_path):
+    """Rank 1 is held back until rank 0 has made 3 updates: rank 0 must go ahead alone (within
+    the staleness bound), and the run still learns digits. Speed under a straggler (fit seconds,
+    updates per agent) is measured by `spark-ddl bench strategies`, not here."""
+    digits = spark.read.parquet(str(REPO / "data" / "digits.parquet"))
     train, test = digits.where(F.col("split") == "train"), digits.where(F.col("split") == "test")
-    seconds, models = {}, {}
-    for sync in ("allreduce", "async"):  # side by side, same slowed agent
-        estimator = digits_estimator(sync)
-        estimator._fail_hook = slow_rank_one
-        estimator.fit(train.limit(64))  # warm the Python workers, so both timings compare
-        started = time.perf_counter()
-        models[sync] = estimator.fit(train)
-        seconds[sync] = time.perf_counter() - started
-    summary = models["async"].summary
-    print("fit seconds", seconds, "pushes per rank", summary["pushes_per_rank"])
-    assert seconds["async"] < 0.7 * seconds["allreduce"], (seconds, summary["pushes_per_rank"])
-    # the fast agent did most of the work, within the staleness bound
-    assert summary["pushes_per_rank"][0] > 1.5 * summary["pushes_per_rank"][1]
-    assert summary["max_staleness_seen"] <= summary["max_staleness"] == 4  # the default for 2 agents
-    assert len(models["async"].history) == 8
-    assert held_out_accuracy(models["async"], test) >= 0.90
-    digits.unpersist()
+    estimator = digits_estimator("async", max_staleness=4)
+    estimator._fail_hook = rank_one_starts_after_rank_zero_updated(str(tmp_path))
+    model = estimator.fit(train)
+    summary = model.summary
+    assert (tmp_path / "rank0-ahead").exists()
+    assert summary["max_staleness_seen"] <= summary["max_staleness"] == 4
+    assert sum(summary["pushes_per_rank"]) == 8 * sum(-(-n // 32) for n in summary["shard_sizes"])  # the budget
+    assert len(model.history) == 8
+    assert held_out_accuracy(model, test) >= 0.90
 
 
 def test_one_async_agent_is_plain_sequential_sgd(spark):
-    """With one agent there is no staleness: async must equal the synchronous run exactly."""
+    """With one agent there is no staleness: async must equal plain SGD in one process exactly."""
     parts = split_by_sizes(*regression_arrays(90, seed=4), [90])
-    frame = frame_with_partitions(spark, parts)
     torch.manual_seed(2)
     net = TinyNet()
-    results = {}
-    for sync in ("allreduce", "async"):
-        results[sync] = TorchEstimator(model=copy.deepcopy(net), loss="mse", lr=0.05, batch_size=8, epochs=2,
-                                       num_workers=1, sync=sync, timeout=60).fit(frame)
-    assert max_relative_difference(results["async"].get_module(), results["allreduce"].get_module()) <= 1e-6
-    assert max_relative_difference(net.eval(), results["async"].get_module()) > 1e-2
-    assert results["async"].summary["pushes_per_rank"] == [24]  # ceil(90 / 8) x 2 epochs
+    model = TorchEstimator(model=copy.deepcopy(net), loss="mse", lr=0.05, batch_size=8, epochs=2, num_workers=1,
+                           sync="async", shuffle=False, timeout=60).fit(frame_with_partitions(spark, parts))
+    reference = combined_batch_sgd(net, parts, batch_size=8, epochs=2, lr=0.05)
+    assert max_relative_difference(model.get_module(), reference) <= 1e-6
+    assert max_relative_difference(net.eval(), reference) > 1e-2
+    assert model.summary["pushes_per_rank"] == [24]  # ceil(90 / 8) x 2 epochs
 
 
 @pytest.mark.parametrize("sizes", [(37, 61), (0, 45), (45, 0)])
@@ -109,12 +117,12 @@ def test_async_reports_per_epoch_validation_of_the_master(any_spark):
 @pytest.mark.parametrize("failing_rank", [1, 0])
 def test_an_agent_failing_mid_run_reaches_the_driver_promptly(spark, failing_rank):
     parts = split_by_sizes(*regression_arrays(160, seed=4), [80, 80])
-    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=4, sync="async", timeout=60)
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=4, sync="async", timeout=300)
     estimator._fail_hook = fail_on_rank(failing_rank)
     started = time.monotonic()
     with pytest.raises(TrainingError) as info:
         estimator.fit(frame_with_partitions(spark, parts))
-    assert time.monotonic() - started < 45  # well before the 60 s timeout
+    assert time.monotonic() - started < 100  # the peers stopped: not through the 300 s timeout
     assert info.value.rank == failing_rank and info.value.remote_type == "KeyError"
     assert f"rank {failing_rank} lost its key in epoch 2" in str(info.value)
     healthy = TorchEstimator(model=TinyNet(), loss="mse", epochs=1, sync="async", timeout=30)

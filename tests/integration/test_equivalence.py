@@ -10,32 +10,12 @@ import torch
 
 from spark_ddl import TorchEstimator
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.references import combined_batch_sgd, max_relative_difference, steps_per_epoch
 
 
 def reference_training(module, parts, batch_size, epochs, lr):
     """One process, plain SGD: step s uses rank 0's rows [s*b, (s+1)*b) followed by rank 1's."""
-    model = copy.deepcopy(module)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in parts]
-    steps = max(-(-len(x) // batch_size) for x, _ in parts)
-    for _ in range(epochs):
-        for step in range(steps):
-            window = slice(step * batch_size, (step + 1) * batch_size)
-            x = torch.cat([px[window] for px, _ in tensors])
-            y = torch.cat([py[window] for _, py in tensors])
-            loss = torch.nn.functional.mse_loss(model(x), y.reshape(-1, 1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model, steps * epochs
-
-
-def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    worst = 0.0
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        scale = pb.abs().max().item() or 1.0
-        worst = max(worst, (pa - pb).abs().max().item() / scale)
-    return worst
+    return combined_batch_sgd(module, parts, batch_size, epochs, lr), steps_per_epoch(parts, batch_size) * epochs
 
 
 def train_both(spark, sizes, batch_size=8, epochs=2, lr=0.05):

@@ -23,12 +23,12 @@ def fail_on_rank_one(rank: int, epoch: int, step: int, module) -> None:
 
 
 def test_forward_error_reaches_driver_with_its_type_and_message(any_spark):
-    estimator = TorchEstimator(model=ExplodingNet(), loss="mse", epochs=1, num_workers=2, timeout=30,
+    estimator = TorchEstimator(model=ExplodingNet(), loss="mse", epochs=1, num_workers=2, timeout=300,
                                check_input=False)  # the driver's forward check would catch it first
     started = time.monotonic()
     with pytest.raises(TrainingError) as info:
         estimator.fit(two_partitions(any_spark))
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 100  # the peer stopped at once, not through the 300 s timeout
     error = info.value
     assert isinstance(error, ValueError)  # the worker's exception type, usable in `except`
     assert error.remote_type == "ValueError"

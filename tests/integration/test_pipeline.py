@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
@@ -20,7 +20,10 @@ from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import functions as F
 from torch import nn
 
+import spark_ddl
 from spark_ddl import ConfigError, TorchEstimator, TorchModel
+from tests.references import assert_same_state
+from tests.tamper import pickled, plant, tampered_archive
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "data" / "digits.parquet")
@@ -104,40 +107,60 @@ def test_cross_validator_picks_the_better_learning_rate(digits):
     assert best.summary["history"] and cv_model.avgMetrics[1] > 0.85
 
 
-def test_tampered_model_is_refused_without_running_its_pickles(spark, tmp_path):
+def test_a_tampered_model_is_refused_by_every_loader_without_running_its_pickles(spark, tmp_path):
+    """A module-object model keeps module.cloudpickle and model.pt2: a payload is planted in both
+    (checksums updated). TorchModel.load, its reader and PipelineModel.load refuse it and never
+    run it; allowing pickles (control) runs it, so the payload is live."""
     frame = spark.createDataFrame([([float(i), 1.0, 2.0], float(i)) for i in range(20)],
                                   "features array<float>, label double")
     model = TorchEstimator(model=SelfishNet(), loss="mse", epochs=1).fit(frame)
-    path = tmp_path / "model"
+    path, pipeline_path = tmp_path / "model", tmp_path / "pipeline"
     model.write().save(str(path))
+    PipelineModel(stages=[model]).write().save(str(pipeline_path))
+    (stage,) = (pipeline_path / "stages").iterdir()
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    (path / "module.cloudpickle").write_bytes(pickle.dumps(Payload()))
-    import io
-    import zipfile
-
-    source = zipfile.ZipFile(io.BytesIO((path / "model.pt2").read_bytes()))
-    tampered = io.BytesIO()
-    with zipfile.ZipFile(tampered, "w") as out:
-        for name in source.namelist():
-            out.writestr(name, pickle.dumps(Payload()) if "/sample_inputs/" in name else source.read(name))
-    (path / "model.pt2").write_bytes(tampered.getvalue())
-    metadata_file = path / "metadata" / "part-00000"
-    metadata = json.loads(metadata_file.read_text())
-    metadata["spark_ddl"]["files_sha256"]["model.pt2"] = __import__("hashlib").sha256(tampered.getvalue()).hexdigest()
-    metadata_file.write_text(json.dumps(metadata))
+    for directory in (path, stage):
+        plant(directory, "model.pt2", tampered_archive((directory / "model.pt2").read_bytes(), "sample inputs", marker))
+        plant(directory, "module.cloudpickle", pickled(marker))
 
     with pytest.raises(ConfigError, match="torch.export program was refused") as info:
         TorchModel.load(str(path))
     assert "allow_pickle=True" in str(info.value)
-    with pytest.raises(ConfigError):
-        PipelineModel.load  # noqa: B018 - the reader path below goes through TorchModel.load too
+    with pytest.raises(ConfigError, match="torch.export program was refused"):
         TorchModel.read().load(str(path))
+    with pytest.raises(ConfigError, match="torch.export program was refused"):
+        PipelineModel.load(str(pipeline_path))
     assert not marker.exists()
+    with spark_ddl.allow_pickle(), contextlib.suppress(Exception):  # control
+        PipelineModel.load(str(pipeline_path))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["module.cloudpickle", "params.cloudpickle"])
+def test_a_tampered_estimator_is_refused_without_running_its_pickles(spark, tmp_path, planted):
+    """An estimator saved with a module object (module.cloudpickle) or a callable loss
+    (params.cloudpickle): with a payload planted there, TorchEstimator.load and Pipeline.load
+    refuse without allow_pickle and never run it; with it (control) the payload runs."""
+    model = SelfishNet() if planted == "module.cloudpickle" else "tests.helpers:TinyNet"
+    loss = "mse" if planted == "module.cloudpickle" else smooth_l1
+    estimator = TorchEstimator(model=model, loss=loss, epochs=1)
+    path, pipeline_path = tmp_path / "estimator", tmp_path / "pipeline"
+    estimator.write().save(str(path))
+    Pipeline(stages=[estimator]).save(str(pipeline_path))
+    (stage,) = (pipeline_path / "stages").iterdir()
+    marker = tmp_path / "pwned"
+    for directory in (path, stage):
+        assert (directory / planted).exists()
+        plant(directory, planted, pickled(marker))
+
+    with pytest.raises(ConfigError, match="allow_pickle=True"):
+        TorchEstimator.load(str(path))
+    with pytest.raises(ConfigError, match="spark_ddl.allow_pickle"):
+        Pipeline.load(str(pipeline_path))
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # control
+        TorchEstimator.load(str(path), allow_pickle=True)
+    assert marker.exists()
 
 
 class SelfishNet(nn.Module):
@@ -217,17 +240,13 @@ def test_an_unfitted_pipeline_saves_loads_and_then_fits_the_same_model(digits, t
     for name in ("model", "model_kwargs", "lr", "epochs", "seed", "labelCol", "feature_cols", "validation_fraction"):
         assert loaded_estimator.getOrDefault(name) == estimator.getOrDefault(name), name
     original, reloaded = pipeline.fit(train), loaded.fit(train)
-    first, second = original.stages[-1].get_module().state_dict(), reloaded.stages[-1].get_module().state_dict()
-    assert set(first) == set(second)
-    for name in first:  # same settings, same seed: the same training run
-        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+    # same settings, same seed: the same training run
+    assert_same_state(reloaded.stages[-1].get_module().state_dict(), original.stages[-1].get_module().state_dict())
     accuracy = reloaded.transform(test).select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
     assert accuracy > 0.85
 
 
 def test_an_estimator_with_a_module_object_and_a_callable_loss_loads_only_with_pickles_allowed(spark, tmp_path):
-    import spark_ddl
-
     frame = spark.createDataFrame([([float(i % 7), 1.0, float(i % 3)], float(i % 5)) for i in range(40)],
                                   "features array<float>, label double")
     estimator = TorchEstimator(model=SelfishNet(), loss=smooth_l1, epochs=2, lr=0.05)
@@ -245,9 +264,8 @@ def test_an_estimator_with_a_module_object_and_a_callable_loss_loads_only_with_p
         loaded = Pipeline.load(pipeline_path).getStages()[0]
     assert TorchEstimator.load(path, allow_pickle=True).uid == loaded.uid == estimator.uid
     assert loaded.getOrDefault("loss") is smooth_l1
-    weights = estimator.getOrDefault("model").state_dict()
-    for name, value in loaded.getOrDefault("model").state_dict().items():  # the initial weights travel too
-        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    # the initial weights travel too
+    assert_same_state(loaded.getOrDefault("model").state_dict(), estimator.getOrDefault("model").state_dict())
     model = loaded.fit(frame)
     assert len(model.history) == 2
 

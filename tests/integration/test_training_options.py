@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from spark_ddl import ConfigError, TorchEstimator
-from tests.helpers import TinyNet
+from spark_ddl import ConfigError, SchemaError, TorchEstimator
+from tests.helpers import SparkJobs, TinyNet
 
 
 @pytest.fixture
@@ -60,15 +60,16 @@ def test_step_lr_scheduler_halves_the_rate_every_epoch(noisy_classes):
     assert [h["lr"] for h in model.history] == pytest.approx([0.4, 0.2, 0.1, 0.05])
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"early_stopping_patience": 2}, "early_stopping_patience needs a validation set"),
-    ({"validation_col": "is_val", "validation_fraction": 0.2}, "not both"),
-    ({"validation_col": "nope"}, "validation_col 'nope' not found"),
-    ({"validation_fraction": 1.5}, "validation_fraction must be in (0, 1)"),
-    ({"lr_scheduler": "NoSuchLR"}, "lr_scheduler must name a class in torch.optim.lr_scheduler"),
+@pytest.mark.parametrize("params, error_type, message", [
+    ({"early_stopping_patience": 2}, ConfigError, "early_stopping_patience needs a validation set"),
+    ({"validation_col": "is_val", "validation_fraction": 0.2}, ConfigError, "not both"),
+    ({"validation_col": "nope"}, SchemaError, "validation_col 'nope' not found"),
+    ({"validation_fraction": 1.5}, ConfigError, "validation_fraction must be in (0, 1)"),
+    ({"lr_scheduler": "NoSuchLR"}, ConfigError, "lr_scheduler must name a class in torch.optim.lr_scheduler"),
 ])
-def test_bad_training_options_fail_on_the_driver(noisy_classes, params, message):
+def test_bad_training_options_fail_on_the_driver(spark, noisy_classes, params, error_type, message):
     frame, _, _ = noisy_classes
-    with pytest.raises((ConfigError, ValueError)) as info:
+    with SparkJobs(spark) as jobs, pytest.raises(error_type) as info:
         TorchEstimator(**{"model": TinyNet(16, 8, 4), "loss": "cross_entropy", **params}).fit(frame)
-    assert message in str(info.value)
+    assert type(info.value) is error_type and message in str(info.value)
+    assert jobs.count == 0  # refused before any Spark job

@@ -1,10 +1,15 @@
+import contextlib
+import io
 import os
 
 import pytest
 import torch
 
 from spark_ddl import artifact, storage, wire
+from spark_ddl.agent.shard import default_spec
 from spark_ddl.model_source import build_from_class_path
+from tests.references import assert_same_state
+from tests.tamper import EXPORT_ROUTES, tampered_archive
 
 
 def test_chunks_stay_under_the_limit_and_reassemble():
@@ -19,8 +24,7 @@ def test_chunks_stay_under_the_limit_and_reassemble():
 def test_state_dict_round_trip_without_pickle():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     restored = artifact.state_dict_from_bytes(artifact.state_dict_to_bytes(module))
-    for name, value in module.state_dict().items():
-        torch.testing.assert_close(restored[name], value)
+    assert_same_state(restored, module.state_dict())
 
 
 def test_failed_write_leaves_the_existing_model_intact(tmp_path):
@@ -56,25 +60,23 @@ def test_nested_names_become_sub_directories(tmp_path):
     assert storage.read_file(str(tmp_path / "m"), "missing") is None
 
 
-def test_export_archive_round_trip_and_tamper_check():
-    import io
-    import pickle
-    import zipfile
-
+def test_export_archive_round_trip():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
-    data = artifact.export_program(module, 3)
+    data = artifact.export_program(module, default_spec(), {"features": (3,)})
     x = torch.randn(7, 3)
     torch.testing.assert_close(artifact.load_export_program(data)(x), module(x))
+    artifact.check_export_archive(data)  # what export_program writes passes the check
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
 
-    source = zipfile.ZipFile(io.BytesIO(data))
-    tampered = io.BytesIO()
-    with zipfile.ZipFile(tampered, "w") as out:
-        for name in source.namelist():
-            body = pickle.dumps(Evil()) if "/sample_inputs/" in name else source.read(name)
-            out.writestr(name, body)
-    with pytest.raises(artifact.UnsafeArchiveError, match="weights_only"):
-        artifact.load_export_program(tampered.getvalue())
+@pytest.mark.parametrize("route", list(EXPORT_ROUTES))
+def test_every_pickle_route_of_an_export_archive_is_refused_without_running_it(tmp_path, route):
+    data = artifact.export_program(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), default_spec(),
+                                   {"features": (3,)})
+    marker = tmp_path / "pwned"
+    tampered = tampered_archive(data, route, marker)
+    with pytest.raises(artifact.UnsafeArchiveError):
+        artifact.load_export_program(tampered)
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # control: torch's own loader runs the payload
+        torch.export.load(io.BytesIO(tampered))
+    assert marker.exists(), "the planted payload did not run: this route tests nothing"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import replace
 
+import pytest
 import torch
 
 from spark_ddl.checkpoint import (incompatibilities, list_checkpoints, read_checkpoint, read_checkpoint_facts,
                                   write_checkpoint)
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver import launcher
+from tests.tamper import Payload, torch_saved
 
 
 def state(config: TrainConfig, epoch: int) -> dict:
@@ -47,3 +50,18 @@ def test_the_resume_check_reads_the_sidecar_not_the_model_sized_file(tmp_path):
         assert "lr: checkpoint 9.0" in str(error)
     else:
         raise AssertionError("a checkpoint with other settings was accepted")
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_without_running_it(tmp_path):
+    """Rank 0 reads checkpoints with weights_only=True (also the driver, for a checkpoint
+    without its sidecar): a planted payload fails to load and never runs."""
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "checkpoint-u000000005.pt"
+    planted.write_bytes(torch_saved({"format": 1, "epoch": 1, "step": 0, "model": Payload(marker)}))
+    with pytest.raises(pickle.UnpicklingError):
+        read_checkpoint(str(planted))  # what the resuming agent calls
+    with pytest.raises(pickle.UnpicklingError):
+        launcher.check_checkpoint_dir(TrainConfig(checkpoint_dir=str(tmp_path), resume=True))  # no sidecar
+    assert not marker.exists()
+    torch.load(planted, weights_only=False)  # control: a full unpickler runs it
+    assert marker.exists()

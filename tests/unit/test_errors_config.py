@@ -23,10 +23,20 @@ def test_no_marker_means_not_an_agent_failure():
     assert training_error_from_spark(Exception("executor lost")) is None
 
 
-def test_os_error_types_fall_back_to_plain_training_error():
-    error = training_error_from_spark(Exception(failure(0, "FileNotFoundError", "x", False)))
-    assert type(error).__name__ in ("TrainingFileNotFoundError", "TrainingError")
-    assert error.remote_type == "FileNotFoundError"
+@pytest.mark.parametrize("remote_type, typed_as", [
+    ("FileNotFoundError", FileNotFoundError),  # an OSError subclass combines with TrainingError too
+    ("KeyError", KeyError),
+    ("ExceptionGroup", None),  # not constructible from a message: a plain TrainingError
+    ("NoSuchError", None),  # not a builtin
+])
+def test_builtin_error_types_are_typed_or_fall_back_to_plain_training_error(remote_type, typed_as):
+    error = training_error_from_spark(Exception(failure(0, remote_type, "x", False)))
+    if typed_as is None:
+        assert type(error) is TrainingError
+    else:
+        assert type(error).__name__ == f"Training{remote_type}" and isinstance(error, (TrainingError, typed_as))
+        assert isinstance(error, typed_as)
+    assert error.remote_type == remote_type and error.remote_message == "x" and error.rank == 0
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -18,10 +18,12 @@ from spark_ddl.agent.loops import LoopContext, make_loop
 from spark_ddl.agent.loops.common import cpu_state
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.shard import Shard
+from spark_ddl.batch_format import BatchSpec, InputField
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.objectives import make_optimizer
 from spark_ddl.sync import StrategyEnv, make_strategy
+from tests.references import assert_same_state, averaged_independent_sgd, combined_batch_sgd
 
 FEATURES = 4
 
@@ -44,18 +46,48 @@ def shards(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+class IdRegression(torch.nn.Module):
+    """An embedding table looked up by integer ids (a recommender's shape of gradient)."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(50, 3, sparse=sparse)
+        self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids))
+
+
+def id_shards(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 50, (sum(sizes),), generator=generator)
+    labels = (ids % 7).to(torch.float32) / 7
+    bounds = np.cumsum([0, *sizes])
+    return [(ids[lo:hi], labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: dict, out: str,
            resume_from: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
+    sparse = settings.pop("sparse_ids", None)
     config = TrainConfig(num_workers=world_size, loss="mse", shuffle=False, **settings).validate()
-    features, labels = shards(sizes)[rank]
-    train = Shard(features, labels)
-    validation = Shard(torch.empty(0, FEATURES), torch.empty(0))
+    if sparse is None:
+        features, labels = shards(sizes)[rank]
+        train = Shard.of(features, labels)
+        validation = Shard.of(torch.empty(0, FEATURES), torch.empty(0))
+        model = network()
+    else:
+        spec = BatchSpec((InputField("ids", "ids", "scalar", "int64"),), positional=False)
+        ids, labels = id_shards(sizes)[rank]
+        train = Shard(spec, {"ids": ids}, labels)
+        validation = Shard(spec, {"ids": ids[:0]}, labels[:0])
+        model = IdRegression(sparse)
     strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, ["one-host"] * world_size))
-    strategy.setup(network(), lambda params: make_optimizer(config.optimizer, params, config.lr,
-                                                            config.optimizer_kwargs, config.grad_clip_norm))
+    strategy.setup(model, lambda params: make_optimizer(config.optimizer, params, config.lr,
+                                                        config.optimizer_kwargs, config.grad_clip_norm))
     context = LoopContext(config, strategy, train, validation, sizes, rank, world_size, torch.device("cpu"),
                           Heartbeat(None, None, rank))
     loop = make_loop(context)
@@ -79,55 +111,17 @@ def run_agents(tmp_path: Path, sizes: list[int], resume_from: str | None = None,
 def plain_sgd(sizes: list[int], batch_size: int, epochs: int, lr: float, momentum: float = 0.0,
               clip: float | None = None) -> dict:
     """One process: each step trains on the rows every agent would take at that step, together."""
-    model, parts = network(), shards(sizes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    for _ in range(epochs):
-        for step in range(math.ceil(max(sizes) / batch_size)):
-            window = slice(step * batch_size, (step + 1) * batch_size)
-            x = torch.cat([p[0][window] for p in parts])
-            y = torch.cat([p[1][window] for p in parts])
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x).reshape(-1), y).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-    return model.state_dict()
+    return combined_batch_sgd(network(), shards(sizes), batch_size, epochs, lr, momentum, clip).state_dict()
 
 
 def independent_sgd_averaged(sizes: list[int], batch_size: int, epochs: int, lr: float, every: int) -> dict:
     """K processes, each plain SGD on its own shard; parameters averaged every ``every`` steps
     and at the end."""
-    parts = shards(sizes)
-    models = [network() for _ in parts]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
-
-    def average() -> None:
-        with torch.no_grad():
-            for tensors in zip(*(m.parameters() for m in models)):
-                mean = torch.stack([t for t in tensors]).mean(dim=0)
-                for t in tensors:
-                    t.copy_(mean)
-
-    updates = 0
-    for _ in range(epochs):
-        for step in range(math.ceil(max(sizes) / batch_size)):
-            window = slice(step * batch_size, (step + 1) * batch_size)
-            for model, optimizer, (x, y) in zip(models, optimizers, parts):
-                optimizer.zero_grad()
-                torch.nn.functional.mse_loss(model(x[window]).reshape(-1), y[window]).backward()
-                optimizer.step()
-            updates += 1
-            if updates % every == 0:
-                average()
-    if updates % every:
-        average()
-    return models[0].state_dict()
+    return averaged_independent_sgd(network(), shards(sizes), batch_size, epochs, lr, every).state_dict()
 
 
 def assert_states_close(actual: dict, expected: dict, tolerance: float = 1e-5) -> None:
-    assert set(actual) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+    assert_same_state(actual, expected, tolerance)
 
 
 @pytest.mark.parametrize("sync, allreduce_impl", [("allreduce", "flat"), ("allreduce", "ddp"),
@@ -152,6 +146,38 @@ def test_gradient_clipping_applies_to_the_averaged_gradient_on_every_rank(tmp_pa
         assert_states_close(rank["state"], expected)
     unclipped = plain_sgd(sizes, batch, epochs, lr=0.1)
     assert not all(torch.allclose(expected[n], unclipped[n], atol=1e-4) for n in expected)  # the clip bound
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])
+def test_sparse_embedding_gradients_train_exactly_like_dense_ones(tmp_path, sync):
+    sizes, batch, epochs = [24, 40], 8, 2
+    settings = dict(sync=sync, batch_size=batch, epochs=epochs, lr=0.2, optimizer_kwargs={"momentum": 0.9})
+    sparse = run_agents(tmp_path, sizes, sparse_ids=True, **settings)
+    model = IdRegression(sparse=False)  # one process, the combined batches, dense gradients
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    parts = id_shards(sizes)
+    for _ in range(epochs):
+        for step in range(math.ceil(max(sizes) / batch)):
+            window = slice(step * batch, (step + 1) * batch)
+            ids, y = torch.cat([p[0][window] for p in parts]), torch.cat([p[1][window] for p in parts])
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(ids).reshape(-1), y).backward()
+            optimizer.step()
+    for rank in sparse:
+        assert_states_close(rank["state"], model.state_dict())
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])
+def test_accumulating_k_micro_batches_of_b_equals_one_process_on_batches_of_k_b(tmp_path, sync):
+    sizes, batch, k, epochs = [24, 40], 4, 2, 2
+    ranks = run_agents(tmp_path, sizes, sync=sync, batch_size=batch, accumulate_steps=k, epochs=epochs, lr=0.05,
+                       optimizer_kwargs={"momentum": 0.9})
+    expected = plain_sgd(sizes, k * batch, epochs, lr=0.05, momentum=0.9)
+    for rank in ranks:
+        assert_states_close(rank["state"], expected)
+    assert ranks[0]["steps_run"] == epochs * math.ceil(40 / batch)  # micro-steps, not updates
+    not_accumulated = plain_sgd(sizes, batch, epochs, lr=0.05, momentum=0.9)
+    assert not all(torch.allclose(expected[n], not_accumulated[n], atol=1e-4) for n in expected)
 
 
 def test_local_sgd_equals_independent_runs_averaged_every_k_steps(tmp_path):

@@ -19,7 +19,8 @@ def monitor():
     server.close()
 
 
-def wait_for(condition, seconds: float = 5.0) -> None:
+def wait_for(condition, seconds: float = 30.0) -> None:
+    """Poll until ``condition()`` holds; fail after ``seconds`` (a deadline, not a speed claim)."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -55,17 +56,30 @@ def test_malformed_lines_are_dropped_and_the_channel_keeps_working(monitor):
     assert monitor.ranks[1].status["step"] == 4
 
 
-def test_heartbeats_feed_the_stall_detector(monitor):
-    beats = [Heartbeat(monitor.address, monitor.secret, rank, interval=0.05).start() for rank in (0, 1)]
-    beats[0].set("backward pass and gradient synchronisation", waiting=True, epoch=1, step=2)
-    beats[1].set("forward pass (model code)", epoch=1, step=2)
-    wait_for(lambda: len(monitor.ranks) == 2)
-    assert monitor.stall_error(2) is None  # just heard from both
-    wait_for(lambda: monitor.stall_error(2) is not None, seconds=3)
-    error = monitor.stall_error(2)
-    assert error.rank == 1 and "rank 1: epoch 2, step 3: forward pass (model code)" in str(error)
-    for beat in beats:
-        beat.stop()
+def test_heartbeats_feed_the_stall_detector():
+    """Ordering, not timing: no stall before every rank has reported (however long the first
+    was unchanged), a stall once nothing changed for stall_timeout, and a change clears it."""
+    monitor = AgentMonitor("127.0.0.1", stall_timeout=2.0)
+    beats = [Heartbeat(monitor.address, monitor.secret, rank, interval=0.05) for rank in (0, 1)]
+    try:
+        beats[0].set("backward pass and gradient synchronisation", waiting=True, epoch=1, step=2)
+        beats[0].start()
+        wait_for(lambda: 0 in monitor.ranks)
+        wait_for(lambda: time.monotonic() - monitor.ranks[0].changed > 2.0, seconds=30)
+        assert monitor.stall_error(1) is not None  # rank 0 alone has been unchanged for long enough
+        assert monitor.stall_error(2) is None  # but rank 1 has not reported yet
+        beats[1].set("forward pass (model code)", epoch=1, step=2)
+        beats[1].start()
+        wait_for(lambda: monitor.stall_error(2) is not None, seconds=30)
+        error = monitor.stall_error(2)
+        assert error.rank == 1 and "rank 1: epoch 2, step 3: forward pass (model code)" in str(error)
+        assert "rank 0: epoch 2, step 3: backward pass and gradient synchronisation" in str(error)
+        beats[1].set("forward pass (model code)", epoch=1, step=3)  # progress
+        wait_for(lambda: monitor.stall_error(2) is None, seconds=30)
+    finally:
+        for beat in beats:
+            beat.stop()
+        monitor.close()
 
 
 def test_an_unreachable_driver_does_not_disturb_the_agent():
@@ -73,8 +87,10 @@ def test_an_unreachable_driver_does_not_disturb_the_agent():
         unused.bind(("127.0.0.1", 0))
         address = unused.getsockname()  # bound, not listening: connections are refused
     beat = Heartbeat(address, "secret", 0, interval=0.05).start()
-    beat.set("forward pass (model code)", step=1)
-    beat.stop()  # returns promptly, raises nothing
+    wait_for(lambda: not beat._thread.is_alive(), seconds=30)  # the sender gave up on its own
+    beat.set("forward pass (model code)", step=1)  # training goes on: no error
+    beat.stop()
+    assert beat.status["step"] == 1 and not beat._thread.is_alive()
 
 
 def test_an_unbindable_driver_address_falls_back_to_all_interfaces():

@@ -22,8 +22,11 @@ def test_every_training_setting_is_a_param_a_keyword_argument_and_a_flag():
     for name in user_settings():
         assert estimator.hasParam(name), name
         assert estimator.getOrDefault(name) == getattr(TrainConfig(), name), name
-        if name != "loss":  # the train command trains a classifier: its loss is fixed
+        spec = declared(TrainConfig)[name][1]
+        if name != "loss" and spec.cli:  # the train command trains a classifier: its loss is fixed
             assert hasattr(args, name), f"spark-ddl train has no flag for {name}"
+        if not spec.cli:  # callables cannot come from a command line
+            assert spec.callable_ok and not hasattr(args, name)
     assert not estimator.hasParam("resume_from") and not estimator.hasParam("has_validation")
 
 

@@ -41,7 +41,7 @@ def test_unequal_feature_lengths_are_refused():
 
 
 def test_epoch_order_is_seeded_and_changes_every_epoch():
-    shard = Shard(torch.zeros(50, 1), torch.zeros(50))
+    shard = Shard.of(torch.zeros(50, 1), torch.zeros(50))
     assert shard.epoch_order(0, False, 0, 0).tolist() == list(range(50))
     first = shard.epoch_order(0, True, 3, 1)
     assert torch.equal(first, shard.epoch_order(0, True, 3, 1))

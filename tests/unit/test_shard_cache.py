@@ -38,7 +38,8 @@ def test_spilled_shard_equals_the_in_memory_one_and_deletes_its_file():
     assert torch.equal(order, disk_train.epoch_order(3, True, 7, 1))
     for start in range(0, len(order), 64):
         index = order[start:start + 64]
-        features, labels = disk_train.batch(index)
+        batch = disk_train.batch(index)
+        features, labels = batch["features"], batch["label"]
         assert torch.equal(features, memory_train.features[index])
         assert torch.equal(labels, memory_train.labels[index]) and labels.dtype == torch.int64
     path = disk_train.path

@@ -24,7 +24,6 @@ class AsyncLoop:
     def run(self) -> LoopResult:
         context, config, strategy = self.context, self.config, self.strategy
         model, rows = strategy.module, context.train.num_rows
-        fetch, index_device = context.train.batch_source(context.device)
         model.train()
         order, position, local_epoch, step = None, rows, -1, 0
         running = strategy.start()
@@ -34,7 +33,7 @@ class AsyncLoop:
                 if position >= rows:  # next pass over this agent's shard, freshly shuffled
                     local_epoch += 1
                     order = context.train.epoch_order(local_epoch, config.shuffle, config.seed,
-                                                      context.rank).to(index_device)
+                                                      context.rank).to(context.index_device)
                     position = 0
                 batches.append(order[position : position + config.batch_size])
                 position += len(batches[-1])
@@ -43,8 +42,7 @@ class AsyncLoop:
             for number, index in enumerate(batches):
                 context.heartbeat.set("forward pass (model code)", epoch=local_epoch, step=step)
                 context.before_step(local_epoch, step)
-                features, labels = fetch(index)
-                loss = context.loss_fn(model(features), labels)
+                loss = context.loss(model, context.fetch(index))
                 loss_sum += float(loss.detach()) * len(index)
                 last = number == len(batches) - 1
                 context.heartbeat.set("backward pass, pushing the gradient and pulling parameters" if last
@@ -60,8 +58,7 @@ class AsyncLoop:
         if config.has_validation:  # the parameters as they were at each epoch's end, on every agent
             epoch = 0
             while strategy.load_epoch_snapshot(epoch):
-                record = validate(strategy.trained_module, context.validation, context.loss_fn, config,
-                                  context.device)
+                record = validate(context, strategy.trained_module)
                 if history:
                     history[epoch].update(record)
                 epoch += 1

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from torch import nn
 
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.sampling import ShardRows
+from spark_ddl.batch_format import LABEL_KEY, BatchSpec, call_model, dummy_batch
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.objectives import LossFn, make_loss
 from spark_ddl.sync.base import SyncStrategy
@@ -33,15 +34,47 @@ class LoopContext:
     device: torch.device
     heartbeat: Heartbeat
     fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: before each step
+    batch: BatchSpec | None = None  # the model's inputs (None: the one-input shorthand)
+    row_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # fixed inputs' row shapes
     loss_fn: LossFn = field(init=False)
+    fetch: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(init=False)  # the training rows' batches
+    index_device: torch.device = field(init=False)  # where ``fetch`` wants its row indices
 
     def __post_init__(self) -> None:
         self.loss_fn = make_loss(self.config.loss)
+        if self.batch is None:
+            self.batch = self.train.spec
+        self.fetch, self.index_device = self.train.batch_source(self.device)
 
     def before_step(self, epoch: int, step: int) -> None:
         """Run the test hook, if any (fault injection)."""
         if self.fail_hook is not None:
             self.fail_hook(self.rank, epoch, step, self.strategy.trained_module)
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch-mean loss: the user's ``train_step(model, batch)``, or the built-in loss of
+        the model's output against ``batch["label"]``."""
+        if self.config.train_step is not None:
+            return self.config.train_step(model, batch)
+        return self.loss_fn(call_model(model, batch, self.batch), batch[LABEL_KEY])
+
+    def zero_loss(self, model: nn.Module) -> torch.Tensor:
+        """A loss of 0 whose backward reaches every parameter, for an agent whose shard has no
+        rows at this step: it still joins the step's collectives (with zero gradients). The
+        model runs in eval mode on two zero rows, so batch-norm statistics do not move."""
+        if self.train.num_rows:  # a real row (twice) keeps the user's step away from meaningless input
+            batch = self.fetch(torch.zeros(2, dtype=torch.int64, device=self.index_device))
+        else:
+            batch = dummy_batch(self.batch, self.row_shapes, rows=2, device=self.device)
+            labels = self.train.labels
+            batch[LABEL_KEY] = torch.zeros((2, *labels.shape[1:]), dtype=labels.dtype, device=self.device)
+        was_training = model.training
+        model.eval()
+        try:
+            loss = self.loss(model, batch)
+        finally:
+            model.train(was_training)
+        return loss * 0.0
 
 
 @dataclass
@@ -66,29 +99,41 @@ class Loop(Protocol):
         """Train until the epochs (or the strategy's budget) are done; ends with ``strategy.finish()``."""
 
 
-def validate(module: nn.Module, validation: ShardRows, loss_fn: LossFn, config: TrainConfig,
-             device: torch.device) -> dict[str, Any]:
-    """Collective: loss (and accuracy for classifiers) over every agent's validation rows."""
-    kind = classification_kind(config.loss)
+def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
+    """Collective: the loss (and accuracy for classifiers, and the user's ``eval_step``
+    metrics) over every agent's validation rows, weighted by rows."""
+    config, validation, device = context.config, context.validation, context.device
+    kind = classification_kind(config.loss) if config.train_step is None else None
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*rows, correct, rows
+    metrics: dict[str, float] = {}
     chunk = max(config.batch_size, 1024)
+    fetch, index_device = validation.batch_source(device)
     module.eval()
     with torch.no_grad():
         for start in range(0, validation.num_rows, chunk):
-            x = validation.features[start : start + chunk].to(device)
-            y = validation.labels[start : start + chunk].to(device)
-            output = module(x)
-            sums[0] += loss_fn(output, y).double() * len(x)
-            if kind == "multiclass":
-                sums[1] += (output.argmax(dim=1) == y).sum()
-            elif kind == "binary":
-                sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
-            sums[2] += len(x)
+            index = torch.arange(start, min(start + chunk, validation.num_rows), device=index_device)
+            batch, rows = fetch(index), len(index)
+            sums[0] += context.loss(module, batch).double() * rows
+            if kind is not None:
+                output, y = call_model(module, batch, context.batch), batch[LABEL_KEY]
+                if kind == "multiclass":
+                    sums[1] += (output.argmax(dim=1) == y).sum()
+                else:
+                    sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
+            sums[2] += rows
+            if config.eval_step is not None:
+                for name, value in config.eval_step(module, batch).items():
+                    metrics[name] = metrics.get(name, 0.0) + float(value) * rows
     module.train()
     dist.all_reduce(sums)
     record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
     if kind is not None:
         record["val_accuracy"] = float(sums[1] / sums[2])
+    if config.eval_step is not None:  # every rank's sums, whatever keys each one saw
+        everyone: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, metrics)
+        for name in sorted({key for sums_of_rank in everyone for key in sums_of_rank}):
+            record[f"val_{name}"] = sum(m.get(name, 0.0) for m in everyone) / float(sums[2])
     return record
 
 

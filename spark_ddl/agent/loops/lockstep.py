@@ -43,16 +43,14 @@ class EpochLoop:
 
     def run(self) -> LoopResult:
         context, history = self.context, self.history
-        fetch, index_device = context.train.batch_source(context.device)
         for epoch in range(self.start_epoch, self.config.epochs):
             record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
             resuming = epoch == self.start_epoch
-            record.update(self._train_epoch(epoch, fetch, index_device, self.start_step if resuming else 0,
+            record.update(self._train_epoch(epoch, self.start_step if resuming else 0,
                                             self.start_loss_sum if resuming else 0.0))
             if self.config.has_validation:
                 context.heartbeat.set("validation", epoch=epoch, step=None)
-                record.update(validate(self.strategy.trained_module, context.validation, context.loss_fn,
-                                       self.config, context.device))
+                record.update(validate(context, self.strategy.trained_module))
             history.append(record)
             if context.rank == 0:  # the driver's live progress shows the newest epochs
                 context.heartbeat.set("end of epoch", waiting=True, recent_epochs=history[-RECENT_EPOCHS:])
@@ -78,13 +76,12 @@ class EpochLoop:
         else:
             self.scheduler.step()
 
-    def _train_epoch(self, epoch: int, fetch, index_device: torch.device,
-                     first_step: int = 0, loss_so_far: float = 0.0) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int, first_step: int = 0, loss_so_far: float = 0.0) -> dict[str, Any]:
         context, config, strategy = self.context, self.config, self.strategy
         model, heartbeat, world_size = strategy.module, context.heartbeat, context.world_size
         model.train()
         started = time.perf_counter()
-        order = context.train.epoch_order(epoch, config.shuffle, config.seed, context.rank).to(index_device)
+        order = context.train.epoch_order(epoch, config.shuffle, config.seed, context.rank).to(context.index_device)
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=context.device)
         for step in range(first_step, self.steps):
             heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
@@ -92,18 +89,16 @@ class EpochLoop:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
             sync = self.is_sync_step[step]
-            features, labels = fetch(index)
             with strategy.micro_step(sync):
-                output = model(features)
                 if local_rows:
-                    loss = context.loss_fn(output, labels)
+                    loss = context.loss(model, context.fetch(index))
                     loss_sum += loss.detach().double() * local_rows
                     # Weight so that the all-reduce *average* equals the mean over all rows of
                     # the update (every agent, every accumulated micro-step), also when shards
                     # are uneven and this agent's batch is short or empty.
                     objective = loss * (local_rows * world_size / self.update_rows[step])
                 else:
-                    objective = output.sum() * 0.0  # still joins the collective with zero gradient
+                    objective = context.zero_loss(model)  # still joins the collective with zero gradient
                 heartbeat.set("backward pass and gradient synchronisation", waiting=sync, epoch=epoch, step=step,
                               updates=self.updates)
                 strategy.step(objective, sync)

@@ -1,0 +1,77 @@
+"""``spark_ddl.run``: your own training function on Spark's barrier agents.
+
+The function runs in every agent with the process group initialised, like
+TorchDistributor's, but with spark_ddl's launch (no extra processes), the same pre-launch
+checks, failure reporting, stall detection and timeouts as the estimator, and the shard's
+batches in the one batch format when a DataFrame is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from pyspark.sql import DataFrame
+
+from spark_ddl.config import TrainConfig
+from spark_ddl.driver.columns import resolve_columns
+from spark_ddl.driver.launcher import run_training
+from spark_ddl.driver.preflight import check_run_input
+from spark_ddl.errors import ConfigError
+from spark_ddl.summary import TrainingSummary
+from spark_ddl.wire import AgentJob, decode_value
+
+# TrainConfig settings that mean something for a function of the user's own
+RUN_SETTINGS = ("num_workers", "batch_size", "shuffle", "seed", "timeout", "use_gpu", "stall_timeout", "progress",
+                "agent_log_level", "shard_storage", "shard_memory_limit_mb", "max_retries")
+
+
+def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mapping[str, Any] | None = None,
+        feature_cols: str | Sequence[str] | None = None, label_col: str | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
+        check_input: bool = True, return_summary: bool = False, **settings: Any) -> Any:
+    """Run ``fn(ctx)`` in ``num_workers`` barrier agents and return rank 0's return value.
+
+    ``ctx`` (``spark_ddl.agent.function.FunctionContext``) gives ``rank``, ``world_size``,
+    ``local_rank``, ``device``, ``batches(epoch)`` (dict batches of this agent's shard of
+    ``df``; the same number on every agent), ``steps_per_epoch``, ``batch_weight``,
+    ``report(**metrics)`` (rank 0's records: live progress and the history) and
+    ``allreduce_gradients(model)``. Tensors and state dicts come back without pickle.
+
+    ``settings``: any of ``RUN_SETTINGS`` (e.g. ``num_workers=2, batch_size=64, shuffle=True,
+    seed=0, timeout=300``). With ``return_summary`` the result is ``(value, summary)``.
+    """
+    unknown = sorted(set(settings) - set(RUN_SETTINGS))
+    if unknown:
+        raise ConfigError(f"spark_ddl.run has no setting(s) {unknown}; its settings are: {', '.join(RUN_SETTINGS)} "
+                          "(and inputs, feature_cols, label_col, input_shapes, input_options, check_input).")
+    if not callable(fn):
+        raise ConfigError(f"spark_ddl.run needs a function fn(ctx), got {type(fn).__name__}.")
+    config = TrainConfig(**settings).validate()
+    from pyspark import cloudpickle
+
+    try:
+        function = cloudpickle.dumps(fn)
+    except Exception as exc:
+        raise ConfigError(f"The function cannot be serialised to send it to the executors ({type(exc).__name__}: "
+                          f"{exc}). Move what it captures (open files, locks, sessions) inside it.") from exc
+    if df is None:
+        if inputs or feature_cols or label_col:
+            raise ConfigError("inputs, feature_cols and label_col choose columns of a DataFrame: pass df too.")
+        from spark_ddl.driver.session import get_or_create_session
+
+        spark = get_or_create_session(num_workers=config.num_workers)
+        frame, spec = spark.range(0, config.num_workers, 1, config.num_workers), None
+    else:
+        spec = resolve_columns(df.schema, None if inputs else (feature_cols or "features"), label_col, inputs,
+                               input_shapes, input_options)
+        frame = df
+    job = AgentJob(config, None, spec.batch if spec else None, label_is_integer=bool(spec and spec.label_is_integer),
+                   function=function)
+
+    def preflight(training: DataFrame) -> None:
+        check_run_input(df, training, spec)
+
+    result = run_training(frame, spec, job, None, preflight if spec is not None and check_input else None)
+    value = decode_value(result.summary["result_format"], result.payloads.get("result", b""))
+    summary = TrainingSummary(dict(result.summary, seconds=result.seconds))
+    return (value, summary) if return_summary else value

@@ -1,0 +1,108 @@
+"""Independent references in plain PyTorch: what each synchronisation strategy must equal.
+
+Nothing here imports spark_ddl. A test trains the same initial network on the same rows with
+these loops and compares the result with what the strategy produced (``shuffle=False``:
+agent i's step s takes rows [s*b, (s+1)*b) of its shard).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Part = tuple  # (features, labels) of one agent's shard, numpy arrays or tensors
+
+
+def _tensors(parts: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.as_tensor(np.asarray(x, dtype=np.float32)), torch.as_tensor(np.asarray(y, dtype=np.float32)))
+            for x, y in parts]
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(model(x).reshape(-1), y.reshape(-1))
+
+
+def steps_per_epoch(parts: Sequence[Part], batch_size: int) -> int:
+    """Lock-step agents all run enough steps for the largest shard."""
+    return max(math.ceil(len(x) / batch_size) for x, _ in parts)
+
+
+def combined_batch_sgd(module: nn.Module, parts: Sequence[Part], batch_size: int, epochs: int, lr: float,
+                       momentum: float = 0.0, clip: float | None = None) -> nn.Module:
+    """One process, ``torch.optim.SGD``: step s trains on every agent's rows of step s together
+    (what all-reduce, the parameter server and gradient accumulation must equal). A copy of
+    ``module`` is trained and returned."""
+    model, shards = copy.deepcopy(module).train(), _tensors(parts)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in range(epochs):
+        for step in range(steps_per_epoch(parts, batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            x = torch.cat([px[window] for px, _ in shards])
+            y = torch.cat([py[window] for _, py in shards])
+            optimizer.zero_grad()
+            _mse(model, x, y).backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+    return model
+
+
+def averaged_independent_sgd(module: nn.Module, parts: Sequence[Part], batch_size: int, epochs: int, lr: float,
+                             every: int) -> nn.Module:
+    """K processes, each plain SGD on its own shard; parameters averaged every ``every`` updates
+    and at the end (what ``local_sgd`` must equal). Returns the averaged model. Shards of equal
+    size, a multiple of ``batch_size`` (the lock-step loop weights an agent's loss by its share
+    of each update's rows, which is 1 only then)."""
+    assert len({len(x) for x, _ in parts}) == 1 and len(parts[0][0]) % batch_size == 0
+    shards = _tensors(parts)
+    models = [copy.deepcopy(module).train() for _ in shards]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+
+    def average() -> None:
+        with torch.no_grad():
+            for tensors in zip(*(m.parameters() for m in models)):
+                mean = torch.stack(list(tensors)).mean(dim=0)
+                for t in tensors:
+                    t.copy_(mean)
+
+    updates = 0
+    for _ in range(epochs):
+        for step in range(steps_per_epoch(parts, batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            for model, optimizer, (x, y) in zip(models, optimizers, shards):
+                optimizer.zero_grad()
+                _mse(model, x[window], y[window]).backward()
+                optimizer.step()
+            updates += 1
+            if updates % every == 0:
+                average()
+    if updates % every:
+        average()
+    return models[0]
+
+
+def assert_same_state(actual: dict, expected: dict, tolerance: float = 0.0) -> None:
+    """Same keys, then every tensor within ``tolerance`` (relative and absolute; 0: same bits)."""
+    assert set(actual) == set(expected), (sorted(actual), sorted(expected))
+    for name in expected:
+        if tolerance == 0:
+            assert torch.equal(actual[name], expected[name]), name
+        else:
+            torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def max_relative_difference(a: nn.Module, b: nn.Module) -> float:
+    """Largest |a - b| / max|b| over the tensors of two modules with the same state_dict keys."""
+    left, right = a.state_dict(), b.state_dict()
+    assert set(left) == set(right), (sorted(left), sorted(right))
+    worst = 0.0
+    for name, pb in right.items():
+        pa = left[name]
+        scale = pb.abs().max().item() or 1.0
+        worst = max(worst, (pa.double() - pb.double()).abs().max().item() / scale)
+    return worst
