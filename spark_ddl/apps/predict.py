@@ -13,9 +13,9 @@ import json
 import sys
 import time
 
-from spark_ddl import TorchModel, get_or_create_session
+from spark_ddl import TorchModel
 from spark_ddl.driver.capabilities import directory_files
-from spark_ddl.apps.options import parse_with_config
+from spark_ddl.apps.options import add_session_arguments, parse_with_config, session_from_args
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -26,10 +26,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--columns", default=None,
                    help="comma-separated input columns to keep beside the predictions (default: all)")
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[2])")
-    p.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
-                   help="score through a Spark Connect server (needs the 'connect' extra); paths are the "
-                        "server's; 'local[N]' starts a local one")
+    add_session_arguments(p, "local[2]")
     return parse_with_config(p, argv, required=("model", "input", "output"))
 
 
@@ -51,9 +48,7 @@ def load_any_model(path: str):
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the predict command with command-line arguments ``argv``."""
     args = parse_args(argv, prog)
-    if args.remote and args.master:
-        raise SystemExit("--remote and --master exclude each other: a Spark Connect server has its own master")
-    spark = get_or_create_session(master=args.master, app_name="spark_ddl-predict", remote=args.remote)
+    spark = session_from_args(args, "spark_ddl-predict")
     model = load_any_model(args.model)
     frame = (spark.read.csv(args.input, header=True, inferSchema=True) if args.input.endswith(".csv")
              else spark.read.parquet(args.input))

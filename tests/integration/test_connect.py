@@ -14,12 +14,14 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
+import spark_ddl
 from spark_ddl import ClusterConfigError, TorchEstimator, TorchModel, TrainingError
 from spark_ddl.checkpoint import list_checkpoints
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.monitor import StallError
 from tests.connect_server import leave_connect_mode
 from tests.helpers import ExplodingNet, TinyNet, regression_arrays
+from tests.integration.test_run import hand_written_training, who_is_there
 
 pytestmark = [pytest.mark.connect, pytest.mark.timeout(600)]
 
@@ -78,9 +80,11 @@ def classic(sessions):
     model = small_estimator().fit(small_frame(spark))
     with pytest.raises(ClusterConfigError) as prelaunch:
         small_estimator(num_workers=3).fit(small_frame(spark))
+    ran = spark_ddl.run(hand_written_training, small_frame(spark), label_col="label", num_workers=2, batch_size=8,
+                        shuffle=False, timeout=60)
     sessions.stop()
     return {"weights": model.get_module().state_dict(), "history": model.history,
-            "shards": model.summary["shard_sizes"], "prelaunch": str(prelaunch.value)}
+            "shards": model.summary["shard_sizes"], "prelaunch": str(prelaunch.value), "run": ran}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +122,36 @@ def test_same_weights_as_a_classic_session(connect, classic):
         torch.testing.assert_close(weights[name], expected, rtol=0, atol=1e-6)
     assert [h["train_loss"] for h in model.history] == pytest.approx(
         [h["train_loss"] for h in classic["history"]], abs=1e-6)
+
+
+def test_spark_ddl_run_with_and_without_a_dataframe(connect, classic):
+    assert spark_ddl.run(who_is_there, num_workers=2, timeout=60) == {  # the active (Connect) session
+        "rank": 0, "world_size": 2, "rank_sum": 1.0, "local_rank": 0, "steps": 0}
+    state, summary = spark_ddl.run(hand_written_training, small_frame(connect), label_col="label", num_workers=2,
+                                   batch_size=8, shuffle=False, timeout=60, return_summary=True)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    for name, expected in classic["run"].items():  # the user's own loop: as in a classic session
+        torch.testing.assert_close(state[name], expected, rtol=0, atol=1e-6)
+
+
+def test_named_int64_inputs_fit_transform_save_and_load(connect, tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, 120), rng.integers(0, 30, 120),
+                                                          rng.normal(size=120))]
+    frame = connect.createDataFrame(rows, "user long, item long, rating double")
+    model = TorchEstimator(model="tests.helpers:TwoTower", model_kwargs={"users": 20, "items": 30},
+                           inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", lr=0.05,
+                           epochs=2, batch_size=16, num_workers=2, timeout=60).fit(frame)
+    scored = model.transform(frame).toPandas()  # the inputs travel as one struct column
+    with torch.no_grad():
+        expected = model.get_module()(torch.tensor(scored["user"].to_numpy()),
+                                      torch.tensor(scored["item"].to_numpy())).reshape(-1).numpy()
+    np.testing.assert_allclose(scored["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    model.save(str(tmp_path / "recs"))
+    loaded = TorchModel.read().session(connect.newSession()).load(str(tmp_path / "recs"))
+    assert loaded.getOrDefault("inputs") == {"user": "user", "item": "item"}
+    again = loaded.transform(frame).toPandas()
+    np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), rtol=1e-6)
 
 
 def test_save_then_load_in_a_new_session(connect, tmp_path):

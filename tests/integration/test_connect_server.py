@@ -15,10 +15,12 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from spark_ddl import TorchEstimator, TorchModel, TrainingError
+import spark_ddl
+from spark_ddl import ClusterConfigError, TorchEstimator, TorchModel, TrainingError
 from spark_ddl.driver.monitor import StallError
 from tests.connect_server import connect_server, leave_connect_mode
 from tests.helpers import ExplodingNet, TinyNet, regression_arrays
+from tests.integration.test_run import who_is_there
 
 pytestmark = [pytest.mark.connect, pytest.mark.timeout(600)]
 
@@ -98,6 +100,17 @@ def test_a_failing_agent_raises_its_own_error(client):
         estimator.fit(regression_frame(client))
     assert isinstance(info.value, ValueError) and "boom: ExplodingNet.forward" in str(info.value)
     assert "in forward" in info.value.remote_traceback
+
+
+def test_spark_ddl_run_and_the_pre_launch_check(client):
+    assert spark_ddl.run(who_is_there, num_workers=2, timeout=60) == {  # the active session: this client's
+        "rank": 0, "world_size": 2, "rank_sum": 1.0, "local_rank": 0, "steps": 0}
+    with pytest.raises(ClusterConfigError) as info:
+        spark_ddl.run(who_is_there, regression_frame(client), label_col="label", num_workers=3, timeout=60)
+    assert str(info.value) == (  # word for word what a classic local[2] session says (test_connect.py compares)
+        "num_workers=3 needs 3 barrier task slots at once, but the cluster offers 2 (master=local[2], "
+        "spark.task.cpus=1). Lower num_workers to 2 or fewer, or give Spark more cores: e.g. master local[3], "
+        "or more executors/spark.executor.cores.")
 
 
 def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_stops_itself(client, caplog,
