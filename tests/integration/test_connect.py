@@ -20,7 +20,8 @@ from spark_ddl.checkpoint import list_checkpoints
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.monitor import StallError
 from tests.connect_server import leave_connect_mode
-from tests.helpers import ExplodingNet, TinyNet, regression_arrays
+from tests.helpers import (ExplodingNet, TinyNet, ratings_frame, regression_arrays, stall_in_epoch_two,
+                           two_tower_predictions)
 from tests.integration.test_run import hand_written_training, who_is_there
 
 pytestmark = [pytest.mark.connect, pytest.mark.timeout(600)]
@@ -65,11 +66,6 @@ def die_once(marker: str):
             os._exit(3)
 
     return hook
-
-
-def sleep_in_epoch_two(rank: int, epoch: int, step: int, module) -> None:
-    if rank == 1 and epoch == 1 and step == 1:
-        time.sleep(600)
 
 
 @pytest.fixture(scope="module")
@@ -135,18 +131,13 @@ def test_spark_ddl_run_with_and_without_a_dataframe(connect, classic):
 
 
 def test_named_int64_inputs_fit_transform_save_and_load(connect, tmp_path):
-    rng = np.random.default_rng(1)
-    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, 120), rng.integers(0, 30, 120),
-                                                          rng.normal(size=120))]
-    frame = connect.createDataFrame(rows, "user long, item long, rating double")
+    frame = ratings_frame(connect, rows=120)
     model = TorchEstimator(model="tests.helpers:TwoTower", model_kwargs={"users": 20, "items": 30},
                            inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", lr=0.05,
                            epochs=2, batch_size=16, num_workers=2, timeout=60).fit(frame)
     scored = model.transform(frame).toPandas()  # the inputs travel as one struct column
-    with torch.no_grad():
-        expected = model.get_module()(torch.tensor(scored["user"].to_numpy()),
-                                      torch.tensor(scored["item"].to_numpy())).reshape(-1).numpy()
-    np.testing.assert_allclose(scored["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scored["prediction"].to_numpy(), two_tower_predictions(model, scored), rtol=1e-5,
+                               atol=1e-6)
     model.save(str(tmp_path / "recs"))
     loaded = TorchModel.read().session(connect.newSession()).load(str(tmp_path / "recs"))
     assert loaded.getOrDefault("inputs") == {"user": "user", "item": "item"}
@@ -201,9 +192,9 @@ def test_a_lost_agent_is_retried_from_its_checkpoint_exactly(connect, classic, t
         torch.testing.assert_close(weights[name], expected, rtol=0, atol=1e-6)
 
 
-def test_a_stall_is_cancelled_through_the_session_and_the_session_recovers(connect):
+def test_a_stall_is_cancelled_through_the_session_and_the_session_recovers(connect, tmp_path):
     stalling = small_estimator(stall_timeout=4)
-    stalling._fail_hook = sleep_in_epoch_two
+    stalling._fail_hook = stall_in_epoch_two(str(tmp_path / "stalled_at"))
     started = time.monotonic()
     with pytest.raises(StallError) as info:
         stalling.fit(small_frame(connect))

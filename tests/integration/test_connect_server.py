@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,10 @@ import torch
 from pyspark.sql import functions as F
 
 import spark_ddl
-from spark_ddl import ClusterConfigError, TorchEstimator, TorchModel, TrainingError
-from spark_ddl.driver.monitor import StallError
+from spark_ddl import ClusterConfigError, ConfigError, TorchEstimator, TorchModel, TrainingError
+from spark_ddl.checkpoint import list_checkpoints
 from tests.connect_server import connect_server, leave_connect_mode
-from tests.helpers import ExplodingNet, TinyNet, regression_arrays
+from tests.helpers import ExplodingNet, TinyNet, assert_a_stalled_agent_stops_itself, regression_arrays
 from tests.integration.test_run import who_is_there
 
 pytestmark = [pytest.mark.connect, pytest.mark.timeout(600)]
@@ -53,16 +52,6 @@ def regression_frame(spark):
     x, y = regression_arrays(96, features=4, seed=3)
     return spark.createDataFrame([([float(v) for v in row], float(t)) for row, t in zip(x, y)],
                                  "features array<float>, label double")
-
-
-def sleep_in_epoch_two(marker: str):
-    def hook(rank: int, epoch: int, step: int, module) -> None:
-        if rank == 1 and epoch == 1 and step == 1:
-            with open(marker, "w") as out:
-                out.write(repr(time.time()))  # when the stall began (same machine, same clock)
-            time.sleep(600)
-
-    return hook
 
 
 def test_fit_transform_save_and_load_in_a_new_session(server, tmp_path):
@@ -113,6 +102,24 @@ def test_spark_ddl_run_and_the_pre_launch_check(client):
         "or more executors/spark.executor.cores.")
 
 
+def test_checkpoints_and_a_new_fit_that_resumes_them(client, tmp_path):
+    """The driver's checks of checkpoint_dir run as jobs on the server's side; the agents resume."""
+    frame, checkpoints = regression_frame(client), str(tmp_path / "ckpt")
+
+    def estimator(**params) -> TorchEstimator:
+        torch.manual_seed(7)
+        return TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, timeout=60, seed=11,
+                              checkpoint_dir=checkpoints, **params)
+
+    first = estimator(epochs=1).fit(frame)
+    assert list_checkpoints(checkpoints)
+    with pytest.raises(ConfigError, match="Pass resume=True"):  # never overwrites another run's checkpoints
+        estimator(epochs=2).fit(frame)
+    resumed = estimator(epochs=2, resume=True).fit(frame)
+    assert resumed.summary["attempts"][0]["resumed_from"].endswith(".pt")
+    assert resumed.summary["steps_run_per_rank"] == first.summary["steps_run_per_rank"]  # epoch 2 only
+
+
 def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_stops_itself(client, caplog,
                                                                                              tmp_path):
     client.conf.set("spark.ddl.statusHost", "none")  # as when the executors cannot reach this client
@@ -122,14 +129,7 @@ def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_
     assert len(quiet.fit(regression_frame(client)).history) == 2
     progress = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
     assert [line.split(",")[0] for line in progress] == ["epoch 1/2", "epoch 2/2"]  # from rank 0's summary
-    stalling = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
-    stalling._fail_hook = sleep_in_epoch_two(str(tmp_path / "stalled_at"))
-    with pytest.raises(StallError) as info:
-        stalling.fit(regression_frame(client))
-    stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
-    assert 3 <= stalled_for < 45, stalled_for  # not the sleep; StallError below says which path (load here reaches 10)
-    assert info.value.rank == 1 and "stopped itself" in str(info.value)
-    assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(info.value)
+    assert_a_stalled_agent_stops_itself(regression_frame(client), str(tmp_path / "stalled_at"))
 
 
 def test_the_command_line_trains_and_scores_through_the_server(server, tmp_path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import pytest
 
 from spark_ddl import TorchEstimator
 from spark_ddl.driver import launcher
-from spark_ddl.driver.monitor import AgentMonitor, StallError
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from spark_ddl.driver.monitor import AgentMonitor
+from tests.helpers import (TinyNet, assert_a_stalled_agent_stops_itself, frame_with_partitions, regression_arrays,
+                           split_by_sizes)
 
 
 def data(spark):
@@ -81,30 +81,11 @@ def test_training_goes_on_when_the_channel_fails(spark, monkeypatch, caplog):
     assert [line.split(",")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
 
 
-def sleep_in_epoch_two(marker: str):
-    def hook(rank: int, epoch: int, step: int, module) -> None:
-        if rank == 1 and epoch == 1 and step == 1:
-            with open(marker, "w") as out:
-                out.write(repr(time.time()))  # when the stall began (same machine, same clock)
-            time.sleep(600)
-
-    return hook
-
-
 def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch, tmp_path):
     """The agents cannot reach the driver (as for a Spark Connect client the executors cannot
     connect to): the stalled agent's own watchdog fails the fit with StallError."""
     monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
-    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
-    estimator._fail_hook = sleep_in_epoch_two(str(tmp_path / "stalled_at"))
-    with pytest.raises(StallError) as info:
-        estimator.fit(data(spark))
-    stalled_for = time.time() - float((tmp_path / "stalled_at").read_text())
-    assert 3 <= stalled_for < 45, stalled_for  # not the sleep; StallError below says which path (load here reaches 10)
-    error = info.value
-    assert error.rank == 1 and error.retriable
-    assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(error)
-    assert "stopped itself" in str(error)
+    assert_a_stalled_agent_stops_itself(data(spark), str(tmp_path / "stalled_at"))
 
 
 @pytest.mark.parametrize("setting, message", [({"progress": "fancy"}, "progress must be"),
