@@ -30,6 +30,17 @@ def leave_connect_mode() -> None:
         os.environ.pop(key, None)
 
 
+def close_client(spark) -> None:
+    """Release a Connect session on its server and close its channel, leaving the server up
+    (``stop()`` of any session of ``remote("local[N]")`` stops that local server). A session left
+    open makes pyspark's atexit hook call the server again at exit, retrying for minutes once the
+    server is gone."""
+    try:
+        spark.client.release_session()
+    finally:
+        spark.client.close()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from spark_ddl import ClusterConfigError, TorchEstimator, TorchModel, TrainingEr
 from spark_ddl.checkpoint import list_checkpoints
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.monitor import StallError
-from tests.connect_server import leave_connect_mode
+from tests.connect_server import close_client, leave_connect_mode
 from tests.helpers import (ExplodingNet, TinyNet, ratings_frame, regression_arrays, stall_in_epoch_two,
                            two_tower_predictions)
 from tests.integration.test_run import hand_written_training, who_is_there
@@ -139,7 +139,7 @@ def test_named_int64_inputs_fit_transform_save_and_load(connect, tmp_path):
     np.testing.assert_allclose(scored["prediction"].to_numpy(), two_tower_predictions(model, scored), rtol=1e-5,
                                atol=1e-6)
     model.save(str(tmp_path / "recs"))
-    loaded = TorchModel.read().session(connect.newSession()).load(str(tmp_path / "recs"))
+    loaded = TorchModel.load(str(tmp_path / "recs"))
     assert loaded.getOrDefault("inputs") == {"user": "user", "item": "item"}
     again = loaded.transform(frame).toPandas()
     np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), rtol=1e-6)
@@ -154,10 +154,13 @@ def test_save_then_load_in_a_new_session(connect, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         model.save(path)
     fresh = connect.newSession()  # another Connect session on the same server
-    loaded = TorchModel.read().session(fresh).load(path)
-    expected = model.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
-    scored = loaded.transform(small_frame(fresh)).select("prediction")
-    np.testing.assert_allclose(scored.toPandas()["prediction"].to_numpy(), expected, rtol=1e-6)
+    try:
+        loaded = TorchModel.read().session(fresh).load(path)
+        expected = model.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
+        scored = loaded.transform(small_frame(fresh)).select("prediction")
+        np.testing.assert_allclose(scored.toPandas()["prediction"].to_numpy(), expected, rtol=1e-6)
+    finally:
+        close_client(fresh)
 
 
 def test_a_failing_agent_raises_its_own_error(connect):
