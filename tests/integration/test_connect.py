@@ -215,17 +215,16 @@ def test_pipeline_and_cross_validator(connect, tmp_path):
     x, y = regression_arrays(64, features=3, seed=5)
     frame = connect.createDataFrame([(float(a), float(b), float(c), float(t)) for (a, b, c), t in zip(x, y)],
                                     "a double, b double, c double, label double")
-    estimator = small_estimator(model=TinyNet(in_features=3), feature_cols=["vec"], epochs=2)
+    estimator = small_estimator(model=TinyNet(in_features=3), feature_cols=["vec"], epochs=1)
     pipeline = Pipeline(stages=[VectorAssembler(inputCols=["a", "b", "c"], outputCol="vec"), estimator])
-    fitted = pipeline.fit(frame)
+    grid = ParamGridBuilder().addGrid(estimator.lr, [0.001, 0.05]).build()
+    tuned = CrossValidator(estimator=pipeline, estimatorParamMaps=grid, numFolds=2, seed=3,
+                           evaluator=RegressionEvaluator(metricName="rmse")).fit(frame)
+    assert len(tuned.avgMetrics) == 2 and all(np.isfinite(tuned.avgMetrics))
+    fitted = tuned.bestModel  # a PipelineModel: the assembler and a TorchModel
+    assert isinstance(fitted, PipelineModel) and isinstance(fitted.stages[-1], TorchModel)
     fitted.write().overwrite().save(str(tmp_path / "pipeline"))
     loaded = PipelineModel.load(str(tmp_path / "pipeline"))
     expected = fitted.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
     np.testing.assert_allclose(loaded.transform(frame).select("prediction").toPandas()["prediction"].to_numpy(),
                                expected, rtol=1e-6)
-    grid = ParamGridBuilder().addGrid(estimator.lr, [0.001, 0.05]).build()
-    tuned = CrossValidator(estimator=estimator, estimatorParamMaps=grid, numFolds=2, seed=3,
-                           evaluator=RegressionEvaluator(metricName="rmse"))
-    model = tuned.fit(VectorAssembler(inputCols=["a", "b", "c"], outputCol="vec").transform(frame))
-    assert len(model.avgMetrics) == 2 and all(np.isfinite(model.avgMetrics))
-    assert isinstance(model.bestModel, TorchModel)
