@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from pyspark.broadcast import Broadcast
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -62,8 +61,9 @@ def _task_cpus() -> int:
     return max(1, int(context.cpus() or 1)) if context is not None else 1
 
 
-def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> nn.Module:
-    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache)."""
+def _cached_module(key: str, payload: Any, device: torch.device) -> nn.Module:
+    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache);
+    ``payload.value`` (the ``ScoringPayload``) is read only to build it."""
     from pyspark.ml.model_cache import ModelCache
 
     cache_key = f"spark_ddl:{key}:{device}"
@@ -72,7 +72,8 @@ def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> n
         with _BUILD_LOCK:
             module = ModelCache.get(cache_key)
             if module is None:
-                module = payload.source.build("score", payload.weights).to(device)
+                scoring = payload.value
+                module = scoring.source.build("score", scoring.weights).to(device)
                 ModelCache.add(cache_key, module)
     return module
 
@@ -100,7 +101,7 @@ def _forward(module: nn.Module, columns: dict[str, Any], rows: int, spec: BatchS
 def predict_frame(
     df: DataFrame,
     spec: ColumnSpec,  # the model's inputs as trained (which arrays are ragged), read from df's columns
-    broadcast: Broadcast,
+    payload: Any,
     model_key: str,
     task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
     prediction_col: str,
@@ -109,8 +110,9 @@ def predict_frame(
 ) -> DataFrame:
     """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended.
 
-    ``broadcast`` holds the ``ScoringPayload``; executors build the network from it once per
-    Python worker, keyed by ``model_key``.
+    ``payload.value`` is the ``ScoringPayload`` (shipped as the session's kind allows:
+    ``spark_ddl.wire``); executors build the network from it once per Python worker, keyed by
+    ``model_key``.
     """
     classification = task in ("multiclass", "binary")
     if classification:
@@ -124,7 +126,7 @@ def predict_frame(
 
     def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
         device = scoring_device()
-        module = _cached_module(model_key, broadcast.value, device)
+        module = _cached_module(model_key, payload, device)
         torch.set_num_threads(_task_cpus())
         for array in arrays:  # one struct array of the inputs' wire columns
             yield _predict_arrow(module, array, batch_spec, task, batch_size, device)

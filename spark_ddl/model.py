@@ -14,6 +14,7 @@ from torch import nn
 from spark_ddl import artifact
 from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
+from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.inference import ScoringPayload, predict_frame
 from spark_ddl.model_source import ModelSource
@@ -40,7 +41,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         self._source = source
         self.summary = TrainingSummary(summary or {})
         self._key = uuid.uuid4().hex
-        self._broadcast: tuple[Any, str, Any] | None = None  # (SparkContext, weights version, Broadcast)
+        self._shipped: tuple[Any, str, Any] | None = None  # (session identity, weights version, shipped payload)
         if spec is not None:
             if spec.batch.positional:
                 self._set(feature_cols=list(spec.feature_cols))
@@ -112,9 +113,9 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         if self._spec is not None:  # arrays ragged in training are padded (with their mask) here too
             ragged = [f.name for f in self._spec.batch.inputs if f.ragged]
             spec = spec.with_batch(spec.batch.with_ragged(ragged))
-        broadcast, version = self._payload_broadcast(dataset.sparkSession.sparkContext)
+        payload, version = self._shipped_payload(dataset.sparkSession)
         return predict_frame(
-            dataset, spec, broadcast, version, self.task,
+            dataset, spec, payload, version, self.task,
             self.getOrDefault(self.predictionCol),
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
@@ -126,14 +127,16 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         marks = tuple((name, t.data_ptr(), t._version) for name, t in state.items())  # noqa: SLF001
         return f"{self._key}-{hash(marks) & 0xFFFFFFFFFFFF:x}"
 
-    def _payload_broadcast(self, sc) -> tuple[Any, str]:
-        """The scoring payload and its cache key, broadcast once per SparkContext and weights
-        version (not once per transform)."""
+    def _shipped_payload(self, spark) -> tuple[Any, str]:
+        """The scoring payload as the executors receive it, and its cache key: shipped once per
+        session and weights version, not once per transform (a broadcast on a classic session,
+        a session artifact on Spark Connect)."""
+        caps = capabilities(spark)
         version = self._weights_version()
-        cached = self._broadcast
-        if cached is None or cached[0] is not sc or cached[1] != version:
+        cached = self._shipped
+        if cached is None or cached[0] != caps.identity() or cached[1] != version:
             payload = ScoringPayload(self.model_source, artifact.state_dict_to_bytes(self.get_module()))
-            self._broadcast = cached = (sc, version, sc.broadcast(payload))
+            self._shipped = cached = (caps.identity(), version, caps.ship(payload))
         return cached[2], version
 
     # -------------------------------------------------------------- persistence

@@ -28,8 +28,9 @@ import pyspark
 import torch
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
-from spark_ddl import artifact, storage
+from spark_ddl import artifact
 from spark_ddl._version import __version__
+from spark_ddl.driver.capabilities import directory_files
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
@@ -123,16 +124,19 @@ class _AtomicWriter(MLWriter):
     def save(self, path: str) -> None:
         if not isinstance(path, str):
             raise TypeError(f"path should be a string, got {type(path).__name__}")
-        storage.write_directory(path, self._files(), overwrite=self.shouldOverwrite)
+        files = directory_files(self._sparkSession)  # write().session(spark) picks one; else the active
+        files.write_directory(path, self._files(), overwrite=self.shouldOverwrite)
 
     def saveImpl(self, path: str) -> None:  # pragma: no cover - save() does the work
         self.save(path)
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """The metadata JSON of a saved spark_ddl stage; a clear error if ``path`` holds none."""
-    parts = [n for n in storage.list_directory(path, "metadata") if n.startswith("part-")]
-    raw = storage.read_file(path, f"metadata/{parts[0]}") if parts else None
+def read_metadata(path: str, spark: Any = None) -> dict[str, Any]:
+    """The metadata JSON of a saved spark_ddl stage; a clear error if ``path`` holds none.
+    ``spark``: the session whose side of the filesystem to read (default: the active one)."""
+    files = directory_files(spark)
+    parts = [n for n in files.list_directory(path, "metadata") if n.startswith("part-")]
+    raw = files.read_file(path, f"metadata/{parts[0]}") if parts else None
     if raw is None:
         raise FileNotFoundError(f"{path} holds no saved spark_ddl model (no metadata/part-*).")
     metadata = DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
@@ -141,8 +145,9 @@ def read_metadata(path: str) -> dict[str, Any]:
     return metadata
 
 
-def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], bytes | None]:
+def _reader_of_files(path: str, section: dict[str, Any], spark: Any = None) -> Callable[[str], bytes | None]:
     """``read(name)``: a saved file's bytes, verified against the checksum in the metadata."""
+    files = directory_files(spark)
     checksums = dict(section.get("files_sha256") or {})
     if "weights_sha256" in section:  # models saved before files_sha256 existed
         checksums.setdefault(WEIGHTS_FILE, section["weights_sha256"])
@@ -150,7 +155,7 @@ def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], byte
             checksums.setdefault(EXPORT_FILE, section["export"]["sha256"])
 
     def read(name: str) -> bytes | None:
-        data = storage.read_file(path, name)
+        data = files.read_file(path, name)
         if data is not None and name in checksums and _sha256(data) != checksums[name]:
             raise ValueError(f"{path}/{name} does not match the checksum in its metadata")
         return data
@@ -215,9 +220,9 @@ class ModelReader(MLReader):
         self.cls, self.module, self.allow_pickle = cls, module, allow_pickle
 
     def load(self, path: str) -> Any:
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, self._sparkSession)  # read().session(spark) picks one
         section = metadata["spark_ddl"]
-        read = _reader_of_files(path, section)
+        read = _reader_of_files(path, section, self._sparkSession)
         weights = read(WEIGHTS_FILE)
         if weights is None:
             raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
@@ -286,9 +291,9 @@ class EstimatorReader(MLReader):
         self.cls, self.allow_pickle = cls, allow_pickle
 
     def load(self, path: str) -> Any:
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, self._sparkSession)  # read().session(spark) picks one
         section = metadata["spark_ddl"]
-        read = _reader_of_files(path, section)
+        read = _reader_of_files(path, section, self._sparkSession)
         trusted = _pickle_allowed(self.allow_pickle)
         pickled_names = list(section.get("pickled_params") or [])
         if pickled_names and not trusted:

@@ -4,6 +4,9 @@ side by side in one warm local[2] session, each against its reference, with medi
     spark-ddl bench suite --json bench_results/suite.json
     spark-ddl bench suite --rows 100000 --repeats 2 --skip-distributor     # quicker
 
+Last, unless ``--skip-connect``, the launch rows' fit() and TorchDistributor.run are timed again
+from a Spark Connect client of a local server (which ends the classic session).
+
 Targets (issue "Performance"): launch ≤ 1.5× the floor and ≥ 5× faster than TorchDistributor;
 2-agent training ≥ 1.6× one plain single-thread process; ingest ≥ 0.8× and inference ≥ 0.7×
 the identity mapInArrow; peak RSS per agent ≤ 1.5 × shard bytes + model + 300 MB in memory
@@ -25,7 +28,7 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
-from spark_ddl.benchmarks.launch import allreduce_once, floor_job
+from spark_ddl.benchmarks.launch import CONNECT_DISTRIBUTOR, CONNECT_FIT, allreduce_once, connect_launch_times, floor_job
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.model_source import ModelSource
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-distributor", action="store_true", help="leave TorchDistributor out (slow)")
+    parser.add_argument("--skip-connect", action="store_true", help="leave the Spark Connect launch rows out")
     parser.add_argument("--inference-hidden", default="128", help="MLP hidden sizes of the scored model")
     parser.add_argument("--disk-budget-mb", type=float, default=256.0,
                         help="memory budget per agent for the disk-cache run (its shard is 3× this); 0 skips it")
@@ -261,6 +265,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                                         summary["rss_before_data_bytes_per_rank"])):
             row("memory", f"agent {rank}: peak growth, shard {shard / MB:.0f} MB on disk", (rss - before) / MB,
                 "MB", budget / MB, f"< budget {budget / MB:.0f} MB", rss - before < budget)
+
+    if not args.skip_connect:  # last: it stops the classic session (one kind per process)
+        connect = connect_launch_times(args.repeats, not args.skip_distributor)
+        connect_fit = statistics.median(connect[CONNECT_FIT])
+        row("launch", "fit() from a Spark Connect client (local server)", connect_fit, "s", fit_s, "(÷ classic fit)")
+        if CONNECT_DISTRIBUTOR in connect:
+            row("launch", "TorchDistributor.run over Spark Connect", statistics.median(connect[CONNECT_DISTRIBUTOR]),
+                "s", connect_fit, "(÷ Connect fit)")
 
     print(f"\nPerformance suite: local[2], 1 thread per agent, {args.rows} rows × {args.features} features, "
           f"MLP {args.features}→{args.hidden}→10, batch {args.batch_size}/agent, medians of {args.repeats}\n")
