@@ -21,6 +21,7 @@ from spark_ddl.model_source import ModelSource
 from spark_ddl.params import EstimatorParams, canonical_kwargs
 from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
+from spark_ddl.warm_start import resolve_initial_model
 from spark_ddl.wire import AgentJob
 
 
@@ -74,6 +75,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         return ModelSource.of(self.getOrDefault(self.model), self.getOrDefault(self.model_kwargs))
 
     def _fit(self, dataset: DataFrame) -> TorchModel:
+        if dataset.isStreaming:
+            raise ConfigError("fit() trains on a bounded DataFrame and this one is streaming: use "
+                              "est.fit_stream(stream_df, model_dir=..., checkpoint_location=...) to train continuously.")
         config = self.train_config()
         spec = self.column_spec(dataset.schema, self.getLabelCol() or None)
         if spec.label_col is None and config.train_step is None:
@@ -82,9 +86,11 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
         check_sparse_tables(template, config)
+        warm = resolve_initial_model(self.getOrDefault(self.initial_model), template, config)
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
                        fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory)
+                       strategy_factory=self._strategy_factory,
+                       initial_weights=warm.weights if warm else None, initial_optimizer=warm.optimizer if warm else None)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
@@ -93,8 +99,11 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                               preflight if self.getOrDefault(self.check_input) else None)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
+        if warm is not None:
+            summary["warm_start"] = warm.summary()
         trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
-        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary)
+        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary,
+                           optimizer_state=result.payloads.get("optimizer"))
         return self._copyValues(model)
 
     # -------------------------------------------------------------- persistence

@@ -32,9 +32,11 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         config: TrainConfig | dict[str, Any] | None = None,
         source: ModelSource | None = None,
         summary: dict[str, Any] | None = None,
+        optimizer_state: bytes | None = None,
     ) -> None:
         super().__init__()
         self._module = module
+        self.optimizer_state = optimizer_state  # rank 0's optimiser state (torch.save bytes), for warm starts
         self._spec = spec
         self._config = config.to_json_dict() if isinstance(config, TrainConfig) else dict(config or {})
         self._source = source
@@ -63,6 +65,11 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         if self._source is None:  # a TorchModel made around a module by hand
             self._source = ModelSource.of_module(self.get_module())
         return self._source
+
+    def optimizer_state_dict(self) -> dict[str, Any] | None:
+        """The optimiser state training ended with (rank 0's; read with ``weights_only=True``),
+        or None when the model has none (built by hand, or saved before optimiser states were)."""
+        return artifact.optimizer_state_from_bytes(self.optimizer_state) if self.optimizer_state else None
 
     @property
     def columns(self) -> ColumnSpec | None:
