@@ -54,7 +54,8 @@ def resolve_initial_model(value: Any, template: nn.Module, config: TrainConfig) 
     try:
         template.load_state_dict(artifact.state_dict_from_bytes(weights))
     except RuntimeError as exc:
-        raise ConfigError(f"initial_model ({origin}) does not fit the estimator's model: {exc}. Warm-start from a "
+        detail = " ".join(str(exc).split()).rstrip(".")
+        raise ConfigError(f"initial_model ({origin}) does not fit the estimator's model ({detail}). Warm-start from a "
                           "model of the same architecture (same class and model_kwargs).") from None
     note = "carried"
     if optimizer is None:
