@@ -43,6 +43,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     # weights are serialised (lets a test see each replica, or make them differ on purpose)
     _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
+    # tests only: (stage, batch_id) in fit_stream after a micro-batch's training ("trained") and
+    # after its version is published ("published"), before Spark commits it (kills the driver there)
+    _stream_hook: Callable[[str, int], None] | None = None
 
     @keyword_only
     def __init__(self, **kwargs: Any) -> None:
@@ -105,6 +108,23 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         model = TorchModel(template, spec=trained, config=config, source=source, summary=summary,
                            optimizer_state=result.payloads.get("optimizer"))
         return self._copyValues(model)
+
+    def fit_stream(self, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any = None,
+                   initial_model: Any = None, keep_versions: int = 10, query_name: str | None = None) -> Any:
+        """Train continuously from a streaming DataFrame; returns a running ``StreamingFit``.
+
+        Every non-empty micro-batch is trained as ``fit(initial_model=previous version)`` would
+        (weights and optimiser state continue) and published as the next version under
+        ``model_dir`` (``TorchModel.load_latest``, ``spark_ddl.LatestModel``). ``trigger``:
+        ``{"processingTime": "30 seconds"}``, ``{"availableNow": True}``, ``{"once": True}`` or
+        None. ``initial_model`` (a TorchModel or saved path) seeds an empty ``model_dir``; a
+        restart with the same ``checkpoint_location`` continues from the newest version and
+        never trains a micro-batch twice. ``keep_versions``: newest versions kept.
+        """
+        from spark_ddl.streaming.fit import start_stream
+
+        return start_stream(self, stream_df, model_dir, checkpoint_location, trigger, initial_model, keep_versions,
+                            query_name)
 
     # -------------------------------------------------------------- persistence
 

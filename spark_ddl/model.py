@@ -15,7 +15,7 @@ from spark_ddl import artifact
 from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.driver.columns import ColumnSpec
-from spark_ddl.inference import ScoringPayload, predict_frame
+from spark_ddl.inference import BroadcastModule, ScoringPayload, predict_frame
 from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
@@ -114,14 +114,19 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
 
     # -------------------------------------------------------------- inference
 
-    def _transform(self, dataset: DataFrame) -> DataFrame:
-        spec = self.column_spec(dataset.schema, None)
+    def scoring_columns(self, schema: Any) -> ColumnSpec:
+        """The model's inputs read from a DataFrame of ``schema`` (checked), ragged as in training."""
+        spec = self.column_spec(schema, None)
         if self._spec is not None:  # arrays ragged in training are padded (with their mask) here too
             ragged = [f.name for f in self._spec.batch.inputs if f.ragged]
             spec = spec.with_batch(spec.batch.with_ragged(ragged))
+        return spec
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        spec = self.scoring_columns(dataset.schema)
         broadcast, version = self._payload_broadcast(dataset.sparkSession.sparkContext)
         return predict_frame(
-            dataset, spec, broadcast, version, self.task,
+            dataset, spec, BroadcastModule(broadcast, version), self.task,
             self.getOrDefault(self.predictionCol),
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
@@ -161,6 +166,26 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     def read(cls) -> ModelReader:
         """A reader: ``TorchModel.read().load(path)`` (what ``PipelineModel.load`` calls)."""
         return ModelReader(cls)
+
+    @classmethod
+    def load_latest(cls, model_dir: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
+        """The newest complete version that ``fit_stream`` published under ``model_dir`` (its
+        ``summary["stream_version"]`` says which); loading is as ``load``."""
+        from spark_ddl.streaming.versions import VersionStore
+
+        store = VersionStore(model_dir)
+        for _ in range(3):  # the newest may be pruned while we read it: list again
+            number = store.latest_number()
+            if number is None:
+                raise FileNotFoundError(f"{model_dir} holds no published version (fit_stream publishes one per "
+                                        "non-empty micro-batch).")
+            try:
+                model = cls.load(store.path(number), module=module, allow_pickle=allow_pickle)
+            except FileNotFoundError:
+                continue
+            model.summary["stream_version"] = store.record(number) or {"version": number}
+            return model
+        raise FileNotFoundError(f"{model_dir}: the newest version kept disappearing while it was read")
 
     @classmethod
     def load(cls, path: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
