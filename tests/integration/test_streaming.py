@@ -156,11 +156,18 @@ def test_latest_model_switches_version_in_a_running_scoring_query(spark, trained
     expected = TorchModel.load(str(versions / "v000000003")).get_module()(
         torch.tensor(np.stack(new_rows["features"].to_numpy()), dtype=torch.float32)).detach().numpy()[:, 0]
     assert len(new_rows) == ROWS and np.allclose(new_rows["prediction"], expected, atol=1e-6)
+    # a batch DataFrame, one task of 6 Arrow batches, each of which lists model_dir (refresh_seconds=0)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
+    try:
+        eager = LatestModel(str(scoring_dir), refresh_seconds=0)
+        eager._on_load = record_load(str(tmp_path / "loads.txt"))
+        batch = eager.transform(spark.read.parquet(str(trained["files"][2])).coalesce(1))
+        assert [r[0] for r in batch.select("model_version").collect()] == [3] * ROWS
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     loads = (tmp_path / "loads.txt").read_text().split("\n")[:-1]
-    assert len(loads) == len(set(loads))  # each Python worker reads a version's weights once
+    assert len(loads) == len(set(loads))  # a Python worker reads a version's weights once, however often it lists
     assert {line.split()[1] for line in loads} == {"2", "3"}
-    batch = latest.transform(spark.read.parquet(str(trained["files"][2])))
-    assert {r[0] for r in batch.select("model_version").distinct().collect()} == {3}
 
 
 def test_stops_and_driver_deaths_never_train_a_micro_batch_twice_or_lose_one(spark, tmp_path):
