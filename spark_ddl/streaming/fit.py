@@ -182,6 +182,8 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
     _, template = estimator.model_source()
     store = VersionStore(model_dir)
     _check_model_dir(model_dir)
+    for name in store.clean_leftovers():
+        log.warning("removed %s/%s: a version a crashed driver did not finish publishing", model_dir, name)
     newest = store.latest_number()
     if newest is not None:
         initial = store.path(newest)

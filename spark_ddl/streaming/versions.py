@@ -19,6 +19,7 @@ from typing import Any
 from spark_ddl import storage
 
 VERSION_RE = re.compile(r"^v(\d{9})$")
+LEFTOVER_RE = re.compile(r"^v\d{9}\.(tmp|old)-[0-9a-f]+$")  # a crashed publish's staging (or retired) directory
 RECORD_FILE = "version.json"
 HISTORY_FILE = "history.json"
 HISTORY_LIMIT = 10_000  # records carried from version to version
@@ -98,6 +99,16 @@ class VersionStore:
         storage.write_directory(self.path(number), files, overwrite=False)
         self.prune(keep)
         return record
+
+    def clean_leftovers(self) -> list[str]:
+        """Delete the staging directories of publishes that crashed (none is ever read); the
+        driver calls this before it starts publishing. Returns their names."""
+        if not self._store.exists(self._root):
+            return []
+        leftovers = [name for name in self._store.list(self._root) if LEFTOVER_RE.match(name)]
+        for name in leftovers:
+            self._store.delete(f"{self._root}/{name}")
+        return leftovers
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest ``keep`` versions (oldest first)."""
