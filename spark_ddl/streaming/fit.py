@@ -75,6 +75,7 @@ class StreamingFit:
         self.query: Any = None
         self.error: BaseException | None = None  # the error that failed the query, if one did
         self._freshness: dict[int, float] = {}
+        self.timings: dict[int, dict[str, float]] = {}  # per version published here: seconds per phase
 
     # -------------------------------------------------------------- the public surface
 
@@ -130,6 +131,7 @@ class StreamingFit:
             if rows == 0:
                 log.info("micro-batch %d is empty: nothing published", batch_id)
                 return
+            counted = time.time()
             extra = {estimator.initial_model: self._current}
             if not estimator.isSet(estimator.progress):
                 extra[estimator.progress] = "off"  # one line per micro-batch instead
@@ -149,10 +151,16 @@ class StreamingFit:
         record = self.store.publish(files, record, self._keep)
         freshness = time.time() - started
         self._freshness[record["version"]] = round(freshness, 3)
+        # where a micro-batch's time goes: caching and counting its rows, the fit before its
+        # barrier job (checks, input scan, partition balancing), the barrier job, publishing
+        self.timings[record["version"]] = {
+            "count": counted - started, "fit_outside_job": trained - counted - model.summary["seconds"],
+            "barrier_job": model.summary["seconds"], "training": record["train_seconds"],
+            "publish": freshness - (trained - started), "total": freshness}
         self._current = model
         log.info("micro-batch %d -> version %d: %d rows, train_loss %.4f, %.2f s (training %.2f s), freshness %.2f s",
                  batch_id, record["version"], rows, record["train_loss"] or float("nan"), record["seconds"],
-                 record["train_seconds"], freshness)
+                 record["train_seconds"], self._freshness[record["version"]])
         if hook is not None:
             hook("published", batch_id)
 

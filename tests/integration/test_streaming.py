@@ -4,6 +4,7 @@ failures, LatestModel in a running scoring query, failing micro-batches, retries
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -91,6 +92,12 @@ def trained(tmp_path_factory):
     spark = SESSIONS.get("local")
     root = tmp_path_factory.mktemp("stream")
     files = write_files(root / "in", 3)
+    lines = []  # the driver's progress lines
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("spark_ddl.stream")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
     stream = estimator().fit_stream(source(spark, root / "in"), model_dir=str(root / "models"),
                                     checkpoint_location=str(root / "checkpoint"), trigger={"availableNow": True},
                                     keep_versions=2)
@@ -98,7 +105,10 @@ def trained(tmp_path_factory):
         ended = stream.awaitTermination(WAIT)
     finally:
         stream.stop()
-    return {"root": root, "files": files, "stream": stream, "ended": ended, "model_dir": str(root / "models")}
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {"root": root, "files": files, "stream": stream, "ended": ended, "model_dir": str(root / "models"),
+            "lines": lines}
 
 
 def test_one_version_per_file_and_available_now_ends_by_itself(spark, trained):
@@ -106,6 +116,13 @@ def test_one_version_per_file_and_available_now_ends_by_itself(spark, trained):
     records = trained["stream"].versions()
     assert [(r["version"], r["batch_id"], r["rows"]) for r in records] == [(1, 0, ROWS), (2, 1, ROWS), (3, 2, ROWS)]
     assert all(r["freshness"] >= r["seconds"] > 0 and np.isfinite(r["train_loss"]) for r in records)
+    # one progress line per micro-batch: version, rows, loss, seconds, freshness
+    progress = [line for line in trained["lines"] if " -> version " in line]
+    assert [line.split(":")[0] for line in progress] == [f"micro-batch {b} -> version {b + 1}" for b in range(3)]
+    for line, record in zip(progress, records):
+        assert f"{ROWS} rows, train_loss {record['train_loss']:.4f}" in line and f"freshness {record['freshness']:.2f} s" in line
+    timings = trained["stream"].timings  # where each micro-batch's time went
+    assert sorted(timings) == [1, 2, 3] and all(t["total"] >= t["barrier_job"] >= t["training"] > 0 for t in timings.values())
     assert VersionStore(trained["model_dir"]).numbers() == [2, 3]  # keep_versions=2; the history keeps all
     latest = TorchModel.load_latest(trained["model_dir"])
     assert latest.summary["stream_version"]["version"] == 3 and latest.optimizer_state is not None
