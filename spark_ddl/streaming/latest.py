@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from pyspark.sql import DataFrame
