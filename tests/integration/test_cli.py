@@ -15,11 +15,13 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--help"], ["train", "predict", "bench"]),
+    (["--help"], ["train", "predict", "bench", "stream-recommender"]),
     (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir"]),
     (["predict", "--help"], ["--model", "--input", "--output", "--config"]),
     (["bench", "--help"], ["launch", "inference", "strategies"]),
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
+    (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
+    (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
 ])
 def test_console_script_help(args, expected):
     assert SPARK_DDL.exists(), "the console script is declared in setup.py and installed by pip"
@@ -59,3 +61,13 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     assert {r["part"] for r in results} == {"launch", "throughput", "ingest", "inference", "memory"}
     assert all(r["value"] > 0 for r in results if r["unit"] != "MB")
     assert any("on disk" in r["what"] for r in results)
+
+
+def test_streaming_benchmark_runs_and_writes_json(spark, tmp_path):
+    """A smoke run (two micro-batches, one file landing at a 1-second trigger); no timing asserted."""
+    out = tmp_path / "streaming.json"
+    assert cli.main(["bench", "streaming", "--rows", "200", "--files", "2", "--freshness-files", "1",
+                     "--trigger-seconds", "1", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["micro_batches"]) == 1 and len(result["freshness_s"]) == 1  # the first one warms up
+    assert result["floor_s"] and all(result["median_phases_s"][p] > 0 for p in ("barrier_job", "training", "total"))
