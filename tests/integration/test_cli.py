@@ -62,12 +62,3 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     assert all(r["value"] > 0 for r in results if r["unit"] != "MB")
     assert any("on disk" in r["what"] for r in results)
 
-
-def test_streaming_benchmark_runs_and_writes_json(spark, tmp_path):
-    """A smoke run (two micro-batches, one file landing at a 1-second trigger); no timing asserted."""
-    out = tmp_path / "streaming.json"
-    assert cli.main(["bench", "streaming", "--rows", "200", "--files", "2", "--freshness-files", "1",
-                     "--trigger-seconds", "1", "--repeats", "1", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert len(result["micro_batches"]) == 1 and len(result["freshness_s"]) == 1  # the first one warms up
-    assert result["floor_s"] and all(result["median_phases_s"][p] > 0 for p in ("barrier_job", "training", "total"))
