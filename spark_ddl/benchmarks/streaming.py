@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     floor_s, overhead_s = statistics.median(floor), statistics.median(overheads)
     print(f"\nContinuous training, {args.rows:,} ratings per micro-batch, 2 agents, local[2] "
           f"(median seconds; micro-batches 2..{args.files} of the availableNow run)\n")
-    print(f"{'what':<66} {'median s':>9} {'÷ floor':>8}")
+    print(f"{'what':<72} {'median s':>9} {'÷ floor':>8}")
     lines = [("barrier launch floor (bare barrier job + gloo group)", floor_s),
              ("fit() of one micro-batch's rows: its barrier job", statistics.median(fit_walls)),
              ("micro-batch: cache and count the rows", phases["count"]),
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
              ("hand-off job: balanced rows to one Arrow file per agent", handoff_s),
              ("estimate with resident agents: count + hand-off + training + publish", resident_s)]
     for name, value in lines:
-        print(f"{name:<66} {value:>9.3f} {value / floor_s:>8.2f}")
+        print(f"{name:<72} {value:>9.3f} {value / floor_s:>8.2f}")
     print(f"\nfreshness at a {args.trigger_seconds:g} s trigger (file landed -> version readable), "
           f"{len(freshness)} files: median {statistics.median(freshness):.2f} s, min {min(freshness):.2f} s, "
           f"max {max(freshness):.2f} s")
