@@ -10,7 +10,8 @@ first ``--frozen-after`` windows, and by the baseline of means (global + user + 
 earlier windows). RMSE per window, a table, JSON (``--metrics-json``) and a plot (``--plot``).
 
     spark-ddl stream-recommender --plot docs/stream_recommender.png
-    spark-submit --master spark://host:7077 jobs/stream_recommender.py --work-dir hdfs:///tmp/stream
+    spark-submit --master spark://host:7077 jobs/stream_recommender.py --work-dir /shared/stream \
+        --output /shared/models/movielens
 
 The user and movie ids are indexed over the whole file up front (the tables' sizes are fixed, as
 a production system would reserve or hash ids); a user first seen in a window is scored with
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows (CI: small)")
     p.add_argument("--frozen-after", type=int, default=3, help="the frozen model is the version after these windows")
     p.add_argument("--trigger-seconds", type=float, default=1.0, help="the stream's processing-time trigger")
-    p.add_argument("--work-dir", default=None, help="watched directory and streaming checkpoint (default: temporary)")
+    p.add_argument("--work-dir", default=None, help="watched directory and streaming checkpoint, a local path the "
+                                                     "executors see too (default: a temporary one, removed)")
     p.add_argument("--plot", default=None, help="save the RMSE-per-window plot here (PNG; needs matplotlib)")
     p.add_argument("--wait", type=float, default=600.0, help="seconds a window's version may take before giving up")
     return parse_with_config(p, argv)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     frame = windows_of(data.toPandas(), args.weeks, args.min_rows, args.max_windows)
     count = int(frame["window"].max()) + 1
     mean = float(frame.loc[frame["window"] == 0, "rating"].mean())
+    temporary = args.work_dir is None
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="spark_ddl-stream-recommender-"))
     watched, staging = work / "landing", work / "staging"
     for folder in (watched, staging):
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 frozen = TorchModel.load(store.path(k + 1))
     finally:
         stream.stop()
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
     print_table(results, args.frozen_after)
     summary = summary_of(results, args.frozen_after)
