@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               f"{summary['continuous']:.4f} | frozen {summary['frozen']:.4f} | means {summary['means']:.4f}; "
               f"continuous beats frozen in {summary['continuous_beats_frozen']} of {summary['windows']} windows")
     print(f"{len(versions)} versions in {seconds:.1f} s (median freshness "
-          f"{sorted(v['freshness'] for v in versions)[len(versions) // 2]:.2f} s)")
+          f"{statistics.median(v['freshness'] for v in versions):.2f} s)")
     out = {"windows": results, "summary": summary, "versions": versions, "seconds": seconds, "weeks": args.weeks,
            "frozen_after": args.frozen_after, "users": users, "items": items}
     print(json.dumps({"summary": summary, "windows": len(results), "seconds": round(seconds, 1)}))
