@@ -48,6 +48,8 @@ class AgentJob:
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
     final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
+    initial_weights: bytes | None = None  # warm start: safetensors loaded before the strategy's setup
+    initial_optimizer: bytes | None = None  # warm start: the optimiser state (torch.save), loaded after it
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
     heartbeat_interval: float = 1.0

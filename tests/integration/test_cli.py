@@ -15,11 +15,13 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--help"], ["train", "predict", "bench"]),
+    (["--help"], ["train", "predict", "bench", "stream-recommender"]),
     (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir"]),
     (["predict", "--help"], ["--model", "--input", "--output", "--config"]),
     (["bench", "--help"], ["launch", "inference", "strategies"]),
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
+    (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
+    (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
 ])
 def test_console_script_help(args, expected):
     assert SPARK_DDL.exists(), "the console script is declared in setup.py and installed by pip"
@@ -60,3 +62,4 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     assert {r["part"] for r in results} == {"launch", "throughput", "ingest", "inference", "memory"}
     assert all(r["value"] > 0 for r in results if r["unit"] != "MB")
     assert any("on disk" in r["what"] for r in results)
+
