@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit
-from spark_ddl.driver.data import ColumnSpec
+from spark_ddl.driver.columns import ColumnSpec
 
 
 def big_model(megabytes: float, features: int = 64) -> TorchModel:

@@ -25,6 +25,18 @@ HISTORY_FILE = "history.json"
 HISTORY_LIMIT = 10_000  # records carried from version to version
 
 
+def _driver_store(path: str) -> tuple[storage.Store, str]:
+    """On the driver: URIs through Hadoop's FileSystem while a classic SparkContext runs in this
+    process (every scheme Spark is configured for), else pyarrow.fs."""
+    if "://" in path:
+        from pyspark import SparkContext
+
+        context = SparkContext._active_spark_context  # noqa: SLF001
+        if context is not None:
+            return storage.HadoopStore(context, path), path.rstrip("/")
+    return storage.arrow_store_for(path)
+
+
 def version_name(number: int) -> str:
     return f"v{number:09d}"
 
@@ -35,7 +47,7 @@ class VersionStore:
 
     def __init__(self, model_dir: str, executor: bool = False) -> None:
         self.model_dir = model_dir.rstrip("/")
-        self._store, self._root = (storage.arrow_store_for if executor else storage.store_for)(self.model_dir)
+        self._store, self._root = (storage.arrow_store_for if executor else _driver_store)(self.model_dir)
 
     # -------------------------------------------------------------- reading
 
@@ -96,7 +108,8 @@ class VersionStore:
         record = dict(record, version=number, created=time.time())
         history = (history + [record])[-HISTORY_LIMIT:]
         files = dict(files, **{HISTORY_FILE: json.dumps(history).encode(), RECORD_FILE: json.dumps(record).encode()})
-        storage.write_directory(self.path(number), files, overwrite=False)
+        storage.write_directory(self.path(number), files, overwrite=False,
+                                store=(self._store, f"{self._root}/{version_name(number)}"))
         self.prune(keep)
         return record
 
