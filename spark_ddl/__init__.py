@@ -12,6 +12,7 @@ from spark_ddl._version import __version__
 from spark_ddl.errors import (
     ClusterConfigError,
     ConfigError,
+    NonFiniteLossError,
     SchemaError,
     SparkDDLError,
     TrainingError,
@@ -50,4 +51,5 @@ __all__ = [
     "SchemaError",
     "ClusterConfigError",
     "TrainingError",
+    "NonFiniteLossError",
 ]

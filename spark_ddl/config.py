@@ -107,6 +107,10 @@ class TrainConfig:
     grad_clip_norm: float | None = setting(None, "clip the gradients' total norm to this before every update, "
                                            "after the exchange (the same on every rank); None: off", kind=float,
                                            nullable=True, positive=True, resume_checked=True)
+    on_nonfinite: str = setting(
+        "raise", "a NaN or infinite loss or gradient: 'raise' NonFiniteLossError naming the epoch, step and rank "
+        "the step it happens, or 'skip' that update on every agent (counted in the summary)",
+        choices=("raise", "skip"))
     lr_scheduler: str | None = setting(None, "a torch.optim.lr_scheduler class name (e.g. 'StepLR'), "
                                        "stepped every epoch", kind=str, nullable=True, resume_checked=True)
     lr_scheduler_kwargs: dict[str, Any] = setting(doc="keyword arguments of the scheduler", default_factory=dict,
@@ -167,6 +171,9 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue.")
+        if self.on_nonfinite == "skip" and self.sync == "async":
+            raise ConfigError("on_nonfinite='skip' needs the agents to agree on every update, which sync='async' "
+                              "does not have; use on_nonfinite='raise' with async.")
         strategy_class(self.sync).check_settings(self)
         return self
 

@@ -72,6 +72,7 @@ class RankStats:
     peak_rss_bytes: int
     shard_feature_bytes: int
     rss_before_data_bytes: int
+    skipped_updates: int  # non-finite updates skipped (on_nonfinite='skip')
 
     def gather(self, device: torch.device) -> list["RankStats"]:
         """Collective: every rank's stats, indexed by rank."""
@@ -140,7 +141,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
-                          setup.rss_before_data)
+                          setup.rss_before_data, result.skipped_updates)
         return finish(strategy, result, stats, setup, job.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
@@ -235,7 +236,7 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,
         "best_epoch": result.best_epoch,
         "shard_storage": "memory" if isinstance(setup.shard, Shard) else "disk",
-        "stopped_early": result.stopped_early,
+        "stopped_early": result.stopped_early, "skipped_updates": result.skipped_at,
         **{f"{f.name}_per_rank": [getattr(s, f.name) for s in per_rank] for f in fields(RankStats)},
         **strategy_summary,
     }

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
-from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts
+from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts, unwritable_reason
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
@@ -102,6 +102,13 @@ def check_checkpoint_dir(config: TrainConfig) -> str | None:
     newest checkpoint was written with the same settings. Returns the checkpoint to resume."""
     if config.checkpoint_dir is None:
         return None
+    reason = unwritable_reason(config.checkpoint_dir)
+    if reason is not None:
+        raise ConfigError(
+            f"checkpoint_dir {config.checkpoint_dir} cannot be created or written from the driver ({reason}). "
+            "Choose a directory that the driver and every executor can create and write (a shared filesystem "
+            "or an object-store URI), or fix its permissions."
+        )
     newest = newest_checkpoint(config.checkpoint_dir)
     if newest is None:
         return None

@@ -87,6 +87,8 @@ class LoopResult:
     best_epoch: int | None = None  # early stopping: the epoch whose weights are the result
     best_state: dict[str, torch.Tensor] | None = None  # rank 0: those weights (applied after the checks)
     stopped_early: bool = False
+    skipped_updates: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite='skip')
+    skipped_at: list[dict[str, Any]] = field(default_factory=list)  # where (the first 100)
 
 
 class Loop(Protocol):

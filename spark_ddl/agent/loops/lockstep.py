@@ -15,6 +15,7 @@ from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch, update
 from spark_ddl.checkpoint import write_checkpoint
 from spark_ddl.objectives import make_scheduler
 from spark_ddl.sync.base import LockstepStrategy
+from spark_ddl.sync.finite import NonFiniteGuard
 from spark_ddl.sync.guard import check_replicas
 
 log = logging.getLogger("spark_ddl.agent")
@@ -40,6 +41,9 @@ class EpochLoop:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.start_step, self.start_loss_sum = 0, 0, 0.0
         self.steps_run = 0
+        self.guard = NonFiniteGuard(config.on_nonfinite, context.rank, f" (lr={config.lr:g})",
+                                    self.strategy.trained_module)
+        self.strategy.nonfinite = self.guard
 
     def run(self) -> LoopResult:
         context, history = self.context, self.history
@@ -64,6 +68,7 @@ class EpochLoop:
         self.strategy.finish()
         stopper = self.stopper
         return LoopResult(history, epochs_run=len(history), steps_run=self.steps_run,
+                          skipped_updates=self.guard.skipped, skipped_at=self.guard.skipped_at,
                           best_epoch=stopper.best_epoch if stopper else None,
                           best_state=stopper.best_state if stopper else None,
                           stopped_early=bool(stopper and stopper.stopped))
@@ -85,6 +90,8 @@ class EpochLoop:
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=context.device)
         for step in range(first_step, self.steps):
             heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
+            if step == first_step or self.is_sync_step[step - 1]:
+                self.guard.begin_update(epoch, step)
             context.before_step(epoch, step)
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             local_rows = int(index.numel())
@@ -92,11 +99,12 @@ class EpochLoop:
             with strategy.micro_step(sync):
                 if local_rows:
                     loss = context.loss(model, context.fetch(index))
-                    loss_sum += loss.detach().double() * local_rows
                     # Weight so that the all-reduce *average* equals the mean over all rows of
                     # the update (every agent, every accumulated micro-step), also when shards
                     # are uneven and this agent's batch is short or empty.
-                    objective = loss * (local_rows * world_size / self.update_rows[step])
+                    objective = self.guard.checked(loss, loss * (local_rows * world_size / self.update_rows[step]))
+                    if self.guard.last_finite:
+                        loss_sum += loss.detach().double() * local_rows
                 else:
                     objective = context.zero_loss(model)  # still joins the collective with zero gradient
                 heartbeat.set("backward pass and gradient synchronisation", waiting=sync, epoch=epoch, step=step,
