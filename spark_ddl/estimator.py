@@ -15,6 +15,7 @@ from spark_ddl.config import TrainConfig
 from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_input, check_sparse_tables
+from spark_ddl.driver.shipping import ship_weights
 from spark_ddl.errors import ConfigError
 from spark_ddl.model import TorchModel
 from spark_ddl.model_source import ModelSource
@@ -22,6 +23,7 @@ from spark_ddl.params import EstimatorParams, canonical_kwargs
 from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
 from spark_ddl.wire import AgentJob
+from spark_ddl.weights import WeightsWriter
 
 
 class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
@@ -42,6 +44,7 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     # weights are serialised (lets a test see each replica, or make them differ on purpose)
     _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
+    _stream_results: bool = True  # tests, benchmarks: False sends the weights as result rows (the fallback)
 
     @keyword_only
     def __init__(self, **kwargs: Any) -> None:
@@ -82,16 +85,20 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
         check_sparse_tables(template, config)
-        job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
+        shipped = ship_weights(dataset.sparkSession.sparkContext, WeightsWriter(template)) if source.stripped else None
+        job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer, initial_weights=shipped,
                        fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory)
+                       strategy_factory=self._strategy_factory, stream_results=self._stream_results)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
 
         result = run_training(dataset, spec, job, validation,
                               preflight if self.getOrDefault(self.check_input) else None)
-        template.load_state_dict(result.state_dict)
+        try:
+            result.load_weights_into(template)  # in place, a chunk at a time: no second copy of the model
+        finally:
+            result.discard()
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
         trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
         model = TorchModel(template, spec=trained, config=config, source=source, summary=summary)

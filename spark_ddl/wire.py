@@ -17,6 +17,7 @@ import pyarrow as pa
 from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.model_source import ModelSource
+from spark_ddl.weights import ShippedWeights
 
 # ------------------------------------------------------------------ the training rows
 
@@ -49,11 +50,15 @@ class AgentJob:
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
     heartbeat_interval: float = 1.0
+    initial_weights: ShippedWeights | None = None  # the weights an architecture-only model pickle left out
+    stream_results: bool = True  # rank 0 streams big payloads over the status channel (False: rows only)
+    result_rows_limit: int | None = None  # the most bytes a payload may carry as result rows (driver's JVM)
 
 
 # ------------------------------------------------------------------ the output rows
 
 CHUNK_BYTES = 4 * 1024 * 1024  # no output row carries more than this
+ROWS_HEAP_FACTOR = 8  # driver JVM heap a payload costs when it comes back as collected rows (measured)
 
 OUTPUT_SCHEMA = pa.schema(
     [("kind", pa.string()), ("rank", pa.int32()), ("seq", pa.int32()), ("data", pa.binary())]

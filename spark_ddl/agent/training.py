@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
 from spark_ddl.agent.memory import log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss
@@ -20,7 +21,6 @@ from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
 from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
-from spark_ddl.artifact import state_dict_to_bytes
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
@@ -29,7 +29,8 @@ from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
 from spark_ddl.sync.host_reduce import host_key
-from spark_ddl.wire import AgentJob, output_batches
+from spark_ddl.wire import AgentJob
+from spark_ddl.weights import WeightsWriter
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
                           setup.rss_before_data, result.skipped_updates)
-        return finish(strategy, result, stats, setup, job.final_hook)
+        return finish(job, strategy, result, stats, setup, job.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
 
@@ -202,7 +203,7 @@ def _merged_lengths(*many: dict[str, Any]) -> dict[str, tuple[int, int]]:
 def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStrategy:
     """The network (rebuilt from the job's model source) wrapped in its set-up strategy."""
     config = job.config
-    module = job.model.build("train").to(device)
+    module = job.model.build("train", job.initial_weights.open if job.initial_weights else None).to(device)
     if job.strategy_factory is not None:
         strategy = job.strategy_factory(device)
     else:
@@ -212,7 +213,7 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     return strategy
 
 
-def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
+def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
            final_hook: Callable[[int, Any], None] | None = None) -> list[pa.RecordBatch]:
     """Final checks and facts (collective), leave the group together, then rank 0's result rows.
     ``final_hook`` (tests only) sees every rank's module after the replica check."""
@@ -224,7 +225,7 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
     per_rank = stats.gather(device)
     if result.best_state is not None:  # early stopping: rank 0 returns the best epoch's weights
         strategy.trained_module.load_state_dict(result.best_state)
-    weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
+    module = strategy.trained_module
     strategy_summary = strategy.summary()
     leave_group(release=strategy.close)
     if rank != 0:
@@ -242,10 +243,7 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
     }
     if isinstance(strategy, AsyncStrategy):
         del summary["epochs_run_per_rank"]  # async agents share the epochs: there is no per-rank count
-    return [
-        *output_batches("summary", 0, json.dumps(summary).encode()),
-        *output_batches("weights", 0, weights),
-    ]
+    return deliver(job, {"weights": WeightsWriter(module), "summary": json.dumps(summary).encode()})
 
 
 def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:

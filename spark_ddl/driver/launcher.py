@@ -3,14 +3,17 @@ reassemble rank 0's result."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from pyspark.sql import Column, DataFrame
@@ -27,7 +30,8 @@ from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.monitor import AgentMonitor, driver_host
 from spark_ddl.driver.progress import ProgressReporter
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import OUTPUT_DDL, AgentJob, reassemble
+from spark_ddl.wire import OUTPUT_DDL, ROWS_HEAP_FACTOR, AgentJob, reassemble
+from spark_ddl.weights import load_into_module
 
 log = logging.getLogger("spark_ddl")
 
@@ -38,16 +42,44 @@ CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its task
 @dataclass
 class FitResult:
     """Rank 0's summary and payloads (the weights, or a function's return value), as received
-    on the driver."""
+    on the driver: small ones in memory, streamed ones in local files (``discard`` deletes them)."""
 
     summary: dict[str, Any]
     seconds: float
     payloads: dict[str, bytes]
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def open(self, kind: str) -> BinaryIO:
+        """A payload as a binary stream (read from its file when it was streamed)."""
+        if kind in self.files:
+            return open(self.files[kind], "rb")
+        return io.BytesIO(self.payloads[kind])
+
+    def payload(self, kind: str, default: bytes = b"") -> bytes:
+        """A payload's bytes, whole (for values that are used whole anyway)."""
+        if kind not in self.files and kind not in self.payloads:
+            return default
+        with self.open(kind) as stream:
+            return stream.read()
+
+    def load_weights_into(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Read the trained weights into ``module``'s own tensors, one chunk at a time."""
+        with self.open("weights") as stream:
+            return load_into_module(module, stream, "the trained weights")
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights (a fit's "weights" payload)."""
-        return state_dict_from_bytes(self.payloads["weights"])
+        """The trained weights as new tensors (a model-sized copy; ``load_weights_into`` is not)."""
+        return state_dict_from_bytes(self.payload("weights"))
+
+    def discard(self) -> None:
+        """Delete the files of streamed payloads."""
+        for path in self.files.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))  # the spool directory, once empty
+        self.files = {}
 
 
 def run_training(
@@ -138,7 +170,8 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
     config = job.config
     monitor = AgentMonitor(driver_host(sc), config.stall_timeout)
     job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
-                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0)
+                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,
+                              result_rows_limit=result_rows_limit(sc))
 
     def agent(batches):
         return run_agent(job, batches)
@@ -174,6 +207,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
         sc.cancelJobsWithTag(tag)
         raise
     finally:
+        files = monitor.take_uploads() if "rows" in outcome else {}
         monitor.close()
         reporter.update(monitor.status_of(0))  # the agents' last reports arrived before they finished
         reporter.close(finished="rows" in outcome)
@@ -190,6 +224,22 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
     summary_bytes = payloads.pop("summary", None)
-    if summary_bytes is None or not payloads:
+    result = FitResult({}, seconds, payloads, files)
+    if summary_bytes is None or not (payloads or files):
+        result.discard()
         raise RuntimeError("the job finished but rank 0 returned no result")
-    return FitResult(json.loads(summary_bytes), seconds, payloads)
+    result.summary = json.loads(summary_bytes)
+    result.summary["result_route"] = {kind: "stream" if kind in files else "rows" for kind in (*files, *payloads)}
+    return result
+
+
+def result_rows_limit(sc) -> int | None:
+    """The most bytes a payload may bring back as collected rows: the driver JVM's heap over
+    ``ROWS_HEAP_FACTOR`` (what collecting rows costs there), and at most spark.driver.maxResultSize."""
+    try:
+        heap = int(sc._jvm.java.lang.Runtime.getRuntime().maxMemory())  # noqa: SLF001
+        max_result = int(sc._jsc.sc().conf().getSizeAsBytes("spark.driver.maxResultSize", "1g"))  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - no JVM in this process: no limit known
+        return None
+    limit = heap // ROWS_HEAP_FACTOR
+    return min(limit, max_result) if max_result > 0 else limit
