@@ -11,15 +11,16 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
-from spark_ddl import artifact
 from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.driver.columns import ColumnSpec
+from spark_ddl.driver.shipping import INLINE_BYTES, ship_weights
 from spark_ddl.inference import ScoringPayload, predict_frame
 from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
 from spark_ddl.summary import TrainingSummary
+from spark_ddl.weights import WeightsWriter
 
 
 class TorchModel(Model, SharedParams, MLWritable, MLReadable):
@@ -132,7 +133,11 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         version = self._weights_version()
         cached = self._broadcast
         if cached is None or cached[0] is not sc or cached[1] != version:
-            payload = ScoringPayload(self.model_source, artifact.state_dict_to_bytes(self.get_module()))
+            writer = WeightsWriter(self.get_module())
+            # big weights go as a file Spark's file server streams to each executor once: the
+            # broadcast then carries a reference, not a model-sized value built in the driver's heap
+            weights = ship_weights(sc, writer) if writer.size > INLINE_BYTES else writer.to_bytes()
+            payload = ScoringPayload(self.model_source, weights)
             self._broadcast = cached = (sc, version, sc.broadcast(payload))
         return cached[2], version
 

@@ -22,7 +22,7 @@ import json
 import platform
 import threading
 import types
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import pyspark
 import torch
@@ -34,6 +34,7 @@ from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
 from spark_ddl.params import ALIASES
+from spark_ddl.weights import WeightsWriter, format_size, load_into_module
 
 from torch import nn
 
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata/part-00000"
 WEIGHTS_FILE = "weights.safetensors"
 PICKLED_PARAMS_FILE = "params.cloudpickle"
+EXPORT_MAX_BYTES = 256 * 2**20  # bigger models are saved without a torch.export program
 
 _TRUST = threading.local()
 
@@ -92,8 +94,18 @@ def _pickle_allowed(explicit: bool) -> bool:
     return explicit or getattr(_TRUST, "allowed", False)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256(data: storage.Content) -> str:
+    digest = hashlib.sha256()
+    storage._pieces(data, digest.update)  # noqa: SLF001 - a streamed file is hashed a piece at a time
+    return digest.hexdigest()
+
+
+def _stream_sha256(stream: BinaryIO) -> str:
+    digest, buffer = hashlib.sha256(), bytearray(storage.READ_CHUNK)
+    view = memoryview(buffer)
+    while count := stream.readinto(view):
+        digest.update(view[:count])
+    return digest.hexdigest()
 
 
 def _metadata(instance: Any, params: dict[str, Any], section: dict[str, Any]) -> bytes:
@@ -105,7 +117,7 @@ def _metadata(instance: Any, params: dict[str, Any], section: dict[str, Any]) ->
     return text.encode()
 
 
-def _section(files: dict[str, bytes], **facts: Any) -> dict[str, Any]:
+def _section(files: dict[str, storage.Content], **facts: Any) -> dict[str, Any]:
     versions = {"spark_ddl": __version__, "torch": torch.__version__,
                 "pyspark": pyspark.__version__, "python": platform.python_version()}
     return {"format_version": FORMAT_VERSION, **facts, "files_sha256": {n: _sha256(d) for n, d in files.items()},
@@ -116,7 +128,7 @@ class _AtomicWriter(MLWriter):
     """``save(path)``: every file written beside the target, swapped in only when complete.
     Unlike pyspark's default writers, overwrite never deletes the old one first."""
 
-    def __init__(self, files: Callable[[], dict[str, bytes]]) -> None:
+    def __init__(self, files: Callable[[], dict[str, storage.Content]]) -> None:
         super().__init__()
         self._files = files
 
@@ -158,6 +170,18 @@ def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], byte
     return read
 
 
+def _weights_opener(path: str, section: dict[str, Any]) -> Callable[[], BinaryIO] | None:
+    """A function opening the saved weights as a stream, after a first pass over them has
+    matched the checksum in the metadata (no model-sized bytes in memory); None if absent."""
+    expected = (section.get("files_sha256") or {}).get(WEIGHTS_FILE) or section.get("weights_sha256")
+    with storage.open_file(path, WEIGHTS_FILE) or contextlib.nullcontext() as stream:
+        if stream is None:
+            return None
+        if expected is not None and _stream_sha256(stream) != expected:
+            raise ValueError(f"{path}/{WEIGHTS_FILE} does not match the checksum in its metadata")
+    return lambda: storage.open_file(path, WEIGHTS_FILE)
+
+
 def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
     """Set the saved Params on ``instance`` (pyspark's getAndSetParams), accepting the names
     older versions saved (e.g. ``label_col`` for ``labelCol``)."""
@@ -171,22 +195,27 @@ def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ..
 # ------------------------------------------------------------------ TorchModel
 
 
-def model_files(model: SavableModel) -> dict[str, bytes]:
-    """Every file of a saved model, by name."""
+def model_files(model: SavableModel) -> dict[str, storage.Content]:
+    """Every file of a saved model, by name (the weights written from the module's tensors a
+    piece at a time)."""
     module = model.get_module()
-    weights = artifact.state_dict_to_bytes(module)
+    weights = WeightsWriter(module)
     source = model.model_source
     if source.pickled is not None:  # the network as it is now (a module object can change in training)
         source = ModelSource.of_module(module).with_program(source.program)
     export: dict[str, Any] = {"file": None}
     columns, shapes = model.columns, model.row_shapes
     exportable = columns is not None and all(f.ragged or f.name in shapes for f in columns.batch.inputs)
-    if source.program is None and exportable:
+    if exportable and weights.size > EXPORT_MAX_BYTES:
+        exportable = False
+        export["error"] = (f"not exported: {format_size(weights.size)} of weights (an export program holds "
+                           "several copies of them while it is written); load with module= or a class path")
+    elif source.program is None and exportable:
         try:
             source = source.with_program(artifact.export_program(module, columns.batch, shapes))
         except Exception as exc:  # export is best effort: many modules cannot be captured
             export["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    elif not exportable:
+    elif not exportable and "error" not in export:
         export["error"] = "input shapes unknown"
     if source.program is not None:
         export = {"file": EXPORT_FILE}
@@ -218,7 +247,7 @@ class ModelReader(MLReader):
         metadata = read_metadata(path)
         section = metadata["spark_ddl"]
         read = _reader_of_files(path, section)
-        weights = read(WEIGHTS_FILE)
+        weights = _weights_opener(path, section)
         if weights is None:
             raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
         record = section.get("architecture") or {}
@@ -227,7 +256,8 @@ class ModelReader(MLReader):
             source = (ModelSource.from_files(record, read, False, path) if record.get("kind") == "class_path"
                       else ModelSource.of_module(self.module))
             module = self.module
-            module.load_state_dict(artifact.state_dict_from_bytes(weights))
+            with weights() as stream:
+                load_into_module(module, stream, f"the weights saved at {path}")
         else:
             source = ModelSource.from_files(record, read, trusted, path)
             module = source.build("score", weights, allow_pickle=trusted)
@@ -243,7 +273,7 @@ class ModelReader(MLReader):
 # ------------------------------------------------------------------ TorchEstimator
 
 
-def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
+def estimator_files(estimator: SavableEstimator) -> dict[str, storage.Content]:
     """Every file of a saved (unfitted) estimator: JSON Params, the network's source, and the
     settings that are not JSON (callables) as one pickle."""
     params, pickled_params, files = {}, {}, {}
@@ -252,8 +282,10 @@ def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
         if not estimator.isSet(param):
             continue
         if param.name == "model" and value is not None:
-            source, _ = estimator.model_source()
+            source, template = estimator.model_source()
             files.update(source.files())
+            if source.stripped:  # a big module object is pickled without its weights: they go beside it
+                files[WEIGHTS_FILE] = WeightsWriter(template)
             source_record = source.record()
             continue
         try:
@@ -303,7 +335,7 @@ class EstimatorReader(MLReader):
         _restore_params(estimator, metadata, skip=("model",))
         record = section.get("architecture")
         if record is not None:
-            estimator._set(model=self._model(record, read, trusted, path))  # noqa: SLF001
+            estimator._set(model=self._model(record, read, trusted, path, section))  # noqa: SLF001
         if pickled_names:
             from pyspark import cloudpickle
 
@@ -311,7 +343,8 @@ class EstimatorReader(MLReader):
         return estimator
 
     @staticmethod
-    def _model(record: dict[str, Any], read: Callable[[str], bytes | None], trusted: bool, path: str) -> Any:
+    def _model(record: dict[str, Any], read: Callable[[str], bytes | None], trusted: bool, path: str,
+               section: dict[str, Any]) -> Any:
         """The estimator's ``model`` Param: the class path, or the unpickled module object."""
         if record.get("kind") == "class_path":
             return record["class_path"]
@@ -322,4 +355,4 @@ class EstimatorReader(MLReader):
                 "allow_pickle=True), or wrap Pipeline.load/CrossValidatorModel.load in `with "
                 "spark_ddl.allow_pickle():`, only for files you trust; or use model='package.module:Class'."
             )
-        return ModelSource.from_files(record, read, True, path).build("train")
+        return ModelSource.from_files(record, read, True, path).build("train", _weights_opener(path, section))
