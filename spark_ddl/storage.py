@@ -28,8 +28,10 @@ READ_CHUNK = 4 * 2**20
 def _pieces(data: Content, write: Callable[[Any], Any]) -> None:
     if isinstance(data, (bytes, bytearray, memoryview)):
         write(data)
-    else:
+    elif hasattr(data, "write_to"):
         data.write_to(write)
+    else:
+        raise TypeError(f"a file's content must be bytes or written piece by piece, got {type(data).__name__}")
 
 
 class Store(Protocol):
