@@ -50,6 +50,9 @@ class CheckpointEvery:
         return cls(int(match.group(1)), unit)
 
 
+ELASTIC_SYNCS = ("allreduce", "parameter_server")  # lock-step, identical replicas: a shard may change hands
+
+
 @dataclass
 class TrainConfig:
     """Everything an agent needs to train, apart from the model and the data."""
@@ -123,6 +126,11 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "newest checkpoints kept", minimum=1)
     resume: bool = setting(False, "continue from the newest checkpoint in checkpoint_dir (fresh start if "
                            "there is none)")
+    min_workers: int | None = setting(
+        None, "elastic: a retry that finds fewer barrier slots than num_workers but at least this many continues "
+        "from the newest checkpoint with one agent per slot (same global batch and sample order), and grows back "
+        "at the next epoch boundary when slots return; None: num_workers (every attempt needs them all)",
+        kind=int, nullable=True, minimum=1)
     max_retries: int = setting(0, "resubmit a barrier job that failed because an agent was lost or "
                                "stalled, up to this many times, resuming from the newest checkpoint", minimum=0)
     stall_timeout: float | None = setting(None, "fail when no agent completes a step for this many "
@@ -174,8 +182,21 @@ class TrainConfig:
         if self.on_nonfinite == "skip" and self.sync == "async":
             raise ConfigError("on_nonfinite='skip' needs the agents to agree on every update, which sync='async' "
                               "does not have; use on_nonfinite='raise' with async.")
+        if self.elastic:
+            if self.min_workers > self.num_workers:
+                raise ConfigError(f"min_workers={self.min_workers} is above num_workers={self.num_workers}.")
+            if self.sync not in ELASTIC_SYNCS or self.checkpoint_dir is None or self.max_retries < 1:
+                raise ConfigError(
+                    f"min_workers below num_workers (elastic training) needs sync in {list(ELASTIC_SYNCS)} (replicas "
+                    "that stay identical, so that fewer agents can take over the others' shards), a checkpoint_dir "
+                    "to continue from, and max_retries >= 1.")
         strategy_class(self.sync).check_settings(self)
         return self
+
+    @property
+    def elastic(self) -> bool:
+        """A retry may continue with fewer agents than num_workers."""
+        return self.min_workers is not None and self.min_workers != self.num_workers
 
     @property
     def checkpoint_interval(self) -> CheckpointEvery | None:

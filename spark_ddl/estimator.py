@@ -44,6 +44,7 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     # weights are serialised (lets a test see each replica, or make them differ on purpose)
     _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
+    _attempt_hook: Callable[[int, Any], None] | None = None  # tests: (attempt, SparkContext) on the driver first
     _stream_results: bool = True  # tests, benchmarks: False sends the weights as result rows (the fallback)
 
     @keyword_only
@@ -88,7 +89,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         shipped = ship_weights(dataset.sparkSession.sparkContext, WeightsWriter(template)) if source.stripped else None
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer, initial_weights=shipped,
                        fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory, stream_results=self._stream_results)
+                       strategy_factory=self._strategy_factory, stream_results=self._stream_results,
+                       attempt_hook=self._attempt_hook)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)

@@ -53,9 +53,22 @@ class AgentJob:
     initial_weights: ShippedWeights | None = None  # the weights an architecture-only model pickle left out
     stream_results: bool = True  # rank 0 streams big payloads over the status channel (False: rows only)
     result_rows_limit: int | None = None  # the most bytes a payload may carry as result rows (driver's JVM)
+    attempt_hook: Callable[[int, Any], None] | None = None  # tests (driver side): (attempt, SparkContext) first
+    agents: int | None = None  # elastic: this attempt's agent count when below num_workers (then each agent
+    # holds several of the num_workers shards, marked by SHARD_COLUMN, and stops at the next epoch boundary)
 
 
 # ------------------------------------------------------------------ the output rows
+
+SHARD_COLUMN = "__ddl_shard"  # elastic: the shard (of num_workers) a row belongs to
+ROW_COLUMN = "__ddl_row"  # elastic: the row's position in its shard
+
+
+
+def agent_of_shard(shard: int, shards: int, agents: int) -> int:
+    """Elastic: the agent that holds ``shard`` (contiguous blocks of shards per agent)."""
+    return shard * agents // shards
+
 
 CHUNK_BYTES = 4 * 1024 * 1024  # no output row carries more than this
 ROWS_HEAP_FACTOR = 8  # driver JVM heap a payload costs when it comes back as collected rows (measured)

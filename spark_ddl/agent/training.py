@@ -16,6 +16,7 @@ import torch.distributed as dist
 from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
+from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
 from spark_ddl.agent.memory import log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
@@ -43,6 +44,7 @@ class Peers:
     batch: BatchSpec  # the inputs as the agents agreed on them (which arrays are ragged)
     row_shapes: dict[str, tuple[int, ...]]  # each fixed-shape input's row shape
     host_keys: list[str]
+    parts: list[Part] | None = None  # this agent's shards (elastic) or None: its own partition only
 
     @property
     def feature_dim(self) -> int | None:
@@ -104,6 +106,9 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     log_memory("before reading the partition")
     custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
     dtype = label_dtype(config.loss, job.label_is_integer, custom_step=custom)
+    counter = ShardCounter() if job.agents is not None else None
+    if counter is not None:
+        batches = counter.count(batches)
     if job.batch is None:
         for _ in batches:  # rows that only mark the partition
             pass
@@ -112,7 +117,9 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
         shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
     try:
         heartbeat.set("rendezvous with the other agents", waiting=True)
-        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows)
+        parts = counter.parts(rank, config.num_workers, job.agents) if counter is not None else None
+        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows, parts,
+                           job.agents)
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
@@ -133,7 +140,8 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         log_memory("after the process group, model and strategy")
         loop_context = LoopContext(config, strategy, setup.shard, setup.validation, setup.peers.shard_sizes, rank,
                                    setup.peers.rendezvous.world_size, setup.device, heartbeat, job.fail_hook,
-                                   batch=setup.peers.batch, row_shapes=setup.peers.row_shapes)
+                                   batch=setup.peers.batch, row_shapes=setup.peers.row_shapes,
+                                   parts=setup.peers.parts, pause_at_epoch_boundary=job.agents is not None)
         loop = make_loop(loop_context)
         if config.resume_from is not None:
             heartbeat.set("loading the checkpoint", waiting=rank != 0)
@@ -149,7 +157,8 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
 
 
 def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardRows, validation: ShardRows,
-               plan: DevicePlan, require_rows: bool = True) -> Peers:
+               plan: DevicePlan, require_rows: bool = True, parts: list[Part] | None = None,
+               agents: int | None = None) -> Peers:
     """The rendezvous, and what every rank settles from what the others hold: the row counts,
     each input's row shape, and which arrays are ragged (rows of more than one length)."""
     info = {
@@ -161,15 +170,17 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
         "host_key": host_key(),
         "device": plan.device,
         "fingerprint": environment_fingerprint(plan.backend),
+        "parts": parts,
     }
     rdv = rendezvous(context, info, config.timeout)
-    if rdv.world_size != config.num_workers:
+    if rdv.world_size != (config.num_workers if parts is None else agents):
         raise RuntimeError(
             f"Spark ran {rdv.world_size} barrier task(s) but num_workers={config.num_workers}: the "
             "input's partitions changed between planning and execution (e.g. adaptive query "
             "execution coalesced them). Repartition the input to num_workers partitions."
         )
-    sizes = [int(p["rows"]) for p in rdv.peers]
+    sizes = ([int(p["rows"]) for p in rdv.peers] if parts is None
+             else shard_sizes([p["parts"] for p in rdv.peers], config.num_workers))  # elastic: per shard
     if sum(sizes) == 0 and require_rows:
         raise ValueError("the training DataFrame is empty: every partition has 0 training rows")
     if config.has_validation and not any(p["validation_rows"] for p in rdv.peers):
@@ -188,7 +199,7 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
         if name not in varying and not spec.field(name).ragged:
             shapes[name] = (low,)  # one length everywhere: a fixed-shape input after all
     return Peers(rdv, sizes, [int(p["validation_rows"]) for p in rdv.peers], spec.with_ragged(varying), shapes,
-                 [p["host_key"] for p in rdv.peers])
+                 [p["host_key"] for p in rdv.peers], parts)
 
 
 def _merged_lengths(*many: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -230,6 +241,8 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
     leave_group(release=strategy.close)
     if rank != 0:
         return []
+    if result.paused_after_epoch is not None:  # elastic: the driver continues with another agent count
+        return deliver(job, {"summary": json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
         "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,

@@ -37,7 +37,7 @@ def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
         )
 
 
-def _max_concurrent_tasks(spark: SparkSession) -> int:
+def max_concurrent_tasks(spark: SparkSession) -> int:
     jsc = spark.sparkContext._jsc.sc()  # noqa: SLF001 - same call xgboost.spark uses
     profile = jsc.resourceProfileManager().defaultResourceProfile()
     return int(jsc.maxNumConcurrentTasks(profile))
@@ -45,13 +45,13 @@ def _max_concurrent_tasks(spark: SparkSession) -> int:
 
 def _wait_for_slots(spark: SparkSession, needed: int, wait: float) -> int:
     """Slots available now; in cluster modes, wait a little for executors still starting."""
-    slots = _max_concurrent_tasks(spark)
+    slots = max_concurrent_tasks(spark)
     if slots >= needed or _is_local_mode(spark.sparkContext.master):
         return slots
     deadline = time.monotonic() + wait
     while slots < needed and time.monotonic() < deadline:
         time.sleep(0.5)
-        slots = _max_concurrent_tasks(spark)
+        slots = max_concurrent_tasks(spark)
     return slots
 
 

@@ -27,6 +27,7 @@ from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
+from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor, driver_host
 from spark_ddl.driver.progress import ProgressReporter
 from spark_ddl.errors import ConfigError, TrainingError
@@ -106,22 +107,38 @@ def run_training(
         preflight(training)
     prepared = balance_partitions(training, config.num_workers)
     attempts: list[dict[str, Any]] = []
-    for attempt in range(1, config.max_retries + 2):
+    failures, agents, elastic = 0, config.num_workers, config.elastic and job.function is None
+    for attempt in range(1, 10**9):
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None)
-        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from))
+        if job.attempt_hook is not None:
+            job.attempt_hook(attempt, spark.sparkContext)
         record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
+        if elastic:
+            previous, agents = agents, agents_for_attempt(spark, config, agents) if attempt > 1 else agents
+            record["agents"] = agents
+            if agents != previous:
+                record["resized"] = [previous, agents]
+        shrunk = agents < config.num_workers
+        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from),
+                                          agents=agents if shrunk else None, attempt_hook=None)
         try:
-            result = _run_barrier_job(prepared, attempt_job)
+            result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
+                                      attempt_job)
         except TrainingError as error:
+            failures += 1
             attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
                                  retriable=error.retriable))
             error.attempts = attempts
-            if attempt > config.max_retries or not error.retriable:
+            if failures > config.max_retries or not error.retriable:
                 raise
             log.warning("training attempt %d failed (%s); retrying (%d of %d)%s", attempt,
-                        error.summary_line(), attempt, config.max_retries,
+                        error.summary_line(), failures, config.max_retries,
                         " from the newest checkpoint" if config.checkpoint_dir else " from scratch")
+            continue
+        if result.summary.get("paused_after_epoch") is not None:  # a shrunk attempt reached an epoch boundary
+            attempts.append(dict(record, error=None, paused_after_epoch=result.summary["paused_after_epoch"]))
+            result.discard()
             continue
         attempts.append(dict(record, error=None))
         result.summary["attempts"] = attempts
@@ -197,7 +214,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
         while runner.is_alive():
             runner.join(MONITOR_POLL_SECONDS)
             reporter.update(monitor.status_of(0))
-            stall = monitor.stall_error(config.num_workers)
+            stall = monitor.stall_error(job.agents or config.num_workers)
             if stall is not None and runner.is_alive():
                 log.error("%s", stall)
                 sc.cancelJobsWithTag(tag)
@@ -225,7 +242,8 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
     summary_bytes = payloads.pop("summary", None)
     result = FitResult({}, seconds, payloads, files)
-    if summary_bytes is None or not (payloads or files):
+    paused = summary_bytes is not None and b'"paused_after_epoch"' in summary_bytes
+    if summary_bytes is None or not (payloads or files or paused):
         result.discard()
         raise RuntimeError("the job finished but rank 0 returned no result")
     result.summary = json.loads(summary_bytes)
