@@ -241,12 +241,11 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
     summary_bytes = payloads.pop("summary", None)
-    result = FitResult({}, seconds, payloads, files)
-    paused = summary_bytes is not None and b'"paused_after_epoch"' in summary_bytes
+    result = FitResult(json.loads(summary_bytes) if summary_bytes is not None else {}, seconds, payloads, files)
+    paused = "paused_after_epoch" in result.summary  # elastic: an epoch boundary, no weights yet
     if summary_bytes is None or not (payloads or files or paused):
         result.discard()
         raise RuntimeError("the job finished but rank 0 returned no result")
-    result.summary = json.loads(summary_bytes)
     result.summary["result_route"] = {kind: "stream" if kind in files else "rows" for kind in (*files, *payloads)}
     return result
 
