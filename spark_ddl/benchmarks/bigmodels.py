@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
 
 
 def mlp_of(size_bytes: float) -> nn.Module:
-    """64 → h → h → h → 10 with 3 h² ≈ size / 4 parameters."""
-    hidden = int(math.sqrt(size_bytes / 4 / 3))
+    """64 → h → h → h → 10: two h×h layers, 2 h² ≈ size / 4 parameters."""
+    hidden = int(math.sqrt(size_bytes / 4 / 2))
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
@@ -56,6 +56,11 @@ class DriverMemory:
             pool.resetPeakUsage()
         with open("/proc/self/clear_refs", "w") as out:
             out.write("5")
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
     def peaks(self) -> tuple[int, int]:
         heap = sum(int(pool.getPeakUsage().getUsed()) for pool in self._pools)
@@ -93,11 +98,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             for name, phase in phases.items():
                 memory.reset()
-                started = time.perf_counter()
+                before, started = memory.rss(), time.perf_counter()
                 phase()
                 heap, rss = memory.peaks()
                 row[name] = {"seconds": time.perf_counter() - started, "driver_heap_peak_bytes": heap,
-                             "driver_rss_peak_bytes": rss}
+                             "driver_rss_before_bytes": before, "driver_rss_peak_bytes": rss}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         row["route"] = fitted["model"].summary.get("result_route") if "model" in fitted else None
@@ -106,12 +111,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         phases.clear()
         net = None
         gc.collect()
-    print(f"driver JVM heap max {heap_max / 2**30:.2f} GiB; peaks per phase (heap GiB / Python RSS GiB / seconds)")
-    print(f"{'model GB':>9} " + " ".join(f"{name:>22}" for name in ("fit", "transform", "save", "load")))
+    print(f"driver JVM heap max {heap_max / 2**30:.2f} GiB; per phase: peak heap GiB / Python RSS GiB before -> "
+          "peak / seconds")
+    print(f"{'model GB':>9} " + " ".join(f"{name:>24}" for name in ("fit", "transform", "save", "load")))
     for row in results:
-        cells = [f"{row[n]['driver_heap_peak_bytes'] / 2**30:6.2f} /{row[n]['driver_rss_peak_bytes'] / 2**30:6.2f} /"
-                 f"{row[n]['seconds']:5.0f}" for n in ("fit", "transform", "save", "load") if n in row]
-        print(f"{row['model_bytes'] / 1e9:>9.2f} " + " ".join(f"{c:>22}" for c in cells))
+        cells = [f"{row[n]['driver_heap_peak_bytes'] / 2**30:.2f} / {row[n]['driver_rss_before_bytes'] / 2**30:.2f}->"
+                 f"{row[n]['driver_rss_peak_bytes'] / 2**30:.2f} / {row[n]['seconds']:.0f}"
+                 for n in ("fit", "transform", "save", "load") if n in row]
+        print(f"{row['model_bytes'] / 1e9:>9.2f} " + " ".join(f"{c:>24}" for c in cells))
     emit({"benchmark": "bigmodels", "workers": args.workers, "driver_heap_max_bytes": heap_max,
           "results": results}, args.json)
     return 0
