@@ -79,7 +79,7 @@ def test_weights_that_cannot_reach_the_driver_are_refused_with_their_size_and_th
 @pytest.mark.slow
 def test_a_half_gigabyte_model_fits_scores_saves_and_loads_on_default_settings(spark, tmp_path):
     frame, x = rows_frame(spark, 64)
-    net = mlp(6400, layers=3)  # 0.52 GB of float32
+    net = mlp(8000, layers=3)  # two 8000x8000 layers: 0.51 GB of float32
     assert sum(p.numel() for p in net.parameters()) * 4 > 0.5e9
     model = TorchEstimator(model=net, loss="cross_entropy", optimizer="sgd", lr=0.001, batch_size=16,
                            epochs=1).fit(frame)
@@ -87,5 +87,5 @@ def test_a_half_gigabyte_model_fits_scores_saves_and_loads_on_default_settings(s
     scored = model.transform(frame).select("prediction").collect()
     assert len(scored) == 64
     model.save(str(tmp_path / "m"))
-    loaded = TorchModel.load(str(tmp_path / "m"), module=mlp(6400, layers=3, seed=1))
+    loaded = TorchModel.load(str(tmp_path / "m"), module=mlp(8000, layers=3, seed=1))
     assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())
