@@ -89,3 +89,15 @@ def test_a_half_gigabyte_model_fits_scores_saves_and_loads_on_default_settings(s
     model.save(str(tmp_path / "m"))
     loaded = TorchModel.load(str(tmp_path / "m"), module=mlp(8000, layers=3, seed=1))
     assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())
+
+
+def a_big_tensor(ctx):
+    return torch.arange(6_000_000, dtype=torch.float64) + ctx.rank  # 48 MB: more than one result row
+
+
+def test_a_big_value_returned_by_run_is_streamed_back_whole(spark):
+    import spark_ddl
+
+    value, summary = spark_ddl.run(a_big_tensor, num_workers=2, timeout=60, return_summary=True)
+    assert torch.equal(value, torch.arange(6_000_000, dtype=torch.float64))  # rank 0's
+    assert summary["result_route"] == {"result": "stream"}
