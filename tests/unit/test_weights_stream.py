@@ -77,3 +77,16 @@ def test_streamed_content_is_written_and_opened_a_piece_at_a_time(tmp_path):
     with storage.open_file(str(tmp_path / "m"), "w.safetensors") as stream:
         assert_same_state(load_safetensors(stream.read()), module.state_dict())
     assert storage.open_file(str(tmp_path / "m"), "missing") is None
+
+
+def test_an_estimator_with_a_big_module_object_saves_its_weights_beside_the_architecture(monkeypatch, tmp_path):
+    import spark_ddl.model_source as model_source
+    from spark_ddl import TorchEstimator
+
+    monkeypatch.setattr(model_source, "STRIP_TOTAL_BYTES", 1024)
+    module = nn.Sequential(nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 2))
+    TorchEstimator(model=module, loss="mse").save(str(tmp_path / "e"))
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["metadata", "module.cloudpickle",
+                                                                  "weights.safetensors"]
+    loaded = TorchEstimator.load(str(tmp_path / "e"), allow_pickle=True).getOrDefault("model")
+    assert_same_state(loaded.state_dict(), module.state_dict())
