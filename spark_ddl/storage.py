@@ -113,7 +113,8 @@ class HadoopStore:
             out.close()
 
     def open(self, path: str) -> BinaryIO:
-        return _JvmStream(self._jvm, self._fs.open(self._path(path)), int(self._fs.getFileStatus(self._path(path)).getLen()))
+        size = int(self._fs.getFileStatus(self._path(path)).getLen())
+        return _JvmStream(self._jvm, self._fs.open(self._path(path)), size)
 
     def read(self, path: str) -> bytes:
         stream = self._fs.open(self._path(path))

@@ -95,7 +95,10 @@ def run_training(
     anything is launched (the estimator's input scan).
     A job that fails because an agent was lost or stalled is resubmitted up to
     ``max_retries`` times, each attempt resuming from the newest checkpoint; the summary's
-    ``attempts`` records every attempt and why it failed.
+    ``attempts`` records every attempt and why it failed. With ``min_workers`` (elastic), a retry
+    runs one agent per free slot when there are fewer than ``num_workers`` (see
+    ``spark_ddl.driver.elastic``); such an attempt stops at the next epoch boundary, and the next
+    one grows back when the slots have returned.
     """
     config = job.config
     spark = df.sparkSession
@@ -108,7 +111,7 @@ def run_training(
     prepared = balance_partitions(training, config.num_workers)
     attempts: list[dict[str, Any]] = []
     failures, agents, elastic = 0, config.num_workers, config.elastic and job.function is None
-    for attempt in range(1, 10**9):
+    for attempt in range(1, config.max_retries + config.epochs + 2):  # failures, and elastic epoch-boundary pauses
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None)
         if job.attempt_hook is not None:
