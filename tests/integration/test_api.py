@@ -102,7 +102,8 @@ def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):
                            loss="mse", epochs=2, feature_cols=["a", "b", "c"]).fit(regression_frame)
     path = str(tmp_path / "model")
     model.save(path)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata", "model.pt2", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata", "model.pt2", "optimizer.pt",
+                                                                     "weights.safetensors"]
     loaded = TorchModel.load(path)
     assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())  # keys, then bits
     assert loaded.history == model.history

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from spark_ddl import TorchEstimator, TorchModel, TrainingError
-from spark_ddl.driver import launcher
+from spark_ddl.driver import capabilities
 from tests.references import assert_same_state
 
 
@@ -38,7 +38,7 @@ def test_the_issues_135mb_mlp_fits_scores_saves_and_loads_on_default_settings(sp
     net = mlp(4096)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     model = TorchEstimator(model=net, loss="cross_entropy", lr=0.01, batch_size=32, epochs=1).fit(frame)
-    assert model.summary["result_route"] == {"weights": "stream"}
+    assert model.summary["result_route"]["weights"] == "stream"
     trained = model.get_module()
     assert not torch.equal(trained[0].weight, before["0.weight"])  # the trained weights came back
 
@@ -60,12 +60,12 @@ def test_streamed_weights_are_the_weights_the_result_rows_bring(spark):
         estimator = TorchEstimator(model=mlp(1024, layers=4), loss="cross_entropy", lr=0.01, batch_size=16, epochs=1)
         estimator._stream_results = stream  # noqa: SLF001 - False: the fallback route
         fitted.append(estimator.fit(frame))
-    assert [m.summary["result_route"] for m in fitted] == [{"weights": "stream"}, {"weights": "rows"}]
+    assert [m.summary["result_route"]["weights"] for m in fitted] == ["stream", "rows"]
     assert_same_state(fitted[0].get_module().state_dict(), fitted[1].get_module().state_dict())
 
 
 def test_weights_that_cannot_reach_the_driver_are_refused_with_their_size_and_the_settings(spark, monkeypatch):
-    monkeypatch.setattr(launcher, "ROWS_HEAP_FACTOR", 2**20)  # as if the driver's heap were ~1 KB
+    monkeypatch.setattr(capabilities, "ROWS_HEAP_FACTOR", 2**20)  # as if the driver's heap were ~1 KB
     frame, _ = rows_frame(spark, 64)
     estimator = TorchEstimator(model=mlp(1024, layers=4), loss="cross_entropy", batch_size=16, epochs=1)
     estimator._stream_results = False  # noqa: SLF001 - the channel "fails": only the rows are left
@@ -83,7 +83,7 @@ def test_a_half_gigabyte_model_fits_scores_saves_and_loads_on_default_settings(s
     assert sum(p.numel() for p in net.parameters()) * 4 > 0.5e9
     model = TorchEstimator(model=net, loss="cross_entropy", optimizer="sgd", lr=0.001, batch_size=16,
                            epochs=1).fit(frame)
-    assert model.summary["result_route"] == {"weights": "stream"}
+    assert model.summary["result_route"]["weights"] == "stream"
     scored = model.transform(frame).select("prediction").collect()
     assert len(scored) == 64
     model.save(str(tmp_path / "m"))
