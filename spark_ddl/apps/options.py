@@ -43,6 +43,12 @@ def session_from_args(args: argparse.Namespace, app_name: str, num_workers: int 
     return get_or_create_session(master=args.master, num_workers=num_workers, app_name=app_name, remote=args.remote)
 
 
+def add_skip_baselines(p: argparse.ArgumentParser) -> None:
+    """``--skip-baselines``: for the applications whose comparison models are slow to train."""
+    p.add_argument("--skip-baselines", action="store_true",
+                   help="leave out the logistic-regression baseline, which takes longer than the model (quick runs, CI)")
+
+
 def save_results(model: Any, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Save the model to ``--output`` and, with ``--metrics-json``, the results and the history."""
     model.save(args.output, overwrite=True)

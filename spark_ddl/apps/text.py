@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, parse_with_config, save_results, session_from_args, setup_logging
+from spark_ddl.apps.options import (add_skip_baselines, application_parser, parse_with_config, save_results,
+                                    session_from_args, setup_logging)
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
 PAD, UNKNOWN = 0, 1  # token ids kept for the padding and for words outside the vocabulary
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--data", default=None, help="Parquet with text and source columns (default: trump_tweets)")
     p.add_argument("--vocabulary", type=int, default=8000, help="most frequent words kept")
     p.add_argument("--max-length", type=int, default=64, help="tokens per tweet at most")
+    add_skip_baselines(p)
     return parse_with_config(p, argv)
 
 
@@ -77,15 +79,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     scored = model.transform(test_tokens)
     accuracy = float(scored.select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0])
     majority = majority_accuracy(train, test)
-    bag_of_words = bag_of_words_accuracy(train_tokens, test_tokens, size)
+    bag_of_words = None if args.skip_baselines else bag_of_words_accuracy(train_tokens, test_tokens, size)
     rows = test_tokens.count()
     print(f"\nTextClassifier (vocabulary {size}) on {model.summary['world_size']} agents, {args.epochs} epochs "
           f"in {seconds:.1f} s")
     print(f"held-out accuracy ({rows} tweets): embedding model {accuracy:.4f} | majority class {majority:.4f} | "
-          f"logistic regression on bags of words {bag_of_words:.4f}")
+          f"logistic regression on bags of words {_score(bag_of_words)}")
     save_results(model, args, {"accuracy": accuracy, "majority_accuracy": majority,
                                "bag_of_words_accuracy": bag_of_words, "fit_seconds": seconds, "test_rows": rows})
     return 0
+
+
+def _score(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.4f}"
 
 
 def majority_accuracy(train: DataFrame, test: DataFrame) -> float:
