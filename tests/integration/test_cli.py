@@ -54,7 +54,7 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     """A smoke run on tiny data (no timing is asserted: the numbers are the benchmark's job)."""
     out = tmp_path / "suite.json"
     assert cli.main(["bench", "suite", "--rows", "4000", "--hidden", "32", "--repeats", "1", "--epochs", "2",
-                     "--skip-distributor", "--disk-budget-mb", "2", "--json", str(out)]) == 0
+                     "--batch-sizes", "64", "--batch-size", "64", "--skip-distributor", "--disk-budget-mb", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert {r["part"] for r in results} == {"launch", "throughput", "ingest", "inference", "memory"}
     assert all(r["value"] > 0 for r in results if r["unit"] != "MB")
