@@ -29,6 +29,7 @@ from pyspark.sql import DataFrame
 from spark_ddl import TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
+from spark_ddl.benchmarks.imports import import_costs
 from spark_ddl.benchmarks.launch import allreduce_once, floor_job
 from spark_ddl.benchmarks.throughput import (CURVE_TARGETS, bare_ddp_samples_per_s, batch_size_curve, mlp_estimator,
                                              steady_samples_per_s, synthetic)
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     data.unpersist()
     if args.disk_budget_mb:
         disk_part(spark, table, args)
+    for step in import_costs():  # what the RSS before data is made of
+        table.add("memory", f"fresh interpreter + {step['step']}", step["added_bytes"] / MB, "MB")
     print(f"\nPerformance suite: local[2], 1 thread per agent, {args.rows} rows × {args.features} features, "
           f"MLP {args.features}→{args.hidden}→10, medians of {args.repeats}\n")
     table.print()
