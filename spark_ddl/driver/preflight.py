@@ -10,6 +10,7 @@ and unequal lengths, only later).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -114,10 +115,44 @@ def _label_aggregates(spec: ColumnSpec) -> list[Column]:
             label_min.alias("min_label"), label_max.alias("max_label"), fractional.alias("fractional")]
 
 
+_KNOWN_STATS: "OrderedDict[tuple[str, int, int], InputStats]" = OrderedDict()  # of cached inputs, newest last
+_KNOWN_STATS_KEPT = 32
+
+
+def cached_rows_id(df: DataFrame) -> tuple[str, int] | None:
+    """An identity of the cache entry that holds exactly ``df``'s rows: the application and the id
+    of the cached RDD (never reused in an application; a new one after ``unpersist`` and
+    ``cache``). None when ``df`` itself is not cached or the session cannot tell (Spark Connect)."""
+    try:
+        entry = df.sparkSession._jsparkSession.sharedState().cacheManager().lookupCachedData(df._jdf)
+        if not entry.isDefined():
+            return None
+        rdd_id = entry.get().cachedRepresentation().cacheBuilder().cachedColumnBuffers().id()
+        return df.sparkSession.sparkContext.applicationId, int(rdd_id)
+    except Exception:  # noqa: BLE001 - no JVM access: no reuse, the scan runs
+        return None
+
+
+def input_stats_of(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
+    """``input_stats``, remembered for a cached ``source``: its rows cannot change while it is
+    cached, so another fit of it (a hyper-parameter search, a CrossValidator fold) skips the scan."""
+    cached = cached_rows_id(source)
+    if cached is None:
+        return input_stats(training, spec)
+    key = (*cached, training.semanticHash())
+    stats = _KNOWN_STATS.get(key)
+    if stats is None:
+        stats = _KNOWN_STATS[key] = input_stats(training, spec)
+        while len(_KNOWN_STATS) > _KNOWN_STATS_KEPT:
+            _KNOWN_STATS.popitem(last=False)
+    _KNOWN_STATS.move_to_end(key)
+    return stats
+
+
 def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config: TrainConfig,
                 template: nn.Module) -> InputStats:
     """Refuse, on the driver, input the agents could not train on; return what was found."""
-    stats = input_stats(training, spec)
+    stats = input_stats_of(source, training, spec)
     if stats.rows == 0:
         raise empty_input_error()
     for input_field, input_source in zip(spec.batch.inputs, spec.sources):
