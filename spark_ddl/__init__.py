@@ -23,12 +23,13 @@ if TYPE_CHECKING:
     from spark_ddl.model import TorchModel
     from spark_ddl.persistence import allow_pickle
     from spark_ddl.runner import run
+    from spark_ddl.streaming.latest import LatestModel
 
 # Imported on first use: the agents import this package too, and pyspark.ml would bring
 # pandas and scipy into every executor's Python worker (~70 MB each) for nothing.
 _LAZY = {"TorchEstimator": "spark_ddl.estimator", "TorchModel": "spark_ddl.model",
          "get_or_create_session": "spark_ddl.driver.session", "allow_pickle": "spark_ddl.persistence",
-         "run": "spark_ddl.runner"}
+         "run": "spark_ddl.runner", "LatestModel": "spark_ddl.streaming.latest"}
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +43,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "TorchEstimator",
     "TorchModel",
+    "LatestModel",
     "get_or_create_session",
     "allow_pickle",
     "run",

@@ -4,7 +4,7 @@ loading (so that loading one runs no pickle)."""
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -29,6 +29,36 @@ def state_dict_to_bytes(module: nn.Module) -> bytes:
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """Inverse of ``state_dict_to_bytes`` (runs no pickle)."""
     return load_safetensors(data)
+
+
+def optimizer_state_to_bytes(state: dict[str, Any]) -> bytes:
+    """An optimiser's ``state_dict()`` (tensors, numbers, strings, tuples) as ``torch.save``
+    bytes, every tensor copied to the CPU."""
+    import io
+
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu").clone()
+        if isinstance(value, dict):
+            return {key: cpu(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cpu(item) for item in value)
+        return value
+
+    buffer = io.BytesIO()
+    torch.save(cpu(state), buffer)
+    return buffer.getvalue()
+
+
+def optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
+    """Inverse of ``optimizer_state_to_bytes``, read with ``weights_only=True`` (no pickle of
+    anything but tensors and plain values)."""
+    import io
+
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
+        raise ValueError("not an optimiser state (a dict with 'state' and 'param_groups')")
+    return state
 
 
 # ------------------------------------------------------------------ torch.export programs

@@ -34,17 +34,21 @@ def checkpoint_name(updates: int) -> str:
     return f"checkpoint-u{updates:09d}.pt"
 
 
-def list_checkpoints(path: str) -> list[str]:
-    """Complete checkpoints in ``path`` (names), oldest first; [] if it does not exist."""
+def list_checkpoints(path: str, files: Any = None) -> list[str]:
+    """Complete checkpoints in ``path`` (names), oldest first; [] if it does not exist.
+    ``files``: the driver's view of the directory (``list_directory``/``read_file``; a Spark
+    Connect client looks through the server), default pyarrow.fs in this process."""
+    if files is not None:
+        return sorted(n for n in files.list_directory(path) if CHECKPOINT_RE.match(n))
     store, inner = arrow_store_for(path)
     if not store.exists(inner):
         return []
     return sorted(n for n in store.list(inner) if CHECKPOINT_RE.match(n))
 
 
-def newest_checkpoint(path: str) -> str | None:
+def newest_checkpoint(path: str, files: Any = None) -> str | None:
     """The full path of the newest complete checkpoint in ``path``, or None."""
-    names = list_checkpoints(path)
+    names = list_checkpoints(path, files)
     return f"{path.rstrip('/')}/{names[-1]}" if names else None
 
 
@@ -83,8 +87,18 @@ def _write_atomically(store, inner: str, name: str, data: bytes) -> str:
     return final
 
 
-def read_checkpoint_facts(full_path: str) -> dict[str, Any]:
-    """Settings, epoch and step of a checkpoint, from its small sidecar file when there is one."""
+def read_checkpoint_facts(full_path: str, files: Any = None) -> dict[str, Any]:
+    """Settings, epoch and step of a checkpoint, from its small sidecar file when there is one
+    (``files`` as for ``list_checkpoints``)."""
+    if files is not None:
+        folder, name = full_path.rstrip("/").rsplit("/", 1)
+        facts = files.read_file(folder, _facts_name(name))
+        if facts is not None:
+            return json.loads(facts)
+        data = files.read_file(folder, name)
+        if data is None:
+            raise FileNotFoundError(full_path)
+        return _load(data, full_path)
     store, inner = arrow_store_for(full_path)
     sidecar = _facts_name(inner)
     if store.exists(sidecar):
@@ -95,7 +109,11 @@ def read_checkpoint_facts(full_path: str) -> dict[str, Any]:
 def read_checkpoint(full_path: str) -> dict[str, Any]:
     """Load a checkpoint written by ``write_checkpoint`` (tensors and plain values only)."""
     store, inner = arrow_store_for(full_path)
-    state = torch.load(io.BytesIO(store.read(inner)), map_location="cpu", weights_only=True)
+    return _load(store.read(inner), full_path)
+
+
+def _load(data: bytes, full_path: str) -> dict[str, Any]:
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"{full_path} is not a spark_ddl checkpoint of format {FORMAT}")
     return state

@@ -5,6 +5,7 @@
     spark-ddl predict --model artifacts/digits_mlp --input data/digits.parquet --output scored.parquet
     spark-ddl bench strategies --epochs 10 --json bench_results/strategies.json
     spark-ddl images | spark-ddl text | spark-ddl recommender                # the three applications
+    spark-ddl stream-recommender --plot docs/stream_recommender.png           # continuous training
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import sys
 from typing import Callable
 
-BENCHMARKS = ("suite", "launch", "inference", "strategies", "embeddings", "scale", "imports")
+BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping", "embeddings", "streaming", "scale",
+              "imports")
 
 
 def _train(argv: list[str]) -> int:
@@ -30,7 +32,7 @@ def _predict(argv: list[str]) -> int:
 
 def _application(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        module = __import__(f"spark_ddl.apps.{name}", fromlist=["main"])
+        module = __import__(f"spark_ddl.apps.{name.replace('-', '_')}", fromlist=["main"])
         return module.main(argv, prog=f"spark-ddl {name}")
 
     return run
@@ -50,10 +52,13 @@ def _bench(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train an MLP on a Parquet/CSV table and save the model"),
     "predict": (_predict, "score a Parquet/CSV table with a saved model"),
-    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, embeddings, scale, imports)"),
+    "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping, embeddings, streaming, "
+                      "scale, imports)"),
     "images": (_application("images"), "image recognition: digits as PNG files, Spark's image source, a CNN"),
     "text": (_application("text"), "NLP: tweets tokenised on Spark, variable-length token ids, an embedding model"),
     "recommender": (_application("recommender"), "MovieLens ratings, matrix factorisation on integer ids"),
+    "stream-recommender": (_application("stream-recommender"),
+                           "MovieLens replayed as a file stream, trained continuously, RMSE per window"),
 }
 
 

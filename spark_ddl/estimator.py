@@ -21,6 +21,7 @@ from spark_ddl.model_source import ModelSource
 from spark_ddl.params import EstimatorParams, canonical_kwargs
 from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
+from spark_ddl.warm_start import resolve_initial_model
 from spark_ddl.wire import AgentJob
 
 
@@ -42,6 +43,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     # weights are serialised (lets a test see each replica, or make them differ on purpose)
     _final_hook: Callable[[int, nn.Module], None] | None = None
     _strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: a strategy of their own
+    # tests only: (stage, batch_id) in fit_stream after a micro-batch's training ("trained") and
+    # after its version is published ("published"), before Spark commits it (kills the driver there)
+    _stream_hook: Callable[[str, int], None] | None = None
 
     @keyword_only
     def __init__(self, **kwargs: Any) -> None:
@@ -74,6 +78,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         return ModelSource.of(self.getOrDefault(self.model), self.getOrDefault(self.model_kwargs))
 
     def _fit(self, dataset: DataFrame) -> TorchModel:
+        if dataset.isStreaming:
+            raise ConfigError("fit() trains on a bounded DataFrame and this one is streaming: use "
+                              "est.fit_stream(stream_df, model_dir=..., checkpoint_location=...) to train continuously.")
         config = self.train_config()
         spec = self.column_spec(dataset.schema, self.getLabelCol() or None)
         if spec.label_col is None and config.train_step is None:
@@ -82,9 +89,11 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                                        self.getOrDefault(self.validation_fraction), config.seed)
         source, template = self.model_source()
         check_sparse_tables(template, config)
+        warm = resolve_initial_model(self.getOrDefault(self.initial_model), template, config)
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
                        fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory)
+                       strategy_factory=self._strategy_factory,
+                       initial_weights=warm.weights if warm else None, initial_optimizer=warm.optimizer if warm else None)
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
@@ -93,9 +102,29 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                               preflight if self.getOrDefault(self.check_input) else None)
         template.load_state_dict(result.state_dict)
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
+        if warm is not None:
+            summary["warm_start"] = warm.summary()
         trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
-        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary)
+        model = TorchModel(template, spec=trained, config=config, source=source, summary=summary,
+                           optimizer_state=result.payloads.get("optimizer"))
         return self._copyValues(model)
+
+    def fit_stream(self, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any = None,
+                   initial_model: Any = None, keep_versions: int = 10, query_name: str | None = None) -> Any:
+        """Train continuously from a streaming DataFrame; returns a running ``StreamingFit``.
+
+        Every non-empty micro-batch is trained as ``fit(initial_model=previous version)`` would
+        (weights and optimiser state continue) and published as the next version under
+        ``model_dir`` (``TorchModel.load_latest``, ``spark_ddl.LatestModel``). ``trigger``:
+        ``{"processingTime": "30 seconds"}``, ``{"availableNow": True}``, ``{"once": True}`` or
+        None. ``initial_model`` (a TorchModel or saved path) seeds an empty ``model_dir``; a
+        restart with the same ``checkpoint_location`` continues from the newest version and
+        never trains a micro-batch twice. ``keep_versions``: newest versions kept.
+        """
+        from spark_ddl.streaming.fit import start_stream
+
+        return start_stream(self, stream_df, model_dir, checkpoint_location, trigger, initial_model, keep_versions,
+                            query_name)
 
     # -------------------------------------------------------------- persistence
 

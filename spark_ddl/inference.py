@@ -7,13 +7,12 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from pyspark.broadcast import Broadcast
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -62,8 +61,27 @@ def _task_cpus() -> int:
     return max(1, int(context.cpus() or 1)) if context is not None else 1
 
 
-def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> nn.Module:
-    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache)."""
+class ModuleProvider(Protocol):
+    """Where a scoring task gets its network: ``current(device)`` -> (module, version or None)."""
+
+    def current(self, device: torch.device) -> tuple[nn.Module, int | None]: ...
+
+
+@dataclass(frozen=True)
+class ShippedModule:
+    """One fixed model: the shipped ``ScoringPayload`` (``payload.value``: a broadcast on a classic
+    session, a session artifact on Spark Connect), built once per Python worker per ``key``."""
+
+    payload: Any
+    key: str
+
+    def current(self, device: torch.device) -> tuple[nn.Module, int | None]:
+        return _cached_module(self.key, self.payload, device), None
+
+
+def _cached_module(key: str, payload: Any, device: torch.device) -> nn.Module:
+    """The network for ``key`` on ``device``, built once per Python worker (pyspark's LRU cache);
+    ``payload.value`` (the ``ScoringPayload``) is read only to build it."""
     from pyspark.ml.model_cache import ModelCache
 
     cache_key = f"spark_ddl:{key}:{device}"
@@ -72,7 +90,8 @@ def _cached_module(key: str, payload: ScoringPayload, device: torch.device) -> n
         with _BUILD_LOCK:
             module = ModelCache.get(cache_key)
             if module is None:
-                module = payload.source.build("score", payload.weights).to(device)
+                scoring = payload.value
+                module = scoring.source.build("score", scoring.weights).to(device)
                 ModelCache.add(cache_key, module)
     return module
 
@@ -100,17 +119,19 @@ def _forward(module: nn.Module, columns: dict[str, Any], rows: int, spec: BatchS
 def predict_frame(
     df: DataFrame,
     spec: ColumnSpec,  # the model's inputs as trained (which arrays are ragged), read from df's columns
-    broadcast: Broadcast,
-    model_key: str,
+    provider: ModuleProvider,
     task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
     prediction_col: str,
     probability_col: str | None,
     batch_size: int,
+    version_col: str | None = None,
 ) -> DataFrame:
-    """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended.
+    """``df`` with ``prediction_col`` (and ``probability_col`` for classifiers) appended, and
+    with ``version_col`` the version (int) of the model that scored each row.
 
-    ``broadcast`` holds the ``ScoringPayload``; executors build the network from it once per
-    Python worker, keyed by ``model_key``.
+    ``provider`` gives each Arrow batch its network on the executors (``ShippedModule``: built
+    once per Python worker from the payload shipped as the session's kind allows; a versioned
+    provider may swap weights between batches).
     """
     classification = task in ("multiclass", "binary")
     if classification:
@@ -119,15 +140,21 @@ def predict_frame(
         return_type = "prediction array<double>"
     else:
         return_type = "prediction double"
+    if version_col:
+        return_type += ", model_version int"
 
     batch_spec = spec.batch
 
     def predict_arrays(arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
         device = scoring_device()
-        module = _cached_module(model_key, broadcast.value, device)
         torch.set_num_threads(_task_cpus())
         for array in arrays:  # one struct array of the inputs' wire columns
-            yield _predict_arrow(module, array, batch_spec, task, batch_size, device)
+            module, version = provider.current(device)
+            out = _predict_arrow(module, array, batch_spec, task, batch_size, device)
+            if version_col:
+                out = pa.StructArray.from_arrays([*out.flatten(), pa.array([version] * len(array), pa.int32())],
+                                                 names=[*(f.name for f in out.type), "model_version"])
+            yield out
 
     def predict_series(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         arrays = (pa.StructArray.from_arrays([pa.array(frame[c]) for c in frame.columns], names=list(frame.columns))
@@ -148,6 +175,8 @@ def predict_frame(
     columns.append(F.col(f"{_PREDICTION_STRUCT}.prediction").alias(prediction_col))
     if classification and probability_col:
         columns.append(array_to_vector(F.col(f"{_PREDICTION_STRUCT}.probability")).alias(probability_col))
+    if version_col:
+        columns.append(F.col(f"{_PREDICTION_STRUCT}.model_version").alias(version_col))
     return scored.select(*columns)
 
 

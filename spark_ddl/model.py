@@ -14,8 +14,9 @@ from torch import nn
 from spark_ddl import artifact
 from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
+from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec
-from spark_ddl.inference import ScoringPayload, predict_frame
+from spark_ddl.inference import ScoringPayload, ShippedModule, predict_frame
 from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
@@ -32,15 +33,17 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         config: TrainConfig | dict[str, Any] | None = None,
         source: ModelSource | None = None,
         summary: dict[str, Any] | None = None,
+        optimizer_state: bytes | None = None,
     ) -> None:
         super().__init__()
         self._module = module
+        self.optimizer_state = optimizer_state  # rank 0's optimiser state (torch.save bytes), for warm starts
         self._spec = spec
         self._config = config.to_json_dict() if isinstance(config, TrainConfig) else dict(config or {})
         self._source = source
         self.summary = TrainingSummary(summary or {})
         self._key = uuid.uuid4().hex
-        self._broadcast: tuple[Any, str, Any] | None = None  # (SparkContext, weights version, Broadcast)
+        self._shipped: tuple[Any, str, Any] | None = None  # (session identity, weights version, shipped payload)
         if spec is not None:
             if spec.batch.positional:
                 self._set(feature_cols=list(spec.feature_cols))
@@ -63,6 +66,11 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         if self._source is None:  # a TorchModel made around a module by hand
             self._source = ModelSource.of_module(self.get_module())
         return self._source
+
+    def optimizer_state_dict(self) -> dict[str, Any] | None:
+        """The optimiser state training ended with (rank 0's; read with ``weights_only=True``),
+        or None when the model has none (built by hand, or saved before optimiser states were)."""
+        return artifact.optimizer_state_from_bytes(self.optimizer_state) if self.optimizer_state else None
 
     @property
     def columns(self) -> ColumnSpec | None:
@@ -107,14 +115,19 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
 
     # -------------------------------------------------------------- inference
 
-    def _transform(self, dataset: DataFrame) -> DataFrame:
-        spec = self.column_spec(dataset.schema, None)
+    def scoring_columns(self, schema: Any) -> ColumnSpec:
+        """The model's inputs read from a DataFrame of ``schema`` (checked), ragged as in training."""
+        spec = self.column_spec(schema, None)
         if self._spec is not None:  # arrays ragged in training are padded (with their mask) here too
             ragged = [f.name for f in self._spec.batch.inputs if f.ragged]
             spec = spec.with_batch(spec.batch.with_ragged(ragged))
-        broadcast, version = self._payload_broadcast(dataset.sparkSession.sparkContext)
+        return spec
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        spec = self.scoring_columns(dataset.schema)
+        payload, version = self._shipped_payload(dataset.sparkSession)
         return predict_frame(
-            dataset, spec, broadcast, version, self.task,
+            dataset, spec, ShippedModule(payload, version), self.task,
             self.getOrDefault(self.predictionCol),
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
@@ -126,14 +139,16 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         marks = tuple((name, t.data_ptr(), t._version) for name, t in state.items())  # noqa: SLF001
         return f"{self._key}-{hash(marks) & 0xFFFFFFFFFFFF:x}"
 
-    def _payload_broadcast(self, sc) -> tuple[Any, str]:
-        """The scoring payload and its cache key, broadcast once per SparkContext and weights
-        version (not once per transform)."""
+    def _shipped_payload(self, spark) -> tuple[Any, str]:
+        """The scoring payload as the executors receive it, and its cache key: shipped once per
+        session and weights version, not once per transform (a broadcast on a classic session,
+        a session artifact on Spark Connect)."""
+        caps = capabilities(spark)
         version = self._weights_version()
-        cached = self._broadcast
-        if cached is None or cached[0] is not sc or cached[1] != version:
+        cached = self._shipped
+        if cached is None or cached[0] != caps.identity() or cached[1] != version:
             payload = ScoringPayload(self.model_source, artifact.state_dict_to_bytes(self.get_module()))
-            self._broadcast = cached = (sc, version, sc.broadcast(payload))
+            self._shipped = cached = (caps.identity(), version, caps.ship(payload))
         return cached[2], version
 
     # -------------------------------------------------------------- persistence
@@ -154,6 +169,26 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     def read(cls) -> ModelReader:
         """A reader: ``TorchModel.read().load(path)`` (what ``PipelineModel.load`` calls)."""
         return ModelReader(cls)
+
+    @classmethod
+    def load_latest(cls, model_dir: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
+        """The newest complete version that ``fit_stream`` published under ``model_dir`` (its
+        ``summary["stream_version"]`` says which); loading is as ``load``."""
+        from spark_ddl.streaming.versions import VersionStore
+
+        store = VersionStore(model_dir)
+        for _ in range(3):  # the newest may be pruned while we read it: list again
+            number = store.latest_number()
+            if number is None:
+                raise FileNotFoundError(f"{model_dir} holds no published version (fit_stream publishes one per "
+                                        "non-empty micro-batch).")
+            try:
+                model = cls.load(store.path(number), module=module, allow_pickle=allow_pickle)
+            except FileNotFoundError:
+                continue
+            model.summary["stream_version"] = store.record(number) or {"version": number}
+            return model
+        raise FileNotFoundError(f"{model_dir}: the newest version kept disappearing while it was read")
 
     @classmethod
     def load(cls, path: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":

@@ -57,6 +57,30 @@ def make_optimizer(
     return optimizer
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Continue ``optimizer`` from a saved ``state`` (momentum buffers, Adam's moments and step
+    counts) while keeping its own hyper-parameters (lr, betas, weight decay: this fit's settings).
+
+    Raises ValueError naming the mismatch when ``state`` was made for other parameters.
+    """
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+        raise ValueError(
+            f"the optimiser state holds {[len(s['params']) for s in saved]} parameters per group, this model's "
+            f"optimiser {[len(g['params']) for g in groups]}: it was saved for another architecture")
+    params = [p for g in groups for p in g["params"]]
+    index = {i: p for i, p in enumerate(params)}
+    for key, entry in state["state"].items():
+        param = index.get(key)
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and param is not None and value.shape != param.shape:
+                raise ValueError(f"the optimiser state's {name!r} of parameter {key} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(param.shape)}: it was saved for another architecture")
+    mine = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    optimizer.load_state_dict({"state": state["state"],
+                               "param_groups": [dict(s, **m) for s, m in zip(saved, mine)]})
+
+
 def make_scheduler(
     name: str | None, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]
 ) -> Any | None:

@@ -51,6 +51,10 @@ class FitSettings:
                                            default_factory=dict, cli=False)
     validation_fraction: float = setting(0.0, "fraction of rows held out (seeded) for per-epoch validation; "
                                          "0 = none", minimum=0)
+    initial_model: Any = setting(
+        None, "warm start: a TorchModel or the path of a saved one; training continues from its weights and, when it "
+        "was trained with the same optimizer, its optimiser state (momentum, Adam's moments; this fit's lr and "
+        "optimizer_kwargs apply)", kind=object, nullable=True, cli=False)
     check_input: bool = setting(True, "scan the input on the driver before launch (nulls, NaN/inf, label "
                                 "range, feature lengths) and run the model on a zero batch")
 

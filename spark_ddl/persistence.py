@@ -6,6 +6,8 @@ Directory layout::
 
     metadata/part-00000    pyspark.ml metadata JSON (DefaultParamsWriter's) + a "spark_ddl" section
     weights.safetensors    a model's state_dict
+    optimizer.pt           a model's optimiser state (torch.save of tensors and plain values, read
+                           with weights_only=True), when training returned one: what a warm start continues
     model.pt2              a model's torch.export program, when export succeeded
     module.cloudpickle     only for networks given as module objects (loading needs allow_pickle)
     params.cloudpickle     only for an estimator's settings that are not JSON (e.g. a loss function)
@@ -28,8 +30,9 @@ import pyspark
 import torch
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
-from spark_ddl import artifact, storage
+from spark_ddl import artifact
 from spark_ddl._version import __version__
+from spark_ddl.driver.capabilities import directory_files
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
@@ -40,6 +43,7 @@ from torch import nn
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata/part-00000"
 WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
 PICKLED_PARAMS_FILE = "params.cloudpickle"
 
 _TRUST = threading.local()
@@ -62,6 +66,7 @@ class SavableModel(Protocol):
 
     uid: str
     summary: dict[str, Any]
+    optimizer_state: bytes | None
 
     def get_module(self) -> nn.Module: ...
     @property
@@ -123,16 +128,19 @@ class _AtomicWriter(MLWriter):
     def save(self, path: str) -> None:
         if not isinstance(path, str):
             raise TypeError(f"path should be a string, got {type(path).__name__}")
-        storage.write_directory(path, self._files(), overwrite=self.shouldOverwrite)
+        files = directory_files(self._sparkSession)  # write().session(spark) picks one; else the active
+        files.write_directory(path, self._files(), overwrite=self.shouldOverwrite)
 
     def saveImpl(self, path: str) -> None:  # pragma: no cover - save() does the work
         self.save(path)
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """The metadata JSON of a saved spark_ddl stage; a clear error if ``path`` holds none."""
-    parts = [n for n in storage.list_directory(path, "metadata") if n.startswith("part-")]
-    raw = storage.read_file(path, f"metadata/{parts[0]}") if parts else None
+def read_metadata(path: str, spark: Any = None) -> dict[str, Any]:
+    """The metadata JSON of a saved spark_ddl stage; a clear error if ``path`` holds none.
+    ``spark``: the session whose side of the filesystem to read (default: the active one)."""
+    files = directory_files(spark)
+    parts = [n for n in files.list_directory(path, "metadata") if n.startswith("part-")]
+    raw = files.read_file(path, f"metadata/{parts[0]}") if parts else None
     if raw is None:
         raise FileNotFoundError(f"{path} holds no saved spark_ddl model (no metadata/part-*).")
     metadata = DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
@@ -141,8 +149,9 @@ def read_metadata(path: str) -> dict[str, Any]:
     return metadata
 
 
-def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], bytes | None]:
+def _reader_of_files(path: str, section: dict[str, Any], spark: Any = None) -> Callable[[str], bytes | None]:
     """``read(name)``: a saved file's bytes, verified against the checksum in the metadata."""
+    files = directory_files(spark)
     checksums = dict(section.get("files_sha256") or {})
     if "weights_sha256" in section:  # models saved before files_sha256 existed
         checksums.setdefault(WEIGHTS_FILE, section["weights_sha256"])
@@ -150,7 +159,7 @@ def _reader_of_files(path: str, section: dict[str, Any]) -> Callable[[str], byte
             checksums.setdefault(EXPORT_FILE, section["export"]["sha256"])
 
     def read(name: str) -> bytes | None:
-        data = storage.read_file(path, name)
+        data = files.read_file(path, name)
         if data is not None and name in checksums and _sha256(data) != checksums[name]:
             raise ValueError(f"{path}/{name} does not match the checksum in its metadata")
         return data
@@ -171,8 +180,9 @@ def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ..
 # ------------------------------------------------------------------ TorchModel
 
 
-def model_files(model: SavableModel) -> dict[str, bytes]:
-    """Every file of a saved model, by name."""
+def model_files(model: SavableModel, export_program: bool = True) -> dict[str, bytes]:
+    """Every file of a saved model, by name (``export_program=False``: no torch.export program
+    is made for a model that has none; its class path or pickle still describes it)."""
     module = model.get_module()
     weights = artifact.state_dict_to_bytes(module)
     source = model.model_source
@@ -181,7 +191,9 @@ def model_files(model: SavableModel) -> dict[str, bytes]:
     export: dict[str, Any] = {"file": None}
     columns, shapes = model.columns, model.row_shapes
     exportable = columns is not None and all(f.ragged or f.name in shapes for f in columns.batch.inputs)
-    if source.program is None and exportable:
+    if not export_program and source.program is None:
+        export["error"] = "not requested"
+    elif source.program is None and exportable:
         try:
             source = source.with_program(artifact.export_program(module, columns.batch, shapes))
         except Exception as exc:  # export is best effort: many modules cannot be captured
@@ -191,6 +203,8 @@ def model_files(model: SavableModel) -> dict[str, bytes]:
     if source.program is not None:
         export = {"file": EXPORT_FILE}
     files = {WEIGHTS_FILE: weights, **source.files()}
+    if model.optimizer_state is not None:
+        files[OPTIMIZER_FILE] = model.optimizer_state
     section = _section(files, columns=columns.to_json_dict() if columns else None, config=model.training_config,
                        architecture=source.record(), summary=model.summary, feature_dim=model.feature_dim,
                        export=export)
@@ -215,9 +229,9 @@ class ModelReader(MLReader):
         self.cls, self.module, self.allow_pickle = cls, module, allow_pickle
 
     def load(self, path: str) -> Any:
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, self._sparkSession)  # read().session(spark) picks one
         section = metadata["spark_ddl"]
-        read = _reader_of_files(path, section)
+        read = _reader_of_files(path, section, self._sparkSession)
         weights = read(WEIGHTS_FILE)
         if weights is None:
             raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
@@ -234,10 +248,21 @@ class ModelReader(MLReader):
         columns = section.get("columns")
         spec = ColumnSpec.from_json_dict(columns) if columns else None
         model = self.cls(module, spec=spec, config=section.get("config"), source=source,
-                         summary=section.get("summary"))
+                         summary=section.get("summary"), optimizer_state=read(OPTIMIZER_FILE))
         model._resetUid(metadata["uid"])  # noqa: SLF001 - as pyspark's own readers do
         _restore_params(model, metadata)
         return model
+
+
+def saved_training_state(path: str) -> tuple[bytes, bytes | None, dict[str, Any]]:
+    """A saved model's weights, optimiser state (None if it has none) and training settings,
+    checksum-verified, without rebuilding its network (what a warm start needs)."""
+    section = read_metadata(path)["spark_ddl"]
+    read = _reader_of_files(path, section)
+    weights = read(WEIGHTS_FILE)
+    if weights is None:
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
+    return weights, read(OPTIMIZER_FILE), dict(section.get("config") or {})
 
 
 # ------------------------------------------------------------------ TorchEstimator
@@ -256,6 +281,9 @@ def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
             files.update(source.files())
             source_record = source.record()
             continue
+        if param.name == "initial_model" and value is not None and not isinstance(value, str):
+            raise ConfigError("initial_model is a TorchModel object, which a saved estimator cannot hold: save it "
+                              "(model.save(path)) and set initial_model=path before saving the estimator.")
         try:
             json.dumps(value)
             params[param.name] = value
@@ -286,9 +314,9 @@ class EstimatorReader(MLReader):
         self.cls, self.allow_pickle = cls, allow_pickle
 
     def load(self, path: str) -> Any:
-        metadata = read_metadata(path)
+        metadata = read_metadata(path, self._sparkSession)  # read().session(spark) picks one
         section = metadata["spark_ddl"]
-        read = _reader_of_files(path, section)
+        read = _reader_of_files(path, section, self._sparkSession)
         trusted = _pickle_allowed(self.allow_pickle)
         pickled_names = list(section.get("pickled_params") or [])
         if pickled_names and not trusted:

@@ -1,9 +1,11 @@
 """Model directories on any filesystem Spark can write, written all or nothing.
 
-Plain local paths go through pyarrow's local filesystem. URIs (``hdfs://``, ``s3a://``,
-``abfs://``, ``file://`` …) go through Hadoop's FileSystem in the driver's JVM when a
-SparkContext is running, so every scheme Spark is configured for works; without Spark,
-``pyarrow.fs`` resolves the URI.
+Each operation takes the store to use; without one, ``pyarrow.fs`` resolves the path (a local
+path, or any URI it understands), which works anywhere, executors included. The driver picks
+the store per session kind (``spark_ddl.driver.capabilities``): a classic session sends URIs
+(``hdfs://``, ``s3a://``, ``abfs://`` …) through Hadoop's FileSystem in its JVM, so every scheme
+Spark is configured for works; a Spark Connect session runs these same functions on the server
+side (``spark_ddl.driver.server_files``).
 """
 
 from __future__ import annotations
@@ -116,26 +118,16 @@ def arrow_store_for(path: str) -> tuple[ArrowStore, str]:
     return ArrowStore(filesystem), inner
 
 
-def store_for(path: str) -> tuple[Store, str]:
-    """The store that handles ``path`` and the path in that store's terms (URIs go through
-    Hadoop's FileSystem while a SparkContext runs in this process)."""
-    if "://" in path:
-        from pyspark import SparkContext
-
-        sc = SparkContext._active_spark_context  # noqa: SLF001
-        if sc is not None:
-            return HadoopStore(sc, path), path.rstrip("/")
-    return arrow_store_for(path)
-
-
-def write_directory(path: str, files: dict[str, bytes], overwrite: bool) -> None:
+def write_directory(path: str, files: dict[str, bytes], overwrite: bool,
+                    store: tuple[Store, str] | None = None) -> None:
     """Write ``files`` (relative names, '/' for sub-directories) as the directory ``path``.
 
     All files go to a temporary sibling first; only when every one is written is it renamed
     into place. With ``overwrite`` an existing directory is moved aside and deleted only after
     the new one is in place; without it an existing path is an error and stays untouched.
+    ``store``: the store and the path in its terms (default: ``arrow_store_for(path)``).
     """
-    store, target = store_for(path)
+    store, target = store or arrow_store_for(path)
     if store.exists(target) and not overwrite:
         raise FileExistsError(f"{path} already exists; use overwrite (save(path, overwrite=True) "
                               "or write().overwrite().save(path)) to replace it.")
@@ -160,15 +152,15 @@ def write_directory(path: str, files: dict[str, bytes], overwrite: bool) -> None
         store.delete(retired)
 
 
-def read_file(path: str, name: str) -> bytes | None:
+def read_file(path: str, name: str, store: tuple[Store, str] | None = None) -> bytes | None:
     """One file of the directory ``path`` (``name`` may contain '/'), or None if absent."""
-    store, target = store_for(path)
+    store, target = store or arrow_store_for(path)
     file_path = f"{target}/{name}"
     return store.read(file_path) if store.exists(file_path) else None
 
 
-def list_directory(path: str, name: str = "") -> list[str]:
+def list_directory(path: str, name: str = "", store: tuple[Store, str] | None = None) -> list[str]:
     """Entry names in ``path/name`` (empty if it does not exist)."""
-    store, target = store_for(path)
+    store, target = store or arrow_store_for(path)
     folder = f"{target}/{name}" if name else target
     return store.list(folder) if store.exists(folder) else []

@@ -1,6 +1,7 @@
-"""What crosses between the driver and the agents: the job shipped to every agent, the column
-names of the training rows, the schema of the agents' output rows, and the marker that carries
-an agent's error inside Spark's exception text.
+"""What crosses between the driver and the agents: the job shipped to every agent (and how a
+value travels: inline, a broadcast or a session artifact), the column names of the training
+rows, the schema of the agents' output rows, the marker that carries an agent's error inside
+Spark's exception text, and how a rank's status reads.
 
 Both sides import this module; it imports neither side.
 """
@@ -8,6 +9,7 @@ Both sides import this module; it imports neither side.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -46,9 +48,53 @@ class AgentJob:
     fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
     final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
+    initial_weights: bytes | None = None  # warm start: safetensors loaded before the strategy's setup
+    initial_optimizer: bytes | None = None  # warm start: the optimiser state (torch.save), loaded after it
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
     heartbeat_interval: float = 1.0
+
+
+# ------------------------------------------------------------------ how a value travels
+# The driver's session capabilities (spark_ddl.driver.capabilities) choose one per session kind;
+# executors read ``.value`` and never need to know which.
+
+
+@dataclass(frozen=True)
+class InlineValue:
+    """A value pickled into the job's closure."""
+
+    obj: Any
+
+    @property
+    def value(self) -> Any:
+        return self.obj
+
+
+@dataclass(frozen=True)
+class BroadcastValue:
+    """A value in a Spark broadcast variable (classic sessions)."""
+
+    broadcast: Any  # pyspark.Broadcast
+
+    @property
+    def value(self) -> Any:
+        return self.broadcast.value
+
+
+@dataclass(frozen=True)
+class ArtifactValue:
+    """A pickled value uploaded with ``spark.addArtifacts(file=True)`` (Spark Connect):
+    executors read it from their session's files directory."""
+
+    name: str
+
+    @property
+    def value(self) -> Any:
+        from pyspark import SparkFiles
+
+        with open(SparkFiles.get(self.name), "rb") as stream:
+            return pickle.load(stream)
 
 
 # ------------------------------------------------------------------ the output rows
@@ -78,6 +124,22 @@ def reassemble(rows: Iterable[Any], kind: str, rank: int = 0) -> bytes | None:
     if [seq for seq, _ in parts] != list(range(len(parts))):
         raise RuntimeError(f"the {kind!r} payload of rank {rank} arrived incomplete")
     return b"".join(data for _, data in parts)
+
+
+# ------------------------------------------------------------------ a rank's status
+
+STALLED = "AgentStalled"  # the error type an agent reports when it stopped itself after a stall
+
+
+def describe(status: dict[str, Any]) -> str:
+    """'epoch 2, step 5: computing the step (forward/backward)' and the like."""
+    where = []
+    if status.get("epoch") is not None:
+        where.append(f"epoch {int(status['epoch']) + 1}")
+    if status.get("step") is not None:
+        where.append(f"step {int(status['step']) + 1}")
+    phase = status.get("phase") or "unknown"
+    return (", ".join(where) + ": " if where else "") + str(phase)
 
 
 # ------------------------------------------------------------------ return values (spark_ddl.run)

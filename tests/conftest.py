@@ -2,7 +2,9 @@
 
 Tests that ask for ``spark`` run on local[2]; tests that ask for ``any_spark`` run once on
 local[2] and once on local-cluster[2,1,1024] (separate executor JVMs). Tests are ordered so
-that each master starts once.
+that each master starts once. Spark Connect tests (marker ``connect``) run last: once a Connect
+session has started, pyspark builds Connect columns in the whole process, so they stop the
+classic session first and put the process back when done (``tests/connect_server.py``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def any_spark(request):
     return SESSIONS.get(request.param)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sessions():
     """The session switcher itself, for tests that need a specially configured Spark."""
     return SESSIONS
@@ -82,6 +84,8 @@ def _master_order(item) -> int:
     callspec = getattr(item, "callspec", None)
     if callspec is not None and callspec.params.get("any_spark") == "cluster":
         return 2
+    if item.get_closest_marker("connect"):
+        return 4
     if item.get_closest_marker("own_session"):
         return 3
     if "spark" in getattr(item, "fixturenames", ()) or "any_spark" in getattr(item, "fixturenames", ()):
@@ -90,8 +94,9 @@ def _master_order(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_master_order)  # stable: unit, local[2], local-cluster, special sessions
+    items.sort(key=_master_order)  # stable: unit, local[2], local-cluster, special sessions, Connect
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "own_session: starts its own specially configured Spark")
+    config.addinivalue_line("markers", "connect: a Spark Connect client in the test process (runs last)")

@@ -14,6 +14,40 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stall_in_epoch_two(marker: str, step: int = 1, seconds: float = 600):
+    """A ``_fail_hook``: rank 1 stalls at ``step`` of epoch 2 (sleeps ``seconds``), first writing
+    to ``marker`` when the stall began (same machine, same clock)."""
+    import time
+
+    def hook(rank: int, epoch: int, step_now: int, module) -> None:
+        if rank == 1 and epoch == 1 and step_now == step:
+            with open(marker, "w") as out:
+                out.write(repr(time.time()))
+            time.sleep(seconds)
+
+    return hook
+
+
+def assert_a_stalled_agent_stops_itself(frame: DataFrame, marker: str) -> None:
+    """Without a status channel: rank 1 stalls in epoch 2, its own watchdog stops it and the fit
+    fails with a StallError that names it, within seconds of stall_timeout (not the sleep)."""
+    import time
+
+    import pytest
+
+    from spark_ddl import TorchEstimator
+    from spark_ddl.driver.monitor import StallError
+
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=3, timeout=60, stall_timeout=3)
+    estimator._fail_hook = stall_in_epoch_two(marker)
+    with pytest.raises(StallError) as info:
+        estimator.fit(frame)
+    stalled_for = time.time() - float(Path(marker).read_text())
+    assert 3 <= stalled_for < 45, stalled_for  # not the sleep; StallError below says which path (load here reaches 10)
+    assert info.value.rank == 1 and info.value.retriable and "stopped itself" in str(info.value)
+    assert "rank 1: epoch 2, step 2: forward pass (model code)" in str(info.value)
+
+
 class TinyNet(nn.Module):
     """A small MLP for regression or classification tests."""
 
@@ -149,6 +183,22 @@ class TwoTower(nn.Module):
     def forward(self, user, item):
         dot = (self.user(user) * self.item(item)).sum(dim=1)
         return (dot + self.user_bias(user).squeeze(1) + self.item_bias(item).squeeze(1) + self.bias).unsqueeze(1)
+
+
+def ratings_frame(spark: SparkSession, rows: int = 200) -> DataFrame:
+    """Random (user long < 20, item long < 30, rating double) rows for ``TwoTower(20, 30)``."""
+    rng = np.random.default_rng(1)
+    data = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, rows), rng.integers(0, 30, rows),
+                                                          rng.normal(size=rows))]
+    return spark.createDataFrame(data, "user long, item long, rating double")
+
+
+def two_tower_predictions(model, scored) -> np.ndarray:
+    """A local forward pass of a fitted TwoTower on the ids of ``scored`` (a pandas frame)."""
+    with torch.no_grad():
+        return model.get_module()(torch.tensor(scored["user"].to_numpy()),
+                                  torch.tensor(scored["item"].to_numpy())).reshape(-1).numpy()
+
 
 
 class SparkJobs:

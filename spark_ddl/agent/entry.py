@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch.distributed as dist
 
 from spark_ddl.agent.function import run_function
-from spark_ddl.agent.heartbeat import Heartbeat
+from spark_ddl.agent.heartbeat import Heartbeat, interruptible
 from spark_ddl.agent.training import train
 from spark_ddl.sync.host_reduce import LocalPeerError, abort_local_peers
 from spark_ddl.wire import AgentFailure, AgentJob
@@ -37,18 +37,21 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
 
     context = BarrierTaskContext.get()
     rank = context.partitionId()
-    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval)
+    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval,
+                          job.config.stall_timeout)
     if job.config.agent_log_level != "OFF":
         heartbeat.forward_logs(job.config.agent_log_level)
-    heartbeat.start()
     result: list[pa.RecordBatch] = []
-    try:
-        result = (run_function if job.function is not None else train)(job, context, batches, heartbeat)
-    except Exception as exc:
-        _raise_agent_failure(rank, exc)
-    finally:
-        heartbeat.stop()
-        destroy_group_within(FAILURE_TEARDOWN_SECONDS)  # after leave_group (success) nothing is left
+    with interruptible(heartbeat):  # without a status channel the heartbeat may stop a stalled agent
+        heartbeat.start()
+        try:
+            result = (run_function if job.function is not None else train)(job, context, batches, heartbeat)
+        except Exception as exc:
+            heartbeat.stop()  # no interruption while the failure is reported
+            _raise_agent_failure(rank, exc)
+        finally:
+            heartbeat.stop()
+            destroy_group_within(FAILURE_TEARDOWN_SECONDS)  # after leave_group (success) nothing is left
     yield from result
 
 

@@ -1,29 +1,52 @@
 """Agent side of the status channel: a daemon thread that tells the driver what this agent
-is doing (see ``spark_ddl.monitor``).
+is doing (see ``spark_ddl.driver.monitor``).
 
 The training loop only assigns to ``Heartbeat.status`` (no I/O on the hot path); the thread
 sends it every ``interval`` seconds, also while the training thread is blocked in a
-collective or stuck in user code. Any channel error ends the thread quietly: training never
+collective or stuck in user code. Any channel error ends the sending quietly: training never
 depends on it.
+
+Without a channel (none was offered, or the driver cannot be reached, as for a Spark Connect
+client the executors cannot connect to) and with ``stall_timeout``, the thread watches this
+agent itself: when its status has not changed for ``stall_timeout`` seconds while it was not
+waiting for its peers, it interrupts the training thread (a signal; its handler raises
+``AgentStalled``), so the agent fails with a report of what it was doing and the driver raises
+``StallError`` as it does when it detects the stall itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import socket
 import threading
+import time
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
+
+from spark_ddl.wire import STALLED, describe
 
 MAX_QUEUED_LOG_RECORDS = 1000  # older records are dropped when the driver cannot keep up
+STALL_SIGNAL = getattr(signal, "SIGUSR2", None)  # interrupts the training thread after a stall
+_PROGRESS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_done")
+
+log = logging.getLogger("spark_ddl.agent")
+
+
+class AgentStalled(Exception):
+    """This agent made no progress for ``stall_timeout`` seconds (raised in its training thread)."""
+
+
+assert AgentStalled.__name__ == STALLED  # the driver recognises the report by this type name
 
 
 class Heartbeat:
     """Reports ``status`` (phase, epoch, step, updates, waiting) for one rank."""
 
     def __init__(self, address: tuple[str, int] | None, secret: str | None, rank: int,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, stall_timeout: float | None = None) -> None:
         self.status: dict[str, Any] = {"phase": "starting", "epoch": None, "step": None,
                                        "updates": 0, "waiting": False}
         self._address, self._secret, self._rank, self._interval = address, secret, rank, interval
@@ -31,6 +54,10 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._logs: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_LOG_RECORDS)
         self._handler: logging.Handler | None = None
+        self.stall_timeout = stall_timeout
+        self.stalled: str | None = None  # set by the watchdog: what this agent was doing when it stalled
+        self._interrupt_lock = threading.Lock()
+        self._main_thread: int | None = None  # the training thread, while it can be interrupted
 
     def set(self, phase: str, waiting: bool = False, **fields: Any) -> None:
         """Record the current phase (``waiting``: blocked on peers, not computing)."""
@@ -56,7 +83,7 @@ class Heartbeat:
             ours.setLevel(self._handler.level)
 
     def start(self) -> "Heartbeat":
-        if self._address is not None and self._secret is not None:
+        if (self._address is not None and self._secret is not None) or self.stall_timeout:
             self._thread = threading.Thread(target=self._run, daemon=True, name="spark-ddl-heartbeat")
             self._thread.start()
         return self
@@ -71,6 +98,13 @@ class Heartbeat:
             self._thread.join(2 * self._interval + 1)
 
     def _run(self) -> None:
+        if self._address is not None and self._secret is not None:
+            self._send()
+        if self.stall_timeout and not self._stop.is_set():
+            log.info("rank %d: no status channel to the driver; this agent watches itself for stalls", self._rank)
+            self._watch()
+
+    def _send(self) -> None:
         try:
             with socket.create_connection(self._address, timeout=10) as connection:
                 connection.settimeout(10)
@@ -88,3 +122,51 @@ class Heartbeat:
         lines = [json.dumps({"log": self._logs.popleft()}) for _ in range(len(self._logs))]
         lines.append(json.dumps(self.status))
         send(("\n".join(lines) + "\n").encode())
+
+    # -- the watchdog (no channel) ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Interrupt the training thread once its status stood still for stall_timeout seconds
+        while it was not waiting for peers (then a peer is the one stalled, or the collective's
+        own timeout ends it)."""
+        seen, changed = None, time.monotonic()
+        while not self._stop.wait(self._interval):
+            status = self.status
+            progress = tuple(status.get(key) for key in _PROGRESS_KEYS)
+            now = time.monotonic()
+            if progress != seen:
+                seen, changed = progress, now
+            elif not status.get("waiting") and now - changed >= self.stall_timeout:
+                self.stalled = (f"rank {self._rank} made no progress for {now - changed:.0f} s "
+                                f"(stall_timeout={self.stall_timeout:g}); rank {self._rank}: {describe(status)}")
+                self._interrupt()
+                return
+
+    def _interrupt(self) -> None:
+        with self._interrupt_lock:
+            if self._main_thread is None or STALL_SIGNAL is None:
+                log.warning("%s, but the training thread cannot be interrupted here", self.stalled)
+                return
+            signal.pthread_kill(self._main_thread, STALL_SIGNAL)
+
+
+@contextlib.contextmanager
+def interruptible(heartbeat: Heartbeat) -> Iterator[None]:
+    """Within the block, the heartbeat's watchdog can interrupt this (the main) thread with
+    ``AgentStalled``. Elsewhere than in a process's main thread it does nothing."""
+    if STALL_SIGNAL is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_stall(signum: int, frame: Any) -> None:
+        if heartbeat.stalled:
+            raise AgentStalled(heartbeat.stalled)
+
+    previous = signal.signal(STALL_SIGNAL, on_stall)
+    heartbeat._main_thread = threading.get_ident()  # noqa: SLF001 - this module's own pair
+    try:
+        yield
+    finally:
+        with heartbeat._interrupt_lock:  # noqa: SLF001 - no signal can arrive after this
+            heartbeat._main_thread = None  # noqa: SLF001
+        signal.signal(STALL_SIGNAL, previous)

@@ -20,11 +20,12 @@ from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
 from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
-from spark_ddl.artifact import state_dict_to_bytes
+from spark_ddl.artifact import (optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes,
+                                state_dict_to_bytes)
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
-from spark_ddl.objectives import label_dtype, make_optimizer
+from spark_ddl.objectives import label_dtype, load_optimizer_state, make_optimizer
 from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
@@ -199,15 +200,22 @@ def _merged_lengths(*many: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStrategy:
-    """The network (rebuilt from the job's model source) wrapped in its set-up strategy."""
+    """The network (rebuilt from the job's model source) wrapped in its set-up strategy; a warm
+    start loads its weights before the setup (which makes the replicas equal) and its optimiser
+    state after it (the optimiser exists only then)."""
     config = job.config
-    module = job.model.build("train").to(device)
+    module = job.model.build("train")
+    if job.initial_weights is not None:
+        module.load_state_dict(state_dict_from_bytes(job.initial_weights))
+    module = module.to(device)
     if job.strategy_factory is not None:
         strategy = job.strategy_factory(device)
     else:
         strategy = make_strategy(config, config.sync, StrategyEnv(device, peers.shard_sizes, peers.host_keys))
     strategy.setup(module, lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs,
                                                          config.grad_clip_norm))
+    if job.initial_optimizer is not None:
+        load_optimizer_state(strategy.optimizer, optimizer_state_from_bytes(job.initial_optimizer))
     return strategy
 
 
@@ -224,6 +232,7 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
     if result.best_state is not None:  # early stopping: rank 0 returns the best epoch's weights
         strategy.trained_module.load_state_dict(result.best_state)
     weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
+    optimizer = optimizer_state_to_bytes(strategy.optimizer.state_dict()) if rank == 0 else b""
     strategy_summary = strategy.summary()
     leave_group(release=strategy.close)
     if rank != 0:
@@ -244,6 +253,7 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
     return [
         *output_batches("summary", 0, json.dumps(summary).encode()),
         *output_batches("weights", 0, weights),
+        *output_batches("optimizer", 0, optimizer),  # rank 0's optimiser: what a warm start continues
     ]
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import functions as F
 
-from spark_ddl import TorchEstimator, get_or_create_session
+from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, digits_as_png
-from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, session_from_args, setup_logging
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Train the CNN on the image structs and compare it with logistic regression on the pixels."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-images")
+    spark = session_from_args(args, "spark_ddl-images", args.workers)
     root = args.images or digits_as_png(REPO / "artifacts" / "digits_png")
     images = spark.read.format("image").load(root)  # columns: image (struct), split, label (from the path)
     train = images.filter(F.col("split") == "train")

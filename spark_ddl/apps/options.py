@@ -21,9 +21,26 @@ def application_parser(prog: str | None, doc: str | None, output: str, epochs: i
     p.add_argument("--sample", type=float, default=1.0, help="fraction of the data to use (CI: small)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=output, help="model directory")
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[workers])")
+    add_session_arguments(p, "local[workers]")
     p.add_argument("--metrics-json", default=None, help="write the results here")
     return p
+
+
+def add_session_arguments(p: argparse.ArgumentParser, embedded: str) -> None:
+    """--master, and --remote for a Spark Connect server (its paths are the server's)."""
+    p.add_argument("--master", default=None, help=f"Spark master (default: spark-submit's, else embedded {embedded})")
+    p.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
+                   help="run through a Spark Connect server (needs the 'connect' extra); paths are the "
+                        "server's; 'local[N]' starts a local one")
+
+
+def session_from_args(args: argparse.Namespace, app_name: str, num_workers: int = 2) -> Any:
+    """The Spark session that --master / --remote ask for."""
+    from spark_ddl.driver.session import get_or_create_session
+
+    if args.remote and args.master:
+        raise SystemExit("--remote and --master exclude each other: a Spark Connect server has its own master")
+    return get_or_create_session(master=args.master, num_workers=num_workers, app_name=app_name, remote=args.remote)
 
 
 def save_results(model: Any, args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -16,9 +16,9 @@ import time
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from spark_ddl import TorchEstimator, get_or_create_session
+from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, session_from_args, setup_logging
 from spark_ddl.models import PenalizedMSE
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Index the ids, train matrix factorisation, compare its RMSE with the baseline of means."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-recommender")
+    spark = session_from_args(args, "spark_ddl-recommender", args.workers)
     ratings = spark.read.parquet(args.data or rdataset("dslabs", "movielens"))
     if args.sample < 1.0:
         ratings = ratings.sample(fraction=args.sample, seed=args.seed)

@@ -16,9 +16,9 @@ import time
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from spark_ddl import TorchEstimator, get_or_create_session
+from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, parse_with_config, save_results, setup_logging
+from spark_ddl.apps.options import application_parser, parse_with_config, save_results, session_from_args, setup_logging
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
 PAD, UNKNOWN = 0, 1  # token ids kept for the padding and for words outside the vocabulary
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Tokenise on Spark, train the embedding model, compare with the baselines."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-text")
+    spark = session_from_args(args, "spark_ddl-text", args.workers)
     tweets = spark.read.parquet(args.data or rdataset("dslabs", "trump_tweets"))
     tweets = (tweets.filter(F.col("source").isin(*SOURCES)).filter(~F.col("is_retweet"))
               .select(F.monotonically_increasing_id().alias("row"), "text",

@@ -2,6 +2,7 @@
 
     python jobs/train.py                                  # digits, 2 agents, embedded local Spark
     spark-submit --master spark://host:7077 jobs/train.py --data hdfs:///d.parquet --workers 8
+    python jobs/train.py --remote sc://host:15002 --data /data/d.parquet   # a Spark Connect server
 
 Prints the per-epoch training loss and the held-out accuracy (rows whose --split-col equals
 "test"; without a split column 20 % are held out at random), and writes the model directory.
@@ -19,8 +20,8 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 
 from pyspark.sql import functions as F
 
-from spark_ddl import TorchEstimator, get_or_create_session
-from spark_ddl.apps.options import parse_with_config, setup_logging
+from spark_ddl import TorchEstimator
+from spark_ddl.apps.options import add_session_arguments, parse_with_config, session_from_args, setup_logging
 from spark_ddl.config import TrainConfig
 from spark_ddl.settings import add_arguments, declared
 
@@ -40,8 +41,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (added to --optimizer-kwargs)")
     p.add_argument("--output", default=str(REPO / "artifacts" / "digits_mlp"), help="model directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
-    p.add_argument("--master", default=None,
-                   help="Spark master (default: spark-submit's, else embedded local[workers])")
+    add_session_arguments(p, "local[workers]")
     p.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG (needs matplotlib)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="fraction of the training rows held out for per-epoch validation (0: none)")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the train command with command-line arguments ``argv``."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = get_or_create_session(master=args.master, num_workers=args.num_workers, app_name="spark_ddl-train")
+    spark = session_from_args(args, "spark_ddl-train", args.num_workers)
     df = read_table(spark, args.data)
     feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]
     if args.split_col in df.columns:

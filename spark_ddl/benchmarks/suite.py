@@ -10,7 +10,9 @@ TorchDistributor; 2 agents ≥ 1.3×, 1.5×, 1.75×, 1.75× one plain single-thr
 32, 64, 128, 256 per agent; ingest ≥ 0.8× and inference ≥ 0.9× the identity mapInArrow; peak
 RSS per agent ≤ 1.5 × shard bytes + model + 300 MB in memory mode, and under the budget with
 the disk cache for a shard 3× that budget. The scale curves (agents, model sizes) are
-``spark-ddl bench scale``.
+``spark-ddl bench scale``. Last, unless ``--skip-connect``, the launch rows' fit() and
+TorchDistributor.run are timed again from a Spark Connect client of a local server (which ends
+the classic session).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from spark_ddl import TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
 from spark_ddl.benchmarks.imports import import_costs
-from spark_ddl.benchmarks.launch import allreduce_once, floor_job
+from spark_ddl.benchmarks.launch import CONNECT_DISTRIBUTOR, CONNECT_FIT, allreduce_once, connect_launch_times, floor_job
 from spark_ddl.benchmarks.throughput import (CURVE_TARGETS, bare_ddp_samples_per_s, batch_size_curve, mlp_estimator,
                                              steady_samples_per_s, synthetic)
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
@@ -103,6 +105,17 @@ def launch_part(spark, table: Table, repeats: int, distributor: bool) -> float:
                   dist_s >= 5 * fit_s)
     estimator.fit(tiny)  # the throughput part's Python workers have paid their one-off imports
     return fit_s
+
+
+def connect_part(table: Table, repeats: int, distributor: bool, classic_fit_s: float) -> None:
+    """The launch rows again from a Spark Connect client of a local server."""
+    connect = connect_launch_times(repeats, distributor)
+    connect_fit = statistics.median(connect[CONNECT_FIT])
+    table.add("launch", "fit() from a Spark Connect client (local server)", connect_fit, "s", classic_fit_s,
+              "(÷ classic fit)")
+    if CONNECT_DISTRIBUTOR in connect:
+        table.add("launch", "TorchDistributor.run over Spark Connect", statistics.median(connect[CONNECT_DISTRIBUTOR]),
+                  "s", connect_fit, "(÷ Connect fit)")
 
 
 def throughput_part(data: DataFrame, table: Table, args: argparse.Namespace, hidden: list[int]) -> dict:
@@ -208,6 +221,7 @@ def parse(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-distributor", action="store_true", help="leave TorchDistributor out (slow)")
+    parser.add_argument("--skip-connect", action="store_true", help="leave the Spark Connect launch rows out")
     parser.add_argument("--inference-hidden", default="128", help="MLP hidden sizes of the scored model")
     parser.add_argument("--disk-budget-mb", type=float, default=256.0,
                         help="memory budget per agent for the disk-cache run (its shard is 3× this); 0 skips it")
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     hidden = [int(h) for h in args.hidden.split(",")]
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-suite")
     table = Table()
-    launch_part(spark, table, args.repeats, not args.skip_distributor)
+    fit_s = launch_part(spark, table, args.repeats, not args.skip_distributor)
     data = synthetic(spark, args.rows, args.features, 10, 2).cache()
     data.count()
     throughput = throughput_part(data, table, args, hidden)
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         disk_part(spark, table, args)
     for step in import_costs():  # what the RSS before data is made of
         table.add("memory", f"fresh interpreter + {step['step']}", step["added_bytes"] / MB, "MB")
+    if not args.skip_connect:  # last: it stops the classic session (one kind per process)
+        connect_part(table, args.repeats, not args.skip_distributor, fit_s)
     print(f"\nPerformance suite: local[2], 1 thread per agent, {args.rows} rows × {args.features} features, "
           f"MLP {args.features}→{args.hidden}→10, medians of {args.repeats}\n")
     table.print()

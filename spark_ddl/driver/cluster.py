@@ -1,5 +1,6 @@
 """Before launch: can this Spark application run the barrier job at all? Fails in seconds,
-naming the setting to change (Spark itself would notice only after minutes)."""
+naming the setting to change (Spark itself would notice only after minutes). Classic and
+Spark Connect sessions give the same messages (``spark_ddl.driver.capabilities``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.capabilities import SessionCapabilities, capabilities
 from spark_ddl.errors import ClusterConfigError
 
 EXECUTOR_WAIT_SECONDS = 60.0  # how long to wait for executors to register before failing
@@ -16,18 +18,18 @@ EXECUTOR_WAIT_SECONDS = 60.0  # how long to wait for executors to register befor
 
 def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
     """Fail in seconds, naming the setting to change, if the barrier job cannot run."""
-    conf = spark.sparkContext.getConf()
-    if conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true":
+    caps = capabilities(spark)
+    if (caps.conf("spark.dynamicAllocation.enabled", "false") or "").strip().lower() == "true":
         raise ClusterConfigError(
             "Barrier execution does not support dynamic allocation: set "
             "spark.dynamicAllocation.enabled=false for this application."
         )
     if config.use_gpu:
-        _check_gpu_resources(spark)
-    slots = _wait_for_slots(spark, config.num_workers, EXECUTOR_WAIT_SECONDS)
-    if slots < config.num_workers:
-        master = spark.sparkContext.master
-        task_cpus = conf.get("spark.task.cpus", "1")
+        _check_gpu_resources(caps)
+    slots = _wait_for_slots(caps, config.num_workers, EXECUTOR_WAIT_SECONDS)
+    if slots is not None and slots < config.num_workers:
+        master = caps.master()
+        task_cpus = caps.conf("spark.task.cpus", "1") or "1"
         raise ClusterConfigError(
             f"num_workers={config.num_workers} needs {config.num_workers} barrier task slots at "
             f"once, but the cluster offers {slots} (master={master}, spark.task.cpus={task_cpus}). "
@@ -37,21 +39,16 @@ def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
         )
 
 
-def _max_concurrent_tasks(spark: SparkSession) -> int:
-    jsc = spark.sparkContext._jsc.sc()  # noqa: SLF001 - same call xgboost.spark uses
-    profile = jsc.resourceProfileManager().defaultResourceProfile()
-    return int(jsc.maxNumConcurrentTasks(profile))
-
-
-def _wait_for_slots(spark: SparkSession, needed: int, wait: float) -> int:
-    """Slots available now; in cluster modes, wait a little for executors still starting."""
-    slots = _max_concurrent_tasks(spark)
-    if slots >= needed or _is_local_mode(spark.sparkContext.master):
+def _wait_for_slots(caps: SessionCapabilities, needed: int, wait: float) -> int | None:
+    """Slots available now; in cluster modes, wait a little for executors still starting.
+    None when the session cannot tell (Spark's own check then applies)."""
+    slots = caps.task_slots()
+    if slots is None or slots >= needed or _is_local_mode(caps.master()):
         return slots
     deadline = time.monotonic() + wait
-    while slots < needed and time.monotonic() < deadline:
+    while slots is not None and slots < needed and time.monotonic() < deadline:
         time.sleep(0.5)
-        slots = _max_concurrent_tasks(spark)
+        slots = caps.task_slots()
     return slots
 
 
@@ -60,16 +57,15 @@ def _is_local_mode(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
 
-def _check_gpu_resources(spark: SparkSession) -> None:
-    conf = spark.sparkContext.getConf()
-    if _is_local_mode(spark.sparkContext.master):
+def _check_gpu_resources(caps: SessionCapabilities) -> None:
+    if _is_local_mode(caps.master()):
         if not torch.cuda.is_available():
             raise ClusterConfigError(
                 "use_gpu=True but no GPU is visible to this local Spark (torch.cuda.is_available() "
                 "is False). Set use_gpu=None to use a GPU only when there is one, or False for CPU."
             )
         return
-    if not conf.get("spark.task.resource.gpu.amount"):
+    if not caps.conf("spark.task.resource.gpu.amount"):
         raise ClusterConfigError(
             "use_gpu=True but the Spark application has no GPU resources configured. Set "
             "spark.executor.resource.gpu.amount=1, spark.task.resource.gpu.amount=1 and "

@@ -21,24 +21,26 @@ def empty_input_error() -> SchemaError:
 # --------------------------------------------------------------------------------------
 
 
-def balance_partitions(df: DataFrame, num_partitions: int) -> DataFrame:
+def balance_partitions(df: DataFrame, num_partitions: int, known_count: int | None = None) -> DataFrame:
     """Exactly ``num_partitions`` partitions whose sizes differ by at most one row.
 
     An input that already has ``num_partitions`` partitions is returned unchanged (partition i
-    becomes rank i). Otherwise every row gets a global index (per-partition counts plus the
-    row's position inside its partition), row ``i`` is sent to partition ``i mod n``, and the
-    hash key for each target partition is chosen so that Spark's hash partitioner places it
-    exactly there.
+    becomes rank i). ``known_count``: the input's partition count when the session knows it
+    without a job (classic), else one job counts the rows of every partition (Spark Connect
+    has no ``getNumPartitions``). Otherwise every row gets a global index (per-partition counts
+    plus the row's position inside its partition), row ``i`` is sent to partition ``i mod n``,
+    and the hash key for each target partition is chosen so that Spark's hash partitioner
+    places it exactly there.
     """
-    if df.rdd.getNumPartitions() == num_partitions:
+    if known_count == num_partitions:
         return df
-    counts = dict(
-        df.select(F.spark_partition_id().alias("p")).groupBy("p").count().collect()
-    )
+    sizes = partition_sizes(df)
+    if len(sizes) == num_partitions:
+        return df
     offsets, total = [], 0
-    for pid in range(max(counts, default=-1) + 1):
+    for size in sizes:
         offsets.append(total)
-        total += counts.get(pid, 0)
+        total += size
     if total == 0:
         raise empty_input_error()
     keys = partition_keys(df.sparkSession, num_partitions)
@@ -51,6 +53,22 @@ def balance_partitions(df: DataFrame, num_partitions: int) -> DataFrame:
         .repartition(num_partitions, _PARTITION_KEY)
         .drop(_PARTITION_KEY)
     )
+
+
+def _count_partition(batches):
+    """One row per partition, empty ones included: (partition id, rows)."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    rows = sum(batch.num_rows for batch in batches)
+    yield pa.RecordBatch.from_pydict({"p": [TaskContext.get().partitionId()], "n": [rows]})
+
+
+def partition_sizes(df: DataFrame) -> list[int]:
+    """Rows in each of ``df``'s partitions, in partition order (one job; no RDD API needed)."""
+    rows = df.select(F.lit(True).alias("row"))  # same partitions; no column needs reading
+    counted = dict(rows.mapInArrow(_count_partition, "p long, n long").collect())
+    return [int(counted.get(p, 0)) for p in range(max(counted, default=-1) + 1)]
 
 
 def partition_keys(spark, num_partitions: int) -> list[int]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import builtins
 import re
 
+from spark_ddl.driver.monitor import StallError
 from spark_ddl.errors import TrainingError
-from spark_ddl.wire import parse_agent_failures
+from spark_ddl.wire import STALLED, parse_agent_failures
 
 _TYPED_ERRORS: dict[str, type] = {}
 
@@ -28,6 +29,13 @@ def training_error_from_spark(exc: BaseException) -> TrainingError | None:
         return None
     record = (primary or records)[0]
     remote_type = record.get("type", "Exception")
+    if remote_type == STALLED:
+        return StallError(
+            f"Training stalled: {record.get('message')}.\nThe agent stopped itself (it had no status "
+            "channel to this process, so it watched for stalls on the executor) and the job failed. If "
+            "steps can legitimately take this long, raise stall_timeout.",
+            rank=record.get("rank"), remote_type="Stall", remote_message=record.get("message"),
+            remote_traceback=record.get("traceback"), retriable=True)
     message = (
         f"Training failed on agent rank {record.get('rank')}: "
         f"{remote_type}: {record.get('message')}\n\nWorker traceback:\n{record.get('traceback', '')}"

@@ -1,11 +1,13 @@
 """Driver side of training: check the cluster, prepare the data, run the barrier job and
-reassemble rank 0's result."""
+reassemble rank 0's result. Everything that depends on the session's kind (classic or Spark
+Connect) goes through ``spark_ddl.driver.capabilities``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -20,11 +22,12 @@ from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
 from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.capabilities import DirectoryFiles, SessionCapabilities, capabilities
 from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
-from spark_ddl.driver.monitor import AgentMonitor, driver_host
+from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter
 from spark_ddl.errors import ConfigError, TrainingError
 from spark_ddl.wire import OUTPUT_DDL, AgentJob, reassemble
@@ -33,6 +36,7 @@ log = logging.getLogger("spark_ddl")
 
 MONITOR_POLL_SECONDS = 0.25  # how often the driver looks at the agents' status
 CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its tasks
+SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long after launch: say so
 
 
 @dataclass
@@ -64,23 +68,28 @@ def run_training(
     ``max_retries`` times, each attempt resuming from the newest checkpoint; the summary's
     ``attempts`` records every attempt and why it failed.
     """
-    config = job.config
     spark = df.sparkSession
+    caps = capabilities(spark)
+    if job.config.checkpoint_dir and "://" not in job.config.checkpoint_dir:  # the agents' cwd may differ
+        job = dataclasses.replace(job, config=dataclasses.replace(
+            job.config, checkpoint_dir=os.path.abspath(job.config.checkpoint_dir)))
+    config = job.config
     check_cluster(spark, config)
-    first_resume = check_checkpoint_dir(config)
+    checkpoints = caps.checkpoint_files()
+    first_resume = check_checkpoint_dir(config, checkpoints)
     training = (select_training_columns(df, spec, validation) if spec is not None
                 else df.select(F.lit(0).cast("byte").alias("__ddl_unit")))  # rows only mark the partitions
     if preflight is not None:
         preflight(training)
-    prepared = balance_partitions(training, config.num_workers)
+    prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
     attempts: list[dict[str, Any]] = []
     for attempt in range(1, config.max_retries + 2):
         resume_from = first_resume if attempt == 1 else (
-            newest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None)
+            newest_checkpoint(config.checkpoint_dir, checkpoints) if config.checkpoint_dir else None)
         attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from))
         record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
         try:
-            result = _run_barrier_job(prepared, attempt_job)
+            result = _run_barrier_job(prepared, attempt_job, caps)
         except TrainingError as error:
             attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
                                  retriable=error.retriable))
@@ -97,12 +106,13 @@ def run_training(
     raise AssertionError("unreachable")
 
 
-def check_checkpoint_dir(config: TrainConfig) -> str | None:
+def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = None) -> str | None:
     """Before launch: never overwrite another run's checkpoints; on resume, check that the
-    newest checkpoint was written with the same settings. Returns the checkpoint to resume."""
+    newest checkpoint was written with the same settings. Returns the checkpoint to resume.
+    ``files``: how the driver sees the agents' checkpoint_dir (default: pyarrow.fs here)."""
     if config.checkpoint_dir is None:
         return None
-    newest = newest_checkpoint(config.checkpoint_dir)
+    newest = newest_checkpoint(config.checkpoint_dir, files)
     if newest is None:
         return None
     if not config.resume:
@@ -111,7 +121,7 @@ def check_checkpoint_dir(config: TrainConfig) -> str | None:
             f"({newest.rsplit('/', 1)[-1]}). Pass resume=True to continue that run, or choose an "
             "empty directory for a new one."
         )
-    saved = read_checkpoint_facts(newest)
+    saved = read_checkpoint_facts(newest, files)
     differences = incompatibilities(saved["settings"], config.resume_record())
     if differences:
         raise ConfigError(
@@ -123,53 +133,58 @@ def check_checkpoint_dir(config: TrainConfig) -> str | None:
     return newest
 
 
-def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
+def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabilities) -> FitResult:
     """One attempt: the barrier job over the prepared partitions, collected on the driver
     while the agents' status channel is watched for stalls."""
-    spark = prepared.sparkSession
-    sc = spark.sparkContext
     config = job.config
-    monitor = AgentMonitor(driver_host(sc), config.stall_timeout)
+    monitor = AgentMonitor(caps.status_host(), config.stall_timeout)
     job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
                               heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0)
+    shipped = caps.inline(job)  # a Connect plan has a size limit: a large job goes as an artifact
 
     def agent(batches):
-        return run_agent(job, batches)
+        return run_agent(shipped.value, batches)
 
     output = prepared.mapInArrow(agent, OUTPUT_DDL, barrier=True)
     tag = f"spark_ddl-fit-{uuid.uuid4().hex[:12]}"
     outcome: dict[str, Any] = {}
 
     def collect() -> None:  # job tags are per thread: set it in the thread that runs the job
-        sc.addJobTag(tag)
-        try:
-            outcome["rows"] = output.collect()
-        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
-            outcome["error"] = exc
-        finally:
-            sc.removeJobTag(tag)
+        with caps.tagged(tag):
+            try:
+                outcome["rows"] = output.collect()
+            except BaseException as exc:  # noqa: BLE001 - handed to the driver thread below
+                outcome["error"] = exc
 
     started = time.perf_counter()
     runner = threading.Thread(target=collect, daemon=True, name=f"spark-ddl-{tag}")
     runner.start()
     reporter = ProgressReporter(config.progress)
+    silence_noted = monitor.address is None
     try:
         while runner.is_alive():
             runner.join(MONITOR_POLL_SECONDS)
             reporter.update(monitor.status_of(0))
+            if not silence_noted and not monitor.heard_from_any() and \
+                    time.perf_counter() - started > SILENCE_WARNING_SECONDS:
+                silence_noted = True
+                log.warning("no agent has reached the status channel at %s:%d yet (executors that cannot "
+                            "connect to this process train on without it): progress is shown when the fit "
+                            "ends, and with stall_timeout the agents watch for stalls themselves", *monitor.address)
             stall = monitor.stall_error(config.num_workers)
             if stall is not None and runner.is_alive():
                 log.error("%s", stall)
-                sc.cancelJobsWithTag(tag)
+                caps.cancel(tag)
                 runner.join(CANCEL_WAIT_SECONDS)
                 raise stall
     except KeyboardInterrupt:
-        sc.cancelJobsWithTag(tag)
+        caps.cancel(tag)
         raise
     finally:
         monitor.close()
         reporter.update(monitor.status_of(0))  # the agents' last reports arrived before they finished
-        reporter.close(finished="rows" in outcome)
+        if "rows" not in outcome:
+            reporter.close(finished=False)
     if "error" in outcome:
         exc = outcome["error"]
         error = training_error_from_spark(exc)
@@ -180,9 +195,14 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob) -> FitResult:
     rows = outcome["rows"]
     seconds = time.perf_counter() - started
     if not rows:  # Spark optimised the job away: only happens for an input with no rows
+        reporter.close(finished=False)
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
     summary_bytes = payloads.pop("summary", None)
     if summary_bytes is None or not payloads:
+        reporter.close(finished=False)
         raise RuntimeError("the job finished but rank 0 returned no result")
-    return FitResult(json.loads(summary_bytes), seconds, payloads)
+    summary = json.loads(summary_bytes)
+    reporter.catch_up(summary.get("history") or [], config.epochs)  # epochs no status report showed
+    reporter.close(finished=True)
+    return FitResult(summary, seconds, payloads)

@@ -19,7 +19,6 @@ import hmac
 import json
 import logging
 import secrets
-import socket
 import socketserver
 import threading
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spark_ddl.errors import TrainingError
+from spark_ddl.wire import describe
 
 log = logging.getLogger("spark_ddl.monitor")
 agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here
@@ -52,7 +52,7 @@ class RankStatus:
 class AgentMonitor:
     """A TCP server on the driver that collects the agents' status for one training job."""
 
-    def __init__(self, host: str, stall_timeout: float | None) -> None:
+    def __init__(self, host: str | None, stall_timeout: float | None) -> None:
         self.secret = secrets.token_hex(16)
         self.stall_timeout = stall_timeout
         self.ranks: dict[int, RankStatus] = {}
@@ -75,6 +75,10 @@ class AgentMonitor:
         self._server: socketserver.ThreadingTCPServer | None = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None  # None: no channel (agents report nothing)
+        if host is None:  # turned off (spark.ddl.statusHost=none)
+            log.info("no status channel for this fit: progress is shown when it ends; with stall_timeout "
+                     "the agents watch for stalls themselves")
+            return
         for bind_host in (host, "0.0.0.0"):  # the driver's address may not be bindable (NAT, k8s)
             try:
                 self._server = Server((bind_host, 0), Handler)
@@ -181,6 +185,11 @@ class AgentMonitor:
             retriable=True,
         )
 
+    def heard_from_any(self) -> bool:
+        """True once any agent has reported."""
+        with self._lock:
+            return bool(self.ranks)
+
     def status_of(self, rank: int) -> dict[str, Any]:
         """The newest status ``rank`` reported ({} before its first report)."""
         with self._lock:
@@ -194,22 +203,3 @@ class AgentMonitor:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
-
-
-def describe(status: dict[str, Any]) -> str:
-    """'epoch 2, step 5: computing the step (forward/backward)' and the like."""
-    where = []
-    if status.get("epoch") is not None:
-        where.append(f"epoch {int(status['epoch']) + 1}")
-    if status.get("step") is not None:
-        where.append(f"step {int(status['step']) + 1}")
-    phase = status.get("phase") or "unknown"
-    return (", ".join(where) + ": " if where else "") + str(phase)
-
-
-def driver_host(spark_context) -> str:
-    """The address executors use to reach the driver."""
-    host = spark_context.getConf().get("spark.driver.host", None)
-    if host:
-        return host
-    return socket.gethostbyname(socket.gethostname())

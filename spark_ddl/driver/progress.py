@@ -37,7 +37,17 @@ class ProgressReporter:
         if self.mode == "bar" and epochs and steps:
             self._advance_bar(status, int(epochs), int(steps))
 
-    def _epoch_done(self, record: dict[str, Any], epochs: Any) -> None:
+    def catch_up(self, history: list[dict[str, Any]], epochs: Any) -> None:
+        """Show the finished epochs that no status report showed (e.g. without a status
+        channel, where rank 0's summary is the first news of them)."""
+        if self.mode == "off":
+            return
+        for record in history:
+            if isinstance(record, dict) and int(record.get("epoch", 0)) > self._shown_epochs:
+                self._shown_epochs = int(record["epoch"])
+                self._epoch_done(record, epochs, log_always=self._bar is None)
+
+    def _epoch_done(self, record: dict[str, Any], epochs: Any, log_always: bool = False) -> None:
         parts = [f"epoch {record['epoch']}/{epochs or '?'}", f"train_loss {record.get('train_loss', float('nan')):.4f}"]
         if "val_loss" in record:
             parts.append(f"val_loss {record['val_loss']:.4f}")
@@ -51,7 +61,7 @@ class ProgressReporter:
             parts.append(f"ETA {max(0, int(epochs) - int(record['epoch'])) * record['seconds']:.0f} s")
         line = ", ".join(parts)
         self.lines.append(line)
-        if self.mode == "log":
+        if self.mode == "log" or log_always:
             log.info("%s", line)
         elif self._bar is not None:
             self._bar.set_postfix_str(line.split(", ", 1)[1], refresh=False)

@@ -50,3 +50,25 @@ def test_the_three_applications_run_through_spark_submit(tmp_path, sessions):
     assert results["images"]["accuracy"] > 0.5  # ten classes: chance is 0.1
     assert results["text"]["accuracy"] > 0.55  # two classes
     assert results["recommender"]["rmse"] < results["recommender"]["global_mean_rmse"]
+
+
+@pytest.mark.own_session
+@pytest.mark.timeout(400)
+def test_stream_recommender_replays_movielens_through_spark_submit(tmp_path, sessions):
+    """Two windows of a 20% sample: two versions, window 1 scored by the version trained on
+    window 0 before it trains (prequential), a plot."""
+    sessions.stop()
+    metrics, plot = tmp_path / "stream.json", tmp_path / "stream.png"
+    proc = spark_submit("stream_recommender", "--max-windows", "2", "--frozen-after", "1", "--sample", "0.2",
+                        "--epochs", "1", "--output", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"),
+                        "--metrics-json", str(metrics), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Prequential RMSE per window" in proc.stdout
+    results = json.loads(metrics.read_text())
+    assert [(w["window"], w["version"]) for w in results["windows"]] == [(1, [1])]
+    assert [(v["version"], v["batch_id"]) for v in results["versions"]] == [(1, 0), (2, 1)]
+    for window in results["windows"]:
+        assert 0.5 < window["continuous"] < 2.0 and 0.5 < window["means"] < 2.0
+    assert results["windows"][0]["frozen"] == pytest.approx(results["windows"][0]["continuous"])  # both version 1
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TorchModel.load_latest(str(tmp_path / "models")).summary["stream_version"]["version"] == 2

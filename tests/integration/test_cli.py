@@ -15,11 +15,14 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--help"], ["train", "predict", "bench"]),
+    (["--help"], ["train", "predict", "bench", "stream-recommender"]),
     (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir"]),
     (["predict", "--help"], ["--model", "--input", "--output", "--config"]),
     (["bench", "--help"], ["launch", "inference", "strategies"]),
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
+    (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
+    (["bench", "scale", "--help"], ["--agents", "--sizes", "--batch-size", "--json"]),
+    (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
 ])
 def test_console_script_help(args, expected):
     assert SPARK_DDL.exists(), "the console script is declared in setup.py and installed by pip"
@@ -54,8 +57,11 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     """A smoke run on tiny data (no timing is asserted: the numbers are the benchmark's job)."""
     out = tmp_path / "suite.json"
     assert cli.main(["bench", "suite", "--rows", "4000", "--hidden", "32", "--repeats", "1", "--epochs", "2",
-                     "--batch-sizes", "64", "--batch-size", "64", "--skip-distributor", "--disk-budget-mb", "2", "--json", str(out)]) == 0
+                     "--batch-sizes", "64", "--batch-size", "64", "--skip-distributor",
+                     "--skip-connect",  # Connect rows stop this process's session
+                     "--disk-budget-mb", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert {r["part"] for r in results} == {"launch", "throughput", "ingest", "inference", "memory"}
     assert all(r["value"] > 0 for r in results if r["unit"] != "MB")
     assert any("on disk" in r["what"] for r in results)
+

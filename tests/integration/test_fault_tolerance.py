@@ -12,7 +12,7 @@ import torch
 from spark_ddl import ConfigError, TorchEstimator, TrainingError
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.driver.monitor import StallError
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes, stall_in_epoch_two
 from tests.tamper import Payload, torch_saved
 
 pytestmark = pytest.mark.timeout(300)
@@ -132,20 +132,10 @@ def test_fault_tolerance_settings_are_checked(settings, message):
         TorchEstimator(model=TinyNet(), **settings).train_config()
 
 
-def sleep_forever_in_epoch_two(marker: str):
-    def hook(rank: int, epoch: int, step: int, module) -> None:
-        if rank == 1 and epoch == 1 and step == 2:
-            with open(marker, "w") as out:
-                out.write(repr(time.time()))  # when the stall began (same machine, same clock)
-            time.sleep(3600)
-
-    return hook
-
-
 def test_a_stalled_agent_fails_the_fit_within_stall_timeout_naming_it(spark, tmp_path):
     data, marker = frame(spark), tmp_path / "stalled_at"
     stalling = estimator(stall_timeout=4)
-    stalling._fail_hook = sleep_forever_in_epoch_two(str(marker))
+    stalling._fail_hook = stall_in_epoch_two(str(marker), step=2, seconds=3600)
     with pytest.raises(StallError) as info:
         stalling.fit(data)
     stalled_for = time.time() - float(marker.read_text())

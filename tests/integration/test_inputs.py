@@ -15,7 +15,8 @@ from pyspark.sql import types as T
 
 from spark_ddl import ConfigError, SchemaError, TorchEstimator, TorchModel
 from spark_ddl.driver import launcher
-from tests.helpers import BIG_ID, ImageProbe, TinyNet, TypeProbe, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.helpers import (BIG_ID, ImageProbe, TinyNet, TypeProbe, frame_with_partitions, ratings_frame,
+                           regression_arrays, split_by_sizes, two_tower_predictions)
 
 TYPE_INPUTS = {"user": "user", "k": "k", "flag": "flag", "price": "price", "vec": "vec", "ids": "ids",
                "tokens": "tokens", "img": "img", "v": "v"}
@@ -48,18 +49,13 @@ def test_every_input_type_reaches_the_model_as_the_table_says_in_training_and_tr
 
 
 def test_named_inputs_transform_matches_a_local_forward_and_survives_save_and_load(spark, tmp_path):
-    rng = np.random.default_rng(1)
-    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 20, 200), rng.integers(0, 30, 200),
-                                                          rng.normal(size=200))]
-    frame = spark.createDataFrame(rows, "user long, item long, rating double")
+    frame = ratings_frame(spark)
     model = TorchEstimator(model="tests.helpers:TwoTower", model_kwargs={"users": 20, "items": 30},
                            inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", lr=0.05,
                            epochs=2, batch_size=16).fit(frame)
     scored = model.transform(frame).toPandas()
-    with torch.no_grad():
-        expected = model.get_module()(torch.tensor(scored["user"].to_numpy()),
-                                      torch.tensor(scored["item"].to_numpy())).reshape(-1).numpy()
-    np.testing.assert_allclose(scored["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scored["prediction"].to_numpy(), two_tower_predictions(model, scored), rtol=1e-5,
+                               atol=1e-6)
     path = str(tmp_path / "recs")
     model.save(path)
     assert (tmp_path / "recs" / "model.pt2").exists()  # named inputs export too

@@ -10,7 +10,8 @@ import pytest
 from spark_ddl import TorchEstimator
 from spark_ddl.driver import launcher
 from spark_ddl.driver.monitor import AgentMonitor
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.helpers import (TinyNet, assert_a_stalled_agent_stops_itself, frame_with_partitions, regression_arrays,
+                           split_by_sizes)
 
 
 def data(spark):
@@ -75,7 +76,16 @@ def test_training_goes_on_when_the_channel_fails(spark, monkeypatch, caplog):
     model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=2, timeout=30, progress="log",
                            stall_timeout=30).fit(data(spark))
     assert len(model.history) == 2 and model.summary["world_size"] == 2  # the summary came with the artifact
-    assert not [r for r in caplog.records if r.name == "spark_ddl.progress"]  # no live progress, no failure
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
+    # no live progress: the epochs' lines come from rank 0's summary when the fit ends
+    assert [line.split(",")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch, tmp_path):
+    """The agents cannot reach the driver (as for a Spark Connect client the executors cannot
+    connect to): the stalled agent's own watchdog fails the fit with StallError."""
+    monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
+    assert_a_stalled_agent_stops_itself(data(spark), str(tmp_path / "stalled_at"))
 
 
 @pytest.mark.parametrize("setting, message", [({"progress": "fancy"}, "progress must be"),

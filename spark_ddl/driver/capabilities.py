@@ -1,0 +1,108 @@
+"""What the driver may do with a SparkSession, decided once by the session's kind.
+
+A classic session (a SparkContext and its JVM in this process) and a Spark Connect session (a
+gRPC client: no SparkContext, no RDDs, no py4j) offer the rest of the driver the same
+capabilities: conf lookup, the master, barrier task slots, partition counts, job tags and
+cancellation, shipping a value to the executors, the address the agents reach this process at,
+and model-directory files. Classic keeps what is better there (broadcast variables, the
+SparkContext's job tags, Hadoop's FileSystem for URIs); Connect uses only ``spark.conf``,
+DataFrames and session artifacts (``spark_ddl/driver/connect.py``).
+
+    caps = capabilities(df.sparkSession)     # chosen once per session object
+    caps.conf("spark.task.cpus", "1"); caps.task_slots(); caps.ship(payload).value  # on executors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any, Iterator
+
+from spark_ddl.driver.capability_base import STATUS_HOST_CONF, DirectoryFiles, SessionCapabilities, StoreFiles
+from spark_ddl.wire import BroadcastValue
+
+__all__ = ["STATUS_HOST_CONF", "DirectoryFiles", "SessionCapabilities", "ClassicCapabilities", "capabilities",
+           "directory_files", "is_connect_session", "active_session"]
+
+
+class ClassicCapabilities(SessionCapabilities):
+    """A classic session: the SparkContext's conf, slots, job tags, broadcasts and Hadoop FS."""
+
+    kind = "classic"
+
+    def __init__(self, spark: Any) -> None:
+        super().__init__(spark)
+        self.sc = spark.sparkContext
+
+    def conf(self, key: str, default: str | None = None) -> str | None:
+        return self.sc.getConf().get(key, default)
+
+    def master(self) -> str:
+        return self.sc.master
+
+    def task_slots(self) -> int | None:
+        jsc = self.sc._jsc.sc()  # noqa: SLF001 - the call xgboost.spark uses
+        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+
+    def partition_count(self, df: Any) -> int | None:
+        return df.rdd.getNumPartitions()
+
+    @contextlib.contextmanager
+    def tagged(self, tag: str) -> Iterator[None]:
+        self.sc.addJobTag(tag)  # per thread
+        try:
+            yield
+        finally:
+            self.sc.removeJobTag(tag)
+
+    def cancel(self, tag: str) -> None:
+        self.sc.cancelJobsWithTag(tag)
+
+    def ship(self, obj: Any) -> Any:
+        return BroadcastValue(self.sc.broadcast(obj))
+
+    def identity(self) -> Any:
+        return self.sc
+
+    def files(self) -> DirectoryFiles:
+        return StoreFiles(hadoop=self.sc)
+
+    def _default_status_host(self) -> str:
+        return self.conf("spark.driver.host") or socket.gethostbyname(socket.gethostname())
+
+
+def is_connect_session(spark: Any) -> bool:
+    """True for a Spark Connect session (``SparkSession.builder.remote(...)``); needs no grpc."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+_CACHE: dict[int, SessionCapabilities] = {}
+
+
+def capabilities(spark: Any) -> SessionCapabilities:
+    """The capabilities of ``spark``, chosen once per session object by its kind."""
+    cached = _CACHE.get(id(spark))
+    if cached is not None and cached.spark is spark:
+        return cached
+    if is_connect_session(spark):
+        from spark_ddl.driver.connect import ConnectCapabilities
+
+        cached = ConnectCapabilities(spark)
+    else:
+        cached = ClassicCapabilities(spark)
+    _CACHE[id(spark)] = cached
+    return cached
+
+
+def active_session() -> Any:
+    """This thread's active SparkSession (classic or Connect), or None; never starts one."""
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
+
+
+def directory_files(spark: Any = None) -> DirectoryFiles:
+    """Model-directory files for ``spark`` (default: the active session); without a session,
+    pyarrow.fs in this process."""
+    spark = spark if spark is not None else active_session()
+    return capabilities(spark).files() if spark is not None else StoreFiles()
