@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pyspark.sql import Column, DataFrame
@@ -20,6 +21,7 @@ from torch import nn
 
 from spark_ddl.batch_format import FLOAT, LABEL_KEY, BatchSpec, InputField, call_model, dummy_batch, tensor_dtype
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec, InputSource
 from spark_ddl.driver.data import empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
@@ -115,28 +117,14 @@ def _label_aggregates(spec: ColumnSpec) -> list[Column]:
             label_min.alias("min_label"), label_max.alias("max_label"), fractional.alias("fractional")]
 
 
-_KNOWN_STATS: "OrderedDict[tuple[str, int, int], InputStats]" = OrderedDict()  # of cached inputs, newest last
+_KNOWN_STATS: "OrderedDict[tuple[Any, ...], InputStats]" = OrderedDict()  # of cached inputs, newest last
 _KNOWN_STATS_KEPT = 32
-
-
-def cached_rows_id(df: DataFrame) -> tuple[str, int] | None:
-    """An identity of the cache entry that holds exactly ``df``'s rows: the application and the id
-    of the cached RDD (never reused in an application; a new one after ``unpersist`` and
-    ``cache``). None when ``df`` itself is not cached or the session cannot tell (Spark Connect)."""
-    try:
-        entry = df.sparkSession._jsparkSession.sharedState().cacheManager().lookupCachedData(df._jdf)
-        if not entry.isDefined():
-            return None
-        rdd_id = entry.get().cachedRepresentation().cacheBuilder().cachedColumnBuffers().id()
-        return df.sparkSession.sparkContext.applicationId, int(rdd_id)
-    except Exception:  # noqa: BLE001 - no JVM access: no reuse, the scan runs
-        return None
 
 
 def input_stats_of(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
     """``input_stats``, remembered for a cached ``source``: its rows cannot change while it is
     cached, so another fit of it (a hyper-parameter search, a CrossValidator fold) skips the scan."""
-    cached = cached_rows_id(source)
+    cached = capabilities(source.sparkSession).cached_rows_id(source)
     if cached is None:
         return input_stats(training, spec)
     key = (*cached, training.semanticHash())
