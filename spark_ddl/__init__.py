@@ -12,6 +12,7 @@ from spark_ddl._version import __version__
 from spark_ddl.errors import (
     ClusterConfigError,
     ConfigError,
+    NonFiniteLossError,
     SchemaError,
     SparkDDLError,
     TrainingError,
@@ -52,4 +53,5 @@ __all__ = [
     "SchemaError",
     "ClusterConfigError",
     "TrainingError",
+    "NonFiniteLossError",
 ]

@@ -68,6 +68,25 @@ def write_checkpoint(path: str, state: dict[str, Any], updates: int, keep: int) 
     return final
 
 
+def unwritable_reason(path: str) -> str | None:
+    """Why this process cannot create ``path`` and write a file in it, or None when it can (or
+    when ``path`` is a URI whose filesystem this process cannot open at all: not checked here)."""
+    try:
+        store, inner = arrow_store_for(path)
+        if "://" in path:
+            store.exists(inner.rsplit("/", 1)[0] or "/")  # reachable at all?
+    except Exception:  # noqa: BLE001 - a scheme or credentials only the executors have
+        return None
+    probe = f"{inner}/.spark_ddl-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        store.mkdirs(inner)
+        store.write(probe, b"spark_ddl")
+        store.delete(probe)
+    except Exception as exc:  # noqa: BLE001 - named in the driver's error
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _facts_name(checkpoint: str) -> str:
     return checkpoint[: -len(".pt")] + ".json"
 

@@ -50,6 +50,9 @@ class CheckpointEvery:
         return cls(int(match.group(1)), unit)
 
 
+ELASTIC_SYNCS = ("allreduce", "parameter_server")  # lock-step, identical replicas: a shard may change hands
+
+
 @dataclass
 class TrainConfig:
     """Everything an agent needs to train, apart from the model and the data."""
@@ -107,6 +110,10 @@ class TrainConfig:
     grad_clip_norm: float | None = setting(None, "clip the gradients' total norm to this before every update, "
                                            "after the exchange (the same on every rank); None: off", kind=float,
                                            nullable=True, positive=True, resume_checked=True)
+    on_nonfinite: str = setting(
+        "raise", "a NaN or infinite loss or gradient: 'raise' NonFiniteLossError naming the epoch, step and rank "
+        "the step it happens, or 'skip' that update on every agent (counted in the summary)",
+        choices=("raise", "skip"))
     lr_scheduler: str | None = setting(None, "a torch.optim.lr_scheduler class name (e.g. 'StepLR'), "
                                        "stepped every epoch", kind=str, nullable=True, resume_checked=True)
     lr_scheduler_kwargs: dict[str, Any] = setting(doc="keyword arguments of the scheduler", default_factory=dict,
@@ -119,6 +126,11 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "newest checkpoints kept", minimum=1)
     resume: bool = setting(False, "continue from the newest checkpoint in checkpoint_dir (fresh start if "
                            "there is none)")
+    min_workers: int | None = setting(
+        None, "elastic: a retry that finds fewer barrier slots than num_workers but at least this many continues "
+        "from the newest checkpoint with one agent per slot (same global batch and sample order), and grows back "
+        "at the next epoch boundary when slots return; None: num_workers (every attempt needs them all)",
+        kind=int, nullable=True, minimum=1)
     max_retries: int = setting(0, "resubmit a barrier job that failed because an agent was lost or "
                                "stalled, up to this many times, resuming from the newest checkpoint", minimum=0)
     stall_timeout: float | None = setting(None, "fail when no agent completes a step for this many "
@@ -167,8 +179,24 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue.")
+        if self.on_nonfinite == "skip" and self.sync == "async":
+            raise ConfigError("on_nonfinite='skip' needs the agents to agree on every update, which sync='async' "
+                              "does not have; use on_nonfinite='raise' with async.")
+        if self.elastic:
+            if self.min_workers > self.num_workers:
+                raise ConfigError(f"min_workers={self.min_workers} is above num_workers={self.num_workers}.")
+            if self.sync not in ELASTIC_SYNCS or self.checkpoint_dir is None or self.max_retries < 1:
+                raise ConfigError(
+                    f"min_workers below num_workers (elastic training) needs sync in {list(ELASTIC_SYNCS)} (replicas "
+                    "that stay identical, so that fewer agents can take over the others' shards), a checkpoint_dir "
+                    "to continue from, and max_retries >= 1.")
         strategy_class(self.sync).check_settings(self)
         return self
+
+    @property
+    def elastic(self) -> bool:
+        """A retry may continue with fewer agents than num_workers."""
+        return self.min_workers is not None and self.min_workers != self.num_workers
 
     @property
     def checkpoint_interval(self) -> CheckpointEvery | None:

@@ -53,3 +53,23 @@ class TrainingError(SparkDDLError, RuntimeError):
     def summary_line(self) -> str:
         """One line: the rank and the error."""
         return f"rank {self.rank}: {self.remote_type}: {self.remote_message}"
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the gradient became NaN or infinite (raised by the agents the step it
+    happens; on the driver it is the agents' ``TrainingError``).
+
+    Attributes (besides ``TrainingError``'s): ``epoch`` and ``step`` (1-based, None if unknown)
+    and ``ranks``, the agents whose own loss or gradient was not finite (empty when only the
+    combined gradient was, e.g. an overflow in the sum).
+    """
+
+    def __init__(self, message: str, rank: int | None = None, epoch: int | None = None, step: int | None = None,
+                 ranks: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, rank=rank, **kwargs)
+        self.epoch, self.step, self.ranks = epoch, step, list(ranks or [])
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What travels with the error from an agent to the driver."""
+        return {"epoch": self.epoch, "step": self.step, "ranks": self.ranks}

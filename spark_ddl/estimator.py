@@ -12,6 +12,7 @@ from torch import nn
 
 from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_input, check_sparse_tables
@@ -22,6 +23,7 @@ from spark_ddl.params import EstimatorParams, canonical_kwargs
 from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
 from spark_ddl.warm_start import resolve_initial_model
+from spark_ddl.weights import WeightsWriter
 from spark_ddl.wire import AgentJob
 
 
@@ -46,6 +48,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
     # tests only: (stage, batch_id) in fit_stream after a micro-batch's training ("trained") and
     # after its version is published ("published"), before Spark commits it (kills the driver there)
     _stream_hook: Callable[[str, int], None] | None = None
+    _attempt_hook: Callable[[int, Any], None] | None = None  # tests: (attempt, SparkContext) on the driver first
+    _stream_results: bool = True  # tests, benchmarks: False sends the weights as result rows (the fallback)
 
     @keyword_only
     def __init__(self, **kwargs: Any) -> None:
@@ -90,9 +94,13 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         source, template = self.model_source()
         check_sparse_tables(template, config)
         warm = resolve_initial_model(self.getOrDefault(self.initial_model), template, config)
+        # an architecture-only pickle (a big module object) needs its weights shipped beside it
+        module_weights = (capabilities(dataset.sparkSession).ship_weights(WeightsWriter(template))
+                          if source.stripped else None)
         job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
                        fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory,
+                       strategy_factory=self._strategy_factory, stream_results=self._stream_results,
+                       attempt_hook=self._attempt_hook, module_weights=module_weights,
                        initial_weights=warm.weights if warm else None, initial_optimizer=warm.optimizer if warm else None)
 
         def preflight(training: DataFrame) -> None:
@@ -100,13 +108,17 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
 
         result = run_training(dataset, spec, job, validation,
                               preflight if self.getOrDefault(self.check_input) else None)
-        template.load_state_dict(result.state_dict)
+        try:
+            result.load_weights_into(template)  # in place, a chunk at a time: no second copy of the model
+            optimizer_state = result.payload("optimizer") or None  # rank 0's: what a warm start continues
+        finally:
+            result.discard()
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
         if warm is not None:
             summary["warm_start"] = warm.summary()
         trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
         model = TorchModel(template, spec=trained, config=config, source=source, summary=summary,
-                           optimizer_state=result.payloads.get("optimizer"))
+                           optimizer_state=optimizer_state)
         return self._copyValues(model)
 
     def fit_stream(self, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any = None,

@@ -28,6 +28,7 @@ from spark_ddl.batch_format import BatchSpec, Ragged, as_tensor, call_model, col
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.driver.columns import ColumnSpec, select_input_columns
 from spark_ddl.model_source import ModelSource
+from spark_ddl.weights import ShippedWeights
 
 _PREDICTION_STRUCT = "__ddl_prediction"
 _BUILD_LOCK = threading.Lock()  # one build per model at a time in a Python worker
@@ -35,10 +36,15 @@ _BUILD_LOCK = threading.Lock()  # one build per model at a time in a Python work
 
 @dataclass(frozen=True)
 class ScoringPayload:
-    """What the executors need to score: the network's source and its weights (safetensors)."""
+    """What the executors need to score: the network's source and its weights (safetensors
+    bytes, or a file shipped with ``SparkContext.addFile`` for big models)."""
 
     source: ModelSource
-    weights: bytes
+    weights: bytes | ShippedWeights
+
+    def build(self, device: torch.device) -> nn.Module:
+        weights = self.weights.open if isinstance(self.weights, ShippedWeights) else self.weights
+        return self.source.build("score", weights).to(device)
 
 
 def scoring_device() -> torch.device:
@@ -90,8 +96,7 @@ def _cached_module(key: str, payload: Any, device: torch.device) -> nn.Module:
         with _BUILD_LOCK:
             module = ModelCache.get(cache_key)
             if module is None:
-                scoring = payload.value
-                module = scoring.source.build("score", scoring.weights).to(device)
+                module = payload.value.build(device)
                 ModelCache.add(cache_key, module)
     return module
 

@@ -21,6 +21,7 @@ from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
 from spark_ddl.summary import TrainingSummary
+from spark_ddl.weights import WeightsWriter
 
 
 class TorchModel(Model, SharedParams, MLWritable, MLReadable):
@@ -147,7 +148,9 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         version = self._weights_version()
         cached = self._shipped
         if cached is None or cached[0] != caps.identity() or cached[1] != version:
-            payload = ScoringPayload(self.model_source, artifact.state_dict_to_bytes(self.get_module()))
+            # big weights travel as a file where the session can ship one (not a model-sized value
+            # built in the driver's memory); the payload then carries a reference
+            payload = ScoringPayload(self.model_source, caps.ship_weights(WeightsWriter(self.get_module())))
             self._shipped = cached = (caps.identity(), version, caps.ship(payload))
         return cached[2], version
 

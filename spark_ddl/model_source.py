@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
+import pickle
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Union
 
+import torch
 from torch import nn
 
 from spark_ddl import artifact
@@ -29,6 +32,67 @@ from spark_ddl.errors import ConfigError
 CLASS_PATH, PICKLE, EXPORT = "class_path", "pickle", "export"
 EXPORT_FILE = "model.pt2"
 PICKLED_MODULE_FILE = "module.cloudpickle"
+# A module object whose state is this big is pickled without its tensors of STRIP_TENSOR_BYTES
+# and more (they travel as weights, a chunk at a time): a pickle is one object in memory.
+STRIP_TOTAL_BYTES = 64 * 2**20
+STRIP_TENSOR_BYTES = 64 * 2**10
+Weights = Union[bytes, Callable[[], BinaryIO]]  # safetensors bytes, or a function that opens them
+
+
+def _meta_tensor(shape: tuple[int, ...], dtype: torch.dtype, parameter: bool, requires_grad: bool) -> torch.Tensor:
+    """A stripped tensor's stand-in in an architecture-only pickle (no storage)."""
+    tensor = torch.empty(shape, dtype=dtype, device="meta")
+    return nn.Parameter(tensor, requires_grad=requires_grad) if parameter else tensor
+
+
+def pickle_module(module: nn.Module) -> tuple[bytes, bool]:
+    """The cloudpickled module, and whether its big tensors were left out (see STRIP_TOTAL_BYTES)."""
+    from pyspark import cloudpickle
+
+    tensors = [t for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    big = {id(t) for t in tensors if t.numel() * t.element_size() >= STRIP_TENSOR_BYTES and t.device.type != "meta"}
+    if total < STRIP_TOTAL_BYTES or not big:
+        return cloudpickle.dumps(module), False
+
+    class ArchitecturePickler(cloudpickle.CloudPickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor) and id(obj) in big:
+                return _meta_tensor, (tuple(obj.shape), obj.dtype, isinstance(obj, nn.Parameter), obj.requires_grad)
+            return super().reducer_override(obj)
+
+    buffer = io.BytesIO()
+    ArchitecturePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(module)
+    return buffer.getvalue(), True
+
+
+def materialize(module: nn.Module) -> bool:
+    """Give the stand-ins of an architecture-only pickle real (empty) CPU storage, keeping tied
+    tensors tied; True if there were any (their values must then be loaded)."""
+    replaced: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):  # noqa: SLF001 - replacing tensors in place
+            for name, tensor in store.items():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                if id(tensor) not in replaced:
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+                    replaced[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                            if isinstance(tensor, nn.Parameter) else empty)
+                store[name] = replaced[id(tensor)]
+    return bool(replaced)
+
+
+def load_weights(module: nn.Module, weights: Weights) -> None:
+    """Load safetensors ``weights`` (bytes, or a function that opens them as a stream, read a
+    chunk at a time into the module's own tensors)."""
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        module.load_state_dict(artifact.state_dict_from_bytes(bytes(weights)))
+        return
+    from spark_ddl.weights import load_into_module
+
+    with weights() as stream:
+        load_into_module(module, stream)
 
 
 def build_from_class_path(class_path: str, kwargs: dict[str, Any] | None) -> nn.Module:
@@ -57,6 +121,7 @@ class ModelSource:
     pickled: bytes | None = None  # cloudpickled nn.Module
     program: bytes | None = None  # torch.export archive
     class_name: str | None = None  # "package.module.Class", for messages
+    stripped: bool = False  # the pickle left its big tensors out: building it needs weights
 
     # -------------------------------------------------------------- from what users give
 
@@ -81,17 +146,15 @@ class ModelSource:
     @classmethod
     def of_module(cls, module: nn.Module) -> "ModelSource":
         """The cloudpickled module (raises ConfigError when it cannot be pickled)."""
-        from pyspark import cloudpickle
-
         try:
-            pickled = cloudpickle.dumps(module)
+            pickled, stripped = pickle_module(module)
         except Exception as exc:
             raise ConfigError(
                 f"The model cannot be serialised to send it to the executors ({type(exc).__name__}: "
                 f"{exc}). Remove unpicklable attributes (open files, locks, CUDA streams) or pass "
                 "model='package.module:Class'."
             ) from exc
-        return cls(pickled=pickled, class_name=_qualified_name(module))
+        return cls(pickled=pickled, class_name=_qualified_name(module), stripped=stripped)
 
     # -------------------------------------------------------------- what it is
 
@@ -112,8 +175,9 @@ class ModelSource:
 
     # -------------------------------------------------------------- rebuilding
 
-    def build(self, purpose: str = "train", weights: bytes | None = None, allow_pickle: bool = True) -> nn.Module:
-        """A fresh network, with ``weights`` (safetensors bytes) loaded when given.
+    def build(self, purpose: str = "train", weights: Weights | None = None, allow_pickle: bool = True) -> nn.Module:
+        """A fresh network, with ``weights`` (safetensors bytes, or a function opening them)
+        loaded when given; an architecture-only pickle needs them.
 
         ``purpose="train"``: a trainable module (class path, else the pickle). ``"score"``: the
         class path, else the checked export program (captured in eval mode; runs no pickle),
@@ -126,10 +190,13 @@ class ModelSource:
             module, exported = artifact.load_export_program(self.program), True
         elif self.pickled is not None and allow_pickle:
             module = self._unpickle()
+            if materialize(module) and weights is None:
+                raise ConfigError(f"This model ({self.class_name or 'a module object'}) was pickled without its "
+                                  "weights; they must be loaded with it.")
         else:
             raise ConfigError(self._cannot_build(purpose))
         if weights is not None:
-            module.load_state_dict(artifact.state_dict_from_bytes(weights))
+            load_weights(module, weights)
         if purpose == "score" and not exported:
             module.eval()
         return module

@@ -24,19 +24,20 @@ import json
 import platform
 import threading
 import types
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import pyspark
 import torch
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
-from spark_ddl import artifact
+from spark_ddl import artifact, storage
 from spark_ddl._version import __version__
 from spark_ddl.driver.capabilities import directory_files
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
 from spark_ddl.params import ALIASES
+from spark_ddl.weights import WeightsWriter, format_size, load_into_module
 
 from torch import nn
 
@@ -45,6 +46,7 @@ METADATA_FILE = "metadata/part-00000"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 PICKLED_PARAMS_FILE = "params.cloudpickle"
+EXPORT_MAX_BYTES = 256 * 2**20  # bigger models are saved without a torch.export program
 
 _TRUST = threading.local()
 
@@ -97,8 +99,18 @@ def _pickle_allowed(explicit: bool) -> bool:
     return explicit or getattr(_TRUST, "allowed", False)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256(data: storage.Content) -> str:
+    digest = hashlib.sha256()
+    storage._pieces(data, digest.update)  # noqa: SLF001 - a streamed file is hashed a piece at a time
+    return digest.hexdigest()
+
+
+def _stream_sha256(stream: BinaryIO) -> str:
+    digest, buffer = hashlib.sha256(), bytearray(storage.READ_CHUNK)
+    view = memoryview(buffer)
+    while count := stream.readinto(view):
+        digest.update(view[:count])
+    return digest.hexdigest()
 
 
 def _metadata(instance: Any, params: dict[str, Any], section: dict[str, Any]) -> bytes:
@@ -110,7 +122,7 @@ def _metadata(instance: Any, params: dict[str, Any], section: dict[str, Any]) ->
     return text.encode()
 
 
-def _section(files: dict[str, bytes], **facts: Any) -> dict[str, Any]:
+def _section(files: dict[str, storage.Content], **facts: Any) -> dict[str, Any]:
     versions = {"spark_ddl": __version__, "torch": torch.__version__,
                 "pyspark": pyspark.__version__, "python": platform.python_version()}
     return {"format_version": FORMAT_VERSION, **facts, "files_sha256": {n: _sha256(d) for n, d in files.items()},
@@ -121,7 +133,7 @@ class _AtomicWriter(MLWriter):
     """``save(path)``: every file written beside the target, swapped in only when complete.
     Unlike pyspark's default writers, overwrite never deletes the old one first."""
 
-    def __init__(self, files: Callable[[], dict[str, bytes]]) -> None:
+    def __init__(self, files: Callable[[], dict[str, storage.Content]]) -> None:
         super().__init__()
         self._files = files
 
@@ -167,6 +179,19 @@ def _reader_of_files(path: str, section: dict[str, Any], spark: Any = None) -> C
     return read
 
 
+def _weights_opener(path: str, section: dict[str, Any], spark: Any = None) -> Callable[[], BinaryIO] | None:
+    """A function opening the saved weights as a stream, after a first pass over them has
+    matched the checksum in the metadata (no model-sized bytes in memory); None if absent."""
+    files = directory_files(spark)
+    expected = (section.get("files_sha256") or {}).get(WEIGHTS_FILE) or section.get("weights_sha256")
+    with files.open_file(path, WEIGHTS_FILE) or contextlib.nullcontext() as stream:
+        if stream is None:
+            return None
+        if expected is not None and _stream_sha256(stream) != expected:
+            raise ValueError(f"{path}/{WEIGHTS_FILE} does not match the checksum in its metadata")
+    return lambda: files.open_file(path, WEIGHTS_FILE)
+
+
 def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
     """Set the saved Params on ``instance`` (pyspark's getAndSetParams), accepting the names
     older versions saved (e.g. ``label_col`` for ``labelCol``)."""
@@ -180,11 +205,12 @@ def _restore_params(instance: Any, metadata: dict[str, Any], skip: tuple[str, ..
 # ------------------------------------------------------------------ TorchModel
 
 
-def model_files(model: SavableModel, export_program: bool = True) -> dict[str, bytes]:
-    """Every file of a saved model, by name (``export_program=False``: no torch.export program
-    is made for a model that has none; its class path or pickle still describes it)."""
+def model_files(model: SavableModel, export_program: bool = True) -> dict[str, storage.Content]:
+    """Every file of a saved model, by name (the weights written from the module's tensors a
+    piece at a time; ``export_program=False``: no torch.export program is made for a model that
+    has none; its class path or pickle still describes it)."""
     module = model.get_module()
-    weights = artifact.state_dict_to_bytes(module)
+    weights = WeightsWriter(module)
     source = model.model_source
     if source.pickled is not None:  # the network as it is now (a module object can change in training)
         source = ModelSource.of_module(module).with_program(source.program)
@@ -193,12 +219,16 @@ def model_files(model: SavableModel, export_program: bool = True) -> dict[str, b
     exportable = columns is not None and all(f.ragged or f.name in shapes for f in columns.batch.inputs)
     if not export_program and source.program is None:
         export["error"] = "not requested"
+    elif exportable and weights.size > EXPORT_MAX_BYTES:
+        exportable = False
+        export["error"] = (f"not exported: {format_size(weights.size)} of weights (an export program holds "
+                           "several copies of them while it is written); load with module= or a class path")
     elif source.program is None and exportable:
         try:
             source = source.with_program(artifact.export_program(module, columns.batch, shapes))
         except Exception as exc:  # export is best effort: many modules cannot be captured
             export["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    elif not exportable:
+    elif not exportable and "error" not in export:
         export["error"] = "input shapes unknown"
     if source.program is not None:
         export = {"file": EXPORT_FILE}
@@ -232,7 +262,7 @@ class ModelReader(MLReader):
         metadata = read_metadata(path, self._sparkSession)  # read().session(spark) picks one
         section = metadata["spark_ddl"]
         read = _reader_of_files(path, section, self._sparkSession)
-        weights = read(WEIGHTS_FILE)
+        weights = _weights_opener(path, section, self._sparkSession)
         if weights is None:
             raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
         record = section.get("architecture") or {}
@@ -241,7 +271,8 @@ class ModelReader(MLReader):
             source = (ModelSource.from_files(record, read, False, path) if record.get("kind") == "class_path"
                       else ModelSource.of_module(self.module))
             module = self.module
-            module.load_state_dict(artifact.state_dict_from_bytes(weights))
+            with weights() as stream:
+                load_into_module(module, stream, f"the weights saved at {path}")
         else:
             source = ModelSource.from_files(record, read, trusted, path)
             module = source.build("score", weights, allow_pickle=trusted)
@@ -268,7 +299,7 @@ def saved_training_state(path: str) -> tuple[bytes, bytes | None, dict[str, Any]
 # ------------------------------------------------------------------ TorchEstimator
 
 
-def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
+def estimator_files(estimator: SavableEstimator) -> dict[str, storage.Content]:
     """Every file of a saved (unfitted) estimator: JSON Params, the network's source, and the
     settings that are not JSON (callables) as one pickle."""
     params, pickled_params, files = {}, {}, {}
@@ -277,8 +308,10 @@ def estimator_files(estimator: SavableEstimator) -> dict[str, bytes]:
         if not estimator.isSet(param):
             continue
         if param.name == "model" and value is not None:
-            source, _ = estimator.model_source()
+            source, template = estimator.model_source()
             files.update(source.files())
+            if source.stripped:  # a big module object is pickled without its weights: they go beside it
+                files[WEIGHTS_FILE] = WeightsWriter(template)
             source_record = source.record()
             continue
         if param.name == "initial_model" and value is not None and not isinstance(value, str):
@@ -331,7 +364,7 @@ class EstimatorReader(MLReader):
         _restore_params(estimator, metadata, skip=("model",))
         record = section.get("architecture")
         if record is not None:
-            estimator._set(model=self._model(record, read, trusted, path))  # noqa: SLF001
+            estimator._set(model=self._model(record, read, trusted, path, section))  # noqa: SLF001
         if pickled_names:
             from pyspark import cloudpickle
 
@@ -339,7 +372,8 @@ class EstimatorReader(MLReader):
         return estimator
 
     @staticmethod
-    def _model(record: dict[str, Any], read: Callable[[str], bytes | None], trusted: bool, path: str) -> Any:
+    def _model(record: dict[str, Any], read: Callable[[str], bytes | None], trusted: bool, path: str,
+               section: dict[str, Any]) -> Any:
         """The estimator's ``model`` Param: the class path, or the unpickled module object."""
         if record.get("kind") == "class_path":
             return record["class_path"]
@@ -350,4 +384,4 @@ class EstimatorReader(MLReader):
                 "allow_pickle=True), or wrap Pipeline.load/CrossValidatorModel.load in `with "
                 "spark_ddl.allow_pickle():`, only for files you trust; or use model='package.module:Class'."
             )
-        return ModelSource.from_files(record, read, True, path).build("train")
+        return ModelSource.from_files(record, read, True, path).build("train", _weights_opener(path, section))

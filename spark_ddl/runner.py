@@ -72,6 +72,9 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
         check_run_input(df, training, spec)
 
     result = run_training(frame, spec, job, None, preflight if spec is not None and check_input else None)
-    value = decode_value(result.summary["result_format"], result.payloads.get("result", b""))
+    try:
+        value = decode_value(result.summary["result_format"], result.payload("result"))
+    finally:
+        result.discard()
     summary = TrainingSummary(dict(result.summary, seconds=result.seconds))
     return (value, summary) if return_summary else value

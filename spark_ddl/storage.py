@@ -12,7 +12,28 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Protocol
+from typing import Any, BinaryIO, Callable, Protocol, Union
+
+
+class Streamed(Protocol):
+    """A file's content produced a piece at a time (``spark_ddl.weights.WeightsWriter``)."""
+
+    size: int
+
+    def write_to(self, write: Callable[[Any], Any]) -> int: ...
+
+
+Content = Union[bytes, Streamed]
+READ_CHUNK = 4 * 2**20
+
+
+def _pieces(data: Content, write: Callable[[Any], Any]) -> None:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        write(data)
+    elif hasattr(data, "write_to"):
+        data.write_to(write)
+    else:
+        raise TypeError(f"a file's content must be bytes or written piece by piece, got {type(data).__name__}")
 
 
 class Store(Protocol):
@@ -20,8 +41,9 @@ class Store(Protocol):
 
     def exists(self, path: str) -> bool: ...
     def mkdirs(self, path: str) -> None: ...
-    def write(self, path: str, data: bytes) -> None: ...
+    def write(self, path: str, data: Content) -> None: ...
     def read(self, path: str) -> bytes: ...
+    def open(self, path: str) -> BinaryIO: ...
     def list(self, path: str) -> list[str]: ...
     def rename(self, source: str, target: str) -> None: ...
     def delete(self, path: str) -> None: ...
@@ -41,13 +63,16 @@ class ArrowStore:
     def mkdirs(self, path: str) -> None:
         self._fs.create_dir(path, recursive=True)
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: Content) -> None:
         with self._fs.open_output_stream(path) as out:
-            out.write(data)
+            _pieces(data, out.write)
 
     def read(self, path: str) -> bytes:
         with self._fs.open_input_stream(path) as stream:
             return stream.read()
+
+    def open(self, path: str) -> BinaryIO:
+        return self._fs.open_input_stream(path)
 
     def list(self, path: str) -> list[str]:
         import pyarrow.fs as pafs
@@ -82,12 +107,16 @@ class HadoopStore:
     def mkdirs(self, path: str) -> None:
         self._fs.mkdirs(self._path(path))
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: Content) -> None:
         out = self._fs.create(self._path(path), False)
         try:
-            out.write(bytearray(data))
+            _pieces(data, lambda piece: out.write(bytearray(piece)))
         finally:
             out.close()
+
+    def open(self, path: str) -> BinaryIO:
+        size = int(self._fs.getFileStatus(self._path(path)).getLen())
+        return _JvmStream(self._jvm, self._fs.open(self._path(path)), size)
 
     def read(self, path: str) -> bytes:
         stream = self._fs.open(self._path(path))
@@ -107,6 +136,35 @@ class HadoopStore:
         self._fs.delete(self._path(path), True)
 
 
+class _JvmStream:
+    """A Hadoop input stream read from Python a bounded piece at a time."""
+
+    def __init__(self, jvm, stream, size: int) -> None:
+        self._io, self._stream, self._left = jvm.org.apache.commons.io.IOUtils, stream, size
+
+    def readinto(self, view: Any) -> int:
+        count = min(len(view), self._left, READ_CHUNK)
+        if count <= 0:
+            return 0
+        data = bytes(self._io.toByteArray(self._stream, count))
+        memoryview(view)[:count] = data
+        self._left -= count
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(min(self._left, READ_CHUNK) if size < 0 else min(size, self._left))
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_JvmStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
 def arrow_store_for(path: str) -> tuple[ArrowStore, str]:
     """A pyarrow store for a local path or any URI ``pyarrow.fs`` understands (no Spark needed,
     so it also works on executors), and the path in that store's terms."""
@@ -118,7 +176,7 @@ def arrow_store_for(path: str) -> tuple[ArrowStore, str]:
     return ArrowStore(filesystem), inner
 
 
-def write_directory(path: str, files: dict[str, bytes], overwrite: bool,
+def write_directory(path: str, files: dict[str, Content], overwrite: bool,
                     store: tuple[Store, str] | None = None) -> None:
     """Write ``files`` (relative names, '/' for sub-directories) as the directory ``path``.
 
@@ -157,6 +215,13 @@ def read_file(path: str, name: str, store: tuple[Store, str] | None = None) -> b
     store, target = store or arrow_store_for(path)
     file_path = f"{target}/{name}"
     return store.read(file_path) if store.exists(file_path) else None
+
+
+def open_file(path: str, name: str, store: tuple[Store, str] | None = None) -> BinaryIO | None:
+    """One file of the directory ``path`` as a binary stream (read a piece at a time), or None."""
+    store, target = store or arrow_store_for(path)
+    file_path = f"{target}/{name}"
+    return store.open(file_path) if store.exists(file_path) else None
 
 
 def list_directory(path: str, name: str = "", store: tuple[Store, str] | None = None) -> list[str]:

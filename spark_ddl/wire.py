@@ -19,6 +19,7 @@ import pyarrow as pa
 from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.model_source import ModelSource
+from spark_ddl.weights import ShippedWeights
 
 # ------------------------------------------------------------------ the training rows
 
@@ -53,6 +54,12 @@ class AgentJob:
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
     heartbeat_interval: float = 1.0
+    module_weights: bytes | ShippedWeights | None = None  # the weights an architecture-only model pickle left out
+    stream_results: bool = True  # rank 0 streams big payloads over the status channel (False: rows only)
+    result_rows_limit: int | None = None  # the most bytes a payload may carry as result rows (driver's JVM)
+    attempt_hook: Callable[[int, Any], None] | None = None  # tests (driver side): (attempt, SparkContext) first
+    agents: int | None = None  # elastic: this attempt's agent count when below num_workers (then each agent
+    # holds several of the num_workers shards, marked by SHARD_COLUMN, and stops at the next epoch boundary)
 
 
 # ------------------------------------------------------------------ how a value travels
@@ -99,7 +106,18 @@ class ArtifactValue:
 
 # ------------------------------------------------------------------ the output rows
 
+SHARD_COLUMN = "__ddl_shard"  # elastic: the shard (of num_workers) a row belongs to
+ROW_COLUMN = "__ddl_row"  # elastic: the row's position in its shard
+
+
+
+def agent_of_shard(shard: int, shards: int, agents: int) -> int:
+    """Elastic: the agent that holds ``shard`` (contiguous blocks of shards per agent)."""
+    return shard * agents // shards
+
+
 CHUNK_BYTES = 4 * 1024 * 1024  # no output row carries more than this
+ROWS_HEAP_FACTOR = 8  # driver JVM heap a payload costs when it comes back as collected rows (measured)
 
 OUTPUT_SCHEMA = pa.schema(
     [("kind", pa.string()), ("rank", pa.int32()), ("seq", pa.int32()), ("data", pa.binary())]

@@ -75,6 +75,9 @@ def _raise_agent_failure(rank: int, exc: BaseException) -> None:
         "traceback": "".join(traceback.format_exception(exc)),
         "secondary": secondary,
     }
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict):  # e.g. NonFiniteLossError's epoch, step and ranks
+        info["details"] = details
     if secondary:
         destroy_group_within(FAILURE_TEARDOWN_SECONDS)
         time.sleep(SECONDARY_FAILURE_DELAY)

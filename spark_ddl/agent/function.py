@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops.common import RECENT_EPOCHS
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch
 from spark_ddl.agent.training import AgentSetup, prepare
 from spark_ddl.sync.host_reduce import FlatGradientReducer
-from spark_ddl.wire import AgentJob, encode_value, output_batches
+from spark_ddl.wire import AgentJob, encode_value
 
 
 class FunctionContext:
@@ -132,4 +133,4 @@ def run_function(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch],
     kind, data = encode_value(value)
     summary = {"history": ctx.history, "world_size": ctx.world_size, "shard_sizes": setup.peers.shard_sizes,
                "device": setup.plan.device, "backend": setup.plan.backend, "result_format": kind}
-    return [*output_batches("summary", 0, json.dumps(summary).encode()), *output_batches("result", 0, data)]
+    return deliver(job, {"result": data, "summary": json.dumps(summary).encode()})

@@ -13,15 +13,16 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
+from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
 from spark_ddl.agent.memory import log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
 from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
-from spark_ddl.artifact import (optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes,
-                                state_dict_to_bytes)
+from spark_ddl.artifact import optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
@@ -30,7 +31,8 @@ from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
 from spark_ddl.sync.host_reduce import host_key
-from spark_ddl.wire import AgentJob, output_batches
+from spark_ddl.wire import AgentJob
+from spark_ddl.weights import ShippedWeights, WeightsWriter
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Peers:
     batch: BatchSpec  # the inputs as the agents agreed on them (which arrays are ragged)
     row_shapes: dict[str, tuple[int, ...]]  # each fixed-shape input's row shape
     host_keys: list[str]
+    parts: list[Part] | None = None  # this agent's shards (elastic) or None: its own partition only
 
     @property
     def feature_dim(self) -> int | None:
@@ -73,6 +76,7 @@ class RankStats:
     peak_rss_bytes: int
     shard_feature_bytes: int
     rss_before_data_bytes: int
+    skipped_updates: int  # non-finite updates skipped (on_nonfinite='skip')
 
     def gather(self, device: torch.device) -> list["RankStats"]:
         """Collective: every rank's stats, indexed by rank."""
@@ -103,6 +107,9 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     log_memory("before reading the partition")
     custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
     dtype = label_dtype(config.loss, job.label_is_integer, custom_step=custom)
+    counter = ShardCounter() if job.agents is not None else None
+    if counter is not None:
+        batches = counter.count(batches)
     if job.batch is None:
         for _ in batches:  # rows that only mark the partition
             pass
@@ -111,7 +118,9 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
         shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
     try:
         heartbeat.set("rendezvous with the other agents", waiting=True)
-        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows)
+        parts = counter.parts(rank, config.num_workers, job.agents) if counter is not None else None
+        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows, parts,
+                           job.agents)
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
@@ -132,7 +141,8 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         log_memory("after the process group, model and strategy")
         loop_context = LoopContext(config, strategy, setup.shard, setup.validation, setup.peers.shard_sizes, rank,
                                    setup.peers.rendezvous.world_size, setup.device, heartbeat, job.fail_hook,
-                                   batch=setup.peers.batch, row_shapes=setup.peers.row_shapes)
+                                   batch=setup.peers.batch, row_shapes=setup.peers.row_shapes,
+                                   parts=setup.peers.parts, pause_at_epoch_boundary=job.agents is not None)
         loop = make_loop(loop_context)
         if config.resume_from is not None:
             heartbeat.set("loading the checkpoint", waiting=rank != 0)
@@ -141,14 +151,15 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
-                          setup.rss_before_data)
-        return finish(strategy, result, stats, setup, job.final_hook)
+                          setup.rss_before_data, result.skipped_updates)
+        return finish(job, strategy, result, stats, setup, job.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
 
 
 def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardRows, validation: ShardRows,
-               plan: DevicePlan, require_rows: bool = True) -> Peers:
+               plan: DevicePlan, require_rows: bool = True, parts: list[Part] | None = None,
+               agents: int | None = None) -> Peers:
     """The rendezvous, and what every rank settles from what the others hold: the row counts,
     each input's row shape, and which arrays are ragged (rows of more than one length)."""
     info = {
@@ -160,15 +171,17 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
         "host_key": host_key(),
         "device": plan.device,
         "fingerprint": environment_fingerprint(plan.backend),
+        "parts": parts,
     }
     rdv = rendezvous(context, info, config.timeout)
-    if rdv.world_size != config.num_workers:
+    if rdv.world_size != (config.num_workers if parts is None else agents):
         raise RuntimeError(
             f"Spark ran {rdv.world_size} barrier task(s) but num_workers={config.num_workers}: the "
             "input's partitions changed between planning and execution (e.g. adaptive query "
             "execution coalesced them). Repartition the input to num_workers partitions."
         )
-    sizes = [int(p["rows"]) for p in rdv.peers]
+    sizes = ([int(p["rows"]) for p in rdv.peers] if parts is None
+             else shard_sizes([p["parts"] for p in rdv.peers], config.num_workers))  # elastic: per shard
     if sum(sizes) == 0 and require_rows:
         raise ValueError("the training DataFrame is empty: every partition has 0 training rows")
     if config.has_validation and not any(p["validation_rows"] for p in rdv.peers):
@@ -187,7 +200,7 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
         if name not in varying and not spec.field(name).ragged:
             shapes[name] = (low,)  # one length everywhere: a fixed-shape input after all
     return Peers(rdv, sizes, [int(p["validation_rows"]) for p in rdv.peers], spec.with_ragged(varying), shapes,
-                 [p["host_key"] for p in rdv.peers])
+                 [p["host_key"] for p in rdv.peers], parts)
 
 
 def _merged_lengths(*many: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -204,7 +217,8 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     start loads its weights before the setup (which makes the replicas equal) and its optimiser
     state after it (the optimiser exists only then)."""
     config = job.config
-    module = job.model.build("train")
+    weights = job.module_weights  # an architecture-only pickle's weights (bytes, or a shipped file)
+    module = job.model.build("train", weights.open if isinstance(weights, ShippedWeights) else weights)
     if job.initial_weights is not None:
         module.load_state_dict(state_dict_from_bytes(job.initial_weights))
     module = module.to(device)
@@ -219,7 +233,7 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     return strategy
 
 
-def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
+def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: AgentSetup,
            final_hook: Callable[[int, Any], None] | None = None) -> list[pa.RecordBatch]:
     """Final checks and facts (collective), leave the group together, then rank 0's result rows.
     ``final_hook`` (tests only) sees every rank's module after the replica check."""
@@ -231,12 +245,14 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
     per_rank = stats.gather(device)
     if result.best_state is not None:  # early stopping: rank 0 returns the best epoch's weights
         strategy.trained_module.load_state_dict(result.best_state)
-    weights = state_dict_to_bytes(strategy.trained_module) if rank == 0 else b""
+    module = strategy.trained_module
     optimizer = optimizer_state_to_bytes(strategy.optimizer.state_dict()) if rank == 0 else b""
     strategy_summary = strategy.summary()
     leave_group(release=strategy.close)
     if rank != 0:
         return []
+    if result.paused_after_epoch is not None:  # elastic: the driver continues with another agent count
+        return deliver(job, {"summary": json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
         "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,
@@ -244,17 +260,15 @@ def finish(strategy: SyncStrategy, result: LoopResult, stats: RankStats, setup: 
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,
         "best_epoch": result.best_epoch,
         "shard_storage": "memory" if isinstance(setup.shard, Shard) else "disk",
-        "stopped_early": result.stopped_early,
+        "stopped_early": result.stopped_early, "skipped_updates": result.skipped_at,
         **{f"{f.name}_per_rank": [getattr(s, f.name) for s in per_rank] for f in fields(RankStats)},
         **strategy_summary,
     }
     if isinstance(strategy, AsyncStrategy):
         del summary["epochs_run_per_rank"]  # async agents share the epochs: there is no per-rank count
-    return [
-        *output_batches("summary", 0, json.dumps(summary).encode()),
-        *output_batches("weights", 0, weights),
-        *output_batches("optimizer", 0, optimizer),  # rank 0's optimiser: what a warm start continues
-    ]
+    # rank 0's optimiser goes too: what a warm start continues
+    return deliver(job, {"weights": WeightsWriter(module), "optimizer": optimizer,
+                         "summary": json.dumps(summary).encode()})
 
 
 def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:

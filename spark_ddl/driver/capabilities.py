@@ -19,7 +19,7 @@ import socket
 from typing import Any, Iterator
 
 from spark_ddl.driver.capability_base import STATUS_HOST_CONF, DirectoryFiles, SessionCapabilities, StoreFiles
-from spark_ddl.wire import BroadcastValue
+from spark_ddl.wire import ROWS_HEAP_FACTOR, BroadcastValue
 
 __all__ = ["STATUS_HOST_CONF", "DirectoryFiles", "SessionCapabilities", "ClassicCapabilities", "capabilities",
            "directory_files", "is_connect_session", "active_session"]
@@ -29,6 +29,7 @@ class ClassicCapabilities(SessionCapabilities):
     """A classic session: the SparkContext's conf, slots, job tags, broadcasts and Hadoop FS."""
 
     kind = "classic"
+    driver_sees_agent_files = True
 
     def __init__(self, spark: Any) -> None:
         super().__init__(spark)
@@ -72,6 +73,24 @@ class ClassicCapabilities(SessionCapabilities):
 
     def ship(self, obj: Any) -> Any:
         return BroadcastValue(self.sc.broadcast(obj))
+
+    def result_rows_limit(self) -> int | None:
+        """The driver JVM's heap over ``ROWS_HEAP_FACTOR`` (what collecting rows costs there), and
+        at most spark.driver.maxResultSize."""
+        try:
+            heap = int(self.sc._jvm.java.lang.Runtime.getRuntime().maxMemory())  # noqa: SLF001
+            max_result = int(self.sc._jsc.sc().conf().getSizeAsBytes("spark.driver.maxResultSize", "1g"))  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - no JVM answer: no limit known
+            return None
+        limit = heap // ROWS_HEAP_FACTOR
+        return min(limit, max_result) if max_result > 0 else limit
+
+    def ship_weights(self, writer: Any) -> Any:
+        from spark_ddl.driver.shipping import INLINE_BYTES, ship_weights
+
+        # big weights go as a file Spark's file server streams to each executor once (a broadcast
+        # would build the whole serialised value in the driver's heap first)
+        return ship_weights(self.sc, writer) if writer.size > INLINE_BYTES else writer.to_bytes()
 
     def identity(self) -> Any:
         return self.sc

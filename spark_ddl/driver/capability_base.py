@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from typing import Any, Iterator, Protocol
+from typing import Any, BinaryIO, Iterator, Protocol
 
 from spark_ddl import storage
 from spark_ddl.wire import InlineValue
@@ -20,8 +20,9 @@ STATUS_HOST_CONF = "spark.ddl.statusHost"
 class DirectoryFiles(Protocol):
     """Where model directories are written and read (see ``spark_ddl.storage``)."""
 
-    def write_directory(self, path: str, files: dict[str, bytes], overwrite: bool) -> None: ...
+    def write_directory(self, path: str, files: dict[str, storage.Content], overwrite: bool) -> None: ...
     def read_file(self, path: str, name: str) -> bytes | None: ...
+    def open_file(self, path: str, name: str) -> BinaryIO | None: ...
     def list_directory(self, path: str, name: str = "") -> list[str]: ...
 
 
@@ -30,6 +31,7 @@ class SessionCapabilities:
     ``spark_ddl.driver.connect.ConnectCapabilities``."""
 
     kind = "?"
+    driver_sees_agent_files = False  # the agents' local paths mean the same here (checkpoint_dir probe)
 
     def __init__(self, spark: Any) -> None:
         self.spark = spark
@@ -68,6 +70,15 @@ class SessionCapabilities:
     def ship(self, obj: Any) -> Any:
         """``obj`` sent once to the executors for many jobs; they read ``.value``."""
         raise NotImplementedError
+
+    def result_rows_limit(self) -> int | None:
+        """The most bytes a payload may bring back as collected rows (None: not known here)."""
+        return None
+
+    def ship_weights(self, writer: Any) -> Any:
+        """A ``WeightsWriter``'s safetensors for a payload the executors read: the bytes (here:
+        any session), or a ``ShippedWeights`` file reference where the session can ship files."""
+        return writer.to_bytes()
 
     def inline(self, obj: Any) -> Any:
         """``obj`` for one job's closure; they read ``.value``."""
@@ -108,11 +119,14 @@ class StoreFiles:
             return storage.HadoopStore(self._hadoop, path), path.rstrip("/")
         return storage.arrow_store_for(path)
 
-    def write_directory(self, path: str, files: dict[str, bytes], overwrite: bool) -> None:
+    def write_directory(self, path: str, files: dict[str, storage.Content], overwrite: bool) -> None:
         storage.write_directory(path, files, overwrite, self._store(path))
 
     def read_file(self, path: str, name: str) -> bytes | None:
         return storage.read_file(path, name, self._store(path))
+
+    def open_file(self, path: str, name: str) -> BinaryIO | None:
+        return storage.open_file(path, name, self._store(path))
 
     def list_directory(self, path: str, name: str = "") -> list[str]:
         return storage.list_directory(path, name, self._store(path))

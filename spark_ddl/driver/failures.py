@@ -6,7 +6,7 @@ import builtins
 import re
 
 from spark_ddl.driver.monitor import StallError
-from spark_ddl.errors import TrainingError
+from spark_ddl.errors import NonFiniteLossError, TrainingError
 from spark_ddl.wire import STALLED, parse_agent_failures
 
 _TYPED_ERRORS: dict[str, type] = {}
@@ -40,6 +40,15 @@ def training_error_from_spark(exc: BaseException) -> TrainingError | None:
         f"Training failed on agent rank {record.get('rank')}: "
         f"{remote_type}: {record.get('message')}\n\nWorker traceback:\n{record.get('traceback', '')}"
     )
+    if remote_type == NonFiniteLossError.__name__:  # the agents' own error type, with where it happened
+        details = record.get("details") or {}
+        ranks = [int(r) for r in details.get("ranks") or []]
+        return NonFiniteLossError(
+            f"Training failed on agent rank {record.get('rank')}: {remote_type}: {record.get('message')}",
+            rank=ranks[0] if ranks else record.get("rank"), epoch=details.get("epoch"), step=details.get("step"),
+            ranks=ranks, remote_type=remote_type, remote_message=record.get("message"),
+            remote_traceback=record.get("traceback"), retriable=False,
+        )
     cls = _typed_training_error(remote_type)
     return cls(
         message,

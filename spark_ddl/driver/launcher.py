@@ -4,7 +4,9 @@ Connect) goes through ``spark_ddl.driver.capabilities``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -12,7 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from pyspark.sql import Column, DataFrame
@@ -20,17 +22,19 @@ from pyspark.sql import functions as F
 
 from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
-from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts
+from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts, unwritable_reason
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.capabilities import DirectoryFiles, SessionCapabilities, capabilities
 from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
+from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter
 from spark_ddl.errors import ConfigError, TrainingError
 from spark_ddl.wire import OUTPUT_DDL, AgentJob, reassemble
+from spark_ddl.weights import load_into_module
 
 log = logging.getLogger("spark_ddl")
 
@@ -42,16 +46,44 @@ SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long 
 @dataclass
 class FitResult:
     """Rank 0's summary and payloads (the weights, or a function's return value), as received
-    on the driver."""
+    on the driver: small ones in memory, streamed ones in local files (``discard`` deletes them)."""
 
     summary: dict[str, Any]
     seconds: float
     payloads: dict[str, bytes]
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def open(self, kind: str) -> BinaryIO:
+        """A payload as a binary stream (read from its file when it was streamed)."""
+        if kind in self.files:
+            return open(self.files[kind], "rb")
+        return io.BytesIO(self.payloads[kind])
+
+    def payload(self, kind: str, default: bytes = b"") -> bytes:
+        """A payload's bytes, whole (for values that are used whole anyway)."""
+        if kind not in self.files and kind not in self.payloads:
+            return default
+        with self.open(kind) as stream:
+            return stream.read()
+
+    def load_weights_into(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Read the trained weights into ``module``'s own tensors, one chunk at a time."""
+        with self.open("weights") as stream:
+            return load_into_module(module, stream, "the trained weights")
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights (a fit's "weights" payload)."""
-        return state_dict_from_bytes(self.payloads["weights"])
+        """The trained weights as new tensors (a model-sized copy; ``load_weights_into`` is not)."""
+        return state_dict_from_bytes(self.payload("weights"))
+
+    def discard(self) -> None:
+        """Delete the files of streamed payloads."""
+        for path in self.files.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))  # the spool directory, once empty
+        self.files = {}
 
 
 def run_training(
@@ -66,7 +98,10 @@ def run_training(
     anything is launched (the estimator's input scan).
     A job that fails because an agent was lost or stalled is resubmitted up to
     ``max_retries`` times, each attempt resuming from the newest checkpoint; the summary's
-    ``attempts`` records every attempt and why it failed.
+    ``attempts`` records every attempt and why it failed. With ``min_workers`` (elastic), a retry
+    runs one agent per free slot when there are fewer than ``num_workers`` (see
+    ``spark_ddl.driver.elastic``); such an attempt stops at the next epoch boundary, and the next
+    one grows back when the slots have returned.
     """
     spark = df.sparkSession
     caps = capabilities(spark)
@@ -76,29 +111,45 @@ def run_training(
     config = job.config
     check_cluster(spark, config)
     checkpoints = caps.checkpoint_files()
-    first_resume = check_checkpoint_dir(config, checkpoints)
+    first_resume = check_checkpoint_dir(config, checkpoints, probe=caps.driver_sees_agent_files)
     training = (select_training_columns(df, spec, validation) if spec is not None
                 else df.select(F.lit(0).cast("byte").alias("__ddl_unit")))  # rows only mark the partitions
     if preflight is not None:
         preflight(training)
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
     attempts: list[dict[str, Any]] = []
-    for attempt in range(1, config.max_retries + 2):
+    failures, agents, elastic = 0, config.num_workers, config.elastic and job.function is None
+    for attempt in range(1, config.max_retries + config.epochs + 2):  # failures, and elastic epoch-boundary pauses
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir, checkpoints) if config.checkpoint_dir else None)
-        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from))
+        if job.attempt_hook is not None:
+            job.attempt_hook(attempt, spark.sparkContext)
         record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
+        if elastic:
+            previous, agents = agents, agents_for_attempt(spark, config, agents) if attempt > 1 else agents
+            record["agents"] = agents
+            if agents != previous:
+                record["resized"] = [previous, agents]
+        shrunk = agents < config.num_workers
+        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from),
+                                          agents=agents if shrunk else None, attempt_hook=None)
         try:
-            result = _run_barrier_job(prepared, attempt_job, caps)
+            result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
+                                      attempt_job, caps)
         except TrainingError as error:
+            failures += 1
             attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
                                  retriable=error.retriable))
             error.attempts = attempts
-            if attempt > config.max_retries or not error.retriable:
+            if failures > config.max_retries or not error.retriable:
                 raise
             log.warning("training attempt %d failed (%s); retrying (%d of %d)%s", attempt,
-                        error.summary_line(), attempt, config.max_retries,
+                        error.summary_line(), failures, config.max_retries,
                         " from the newest checkpoint" if config.checkpoint_dir else " from scratch")
+            continue
+        if result.summary.get("paused_after_epoch") is not None:  # a shrunk attempt reached an epoch boundary
+            attempts.append(dict(record, error=None, paused_after_epoch=result.summary["paused_after_epoch"]))
+            result.discard()
             continue
         attempts.append(dict(record, error=None))
         result.summary["attempts"] = attempts
@@ -106,12 +157,21 @@ def run_training(
     raise AssertionError("unreachable")
 
 
-def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = None) -> str | None:
-    """Before launch: never overwrite another run's checkpoints; on resume, check that the
-    newest checkpoint was written with the same settings. Returns the checkpoint to resume.
+def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = None, probe: bool = True) -> str | None:
+    """Before launch: refuse a checkpoint_dir the driver cannot write (``probe``: when the driver
+    sees the agents' filesystem), never overwrite another run's checkpoints; on resume, check that
+    the newest checkpoint was written with the same settings. Returns the checkpoint to resume.
     ``files``: how the driver sees the agents' checkpoint_dir (default: pyarrow.fs here)."""
     if config.checkpoint_dir is None:
         return None
+    if probe:
+        reason = unwritable_reason(config.checkpoint_dir)
+        if reason is not None:
+            raise ConfigError(
+                f"checkpoint_dir {config.checkpoint_dir} cannot be created or written from the driver ({reason}). "
+                "Choose a directory that the driver and every executor can create and write (a shared filesystem "
+                "or an object-store URI), or fix its permissions."
+            )
     newest = newest_checkpoint(config.checkpoint_dir, files)
     if newest is None:
         return None
@@ -139,7 +199,8 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     config = job.config
     monitor = AgentMonitor(caps.status_host(), config.stall_timeout)
     job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
-                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0)
+                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,
+                              result_rows_limit=caps.result_rows_limit())
     shipped = caps.inline(job)  # a Connect plan has a size limit: a large job goes as an artifact
 
     def agent(batches):
@@ -171,7 +232,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
                 log.warning("no agent has reached the status channel at %s:%d yet (executors that cannot "
                             "connect to this process train on without it): progress is shown when the fit "
                             "ends, and with stall_timeout the agents watch for stalls themselves", *monitor.address)
-            stall = monitor.stall_error(config.num_workers)
+            stall = monitor.stall_error(job.agents or config.num_workers)
             if stall is not None and runner.is_alive():
                 log.error("%s", stall)
                 caps.cancel(tag)
@@ -181,6 +242,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
         caps.cancel(tag)
         raise
     finally:
+        files = monitor.take_uploads() if "rows" in outcome else {}
         monitor.close()
         reporter.update(monitor.status_of(0))  # the agents' last reports arrived before they finished
         if "rows" not in outcome:
@@ -199,10 +261,13 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
     summary_bytes = payloads.pop("summary", None)
-    if summary_bytes is None or not payloads:
+    result = FitResult(json.loads(summary_bytes) if summary_bytes is not None else {}, seconds, payloads, files)
+    paused = "paused_after_epoch" in result.summary  # elastic: an epoch boundary, no weights yet
+    if summary_bytes is None or not (payloads or files or paused):
+        result.discard()
         reporter.close(finished=False)
         raise RuntimeError("the job finished but rank 0 returned no result")
-    summary = json.loads(summary_bytes)
-    reporter.catch_up(summary.get("history") or [], config.epochs)  # epochs no status report showed
+    result.summary["result_route"] = {kind: "stream" if kind in files else "rows" for kind in (*files, *payloads)}
+    reporter.catch_up(result.summary.get("history") or [], config.epochs)  # epochs no status report showed
     reporter.close(finished=True)
-    return FitResult(summary, seconds, payloads)
+    return result

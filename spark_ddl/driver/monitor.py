@@ -18,8 +18,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import secrets
 import socketserver
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ log = logging.getLogger("spark_ddl.monitor")
 agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here
 
 MAX_LINE_BYTES = 64 * 1024
+UPLOAD_KINDS = ("weights", "result")  # what rank 0 may stream here (see spark_ddl.agent.delivery)
+UPLOAD_CHUNK = 4 * 1024 * 1024
 STATUS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_per_epoch", "epochs", "recent_epochs",
                "steps_done")
 
@@ -58,6 +62,9 @@ class AgentMonitor:
         self.ranks: dict[int, RankStatus] = {}
         self.malformed = 0
         self.refused = 0
+        self.uploads: dict[str, str] = {}  # payload kind -> the local file it was received into (rank 0's)
+        self.upload_errors: list[str] = []
+        self._spool: str | None = None
         self._lock = threading.Lock()
         monitor = self
 
@@ -65,7 +72,7 @@ class AgentMonitor:
             timeout = 60 * 60  # a silent connection is dropped after an hour
 
             def handle(self) -> None:
-                monitor._serve_connection(self.rfile)
+                monitor._serve_connection(self.rfile, self.wfile)
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -96,7 +103,7 @@ class AgentMonitor:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _serve_connection(self, stream) -> None:
+    def _serve_connection(self, stream, reply=None) -> None:
         hello = self._read_json(stream)
         if hello is None or not hmac.compare_digest(str(hello.get("secret", "")), self.secret) or not isinstance(
             hello.get("rank"), int
@@ -105,6 +112,9 @@ class AgentMonitor:
                 self.refused += 1
             return  # closing the connection is the whole answer
         rank = hello["rank"]
+        if "upload" in hello:
+            self._receive_upload(rank, hello["upload"], stream, reply)
+            return
         while True:
             line = stream.readline(MAX_LINE_BYTES + 1)
             if not line:
@@ -148,6 +158,51 @@ class AgentMonitor:
             if status != entry.status:
                 entry.status, entry.changed = status, now
             entry.heard = now
+
+    # -- rank 0's result, streamed ---------------------------------------------------------
+
+    def _receive_upload(self, rank: int, upload: Any, stream, reply) -> None:
+        """Copy an announced payload (``{"kind": ..., "bytes": n}``, rank 0 only) from the
+        connection into a local file, one chunk at a time, and answer ``{"ok": ...}``."""
+        ok, error, path = False, "", None
+        try:
+            kind, size = str(upload["kind"]), int(upload["bytes"])
+            if rank != 0 or kind not in UPLOAD_KINDS or size < 0:
+                raise ValueError(f"refused upload {upload!r} from rank {rank}")
+            with self._lock:
+                if self._spool is None:
+                    self._spool = tempfile.mkdtemp(prefix="spark_ddl-result-")
+            path = os.path.join(self._spool, f"{kind}-{secrets.token_hex(6)}.bin")
+            buffer = memoryview(bytearray(min(UPLOAD_CHUNK, max(size, 1))))
+            with open(path, "wb") as out:
+                left = size
+                while left:
+                    count = stream.readinto(buffer[: min(left, len(buffer))])
+                    if not count:
+                        raise EOFError(f"the {kind} upload ended after {size - left} of {size} bytes")
+                    out.write(buffer[:count])
+                    left -= count
+            with self._lock:
+                self.uploads[kind] = path
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - the agent falls back to result rows; it is told why
+            error = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.upload_errors.append(error)
+            if path is not None and os.path.exists(path) and not ok:
+                os.unlink(path)
+        if reply is not None:
+            try:
+                reply.write((json.dumps({"ok": ok, "error": error}) + "\n").encode())
+                reply.flush()
+            except OSError:
+                pass
+
+    def take_uploads(self) -> dict[str, str]:
+        """The received payload files (the caller deletes them), forgotten here."""
+        with self._lock:
+            uploads, self.uploads = self.uploads, {}
+        return uploads
 
     # -- stall detection -------------------------------------------------------------------
 
@@ -200,6 +255,9 @@ class AgentMonitor:
         """Stop serving and close the listening socket (connections close with their agents)."""
         if self._server is None:
             return
+        for path in self.take_uploads().values():  # never collected (e.g. the job failed afterwards)
+            if os.path.exists(path):
+                os.unlink(path)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

@@ -9,8 +9,9 @@ nothing, and reads come back as rows. Checkpoints are written the same way, by t
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 
@@ -79,8 +80,10 @@ class ServerFiles:
         rows = self.spark.range(0, 1, 1, 1).mapInArrow(task, RESULT_DDL).collect()
         return rows[0]
 
-    def write_directory(self, path: str, files: dict[str, bytes], overwrite: bool) -> None:
-        frame = self.spark.createDataFrame([(name, data) for name, data in files.items()], FILES_DDL)
+    def write_directory(self, path: str, files: dict[str, storage.Content], overwrite: bool) -> None:
+        # (files travel as rows: a model's weights are whole bytes in this client's memory here)
+        rows = [(name, data if isinstance(data, (bytes, bytearray)) else data.to_bytes()) for name, data in files.items()]
+        frame = self.spark.createDataFrame(rows, FILES_DDL)
         rows = frame.coalesce(1).mapInArrow(_write_task(self._absolute(path), overwrite), RESULT_DDL).collect()
         if not rows:
             raise RuntimeError(f"writing {path} on the Spark side returned nothing")
@@ -90,6 +93,10 @@ class ServerFiles:
     def read_file(self, path: str, name: str) -> bytes | None:
         row = self._one_task(_read_task(self._absolute(path), name))
         return bytes(row["data"]) if row["status"] == "ok" else None
+
+    def open_file(self, path: str, name: str) -> BinaryIO | None:
+        data = self.read_file(path, name)
+        return io.BytesIO(data) if data is not None else None
 
     def list_directory(self, path: str, name: str = "") -> list[str]:
         return list(self._one_task(_list_task(self._absolute(path), name))["names"] or [])

@@ -149,15 +149,19 @@ class AllReduceStrategy(LockstepStrategy):
         if not sync:
             return
         if self._reducer is not None:
+            if self.nonfinite is not None:
+                self.nonfinite.note_local_gradients([self._reducer.flat])
             self._reducer.average()
             for table in self._sparse:
                 average_sparse_gradient(table)
-            self._optimizer.step()
+            if self._update_allowed([self._reducer.flat, *(table.grad for table in self._sparse)]):
+                self._optimizer.step()
             self._reducer.zero()
             for table in self._sparse:
                 table.grad = None
         else:
-            self._optimizer.step()
+            if self._update_allowed([p.grad for p in self._module.parameters()]):
+                self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
         if self._has_buffers:  # rank 0's (e.g. batch-norm statistics), as DDP sends before the next forward
             broadcast_state(self._module, buffers_only=True)

@@ -177,6 +177,9 @@ class AsyncParameterServerStrategy(AsyncStrategy):
             return
         grads = [dense_gradient(p) for p in self._params]
         gradient = flatten(grads).to("cpu")
+        if self.nonfinite is not None:
+            self.nonfinite.note_local_gradients([gradient])
+        self._update_allowed([gradient], collective=False)  # raises (skip is refused for async)
         for param in self._params:
             param.grad = None
         self.running = self._exchange(PUSH, loss_sum, rows, gradient)

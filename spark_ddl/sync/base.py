@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spark_ddl.errors import ConfigError
+from spark_ddl.sync.finite import NonFiniteGuard, all_finite
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -121,6 +122,15 @@ class SyncStrategy(ABC):
         self._device = device
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self.nonfinite: NonFiniteGuard | None = None  # set by the loop: checks before every update
+
+    def _update_allowed(self, gradients: list[torch.Tensor | None], collective: bool = True) -> bool:
+        """Whether to apply the update of these (exchanged) ``gradients``: True unless one is NaN
+        or infinite, which raises or (``on_nonfinite='skip'``) returns False. ``collective``:
+        every rank asks with the same gradients."""
+        if self.nonfinite is None:
+            return True
+        return self.nonfinite.resolve(all_finite(gradients), collective)
 
     @classmethod
     def check_settings(cls, settings: StrategySettings) -> None:

@@ -41,7 +41,10 @@ class LocalSGDStrategy(LockstepStrategy):
         loss.backward()
         if not sync:
             return
-        self.optimizer.step()
+        if self.nonfinite is not None:
+            self.nonfinite.note_local_gradients([p.grad for p in self.module.parameters()])
+        if self._update_allowed([p.grad for p in self.module.parameters()], collective=False):  # its own gradient
+            self.optimizer.step()
         # torch averages only parameters that have a gradient: zero them after averaging
         self._averager.average_parameters(self.module.parameters())
         self._unaveraged_steps = (self._unaveraged_steps + 1) % self._sync_every

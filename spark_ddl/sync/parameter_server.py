@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from spark_ddl.sync.base import LockstepStrategy, StrategyEnv, StrategySettings, broadcast_state, flatten, unflatten
+from spark_ddl.sync.finite import all_finite
 from spark_ddl.sync.sparse_rows import dense_gradient
 
 
@@ -34,11 +35,19 @@ class ParameterServerStrategy(LockstepStrategy):
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [dense_gradient(p) for p in params]
         flat = flatten(grads)
+        if self.nonfinite is not None:
+            self.nonfinite.note_local_gradients([flat])
         dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)  # step 4: gradients to the master
-        if dist.get_rank() == 0:
+        apply = True
+        if self.nonfinite is not None:  # the master's verdict on the summed gradient, for every rank
+            verdict = torch.tensor([1 if dist.get_rank() != 0 or all_finite([flat]) else 0], device=flat.device)
+            dist.broadcast(verdict, src=0)
+            apply = self.nonfinite.resolve(bool(verdict.item()))
+        if dist.get_rank() == 0 and apply:
             flat /= dist.get_world_size()
             for param, grad in zip(params, unflatten(flat, grads)):
                 param.grad = grad
             optimizer.step()  # step 5: the master updates
-        broadcast_state(module)  # step 6: everyone gets the master's parameters
+        if apply:
+            broadcast_state(module)  # step 6: everyone gets the master's parameters
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from spark_ddl.agent.loops.common import RECENT_EPOCHS, LoopContext, LoopResult, validate
 from spark_ddl.sync.base import AsyncStrategy
+from spark_ddl.sync.finite import NonFiniteGuard
 
 
 class AsyncLoop:
@@ -17,6 +18,8 @@ class AsyncLoop:
         assert isinstance(context.strategy, AsyncStrategy)
         self.context, self.config, self.strategy = context, context.config, context.strategy
         self._reported_epochs = 0
+        self.guard = NonFiniteGuard(self.config.on_nonfinite, context.rank, f" (lr={self.config.lr:g})")
+        self.strategy.nonfinite = self.guard
 
     def resume(self, state: dict[str, Any]) -> None:
         raise ValueError("sync='async' does not resume from checkpoints (refused on the driver)")
@@ -42,12 +45,14 @@ class AsyncLoop:
             for number, index in enumerate(batches):
                 context.heartbeat.set("forward pass (model code)", epoch=local_epoch, step=step)
                 context.before_step(local_epoch, step)
+                self.guard.at(local_epoch, step)
                 loss = context.loss(model, context.fetch(index))
+                objective = self.guard.checked(loss, loss * (len(index) / update_rows))
                 loss_sum += float(loss.detach()) * len(index)
                 last = number == len(batches) - 1
                 context.heartbeat.set("backward pass, pushing the gradient and pulling parameters" if last
                                       else "backward pass", waiting=last, epoch=local_epoch, step=step)
-                strategy.step(loss * (len(index) / update_rows), last, loss_sum=loss_sum, rows=update_rows)
+                strategy.step(objective, last, loss_sum=loss_sum, rows=update_rows)
                 step += 1
             running = strategy.running
             self._report_progress()

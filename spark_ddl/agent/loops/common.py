@@ -36,6 +36,8 @@ class LoopContext:
     fail_hook: Callable[[int, int, int, nn.Module], None] | None = None  # tests: before each step
     batch: BatchSpec | None = None  # the model's inputs (None: the one-input shorthand)
     row_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # fixed inputs' row shapes
+    parts: list[tuple[int, int, int]] | None = None  # (shard, offset, rows) of the shards this agent runs
+    pause_at_epoch_boundary: bool = False  # elastic, fewer agents: checkpoint and stop after the next epoch
     loss_fn: LossFn = field(init=False)
     fetch: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(init=False)  # the training rows' batches
     index_device: torch.device = field(init=False)  # where ``fetch`` wants its row indices
@@ -45,6 +47,8 @@ class LoopContext:
         if self.batch is None:
             self.batch = self.train.spec
         self.fetch, self.index_device = self.train.batch_source(self.device)
+        if self.parts is None:  # its own partition is the shard of its rank
+            self.parts = [(self.rank, 0, self.train.num_rows)]
 
     def before_step(self, epoch: int, step: int) -> None:
         """Run the test hook, if any (fault injection)."""
@@ -87,6 +91,9 @@ class LoopResult:
     best_epoch: int | None = None  # early stopping: the epoch whose weights are the result
     best_state: dict[str, torch.Tensor] | None = None  # rank 0: those weights (applied after the checks)
     stopped_early: bool = False
+    skipped_updates: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite='skip')
+    skipped_at: list[dict[str, Any]] = field(default_factory=list)  # where (the first 100)
+    paused_after_epoch: int | None = None  # elastic: stopped at this epoch boundary (checkpoint written)
 
 
 class Loop(Protocol):

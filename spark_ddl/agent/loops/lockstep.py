@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 
 from spark_ddl.agent.loops.common import RECENT_EPOCHS, EarlyStopping, LoopContext, LoopResult, cpu_state, validate
-from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch, update_groups
+from spark_ddl.agent.sampling import epoch_order, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.checkpoint import write_checkpoint
 from spark_ddl.objectives import make_scheduler
 from spark_ddl.sync.base import LockstepStrategy
+from spark_ddl.sync.finite import NonFiniteGuard
 from spark_ddl.sync.guard import check_replicas
 
 log = logging.getLogger("spark_ddl.agent")
@@ -40,9 +41,13 @@ class EpochLoop:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.start_step, self.start_loss_sum = 0, 0, 0.0
         self.steps_run = 0
+        self.checkpointed: tuple[int, int] | None = None  # (epoch, step) of this attempt's newest checkpoint
+        self.guard = NonFiniteGuard(config.on_nonfinite, context.rank, f" (lr={config.lr:g})",
+                                    self.strategy.trained_module)
+        self.strategy.nonfinite = self.guard
 
     def run(self) -> LoopResult:
-        context, history = self.context, self.history
+        context, history, paused = self.context, self.history, None
         for epoch in range(self.start_epoch, self.config.epochs):
             record = {"epoch": epoch + 1, "lr": self.strategy.optimizer.param_groups[0]["lr"]}
             resuming = epoch == self.start_epoch
@@ -61,12 +66,18 @@ class EpochLoop:
                 break
             if self.every is not None and self.every.unit == "epochs" and (epoch + 1) % self.every.count == 0:
                 self._checkpoint(epoch + 1, 0, 0.0)
+            if context.pause_at_epoch_boundary and epoch + 1 < self.config.epochs:
+                if self.checkpointed != (epoch + 1, 0):
+                    self._checkpoint(epoch + 1, 0, 0.0)
+                paused = epoch + 1  # the driver continues from here, with num_workers agents if it can
+                break
         self.strategy.finish()
         stopper = self.stopper
         return LoopResult(history, epochs_run=len(history), steps_run=self.steps_run,
+                          skipped_updates=self.guard.skipped, skipped_at=self.guard.skipped_at,
                           best_epoch=stopper.best_epoch if stopper else None,
                           best_state=stopper.best_state if stopper else None,
-                          stopped_early=bool(stopper and stopper.stopped))
+                          stopped_early=bool(stopper and stopper.stopped), paused_after_epoch=paused)
 
     def _step_scheduler(self, record: dict[str, Any]) -> None:
         if self.scheduler is None:
@@ -81,23 +92,34 @@ class EpochLoop:
         model, heartbeat, world_size = strategy.module, context.heartbeat, context.world_size
         model.train()
         started = time.perf_counter()
-        order = context.train.epoch_order(epoch, config.shuffle, config.seed, context.rank).to(context.index_device)
+        # one seeded order per shard this agent runs (its own; elastic: several), so that the
+        # global batch and sample order are those of num_workers agents whatever the agent count
+        orders = [offset + epoch_order(rows, epoch, config.shuffle, config.seed, shard)
+                  for shard, offset, rows in context.parts]
+        orders = [order.to(context.index_device) for order in orders]
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=context.device)
         for step in range(first_step, self.steps):
             heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
+            if step == first_step or self.is_sync_step[step - 1]:
+                self.guard.begin_update(epoch, step)
             context.before_step(epoch, step)
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            local_rows = int(index.numel())
+            indexes = [order[step * config.batch_size : (step + 1) * config.batch_size] for order in orders]
             sync = self.is_sync_step[step]
             with strategy.micro_step(sync):
-                if local_rows:
+                objective = None
+                for index in indexes:
+                    local_rows = int(index.numel())
+                    if not local_rows:
+                        continue
                     loss = context.loss(model, context.fetch(index))
-                    loss_sum += loss.detach().double() * local_rows
                     # Weight so that the all-reduce *average* equals the mean over all rows of
                     # the update (every agent, every accumulated micro-step), also when shards
                     # are uneven and this agent's batch is short or empty.
-                    objective = loss * (local_rows * world_size / self.update_rows[step])
-                else:
+                    part = self.guard.checked(loss, loss * (local_rows * world_size / self.update_rows[step]))
+                    if self.guard.last_finite:
+                        loss_sum += loss.detach().double() * local_rows
+                    objective = part if objective is None else objective + part
+                if objective is None:
                     objective = context.zero_loss(model)  # still joins the collective with zero gradient
                 heartbeat.set("backward pass and gradient synchronisation", waiting=sync, epoch=epoch, step=step,
                               updates=self.updates)
@@ -106,8 +128,8 @@ class EpochLoop:
             if sync:
                 self._after_update(epoch, step, loss_sum)
         heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
-        totals = torch.stack([loss_sum, torch.tensor(float(context.shard_sizes[context.rank]), dtype=torch.float64,
-                                                     device=context.device)])
+        mine = float(sum(rows for _, _, rows in context.parts))
+        totals = torch.stack([loss_sum, torch.tensor(mine, dtype=torch.float64, device=context.device)])
         dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         samples = int(totals[1].item())
@@ -127,6 +149,7 @@ class EpochLoop:
     def _checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
         """Collective: gather what each rank must keep; rank 0 writes the checkpoint."""
         context, strategy, config = self.context, self.strategy, self.config
+        self.checkpointed = (epoch, step)
         context.heartbeat.set("writing a checkpoint" if context.rank == 0 else "waiting for rank 0's checkpoint",
                               waiting=context.rank != 0)
         mine: dict[str, Any] = {"rng": torch.get_rng_state(), "loss_sum": float(loss_sum),
@@ -162,7 +185,13 @@ class EpochLoop:
                 f"fit's agents hold {context.shard_sizes}: the input data changed. Resume with the same "
                 "DataFrame, or start a new run in an empty checkpoint_dir."
             )
-        mine = state["ranks"][context.rank]
+        ranks = state["ranks"]
+        if len(ranks) == context.world_size:
+            mine = ranks[context.rank]
+        else:  # elastic: written by another number of agents (replicas identical: one model and optimiser)
+            mine = dict(ranks[min(context.rank, len(ranks) - 1)],
+                        loss_sum=sum(r["loss_sum"] for r in ranks) if context.rank == 0 else 0.0)
+            log.info("resuming a checkpoint of %d agents with %d", len(ranks), context.world_size)
         strategy.trained_module.load_state_dict(mine.get("model") or state["model"])
         strategy.optimizer.load_state_dict(mine.get("optimizer") or state["optimizer"])
         strategy.load_state_dict(mine["strategy"])
