@@ -14,7 +14,8 @@ import argparse
 import sys
 from typing import Callable
 
-BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping", "embeddings", "streaming", "bigmodels")
+BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping", "embeddings", "streaming", "bigmodels",
+              "scale", "imports")
 
 
 def _train(argv: list[str]) -> int:
@@ -52,7 +53,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train an MLP on a Parquet/CSV table and save the model"),
     "predict": (_predict, "score a Parquet/CSV table with a saved model"),
     "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping, embeddings, streaming, "
-                      "bigmodels)"),
+                      "bigmodels, scale, imports)"),
     "images": (_application("images"), "image recognition: digits as PNG files, Spark's image source, a CNN"),
     "text": (_application("text"), "NLP: tweets tokenised on Spark, variable-length token ids, an embedding model"),
     "recommender": (_application("recommender"), "MovieLens ratings, matrix factorisation on integer ids"),

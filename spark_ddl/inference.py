@@ -185,6 +185,13 @@ def predict_frame(
     return scored.select(*columns)
 
 
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(logits, dim=1)`` (equal to ~1e-7) in three vectorised passes: several
+    times faster on one thread for the few classes per row a classifier has."""
+    scores = (logits - logits.amax(dim=1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=1, keepdim=True))
+
+
 def _double_lists(matrix: np.ndarray) -> pa.Array:
     rows, width = matrix.shape
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float64).reshape(-1))
@@ -197,7 +204,7 @@ def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, ta
     columns = {f.name: column_values(f, array.field(f.column)) for f in spec.inputs}
     out = _forward(module, columns, rows, spec, batch_size, device).reshape(rows, -1)
     if task == "multiclass":
-        scores = torch.softmax(out.float(), dim=1)  # float32: several times faster than float64
+        scores = softmax_rows(out.float())  # float32: several times faster than float64
         prediction = scores.argmax(dim=1).double().numpy()
         probability = scores.double().numpy()
     elif task == "binary":

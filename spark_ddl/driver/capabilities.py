@@ -46,7 +46,19 @@ class ClassicCapabilities(SessionCapabilities):
         return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
     def partition_count(self, df: Any) -> int | None:
-        return df.rdd.getNumPartitions()
+        # the plan's RDD, without pyspark's Python RDD around it (df.rdd costs ~3x as much)
+        return int(df._jdf.queryExecution().toRdd().getNumPartitions())  # noqa: SLF001
+
+    def cached_rows_id(self, df: Any) -> Any | None:
+        try:
+            entry = self.spark._jsparkSession.sharedState().cacheManager().lookupCachedData(df._jdf)  # noqa: SLF001
+            if not entry.isDefined():
+                return None
+            # the cached RDD's id: never reused within an application
+            rdd_id = entry.get().cachedRepresentation().cacheBuilder().cachedColumnBuffers().id()
+        except Exception:  # noqa: BLE001 - a Spark without these internals: no reuse, the scan runs
+            return None
+        return self.sc.applicationId, int(rdd_id)
 
     @contextlib.contextmanager
     def tagged(self, tag: str) -> Iterator[None]:

@@ -52,6 +52,11 @@ class SessionCapabilities:
         """``df``'s number of partitions if known without running a job, else None."""
         raise NotImplementedError
 
+    def cached_rows_id(self, df: Any) -> Any | None:
+        """An identity of the cache entry that holds exactly ``df``'s rows (a new one after
+        ``unpersist`` and ``cache``); None when ``df`` itself is not cached or the session cannot tell."""
+        return None
+
     @contextlib.contextmanager
     def tagged(self, tag: str) -> Iterator[None]:
         """Jobs started by this thread inside the block carry ``tag`` (for ``cancel``)."""

@@ -10,7 +10,9 @@ and unequal lengths, only later).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pyspark.sql import Column, DataFrame
@@ -19,6 +21,7 @@ from torch import nn
 
 from spark_ddl.batch_format import FLOAT, LABEL_KEY, BatchSpec, InputField, call_model, dummy_batch, tensor_dtype
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec, InputSource
 from spark_ddl.driver.data import empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
@@ -114,10 +117,30 @@ def _label_aggregates(spec: ColumnSpec) -> list[Column]:
             label_min.alias("min_label"), label_max.alias("max_label"), fractional.alias("fractional")]
 
 
+_KNOWN_STATS: "OrderedDict[tuple[Any, ...], InputStats]" = OrderedDict()  # of cached inputs, newest last
+_KNOWN_STATS_KEPT = 32
+
+
+def input_stats_of(source: DataFrame, training: DataFrame, spec: ColumnSpec) -> InputStats:
+    """``input_stats``, remembered for a cached ``source``: its rows cannot change while it is
+    cached, so another fit of it (a hyper-parameter search, a CrossValidator fold) skips the scan."""
+    cached = capabilities(source.sparkSession).cached_rows_id(source)
+    if cached is None:
+        return input_stats(training, spec)
+    key = (*cached, training.semanticHash())
+    stats = _KNOWN_STATS.get(key)
+    if stats is None:
+        stats = _KNOWN_STATS[key] = input_stats(training, spec)
+        while len(_KNOWN_STATS) > _KNOWN_STATS_KEPT:
+            _KNOWN_STATS.popitem(last=False)
+    _KNOWN_STATS.move_to_end(key)
+    return stats
+
+
 def check_input(source: DataFrame, training: DataFrame, spec: ColumnSpec, config: TrainConfig,
                 template: nn.Module) -> InputStats:
     """Refuse, on the driver, input the agents could not train on; return what was found."""
-    stats = input_stats(training, spec)
+    stats = input_stats_of(source, training, spec)
     if stats.rows == 0:
         raise empty_input_error()
     for input_field, input_source in zip(spec.batch.inputs, spec.sources):

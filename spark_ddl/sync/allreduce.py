@@ -61,6 +61,16 @@ def use_flat_reducer(impl: str, compression: str, device: torch.device, module: 
     return impl == "flat" or (impl == "auto" and applies)
 
 
+def _no_buffer_sync_before_forward() -> dict[str, bool]:
+    """DDP's argument for "rank 0's buffers at the start, none before each forward": newer torch
+    names it ``forward_sync_buffers`` (and warns about the old ``broadcast_buffers``)."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class AllReduceStrategy(LockstepStrategy):
     """Gradient all-reduce (the default strategy)."""
 
@@ -116,7 +126,7 @@ class AllReduceStrategy(LockstepStrategy):
         # gradients live in the all-reduce buckets: one copy less per step, and less memory
         # buffers: rank 0's are broadcast after every update (step), not by DDP before every forward
         self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
-                                            broadcast_buffers=False)
+                                            **_no_buffer_sync_before_forward())
         register_compression(self._ddp, self._compression)
         self._optimizer = make_optimizer(self._ddp.parameters())
 

@@ -126,6 +126,17 @@ class HostLayout:
         return [h[0] for h in self.hosts]
 
 
+def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = rows[0] + rows[1] + ...``, left to right: element-wise adds stream through memory
+    several times faster than ``torch.sum(rows, dim=0)`` over a slice of a few long rows."""
+    if len(rows) == 1:
+        out.copy_(rows[0])
+        return
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out.add_(row)
+
+
 def _all_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (a collective)."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
@@ -295,18 +306,25 @@ class FlatGradientReducer:
             )
         if self._file is not None:
             self._local_barrier()  # every local slot holds its gradients
-            slots, result = self._file.slots, self._file.result
-            torch.sum(slots[:, self._chunk], dim=0, out=result[self._chunk])
+            _sum_rows(self._file.slots[:, self._chunk], self._file.result[self._chunk])
+            result = self._file.result
             self._local_barrier()  # the local sum is complete
             if self._leader_group is not None:
                 dist.all_reduce(result, group=self._leader_group)
             if len(self.layout.hosts) > 1:
                 self._local_barrier()  # the leaders' sum is complete
-            torch.div(result, self.world_size, out=self.flat)
+            self._mean(result, self.flat)
         else:
             if self._leader_group is not None:
                 dist.all_reduce(self.flat, group=self._leader_group)
-            torch.div(self.flat, self.world_size, out=self.flat)  # the same operation: the same bits
+            self._mean(self.flat, self.flat)  # the same operation: the same bits
+
+    def _mean(self, total: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = total / world_size``; for a power of two as a multiplication (the same bits, faster)."""
+        if self.world_size & (self.world_size - 1) == 0:
+            torch.mul(total, 1.0 / self.world_size, out=out)
+        else:
+            torch.div(total, self.world_size, out=out)
 
     def _local_barrier(self) -> None:
         """Wait until every agent on this machine arrived here as often as this one."""

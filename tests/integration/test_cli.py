@@ -21,6 +21,7 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
     (["bench", "--help"], ["launch", "inference", "strategies"]),
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
     (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
+    (["bench", "scale", "--help"], ["--agents", "--sizes", "--batch-size", "--json"]),
     (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
 ])
 def test_console_script_help(args, expected):
@@ -56,7 +57,8 @@ def test_benchmark_suite_runs_every_part_and_writes_json(spark, tmp_path):
     """A smoke run on tiny data (no timing is asserted: the numbers are the benchmark's job)."""
     out = tmp_path / "suite.json"
     assert cli.main(["bench", "suite", "--rows", "4000", "--hidden", "32", "--repeats", "1", "--epochs", "2",
-                     "--skip-distributor", "--skip-connect",  # Connect rows stop this process's session
+                     "--batch-sizes", "64", "--batch-size", "64", "--skip-distributor",
+                     "--skip-connect",  # Connect rows stop this process's session
                      "--disk-budget-mb", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert {r["part"] for r in results} == {"launch", "throughput", "ingest", "inference", "memory"}
