@@ -114,22 +114,23 @@ class StoreFiles:
     def __init__(self, hadoop: Any = None) -> None:
         self._hadoop = hadoop
 
-    def _store(self, path: str) -> tuple[storage.Store, str]:
+    def store(self, path: str) -> tuple[storage.Store, str]:
+        """The store that handles ``path`` here, and the path in its terms."""
         if self._hadoop is not None and "://" in path:
             return storage.HadoopStore(self._hadoop, path), path.rstrip("/")
         return storage.arrow_store_for(path)
 
     def write_directory(self, path: str, files: dict[str, storage.Content], overwrite: bool) -> None:
-        storage.write_directory(path, files, overwrite, self._store(path))
+        storage.write_directory(path, files, overwrite, self.store(path))
 
     def read_file(self, path: str, name: str) -> bytes | None:
-        return storage.read_file(path, name, self._store(path))
+        return storage.read_file(path, name, self.store(path))
 
     def open_file(self, path: str, name: str) -> BinaryIO | None:
-        return storage.open_file(path, name, self._store(path))
+        return storage.open_file(path, name, self.store(path))
 
     def list_directory(self, path: str, name: str = "") -> list[str]:
-        return storage.list_directory(path, name, self._store(path))
+        return storage.list_directory(path, name, self.store(path))
 
 
 def is_loopback(host: str) -> bool:

@@ -28,13 +28,11 @@ HISTORY_LIMIT = 10_000  # records carried from version to version
 def _driver_store(path: str) -> tuple[storage.Store, str]:
     """On the driver: URIs through Hadoop's FileSystem while a classic SparkContext runs in this
     process (every scheme Spark is configured for), else pyarrow.fs."""
-    if "://" in path:
-        from pyspark import SparkContext
+    from pyspark import SparkContext
 
-        context = SparkContext._active_spark_context  # noqa: SLF001
-        if context is not None:
-            return storage.HadoopStore(context, path), path.rstrip("/")
-    return storage.arrow_store_for(path)
+    from spark_ddl.driver.capability_base import StoreFiles
+
+    return StoreFiles(hadoop=SparkContext._active_spark_context).store(path)  # noqa: SLF001
 
 
 def version_name(number: int) -> str:
