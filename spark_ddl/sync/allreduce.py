@@ -149,12 +149,12 @@ class AllReduceStrategy(LockstepStrategy):
         if not sync:
             return
         if self._reducer is not None:
+            finite = self._reducer.average(check_finite=self.nonfinite is not None)
             if self.nonfinite is not None:
-                self.nonfinite.note_local_gradients([self._reducer.flat])
-            self._reducer.average()
+                self.nonfinite.note_local_finite(self._reducer.own_gradients_finite)
             for table in self._sparse:
                 average_sparse_gradient(table)
-            if self._update_allowed([self._reducer.flat, *(table.grad for table in self._sparse)]):
+            if self._update_allowed([table.grad for table in self._sparse], known_finite=finite is not False):
                 self._optimizer.step()
             self._reducer.zero()
             for table in self._sparse:

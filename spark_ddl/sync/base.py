@@ -124,13 +124,15 @@ class SyncStrategy(ABC):
         self._optimizer: torch.optim.Optimizer | None = None
         self.nonfinite: NonFiniteGuard | None = None  # set by the loop: checks before every update
 
-    def _update_allowed(self, gradients: list[torch.Tensor | None], collective: bool = True) -> bool:
+    def _update_allowed(self, gradients: list[torch.Tensor | None], collective: bool = True,
+                        known_finite: bool = True) -> bool:
         """Whether to apply the update of these (exchanged) ``gradients``: True unless one is NaN
-        or infinite, which raises or (``on_nonfinite='skip'``) returns False. ``collective``:
-        every rank asks with the same gradients."""
+        or infinite (or ``known_finite`` is False: others, checked already, were), which raises or
+        (``on_nonfinite='skip'``) returns False. ``collective``: every rank asks with the same
+        gradients."""
         if self.nonfinite is None:
             return True
-        return self.nonfinite.resolve(all_finite(gradients), collective)
+        return self.nonfinite.resolve(known_finite and all_finite(gradients), collective)
 
     @classmethod
     def check_settings(cls, settings: StrategySettings) -> None:

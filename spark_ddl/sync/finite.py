@@ -46,7 +46,8 @@ def finite_flag(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True when no element of ``tensors`` (dense or sparse; None ignored) is NaN or infinite."""
-    return bool(finite_flag(tensors))
+    present = [tensor for tensor in tensors if tensor is not None]
+    return not present or bool(finite_flag(present))
 
 
 class NonFiniteGuard:
@@ -60,8 +61,9 @@ class NonFiniteGuard:
         self.epoch: int | None = None
         self.step: int | None = None
         self.bad_loss: float | None = None  # this rank's non-finite loss in the current update
-        self.last_finite = True  # the last loss ``checked`` saw
-        self._local_gradients: torch.Tensor | None = None  # this rank's own gradient was finite (lazy)
+        self.last_finite = True  # the last loss ``checked`` saw was finite
+        self.last_value = 0.0  # and its value
+        self._local_gradients: torch.Tensor | bool | None = None  # this rank's own gradient was finite (lazy)
         self.skipped = 0
         self.skipped_at: list[dict[str, int | None]] = []
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -80,6 +82,7 @@ class NonFiniteGuard:
         """``objective`` unchanged when ``loss`` is finite, else poisoned (every gradient it
         reaches becomes NaN, so the exchange tells every rank)."""
         value = float(loss.detach())
+        self.last_value = value
         self.last_finite = math.isfinite(value)
         if self.last_finite:
             return objective
@@ -90,6 +93,10 @@ class NonFiniteGuard:
         """This rank's own gradients before the exchange (read only if the update is refused,
         to name the rank they came from)."""
         self._local_gradients = finite_flag(tensors)
+
+    def note_local_finite(self, finite: bool) -> None:
+        """The same, already known (the exchange checked this rank's gradients on its way)."""
+        self._local_gradients = finite
 
     def resolve(self, finite: bool, collective: bool = True) -> bool:
         """Whether to apply the update whose gradients were found ``finite`` or not.

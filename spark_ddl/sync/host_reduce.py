@@ -8,11 +8,12 @@ agent's flat buffer. ``average()`` then
 
 1. waits until every local agent finished its backward (a barrier in the shared file),
 2. lets local agent ``j`` sum chunk ``j`` of all slots into the result (memory bandwidth,
-   no sockets, each agent a ``1/L`` share),
+   no sockets, each agent a ``1/L`` share); on a machine that holds every rank it also scales
+   the chunk to the mean and checks it for NaN/infinity while it is in cache,
 3. with agents on several machines: each machine's leader all-reduces the result with the
    other leaders over gloo (one message per machine instead of one per agent),
-4. after a second barrier, every agent copies the result divided by the world size back into
-   its slot, where the optimiser reads it.
+4. after a second barrier (a third with several machines), every agent copies the mean back
+   into its slot, where the optimiser reads it.
 
 The local barrier spins on per-agent counters in the file (yielding the core, then sleeping
 when a wait gets long): a gloo barrier's round trips through sockets and worker threads cost
@@ -27,13 +28,10 @@ same file), every agent counts as its own machine: a gloo all-reduce of the flat
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import platform
 import secrets
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -41,35 +39,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spark_ddl.sync.finite import finite_flag
+from spark_ddl.sync.shared_memory import (AVERAGE_NOT_FINITE, MAX_CHECKED_SLOTS, SHARED_MEMORY_DIR, SPIN_BARRIER,
+                                          HostLayout, LocalPeerError, SharedGradientFile, host_key, process_alive)
+
+__all__ = ["FlatGradientReducer", "HostLayout", "LocalPeerError", "SPIN_BARRIER", "abort_local_peers", "host_key"]
+
 log = logging.getLogger(__name__)
 
-SHARED_MEMORY_DIR = "/dev/shm"
-_TOKEN_BYTES = 32  # the run's token opens the file, so an agent can tell it mapped its leader's file
-SPIN_BARRIER = platform.machine().lower() in ("x86_64", "amd64")  # needs total store order
 _SPIN_SECONDS = 0.002  # busy-wait (yielding the core) this long, then sleep between looks
 _LIVENESS_SECONDS = 0.2  # how often a waiting agent checks that its local peers still run
 _ACTIVE_REDUCERS: "weakref.WeakSet[FlatGradientReducer]" = weakref.WeakSet()
-
-
-class LocalPeerError(RuntimeError):
-    """A local peer exited, failed, or did not arrive in time while this agent waited for it."""
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
 
 
 def abort_local_peers(rank: int) -> None:
@@ -78,52 +58,6 @@ def abort_local_peers(rank: int) -> None:
     for reducer in list(_ACTIVE_REDUCERS):
         reducer.abort(rank)
         reducer.close()
-
-
-def host_key() -> str:
-    """What identifies agents that can share memory and see each other's processes: host name,
-    boot id and PID namespace (containers that share a host name are not one machine here)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            boot_id = boot.read().strip()
-    except OSError:
-        boot_id = "?"
-    try:
-        pid_namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pid_namespace = "?"
-    return f"{os.uname().nodename}/{boot_id}/{pid_namespace}"
-
-
-@dataclass(frozen=True)
-class HostLayout:
-    """Which ranks share a machine, as every rank computes it from the same host keys."""
-
-    hosts: list[list[int]]  # ranks per machine, machines ordered by their lowest rank
-    rank: int
-
-    @classmethod
-    def from_keys(cls, keys: list[str], rank: int) -> "HostLayout":
-        by_key: dict[str, list[int]] = {}
-        for r, key in enumerate(keys):
-            by_key.setdefault(key, []).append(r)
-        return cls(sorted(by_key.values()), rank)
-
-    @classmethod
-    def one_per_host(cls, world_size: int, rank: int) -> "HostLayout":
-        return cls([[r] for r in range(world_size)], rank)
-
-    @property
-    def local_ranks(self) -> list[int]:
-        return next(h for h in self.hosts if self.rank in h)
-
-    @property
-    def local_index(self) -> int:
-        return self.local_ranks.index(self.rank)
-
-    @property
-    def leaders(self) -> list[int]:
-        return [h[0] for h in self.hosts]
 
 
 def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> None:
@@ -144,50 +78,6 @@ def _all_true(flag: bool) -> bool:
     return bool(value.item())
 
 
-class _SharedFile:
-    """The mapped file of one machine: a header of int64 words (token, abort word, one barrier
-    counter and one pid per local agent), then ``slots`` rows of ``numel``, then the result row."""
-
-    def __init__(self, path: str, token: bytes, slots: int, numel: int, dtype: torch.dtype, create: bool) -> None:
-        words = _TOKEN_BYTES // 8 + 1 + 2 * slots
-        header_bytes = -(-words * 8 // 64) * 64
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        size = header_bytes + (slots + 1) * numel * itemsize
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS at the first touch
-                os.pwrite(fd, token, 0)
-            elif os.fstat(fd).st_size != size or os.pread(fd, len(token), 0) != token:
-                raise OSError(f"{path} is not this run's gradient file")
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        header = np.frombuffer(self._map, dtype=np.int64, count=words)
-        self._abort = header[_TOKEN_BYTES // 8:_TOKEN_BYTES // 8 + 1]  # failed rank + 1; 0: none
-        self.counters = header[_TOKEN_BYTES // 8 + 1:_TOKEN_BYTES // 8 + 1 + slots]
-        self.pids = header[_TOKEN_BYTES // 8 + 1 + slots:]
-        whole = torch.frombuffer(self._map, dtype=dtype, count=(slots + 1) * numel, offset=header_bytes)
-        self.slots = whole[: slots * numel].view(slots, numel)
-        self.result = whole[slots * numel:]
-
-    def abort(self, rank: int) -> None:
-        if not self._abort[0]:  # the first failure is the cause; later ones follow from it
-            self._abort[0] = rank + 1
-
-    def aborted_by(self) -> int | None:
-        value = int(self._abort[0])
-        return value - 1 if value else None
-
-    def close(self) -> None:
-        del self.slots, self.result, self.counters, self.pids, self._abort  # views of the mapping
-        try:
-            self._map.close()
-        except BufferError:  # a tensor view still lives somewhere: the mapping goes with it
-            pass
-
-
 class FlatGradientReducer:
     """Owns the flat gradient buffer behind ``params``' ``.grad`` and averages it across all ranks."""
 
@@ -204,8 +94,9 @@ class FlatGradientReducer:
         self.numel = sum(p.numel() for p in self._params)
         self.world_size = dist.get_world_size()
         rank = dist.get_rank()
-        self._file: _SharedFile | None = None
+        self._file: SharedGradientFile | None = None
         self._shared = False
+        self.own_gradients_finite = True  # this rank's gradients before the last checked average
         if len(host_keys) != self.world_size:
             raise ValueError(f"{len(host_keys)} host keys for {self.world_size} ranks")
         layout = HostLayout.from_keys(host_keys, rank)
@@ -266,7 +157,7 @@ class FlatGradientReducer:
         def open_file(create: bool) -> None:
             nonlocal opened, problem
             try:
-                opened = _SharedFile(path, token[0].encode(), len(local), self.numel, self._dtype, create=create)
+                opened = SharedGradientFile(path, token[0].encode(), len(local), self.numel, self._dtype, create=create)
             except Exception as error:  # noqa: BLE001 - any failure means: use gloo, on every rank
                 problem = f"{path}: {type(error).__name__}: {error}"
 
@@ -296,14 +187,23 @@ class FlatGradientReducer:
             log.warning("gradients go over gloo instead of shared memory (on every machine): %s", problem)
         return HostLayout.one_per_host(self.world_size, layout.rank)
 
-    def average(self) -> None:
-        """Replace every rank's gradients by their mean over all ranks (collective)."""
+    def average(self, check_finite: bool = False) -> bool | None:
+        """Replace every rank's gradients by their mean over all ranks (collective).
+
+        ``check_finite``: also return whether the mean is free of NaN and infinity (the same
+        answer on every rank), and set ``own_gradients_finite`` to whether this rank's own
+        gradients were. On one machine the agents check their chunks of the sum while it is in
+        cache and tell each other through the shared file: no extra pass over the buffer.
+        """
         if any(p.grad is None or p.grad.data_ptr() != address for p, address in zip(self._params, self._addresses)):
             raise RuntimeError(
                 "a parameter's .grad no longer points into the flat gradient buffer (something set it to "
                 "None or replaced it, e.g. optimizer.zero_grad() with set_to_none=True); with "
                 "allreduce_impl='flat' gradients must be zeroed in place. Use allreduce_impl='ddp' otherwise."
             )
+        if self._file is not None and len(self.layout.hosts) == 1 and len(self.layout.local_ranks) <= MAX_CHECKED_SLOTS:
+            return self._average_on_one_machine(check_finite)
+        own = bool(finite_flag([self.flat])) if check_finite and self.world_size > 1 else None
         if self._file is not None:
             self._local_barrier()  # every local slot holds its gradients
             _sum_rows(self._file.slots[:, self._chunk], self._file.result[self._chunk])
@@ -311,17 +211,55 @@ class FlatGradientReducer:
             self._local_barrier()  # the local sum is complete
             if self._leader_group is not None:
                 dist.all_reduce(result, group=self._leader_group)
-            if len(self.layout.hosts) > 1:
-                self._local_barrier()  # the leaders' sum is complete
+            self._local_barrier()  # the leaders' sum is complete
             self._mean(result, self.flat)
         else:
             if self._leader_group is not None:
                 dist.all_reduce(self.flat, group=self._leader_group)
             self._mean(self.flat, self.flat)  # the same operation: the same bits
+        if not check_finite:
+            return None
+        finite = bool(finite_flag([self.flat]))
+        self.own_gradients_finite = finite if own is None else own
+        return finite
+
+    def _average_on_one_machine(self, check_finite: bool) -> bool | None:
+        """Every rank on this machine: sum and scale chunk ``local_index`` of all slots, then copy the mean."""
+        file = self._file
+        assert file is not None
+        self._local_barrier()  # every local slot holds its gradients
+        chunk = file.result[self._chunk]
+        _sum_rows(file.slots[:, self._chunk], chunk)
+        self._mean(chunk, chunk)
+        if check_finite:
+            file.checks[self.layout.local_index] = self._chunk_problems(chunk)
+        self._local_barrier()  # every chunk of the mean is complete
+        self.flat.copy_(file.result)
+        if not check_finite:
+            return None
+        problems = int(np.bitwise_or.reduce(file.checks))
+        self.own_gradients_finite = not problems & (1 << self.layout.local_index)
+        return problems == 0
+
+    def _chunk_problems(self, chunk: torch.Tensor) -> int:
+        """This rank's check word for its chunk of the mean (0: all finite). A finite sum of the
+        chunk proves it finite with one read of memory just written; otherwise look element-wise
+        and, if the mean is not finite, at which slots were not."""
+        if bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all()):
+            return 0
+        assert self._file is not None
+        problems = AVERAGE_NOT_FINITE
+        for i, slot in enumerate(self._file.slots[:, self._chunk]):
+            if not bool(torch.isfinite(slot).all()):
+                problems |= 1 << i
+        return problems
 
     def _mean(self, total: torch.Tensor, out: torch.Tensor) -> None:
         """``out = total / world_size``; for a power of two as a multiplication (the same bits, faster)."""
-        if self.world_size & (self.world_size - 1) == 0:
+        if self.world_size == 1:
+            if out is not total:
+                out.copy_(total)
+        elif self.world_size & (self.world_size - 1) == 0:
             torch.mul(total, 1.0 / self.world_size, out=out)
         else:
             torch.div(total, self.world_size, out=out)
@@ -359,7 +297,7 @@ class FlatGradientReducer:
             pid = int(self._file.pids[local.index(r)])
             if pid <= 0:  # not written yet (the first barrier)
                 continue
-            if not _process_alive(pid):
+            if not process_alive(pid):
                 raise LocalPeerError(f"rank {r} on this machine (pid {pid}) exited while rank "
                                      f"{self.layout.rank} waited for its gradients")
         if waited > self._timeout:

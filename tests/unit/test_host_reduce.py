@@ -172,3 +172,42 @@ def test_mixed_machines_give_every_rank_the_same_bits(tmp_path):
         gradients.append(torch.cat([torch.randn(shape).reshape(-1) for shape in [(17, 31), (17,), (5, 17), (5,)]]))
     assert torch.allclose(averaged[0], sum(gradients) / 3, atol=1e-6)
     assert "zero_grad" in (tmp_path / "refused.txt").read_text()
+
+
+def _checking_worker(rank: int, store_path: str, host_keys: list[str], directory: str, outcome) -> None:
+    world_size = len(host_keys)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    module = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    reducer = FlatGradientReducer(module.parameters(), host_keys, directory=directory)
+    poison = [{}, {1: (-1, float("nan"))}, {0: (0, float("inf")), 2: (0, float("-inf"))},
+              {r: (0, 3e38) for r in range(world_size)}]  # the last: finite gradients whose sum overflows
+    for step, where in enumerate(poison):
+        reducer.flat.copy_(torch.arange(reducer.numel, dtype=torch.float32) * (rank + 1))
+        if rank in where:
+            index, value = where[rank]
+            reducer.flat[index] = value
+        finite = reducer.average(check_finite=True)
+        outcome[step * 2 * world_size + rank] = int(finite)
+        outcome[step * 2 * world_size + world_size + rank] = int(reducer.own_gradients_finite)
+        reducer.zero()
+    reducer.close()
+    leave_group()
+
+
+@pytest.mark.parametrize("host_keys, shared", [(["m"] * 3, True), (["m1", "m1", "m2"], True), (["m"] * 3, False)],
+                         ids=["one machine", "two machines", "gloo only"])
+def test_a_checked_average_says_whether_the_mean_and_each_ranks_own_gradients_were_finite(tmp_path, host_keys,
+                                                                                          shared):
+    world_size = len(host_keys)
+    outcome = mp.get_context("spawn").Array("i", [-1] * (4 * 2 * world_size))
+    directory = str(tmp_path) if shared else str(tmp_path / "missing")
+    mp.start_processes(_checking_worker, args=(str(tmp_path / "store"), host_keys, directory, outcome),
+                       nprocs=world_size, start_method="spawn")
+    values = list(outcome)
+    steps = [(values[s * 2 * world_size:s * 2 * world_size + world_size],
+              values[s * 2 * world_size + world_size:(s + 1) * 2 * world_size]) for s in range(4)]
+    assert steps[0] == ([1, 1, 1], [1, 1, 1])  # (the mean finite on each rank, each rank's own gradients finite)
+    assert steps[1] == ([0, 0, 0], [1, 0, 1])  # rank 1's NaN
+    assert steps[2] == ([0, 0, 0], [0, 1, 0])  # ranks 0 and 2's infinities
+    assert steps[3] == ([0, 0, 0], [1, 1, 1])  # every gradient finite, their sum not

@@ -97,7 +97,7 @@ class EpochLoop:
         orders = [offset + epoch_order(rows, epoch, config.shuffle, config.seed, shard)
                   for shard, offset, rows in context.parts]
         orders = [order.to(context.index_device) for order in orders]
-        loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=context.device)
+        loss_sum = loss_so_far  # float64, summed on the host: the guard reads every loss anyway
         for step in range(first_step, self.steps):
             heartbeat.set("forward pass (model code)", epoch=epoch, step=step, updates=self.updates)
             if step == first_step or self.is_sync_step[step - 1]:
@@ -117,7 +117,7 @@ class EpochLoop:
                     # are uneven and this agent's batch is short or empty.
                     part = self.guard.checked(loss, loss * (local_rows * world_size / self.update_rows[step]))
                     if self.guard.last_finite:
-                        loss_sum += loss.detach().double() * local_rows
+                        loss_sum += self.guard.last_value * local_rows
                     objective = part if objective is None else objective + part
                 if objective is None:
                     objective = context.zero_loss(model)  # still joins the collective with zero gradient
@@ -129,20 +129,20 @@ class EpochLoop:
                 self._after_update(epoch, step, loss_sum)
         heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
         mine = float(sum(rows for _, _, rows in context.parts))
-        totals = torch.stack([loss_sum, torch.tensor(mine, dtype=torch.float64, device=context.device)])
+        totals = torch.tensor([loss_sum, mine], dtype=torch.float64, device=context.device)
         dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         samples = int(totals[1].item())
         return {"train_loss": float(totals[0].item() / max(samples, 1)), "samples": samples,
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
 
-    def _after_update(self, epoch: int, step: int, loss_sum: torch.Tensor) -> None:
+    def _after_update(self, epoch: int, step: int, loss_sum: float) -> None:
         self.updates += 1
         check_every = self.config.check_every
         if check_every and self.strategy.replicas_identical and self.updates % check_every == 0:
             check_replicas(self.strategy.trained_module, self.context.device, f"after update {self.updates}")
         if self.every is not None and self.every.unit == "steps" and self.updates % self.every.count == 0:
-            self._checkpoint(epoch, step + 1, float(loss_sum))
+            self._checkpoint(epoch, step + 1, loss_sum)
 
     # -------------------------------------------------------------- checkpoints
 
