@@ -17,7 +17,8 @@ from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
 from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
-from spark_ddl.agent.memory import log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss
+from spark_ddl.agent.memory import (log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss,
+                                   reuse_heap_memory)
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
@@ -124,6 +125,7 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
+        reuse_heap_memory()  # the shard is built: training's allocations come from the heap again
         init_process_group(peers.rendezvous, plan.backend, config.timeout)
     except BaseException:
         shard.close()
