@@ -50,6 +50,23 @@ def _mallopt(option: int, value: int) -> None:
         pass
 
 
+def release_free_memory() -> None:
+    """Give the free memory of glibc's heap and of Arrow's pool back to the system: a reused
+    Python worker starts its next fit without what earlier fits freed but kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # no glibc
+        pass
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except ImportError:
+        pass
+
+
 def map_large_allocations(threshold: int = 1 << 20) -> None:
     """Have glibc serve allocations above ``threshold`` bytes with their own mmap.
 

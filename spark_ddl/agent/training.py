@@ -17,8 +17,8 @@ from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
 from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
-from spark_ddl.agent.memory import (log_memory, map_large_allocations, peak_rss_bytes, reset_peak_rss,
-                                   reuse_heap_memory)
+from spark_ddl.agent.memory import (log_memory, map_large_allocations, peak_rss_bytes, release_free_memory,
+                                   reset_peak_rss, reuse_heap_memory)
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
@@ -102,6 +102,7 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     if device.type == "cuda":
         torch.cuda.set_device(device)
     heartbeat.set("reading the partition")
+    release_free_memory()
     map_large_allocations()
     reset_peak_rss()
     rss_before_data = peak_rss_bytes()
