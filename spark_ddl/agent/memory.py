@@ -1,5 +1,6 @@
 """An agent's memory: its peak resident size (reported in the summary) and glibc's mmap
-threshold (so that the shard's pieces give their memory back when freed)."""
+threshold (low while the shard is built, so that its pieces give their memory back when freed;
+high again for training, so that a step's large tensors reuse the heap)."""
 
 from __future__ import annotations
 
