@@ -33,6 +33,15 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def log_memory(where: str) -> None:
     """At DEBUG level: the current and peak RSS, labelled ``where``."""
     if log.isEnabledFor(logging.DEBUG) and os.path.exists("/proc/self/status"):

@@ -17,8 +17,8 @@ from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
 from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
-from spark_ddl.agent.memory import (log_memory, map_large_allocations, peak_rss_bytes, release_free_memory,
-                                   reset_peak_rss, reuse_heap_memory)
+from spark_ddl.agent.memory import (log_memory, map_large_allocations, minor_page_faults, peak_rss_bytes,
+                                   release_free_memory, reset_peak_rss, reuse_heap_memory)
 from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
@@ -78,6 +78,7 @@ class RankStats:
     shard_feature_bytes: int
     rss_before_data_bytes: int
     skipped_updates: int  # non-finite updates skipped (on_nonfinite='skip')
+    training_page_faults: int  # minor page faults while the loop ran (a steady step should cause none)
 
     def gather(self, device: torch.device) -> list["RankStats"]:
         """Collective: every rank's stats, indexed by rank."""
@@ -150,11 +151,13 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         if config.resume_from is not None:
             heartbeat.set("loading the checkpoint", waiting=rank != 0)
             loop.resume(load_checkpoint_everywhere(config.resume_from, rank))
+        faults_before = minor_page_faults()
         result = loop.run()  # ends with strategy.finish()
+        training_faults = minor_page_faults() - faults_before
         heartbeat.set("finishing (final checks, leaving the group)", waiting=True)
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
-                          setup.rss_before_data, result.skipped_updates)
+                          setup.rss_before_data, result.skipped_updates, training_faults)
         return finish(job, strategy, result, stats, setup, job.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
