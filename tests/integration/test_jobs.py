@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pyspark.ml.linalg import VectorUDT
 
 from spark_ddl import TorchModel
 
@@ -75,6 +76,11 @@ def test_predict_job_scores_parquet_with_a_saved_model(spark, tmp_path, capsys):
     scored = spark.read.parquet(str(output))
     assert scored.columns == ["id", "label", "split", "prediction", "probability"]
     assert scored.count() == 1797
+    # the probabilities leave the scoring UDF as ML vectors and survive a Parquet round trip
+    assert isinstance(scored.schema["probability"].dataType, VectorUDT)
+    first = scored.orderBy("id").first()
+    assert len(first.probability) == 10 and abs(sum(first.probability) - 1.0) < 1e-9
+    assert int(first.probability.argmax()) == int(first.prediction)
     accuracy = scored.filter("split = 'test'").selectExpr("avg(cast(prediction = label as double))").first()[0]
     assert accuracy > 0.9
     assert "scored 1797 rows" in capsys.readouterr().out
