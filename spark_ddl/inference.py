@@ -14,11 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from pyspark.ml.functions import array_to_vector
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StructField, StructType
 from torch import nn
 
 try:  # pyspark >= 4.1
@@ -141,15 +139,14 @@ def predict_frame(
     provider may swap weights between batches).
     """
     classification = task in ("multiclass", "binary")
-    # Arrow UDFs return the probabilities as ML vectors themselves (VectorUDT's struct); the pandas
-    # path returns arrays and converts them with array_to_vector (a JVM UDF that boxes every value)
-    vectors = _arrow_udf is not None and classification and bool(probability_col)
-    fields = [StructField("prediction", ArrayType(DoubleType()) if task == "multi_regression" else DoubleType())]
     if classification:
-        fields.append(StructField("probability", VectorUDT() if vectors else ArrayType(DoubleType())))
+        return_type = "prediction double, probability array<double>"
+    elif task == "multi_regression":
+        return_type = "prediction array<double>"
+    else:
+        return_type = "prediction double"
     if version_col:
-        fields.append(StructField("model_version", IntegerType()))
-    return_type = StructType(fields)
+        return_type += ", model_version int"
 
     batch_spec = spec.batch
 
@@ -158,7 +155,7 @@ def predict_frame(
         torch.set_num_threads(_task_cpus())
         for array in arrays:  # one struct array of the inputs' wire columns
             module, version = provider.current(device)
-            out = _predict_arrow(module, array, batch_spec, task, batch_size, device, vectors)
+            out = _predict_arrow(module, array, batch_spec, task, batch_size, device)
             if version_col:
                 out = pa.StructArray.from_arrays([*out.flatten(), pa.array([version] * len(array), pa.int32())],
                                                  names=[*(f.name for f in out.type), "model_version"])
@@ -171,6 +168,8 @@ def predict_frame(
             yield pd.DataFrame(array.to_pylist(), columns=[f.name for f in array.type])
 
     if _arrow_udf is not None:  # pyspark >= 4.1: Arrow arrays in and out, no pandas
+        # (returning VectorUDT straight from the UDF works for collect but breaks Parquet
+        # writes in Spark 4.3, so probabilities leave Python as arrays)
         predict_arrays.__annotations__ = {"arrays": Iterator[pa.Array], "return": Iterator[pa.Array]}
         udf = _arrow_udf(predict_arrays, return_type)
     else:
@@ -180,8 +179,7 @@ def predict_frame(
     columns: list[Column] = [F.col(c) for c in df.columns]
     columns.append(F.col(f"{_PREDICTION_STRUCT}.prediction").alias(prediction_col))
     if classification and probability_col:
-        probability = F.col(f"{_PREDICTION_STRUCT}.probability")
-        columns.append((probability if vectors else array_to_vector(probability)).alias(probability_col))
+        columns.append(array_to_vector(F.col(f"{_PREDICTION_STRUCT}.probability")).alias(probability_col))
     if version_col:
         columns.append(F.col(f"{_PREDICTION_STRUCT}.model_version").alias(version_col))
     return scored.select(*columns)
@@ -200,17 +198,8 @@ def _double_lists(matrix: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
 
 
-def _dense_vectors(matrix: np.ndarray) -> pa.StructArray:
-    """Rows of ``matrix`` as ``pyspark.ml`` dense vectors: VectorUDT's storage struct (type 1 =
-    dense; size and indices only for sparse vectors)."""
-    rows = len(matrix)
-    return pa.StructArray.from_arrays(
-        [pa.array(np.ones(rows, dtype=np.int8)), pa.nulls(rows, pa.int32()), pa.nulls(rows, pa.list_(pa.int32())),
-         _double_lists(matrix)], names=["type", "size", "indices", "values"])
-
-
 def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, task: str, batch_size: int,
-                   device: torch.device, vectors: bool = False) -> pa.Array:
+                   device: torch.device) -> pa.Array:
     rows = len(array)
     columns = {f.name: column_values(f, array.field(f.column)) for f in spec.inputs}
     out = _forward(module, columns, rows, spec, batch_size, device).reshape(rows, -1)
@@ -226,6 +215,5 @@ def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, ta
         return pa.StructArray.from_arrays([_double_lists(out.double().numpy())], names=["prediction"])
     else:
         return pa.StructArray.from_arrays([pa.array(out[:, 0].double().numpy())], names=["prediction"])
-    return pa.StructArray.from_arrays([pa.array(prediction),
-                                       _dense_vectors(probability) if vectors else _double_lists(probability)],
+    return pa.StructArray.from_arrays([pa.array(prediction), _double_lists(probability)],
                                       names=["prediction", "probability"])
