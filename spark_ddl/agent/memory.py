@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger("spark_ddl.agent")
 
@@ -51,24 +52,30 @@ def log_memory(where: str) -> None:
                   fields.get("VmHWM", "?").strip())
 
 
-def _mallopt(option: int, value: int) -> None:
+def _glibc() -> Any:
+    """glibc through ctypes, or None where this process does not run on glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(option, value)
-    except (OSError, AttributeError):  # no glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError: not glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _mallopt(option: int, value: int) -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(option, value)
 
 
 def release_free_memory() -> None:
     """Give the free memory of glibc's heap and of Arrow's pool back to the system: a reused
     Python worker starts its next fit without what earlier fits freed but kept."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # no glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         import pyarrow as pa
 
