@@ -53,6 +53,7 @@ class AgentJob:
     initial_optimizer: bytes | None = None  # warm start: the optimiser state (torch.save), loaded after it
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
+    meet_through_driver: bool = False  # rendezvous through the status channel, not Spark's allGather
     heartbeat_interval: float = 1.0
     module_weights: bytes | ShippedWeights | None = None  # the weights an architecture-only model pickle left out
     stream_results: bool = True  # rank 0 streams big payloads over the status channel (False: rows only)
@@ -147,6 +148,7 @@ def reassemble(rows: Iterable[Any], kind: str, rank: int = 0) -> bytes | None:
 # ------------------------------------------------------------------ a rank's status
 
 STALLED = "AgentStalled"  # the error type an agent reports when it stopped itself after a stall
+DRIVER_UNREACHABLE = "DriverUnreachableError"  # an agent could not open the driver's rendezvous
 
 
 def describe(status: dict[str, Any]) -> str:

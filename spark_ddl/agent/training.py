@@ -19,7 +19,8 @@ from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
 from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
 from spark_ddl.agent.memory import (log_memory, map_large_allocations, minor_page_faults, peak_rss_bytes,
                                    release_free_memory, reset_peak_rss, reuse_heap_memory)
-from spark_ddl.agent.rendezvous import Rendezvous, environment_fingerprint, init_process_group, leave_group, rendezvous
+from spark_ddl.agent.rendezvous import (DriverRendezvous, Rendezvous, environment_fingerprint, init_process_group,
+                                       leave_group, rendezvous)
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
 from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
@@ -94,14 +95,26 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     closes ``setup.shard`` when done. A job without a batch spec reads no rows (its partitions
     only place the agents)."""
     config, rank = job.config, context.partitionId()
-    threads = max(1, int(context.cpus() or 1))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(context.cpus() or 1)))
     torch.manual_seed(config.seed + rank)
     plan = select_device(config.use_gpu, task_gpu_addresses(context), torch.cuda.is_available(),
                          torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank=rank)
+    if plan.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(plan.device))
+    # opened first: an agent that cannot reach the driver fails before it reads its partition
+    via = DriverRendezvous(job.monitor_address, job.monitor_secret, context, config.timeout) \
+        if job.meet_through_driver and job.monitor_address is not None else None
+    try:
+        return _prepare(job, context, batches, heartbeat, require_rows, plan, via)
+    finally:
+        if via is not None:
+            via.close()
+
+
+def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat,
+             require_rows: bool, plan: DevicePlan, via: DriverRendezvous | None) -> AgentSetup:
+    config, rank = job.config, context.partitionId()
     device = torch.device(plan.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     heartbeat.set("reading the partition")
     release_free_memory()
     map_large_allocations()
@@ -123,7 +136,7 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
         heartbeat.set("rendezvous with the other agents", waiting=True)
         parts = counter.parts(rank, config.num_workers, job.agents) if counter is not None else None
         peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows, parts,
-                           job.agents)
+                           job.agents, via)
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
@@ -132,7 +145,7 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     except BaseException:
         shard.close()
         raise
-    return AgentSetup(plan, device, threads, shard, validation, peers, rss_before_data)
+    return AgentSetup(plan, device, torch.get_num_threads(), shard, validation, peers, rss_before_data)
 
 
 def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> list[pa.RecordBatch]:
@@ -165,7 +178,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
 
 def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardRows, validation: ShardRows,
                plan: DevicePlan, require_rows: bool = True, parts: list[Part] | None = None,
-               agents: int | None = None) -> Peers:
+               agents: int | None = None, via: DriverRendezvous | None = None) -> Peers:
     """The rendezvous, and what every rank settles from what the others hold: the row counts,
     each input's row shape, and which arrays are ragged (rows of more than one length)."""
     info = {
@@ -179,7 +192,7 @@ def meet_peers(config: TrainConfig, spec: BatchSpec, context: Any, shard: ShardR
         "fingerprint": environment_fingerprint(plan.backend),
         "parts": parts,
     }
-    rdv = rendezvous(context, info, config.timeout)
+    rdv = rendezvous(context, info, config.timeout, via)
     if rdv.world_size != (config.num_workers if parts is None else agents):
         raise RuntimeError(
             f"Spark ran {rdv.world_size} barrier task(s) but num_workers={config.num_workers}: the "
@@ -261,6 +274,7 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
         return deliver(job, {"summary": json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
+        "rendezvous": "driver" if peers.rendezvous.through_driver else "spark barrier",
         "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,
         "batch_spec": peers.batch.to_json(), "row_shapes": {k: list(v) for k, v in peers.row_shapes.items()},
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,

@@ -13,6 +13,7 @@ machine are noisy: compare the ratios of one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 
@@ -38,24 +39,59 @@ def allreduce_once() -> float:
     return float(value.item())
 
 
-def floor_job(batches):
-    """A barrier task that only forms a gloo group and all-reduces one tensor."""
+def floor_job(batches, meet: tuple[tuple[str, int], str] | None = None):
+    """A barrier task that only forms a gloo group and all-reduces one tensor. The agents meet
+    through Spark's allGather, or with ``meet`` (the address and secret of a driver's status
+    channel) as fit() does."""
     import pyarrow as pa
     import torch
     import torch.distributed as dist
     from pyspark import BarrierTaskContext
 
-    from spark_ddl.agent.rendezvous import environment_fingerprint, init_process_group, leave_group, rendezvous
+    from spark_ddl.agent.rendezvous import (DriverRendezvous, environment_fingerprint, init_process_group,
+                                           leave_group, rendezvous)
 
     for _ in batches:
         pass
     context = BarrierTaskContext.get()
-    rdv = rendezvous(context, {"fingerprint": environment_fingerprint("gloo")}, 60)
+    via = DriverRendezvous(meet[0], meet[1], context, 60) if meet is not None else None
+    try:
+        rdv = rendezvous(context, {"fingerprint": environment_fingerprint("gloo")}, 60, via)
+    finally:
+        if via is not None:
+            via.close()
     init_process_group(rdv, "gloo", 60)
     value = torch.ones(1)
     dist.all_reduce(value)
     leave_group()  # the agent's teardown (see rendezvous.leave_group)
     yield pa.RecordBatch.from_pydict({"value": [float(value.item())]})
+
+
+FLOOR = "floor: barrier mapInArrow + gloo all-reduce"
+FLOOR_ALLGATHER = "the same floor meeting through Spark's allGather"
+
+
+def floor_times(spark, repeats: int) -> dict[str, list[float]]:
+    """Seconds of the floor job, its agents meeting through a status channel on this driver as
+    fit()'s do (``FLOOR``), and through Spark's allGather (``FLOOR_ALLGATHER``), which answers
+    at the next whole second."""
+    from spark_ddl.driver.capabilities import capabilities
+    from spark_ddl.driver.monitor import AgentMonitor
+
+    floor_input = spark.range(2).repartition(2).cache()
+    floor_input.count()
+    monitor = AgentMonitor(capabilities(spark).status_host(), stall_timeout=None)
+    meet = (monitor.address, monitor.secret)
+    try:
+        return {
+            FLOOR: timed(lambda: floor_input.mapInArrow(functools.partial(floor_job, meet=meet), "value double",
+                                                        barrier=True).collect(), repeats),
+            FLOOR_ALLGATHER: timed(lambda: floor_input.mapInArrow(floor_job, "value double",
+                                                                  barrier=True).collect(), repeats),
+        }
+    finally:
+        monitor.close()
+        floor_input.unpersist()
 
 
 def tiny_fit_inputs(spark):
@@ -110,12 +146,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     spark = get_or_create_session(num_workers=2, app_name="spark_ddl-bench-launch")
     master = spark.sparkContext.master
     tiny, estimator = tiny_fit_inputs(spark)
-    floor_input = spark.range(2).repartition(2).cache()
-    floor_input.count()
-
-    results: dict[str, list[float]] = {}
-    results["floor: barrier mapInArrow + gloo all-reduce"] = timed(
-        lambda: floor_input.mapInArrow(floor_job, "value double", barrier=True).collect(), args.repeats)
+    results: dict[str, list[float]] = floor_times(spark, args.repeats)
     results["spark_ddl fit() (1 epoch, 16 rows)"] = timed(lambda: estimator.fit(tiny), args.repeats)
     if not args.skip_distributor:
         from pyspark.ml.torch.distributor import TorchDistributor
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         results.update(connect_launch_times(args.repeats, not args.skip_distributor))
 
     fit_median = statistics.median(results["spark_ddl fit() (1 epoch, 16 rows)"])
-    floor_median = statistics.median(results["floor: barrier mapInArrow + gloo all-reduce"])
+    floor_median = statistics.median(results[FLOOR])
     print(f"\nLaunch overhead, warm local[2] session (classic, then a Spark Connect client of a local "
           f"server), {args.repeats} repeats (median seconds)\n")
     print(f"{'what':<48} {'median s':>9} {'min s':>7} {'max s':>7} {'÷ fit()':>8}")
@@ -136,7 +167,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         median = statistics.median(times)
         summary[name] = {"median_s": median, "times_s": times}
         print(f"{name:<48} {median:>9.2f} {min(times):>7.2f} {max(times):>7.2f} {median / fit_median:>8.2f}")
-    ratios = {"fit_over_floor": fit_median / floor_median}
+    ratios = {"fit_over_floor": fit_median / floor_median,
+              "allgather_floor_over_fit": statistics.median(results[FLOOR_ALLGATHER]) / fit_median}
     if "TorchDistributor.run (one all-reduce)" in results:
         ratios["distributor_over_fit"] = statistics.median(
             results["TorchDistributor.run (one all-reduce)"]) / fit_median

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
-from spark_ddl.benchmarks.launch import floor_job
+from spark_ddl.benchmarks.launch import FLOOR, floor_times
 from spark_ddl.streaming.versions import VersionStore
 
 PHASES = ("count", "fit_outside_job", "barrier_job", "training", "publish", "total")
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         write_ratings(root / "in" / f"part-{k:04d}.parquet", args.rows, args.users, args.items, seed=k)
         os.utime(root / "in" / f"part-{k:04d}.parquet", (1e9 + k, 1e9 + k))
 
-    floor_input = spark.range(2).repartition(2).cache()
-    floor_input.count()
-    floor = timed(lambda: floor_input.mapInArrow(floor_job, "value double", barrier=True).collect(), args.repeats)
+    floor = floor_times(spark, args.repeats)[FLOOR]  # its agents meet through the driver, as fit()'s do
     one_file = spark.read.parquet(str(root / "in" / "part-0000.parquet"))
     fits = []
     timed(lambda: fits.append(estimator(args).fit(one_file)), args.repeats)

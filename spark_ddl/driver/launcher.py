@@ -33,7 +33,7 @@ from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import OUTPUT_DDL, AgentJob, reassemble
+from spark_ddl.wire import DRIVER_UNREACHABLE, OUTPUT_DDL, AgentJob, reassemble
 from spark_ddl.weights import load_into_module
 
 log = logging.getLogger("spark_ddl")
@@ -41,6 +41,9 @@ log = logging.getLogger("spark_ddl")
 MONITOR_POLL_SECONDS = 0.25  # how often the driver looks at the agents' status
 CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its tasks
 SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long after launch: say so
+# Status-channel hosts some agent could not connect to: fits of this process then meet through
+# Spark's barrier allGather (see spark_ddl.driver.peer_directory).
+HOSTS_AGENTS_CANNOT_REACH: set[str] = set()
 
 
 @dataclass
@@ -119,7 +122,8 @@ def run_training(
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
     attempts: list[dict[str, Any]] = []
     failures, agents, elastic = 0, config.num_workers, config.elastic and job.function is None
-    for attempt in range(1, config.max_retries + config.epochs + 2):  # failures, and elastic epoch-boundary pauses
+    # failures, elastic epoch-boundary pauses, and one attempt whose agents could not reach this process
+    for attempt in range(1, config.max_retries + config.epochs + 3):
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir, checkpoints) if config.checkpoint_dir else None)
         if job.attempt_hook is not None:
@@ -137,6 +141,14 @@ def run_training(
             result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
                                       attempt_job, caps)
         except TrainingError as error:
+            if error.remote_type == DRIVER_UNREACHABLE and caps.status_host() not in HOSTS_AGENTS_CANNOT_REACH:
+                HOSTS_AGENTS_CANNOT_REACH.add(caps.status_host())
+                attempts.append(dict(record, error=error.summary_line(), rank=error.rank, retriable=True))
+                log.warning("the agents cannot reach this process (%s): this and later fits of this process meet "
+                            "through Spark's barrier rendezvous instead (about 1 s more per fit), with no live "
+                            "progress; set spark.driver.host (or spark.ddl.statusHost) to an address the executors "
+                            "can connect to", error.remote_message)
+                continue
             failures += 1
             attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
                                  retriable=error.retriable))
@@ -198,7 +210,9 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     while the agents' status channel is watched for stalls."""
     config = job.config
     monitor = AgentMonitor(caps.status_host(), config.stall_timeout)
+    meet_here = monitor.address is not None and monitor.address[0] not in HOSTS_AGENTS_CANNOT_REACH
     job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
+                              meet_through_driver=meet_here,
                               heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,
                               result_rows_limit=caps.result_rows_limit())
     shipped = caps.inline(job)  # a Connect plan has a size limit: a large job goes as an artifact

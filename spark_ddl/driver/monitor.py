@@ -5,7 +5,9 @@ sends newline-delimited JSON: first ``{"secret": ..., "rank": r}``, then its sta
 interval. The server accepts only connections that present this run's secret (compared in
 constant time) and only JSON objects, never pickles; a malformed or oversized line is
 dropped and counted, and never disturbs training. The channel is best effort: if it fails,
-training goes on.
+training goes on. A connection whose hello holds ``rendezvous`` is the agents' rendezvous
+(``spark_ddl.driver.peer_directory``); when the agents cannot reach this server, the launcher
+runs the attempt again with Spark's own rendezvous.
 
 Stall detection: the driver notes when each rank's reported status last *changed* (a step
 completed, a new phase began). Once every rank has reported, a run in which nothing changed
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from spark_ddl.driver.peer_directory import PeerDirectory
 from spark_ddl.errors import TrainingError
 from spark_ddl.wire import describe
 
@@ -65,6 +68,7 @@ class AgentMonitor:
         self.uploads: dict[str, str] = {}  # payload kind -> the local file it was received into (rank 0's)
         self.upload_errors: list[str] = []
         self._spool: str | None = None
+        self.peers = PeerDirectory()  # the agents' rendezvous (see spark_ddl.driver.peer_directory)
         self._lock = threading.Lock()
         monitor = self
 
@@ -112,6 +116,9 @@ class AgentMonitor:
                 self.refused += 1
             return  # closing the connection is the whole answer
         rank = hello["rank"]
+        if "rendezvous" in hello:
+            self.peers.serve(rank, hello["rendezvous"], stream, reply)
+            return
         if "upload" in hello:
             self._receive_upload(rank, hello["upload"], stream, reply)
             return
@@ -253,6 +260,7 @@ class AgentMonitor:
 
     def close(self) -> None:
         """Stop serving and close the listening socket (connections close with their agents)."""
+        self.peers.close()
         if self._server is None:
             return
         for path in self.take_uploads().values():  # never collected (e.g. the job failed afterwards)
