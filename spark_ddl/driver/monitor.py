@@ -101,7 +101,7 @@ class AgentMonitor:
                         "detection for this fit; training goes on")
             return
         self.address = (host, self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                         daemon=True, name="spark-ddl-monitor")
         self._thread.start()
 

@@ -70,21 +70,40 @@ class _UnreachableMonitor(AgentMonitor):
             self.address = ("127.0.0.1", unused.getsockname()[1])
 
 
-def test_training_goes_on_when_the_channel_fails(spark, monkeypatch, caplog):
+@pytest.fixture
+def unreachable_driver(monkeypatch):
+    """The agents are told a port of this process where nobody listens (this test's fits only)."""
     monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
+    monkeypatch.setattr(launcher, "HOSTS_AGENTS_CANNOT_REACH", set())
+
+
+def test_a_fit_meets_through_the_driver_and_reports_it(spark):
+    model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=1, timeout=30).fit(data(spark))
+    assert model.summary["rendezvous"] == "driver" and len(model.summary["attempts"]) == 1
+
+
+def test_training_goes_on_when_the_channel_fails(spark, unreachable_driver, caplog):
     caplog.set_level(logging.INFO, logger="spark_ddl")
-    model = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=2, timeout=30, progress="log",
-                           stall_timeout=30).fit(data(spark))
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, epochs=2, timeout=30, progress="log",
+                               stall_timeout=30)
+    model = estimator.fit(data(spark))
     assert len(model.history) == 2 and model.summary["world_size"] == 2  # the summary came with the artifact
     lines = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.progress"]
     # no live progress: the epochs' lines come from rank 0's summary when the fit ends
     assert [line.split(",")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    # the agents failed to open the driver's rendezvous before reading their rows; the attempt ran
+    # again meeting through Spark's allGather, and the next fit goes there at once
+    first, second = model.summary["attempts"]
+    assert "DriverUnreachableError" in first["error"] and "cannot connect to the driver" in first["error"]
+    assert second["error"] is None and model.summary["rendezvous"] == "spark barrier"
+    assert any("meet through Spark's barrier rendezvous" in r.getMessage() for r in caplog.records)
+    again = estimator.fit(data(spark))
+    assert len(again.summary["attempts"]) == 1 and again.summary["rendezvous"] == "spark barrier"
 
 
-def test_without_a_channel_a_stalled_agent_stops_itself(spark, monkeypatch, tmp_path):
+def test_without_a_channel_a_stalled_agent_stops_itself(spark, unreachable_driver, tmp_path):
     """The agents cannot reach the driver (as for a Spark Connect client the executors cannot
     connect to): the stalled agent's own watchdog fails the fit with StallError."""
-    monkeypatch.setattr(launcher, "AgentMonitor", _UnreachableMonitor)
     assert_a_stalled_agent_stops_itself(data(spark), str(tmp_path / "stalled_at"))
 
 
