@@ -58,6 +58,7 @@ class DriverRendezvous:
                 f"rank {self.rank} cannot connect to the driver's status channel at {address[0]}:{address[1]} "
                 f"({type(exc).__name__}, errno {exc.errno})") from None
         try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # idle while the partition is read
             self._socket.sendall((json.dumps(hello) + "\n").encode())
         except OSError as exc:
             self.close()
@@ -78,7 +79,7 @@ class DriverRendezvous:
             raise RuntimeError(f"the driver closed rank {self.rank}'s rendezvous without an answer")
         answer = json.loads(line)
         if "error" in answer:
-            raise TimeoutError(answer["error"]) if "timeout" in answer["error"] else RuntimeError(answer["error"])
+            raise (TimeoutError if answer.get("timed_out") else RuntimeError)(answer["error"])
         return answer["peers"]
 
     def close(self) -> None:

@@ -210,7 +210,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     while the agents' status channel is watched for stalls."""
     config = job.config
     monitor = AgentMonitor(caps.status_host(), config.stall_timeout)
-    meet_here = monitor.address is not None and monitor.address[0] not in HOSTS_AGENTS_CANNOT_REACH
+    meet_here = monitor.address is not None and caps.status_host() not in HOSTS_AGENTS_CANNOT_REACH
     job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
                               meet_through_driver=meet_here,
                               heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,

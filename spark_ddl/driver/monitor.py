@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import socketserver
 import tempfile
 import threading
@@ -76,7 +77,7 @@ class AgentMonitor:
             timeout = 60 * 60  # a silent connection is dropped after an hour
 
             def handle(self) -> None:
-                monitor._serve_connection(self.rfile, self.wfile)
+                monitor._serve_connection(self.rfile, self.wfile, self.connection)
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -107,7 +108,7 @@ class AgentMonitor:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _serve_connection(self, stream, reply=None) -> None:
+    def _serve_connection(self, stream, reply=None, connection: socket.socket | None = None) -> None:
         hello = self._read_json(stream)
         if hello is None or not hmac.compare_digest(str(hello.get("secret", "")), self.secret) or not isinstance(
             hello.get("rank"), int
@@ -117,6 +118,9 @@ class AgentMonitor:
             return  # closing the connection is the whole answer
         rank = hello["rank"]
         if "rendezvous" in hello:
+            if connection is not None:  # the message follows once the agent has read its partition:
+                connection.settimeout(None)  # no deadline here (a dead peer's socket: TCP keepalive)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.peers.serve(rank, hello["rendezvous"], stream, reply)
             return
         if "upload" in hello:

@@ -72,7 +72,7 @@ class PeerDirectory:
                 if left <= 0:
                     missing = sorted(set(range(world)) - set(meeting.arrived))
                     return {"error": f"rank(s) {missing} did not reach the rendezvous within {timeout:g} s "
-                                     f"(timeout); {len(meeting.arrived)} of {world} did"}
+                                     f"(timeout); {len(meeting.arrived)} of {world} did", "timed_out": True}
                 self._changed.wait(left)
             if len(meeting.arrived) < world:
                 return {"error": "this rendezvous was given up: the stage ran again, or the driver ended the attempt"}
