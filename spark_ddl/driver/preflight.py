@@ -58,6 +58,19 @@ def _not_finite(value: Column) -> Column:
     return value.isNull() | F.isnan(value) | (F.abs(value) == F.lit(float("inf")))
 
 
+def _has_bad_element(array: Column, floating: bool) -> Column:
+    """Whether an array holds a null element (or, ``floating``, a NaN or infinite one).
+
+    No higher-order function (``F.exists``): its lambda variable gets a new name each time it
+    is built, so every fit's scan compiled its code afresh (~0.25 s of a 0.45 s scan). Spark
+    orders NaN above every number, so ``array_max`` is NaN when any element is."""
+    has_null = F.size(F.array_compact(array)) < F.size(array)
+    if not floating:
+        return has_null
+    high, low = F.array_max(array), F.array_min(array)
+    return has_null | F.isnan(high) | (high == F.lit(float("inf"))) | (low == F.lit(float("-inf")))
+
+
 def _count_if(condition: Column) -> Column:
     return F.sum(F.when(condition, 1).otherwise(0))
 
@@ -74,8 +87,8 @@ def _input_aggregates(index: int, input_field: InputField) -> list[Column]:
         out += [F.countDistinct(size).alias(prefix + "sizes"), F.first(size, ignorenulls=True).alias(prefix + "first"),
                 F.lit(0).alias(prefix + "bad")]
     else:
-        element_bad = (lambda x: _not_finite(x)) if input_field.dtype == FLOAT else (lambda x: x.isNull())
-        out += [_count_if(column.isNotNull() & F.exists(column, element_bad)).alias(prefix + "bad"),
+        bad = _has_bad_element(column, floating=input_field.dtype == FLOAT)
+        out += [_count_if(column.isNotNull() & bad).alias(prefix + "bad"),
                 F.min(F.size(column)).alias(prefix + "min"), F.max(F.size(column)).alias(prefix + "max")]
     return out
 
@@ -105,7 +118,7 @@ def input_stats(training: DataFrame, spec: ColumnSpec) -> InputStats:
 def _label_aggregates(spec: ColumnSpec) -> list[Column]:
     label = F.col(LABEL)
     if spec.label_is_array:
-        label_null, label_bad = label.isNull(), F.exists(label, _not_finite)
+        label_null, label_bad = label.isNull(), _has_bad_element(label, floating=True)
         label_min = label_max = F.lit(None).cast("double")
         fractional = F.lit(0)
     else:

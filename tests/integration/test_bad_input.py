@@ -12,6 +12,7 @@ from tests.helpers import TinyNet
 
 GOOD_ROWS = [([0.5, 1.0, -1.0, 2.0], 1.0)] * 6
 SCHEMA = "features array<double>, label double"
+GOOD_ROWS_INT = [([1, 2, 3, 4], 1.0)] * 6
 
 
 class LockedNet(TinyNet):
@@ -31,6 +32,14 @@ CASES = {
                     SchemaError, "3 row(s) with a null, NaN or infinite element"),
     "infinite feature": (GOOD_ROWS + [([float("inf"), 1.0, 1.0, 2.0], 1.0)], SCHEMA, {},
                          SchemaError, "Feature column 'features' hold missing or non-finite values"),
+    "negative infinite feature": (GOOD_ROWS + [([0.5, float("-inf"), 1.0, 2.0], 1.0)], SCHEMA, {},
+                                  SchemaError, "1 row(s) with a null, NaN or infinite element"),
+    "null element of an integer array": (GOOD_ROWS_INT + [([1, None, 3, 4], 1.0)], "features array<int>, label double",
+                                         {}, SchemaError, "1 row(s) with a null, NaN or infinite element"),
+    "infinite element of an array label": ([([0.5, 1.0, -1.0, 2.0], [1.0, 0.0])] * 6 + [([0.5, 1.0, -1.0, 2.0],
+                                            [float("-inf"), 1.0])], "features array<double>, label array<double>",
+                                           {"model": TinyNet(out_features=2)}, SchemaError,
+                                           "has 0 null and 1 NaN or infinite value(s)"),
     "NaN in one of several columns": ([(1.0, 2.0, float("nan"), 1.0)] * 2 + [(1.0, 2.0, 3.0, 1.0)] * 4,
                                       "a double, b double, c double, label double",
                                       {"feature_cols": ["a", "b", "c"], "model": TinyNet(in_features=3)},
