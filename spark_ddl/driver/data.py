@@ -71,12 +71,22 @@ def partition_sizes(df: DataFrame) -> list[int]:
     return [int(counted.get(p, 0)) for p in range(max(counted, default=-1) + 1)]
 
 
+_KEYS_FOUND: dict[int, list[int]] = {}  # Spark's hash is fixed: the keys for n partitions never change
+
+
 def partition_keys(spark, num_partitions: int) -> list[int]:
     """For each partition r, a long key that Spark's HashPartitioning sends to partition r.
 
     HashPartitioning computes pmod(murmur3_hash(key, seed=42), n), which is what SQL's
-    ``hash()`` computes, so Spark itself tells us where each candidate key goes.
+    ``hash()`` computes, so Spark itself tells us where each candidate key goes (one small job
+    the first time a process balances over ``num_partitions``).
     """
+    if num_partitions not in _KEYS_FOUND:
+        _KEYS_FOUND[num_partitions] = _find_partition_keys(spark, num_partitions)
+    return list(_KEYS_FOUND[num_partitions])
+
+
+def _find_partition_keys(spark, num_partitions: int) -> list[int]:
     found: dict[int, int] = {}
     span = 32 * num_partitions
     start = 0
