@@ -201,6 +201,11 @@ class FlatGradientReducer:
                 "None or replaced it, e.g. optimizer.zero_grad() with set_to_none=True); with "
                 "allreduce_impl='flat' gradients must be zeroed in place. Use allreduce_impl='ddp' otherwise."
             )
+        if self.world_size == 1:  # the gradients are their own mean
+            if check_finite:
+                self.own_gradients_finite = bool(finite_flag([self.flat]))
+                return self.own_gradients_finite
+            return None
         if self._file is not None and len(self.layout.hosts) == 1 and len(self.layout.local_ranks) <= MAX_CHECKED_SLOTS:
             return self._average_on_one_machine(check_finite)
         own = bool(finite_flag([self.flat])) if check_finite and self.world_size > 1 else None
@@ -224,17 +229,21 @@ class FlatGradientReducer:
         return finite
 
     def _average_on_one_machine(self, check_finite: bool) -> bool | None:
-        """Every rank on this machine: sum and scale chunk ``local_index`` of all slots, then copy the mean."""
+        """Every rank on this machine sums chunk ``local_index`` of all slots and writes its mean
+        into that chunk of every slot: after the second barrier each slot (each rank's ``.grad``
+        buffer) holds the whole mean. Between the barriers a rank touches only its own chunk of
+        each slot, and no rank reads another's slot outside them."""
         file = self._file
         assert file is not None
         self._local_barrier()  # every local slot holds its gradients
         chunk = file.result[self._chunk]
-        _sum_rows(file.slots[:, self._chunk], chunk)
-        self._mean(chunk, chunk)
-        if check_finite:
+        slots = file.slots[:, self._chunk]
+        _sum_rows(slots, chunk)
+        if check_finite:  # on the sum, before the slots are overwritten: finite exactly when the mean is
             file.checks[self.layout.local_index] = self._chunk_problems(chunk)
-        self._local_barrier()  # every chunk of the mean is complete
-        self.flat.copy_(file.result)
+        for slot in slots:
+            self._mean(chunk, slot)
+        self._local_barrier()  # every chunk of the mean is in every slot
         if not check_finite:
             return None
         problems = int(np.bitwise_or.reduce(file.checks))
@@ -242,9 +251,9 @@ class FlatGradientReducer:
         return problems == 0
 
     def _chunk_problems(self, chunk: torch.Tensor) -> int:
-        """This rank's check word for its chunk of the mean (0: all finite). A finite sum of the
+        """This rank's check word for its chunk of the sum (0: all finite). A finite sum of the
         chunk proves it finite with one read of memory just written; otherwise look element-wise
-        and, if the mean is not finite, at which slots were not."""
+        and, if the sum (so the mean) is not finite, at which slots were not."""
         if bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all()):
             return 0
         assert self._file is not None
