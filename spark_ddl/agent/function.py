@@ -133,5 +133,5 @@ def run_function(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch],
     kind, data = encode_value(value)
     summary = {"history": ctx.history, "world_size": ctx.world_size, "shard_sizes": setup.peers.shard_sizes,
                "device": setup.plan.device, "backend": setup.plan.backend, "result_format": kind,
-               "rendezvous": "driver" if setup.peers.rendezvous.through_driver else "spark barrier"}
+               "rendezvous": setup.peers.rendezvous.route}
     return deliver(job, {"result": data, "summary": json.dumps(summary).encode()})

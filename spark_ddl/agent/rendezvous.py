@@ -32,7 +32,7 @@ class Rendezvous:
     world_size: int
     peers: list[dict[str, Any]]  # the message every rank sent, indexed by rank
     store: dist.TCPStore
-    through_driver: bool = False  # met through the driver's status channel (else Spark's allGather)
+    route: str = "spark barrier"  # how they met: "driver" (its status channel) or Spark's allGather
 
 
 class DriverUnreachableError(RuntimeError):
@@ -127,7 +127,7 @@ def rendezvous(task_context, info: dict[str, Any], timeout: float, via: DriverRe
         store = dist.TCPStore(
             host, int(peers[0]["store_port"]), world_size, is_master=False, timeout=wait
         )
-    return Rendezvous(rank, world_size, peers, store, through_driver=via is not None)
+    return Rendezvous(rank, world_size, peers, store, route="driver" if via is not None else "spark barrier")
 
 
 def init_process_group(rdv: Rendezvous, backend: str, timeout: float) -> None:

@@ -99,8 +99,6 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     torch.manual_seed(config.seed + rank)
     plan = select_device(config.use_gpu, task_gpu_addresses(context), torch.cuda.is_available(),
                          torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank=rank)
-    if plan.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(plan.device))
     # opened first: an agent that cannot reach the driver fails before it reads its partition
     via = DriverRendezvous(job.monitor_address, job.monitor_secret, context, config.timeout) \
         if job.meet_through_driver and job.monitor_address is not None else None
@@ -115,6 +113,8 @@ def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hea
              require_rows: bool, plan: DevicePlan, via: DriverRendezvous | None) -> AgentSetup:
     config, rank = job.config, context.partitionId()
     device = torch.device(plan.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     heartbeat.set("reading the partition")
     release_free_memory()
     map_large_allocations()
@@ -274,7 +274,7 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
         return deliver(job, {"summary": json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
-        "rendezvous": "driver" if peers.rendezvous.through_driver else "spark barrier",
+        "rendezvous": peers.rendezvous.route,
         "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,
         "batch_spec": peers.batch.to_json(), "row_shapes": {k: list(v) for k, v in peers.row_shapes.items()},
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,

@@ -71,10 +71,10 @@ FLOOR = "floor: barrier mapInArrow + gloo all-reduce"
 FLOOR_ALLGATHER = "the same floor meeting through Spark's allGather"
 
 
-def floor_times(spark, repeats: int) -> dict[str, list[float]]:
+def floor_times(spark, repeats: int, allgather: bool = True) -> dict[str, list[float]]:
     """Seconds of the floor job, its agents meeting through a status channel on this driver as
-    fit()'s do (``FLOOR``), and through Spark's allGather (``FLOOR_ALLGATHER``), which answers
-    at the next whole second."""
+    fit()'s do (``FLOOR``), and with ``allgather`` through Spark's allGather (``FLOOR_ALLGATHER``),
+    which answers at the next whole second."""
     from spark_ddl.driver.capabilities import capabilities
     from spark_ddl.driver.monitor import AgentMonitor
 
@@ -83,12 +83,12 @@ def floor_times(spark, repeats: int) -> dict[str, list[float]]:
     monitor = AgentMonitor(capabilities(spark).status_host(), stall_timeout=None)
     meet = (monitor.address, monitor.secret)
     try:
-        return {
-            FLOOR: timed(lambda: floor_input.mapInArrow(functools.partial(floor_job, meet=meet), "value double",
-                                                        barrier=True).collect(), repeats),
-            FLOOR_ALLGATHER: timed(lambda: floor_input.mapInArrow(floor_job, "value double",
-                                                                  barrier=True).collect(), repeats),
-        }
+        times = {FLOOR: timed(lambda: floor_input.mapInArrow(functools.partial(floor_job, meet=meet), "value double",
+                                                             barrier=True).collect(), repeats)}
+        if allgather:
+            times[FLOOR_ALLGATHER] = timed(lambda: floor_input.mapInArrow(floor_job, "value double",
+                                                                          barrier=True).collect(), repeats)
+        return times
     finally:
         monitor.close()
         floor_input.unpersist()

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         write_ratings(root / "in" / f"part-{k:04d}.parquet", args.rows, args.users, args.items, seed=k)
         os.utime(root / "in" / f"part-{k:04d}.parquet", (1e9 + k, 1e9 + k))
 
-    floor = floor_times(spark, args.repeats)[FLOOR]  # its agents meet through the driver, as fit()'s do
+    floor = floor_times(spark, args.repeats, allgather=False)[FLOOR]  # its agents meet through the driver, as fit()'s do
     one_file = spark.read.parquet(str(root / "in" / "part-0000.parquet"))
     fits = []
     timed(lambda: fits.append(estimator(args).fit(one_file)), args.repeats)

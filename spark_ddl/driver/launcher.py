@@ -141,8 +141,9 @@ def run_training(
             result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
                                       attempt_job, caps)
         except TrainingError as error:
-            if error.remote_type == DRIVER_UNREACHABLE and caps.status_host() not in HOSTS_AGENTS_CANNOT_REACH:
-                HOSTS_AGENTS_CANNOT_REACH.add(caps.status_host())
+            host = caps.status_host() if error.remote_type == DRIVER_UNREACHABLE else None
+            if host is not None and host not in HOSTS_AGENTS_CANNOT_REACH:
+                HOSTS_AGENTS_CANNOT_REACH.add(host)
                 attempts.append(dict(record, error=error.summary_line(), rank=error.rank, retriable=True))
                 log.warning("the agents cannot reach this process (%s): this and later fits of this process meet "
                             "through Spark's barrier rendezvous instead (about 1 s more per fit), with no live "

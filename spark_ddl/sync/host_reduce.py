@@ -208,7 +208,7 @@ class FlatGradientReducer:
             return None
         if self._file is not None and len(self.layout.hosts) == 1 and len(self.layout.local_ranks) <= MAX_CHECKED_SLOTS:
             return self._average_on_one_machine(check_finite)
-        own = bool(finite_flag([self.flat])) if check_finite and self.world_size > 1 else None
+        own = bool(finite_flag([self.flat])) if check_finite else None
         if self._file is not None:
             self._local_barrier()  # every local slot holds its gradients
             _sum_rows(self._file.slots[:, self._chunk], self._file.result[self._chunk])
@@ -225,7 +225,7 @@ class FlatGradientReducer:
         if not check_finite:
             return None
         finite = bool(finite_flag([self.flat]))
-        self.own_gradients_finite = finite if own is None else own
+        self.own_gradients_finite = bool(own)
         return finite
 
     def _average_on_one_machine(self, check_finite: bool) -> bool | None:
@@ -264,11 +264,9 @@ class FlatGradientReducer:
         return problems
 
     def _mean(self, total: torch.Tensor, out: torch.Tensor) -> None:
-        """``out = total / world_size``; for a power of two as a multiplication (the same bits, faster)."""
-        if self.world_size == 1:
-            if out is not total:
-                out.copy_(total)
-        elif self.world_size & (self.world_size - 1) == 0:
+        """``out = total / world_size`` (world > 1); for a power of two as a multiplication (the same
+        bits, faster)."""
+        if self.world_size & (self.world_size - 1) == 0:
             torch.mul(total, 1.0 / self.world_size, out=out)
         else:
             torch.div(total, self.world_size, out=out)
