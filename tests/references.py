@@ -17,6 +17,13 @@ from torch import nn
 
 Part = tuple  # (features, labels) of one agent's shard, numpy arrays or tensors
 
+# Two code paths computing the same float32 result (Arrow vs pandas scoring, another batch size,
+# Connect vs classic, a saved and reloaded model) may differ in the last bits: float32 keeps ~7
+# significant digits and a different summation order moves the last one or two. Compare such
+# results with these tolerances (~80 ulps, plus an absolute floor for values near zero), never
+# with assert_allclose's default rtol=1e-7, which is one ulp and fails at random.
+FLOAT32_PATHS = {"rtol": 1e-5, "atol": 1e-6}
+
 
 def _tensors(parts: Sequence[Part]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.as_tensor(np.asarray(x, dtype=np.float32)), torch.as_tensor(np.asarray(y, dtype=np.float32)))

@@ -9,7 +9,7 @@ from pyspark.ml.feature import VectorAssembler
 
 from spark_ddl import ConfigError, TorchEstimator, TorchModel
 from tests.helpers import DataDependentNet, TinyNet, regression_arrays
-from tests.references import assert_same_state
+from tests.references import FLOAT32_PATHS, assert_same_state
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_classifier_transform_gives_class_and_probability(spark):
                            batch_size=16).fit(frame)
     scored = model.transform(frame).toPandas()
     probabilities = np.stack(scored["probability"].map(lambda v: v.toArray()))
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, **FLOAT32_PATHS)
     np.testing.assert_array_equal(probabilities.argmax(axis=1), scored["prediction"].to_numpy())
     assert (scored["prediction"] == scored["label"]).mean() > 0.8
 
@@ -94,7 +94,7 @@ def test_pandas_fallback_for_older_pyspark_scores_the_same(spark, monkeypatch):
     pandas = model.transform(frame).toPandas()
     np.testing.assert_array_equal(arrow["prediction"], pandas["prediction"])
     np.testing.assert_allclose(np.stack(arrow["probability"].map(lambda v: v.toArray())),
-                               np.stack(pandas["probability"].map(lambda v: v.toArray())))
+                               np.stack(pandas["probability"].map(lambda v: v.toArray())), **FLOAT32_PATHS)
 
 
 def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):

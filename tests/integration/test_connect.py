@@ -23,6 +23,7 @@ from tests.connect_server import close_client, leave_connect_mode
 from tests.helpers import (ExplodingNet, TinyNet, ratings_frame, regression_arrays, stall_in_epoch_two,
                            two_tower_predictions)
 from tests.integration.test_run import hand_written_training, who_is_there
+from tests.references import FLOAT32_PATHS
 
 pytestmark = [pytest.mark.connect, pytest.mark.timeout(600)]
 
@@ -142,7 +143,7 @@ def test_named_int64_inputs_fit_transform_save_and_load(connect, tmp_path):
     loaded = TorchModel.load(str(tmp_path / "recs"))
     assert loaded.getOrDefault("inputs") == {"user": "user", "item": "item"}
     again = loaded.transform(frame).toPandas()
-    np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), **FLOAT32_PATHS)
 
 
 def test_save_then_load_in_a_new_session(connect, tmp_path):
@@ -158,7 +159,7 @@ def test_save_then_load_in_a_new_session(connect, tmp_path):
         loaded = TorchModel.read().session(fresh).load(path)
         expected = model.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
         scored = loaded.transform(small_frame(fresh)).select("prediction")
-        np.testing.assert_allclose(scored.toPandas()["prediction"].to_numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(scored.toPandas()["prediction"].to_numpy(), expected, **FLOAT32_PATHS)
     finally:
         close_client(fresh)
 
@@ -227,4 +228,4 @@ def test_pipeline_and_cross_validator(connect, tmp_path):
     loaded = PipelineModel.load(str(tmp_path / "pipeline"))
     expected = fitted.transform(frame).select("prediction").toPandas()["prediction"].to_numpy()
     np.testing.assert_allclose(loaded.transform(frame).select("prediction").toPandas()["prediction"].to_numpy(),
-                               expected, rtol=1e-6)
+                               expected, **FLOAT32_PATHS)

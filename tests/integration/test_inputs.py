@@ -17,6 +17,7 @@ from spark_ddl import ConfigError, SchemaError, TorchEstimator, TorchModel
 from spark_ddl.driver import launcher
 from tests.helpers import (BIG_ID, ImageProbe, TinyNet, TypeProbe, frame_with_partitions, ratings_frame,
                            regression_arrays, split_by_sizes, two_tower_predictions)
+from tests.references import FLOAT32_PATHS
 
 TYPE_INPUTS = {"user": "user", "k": "k", "flag": "flag", "price": "price", "vec": "vec", "ids": "ids",
                "tokens": "tokens", "img": "img", "v": "v"}
@@ -61,7 +62,7 @@ def test_named_inputs_transform_matches_a_local_forward_and_survives_save_and_lo
     assert (tmp_path / "recs" / "model.pt2").exists()  # named inputs export too
     loaded = TorchModel.load(path)
     again = loaded.transform(frame).toPandas()
-    np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(again["prediction"].to_numpy(), scored["prediction"].to_numpy(), **FLOAT32_PATHS)
     assert loaded.getOrDefault("inputs") == {"user": "user", "item": "item"}
 
 
