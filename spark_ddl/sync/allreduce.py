@@ -15,8 +15,9 @@ batch-norm statistics) go to every agent: the next forward sees what DDP's
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,41 @@ from spark_ddl.errors import ConfigError
 from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
 from spark_ddl.sync.host_reduce import FlatGradientReducer
 from spark_ddl.sync.sparse_rows import average_sparse_gradient, make_tables_sparse, sparse_parameters, sparse_policy
+
+
+# PowerSGD's divisor guard: a gradient matrix that is all zero (an unused layer, dead ReLUs) would
+# otherwise be normalised by a zero norm into NaN (torch's own advice in ``_orthogonalize_gram_schmidt``)
+POWERSGD_EPSILON = 1e-8
+
+
+def powersgd_state(process_group: Any) -> Any:
+    """torch's PowerSGD state as this project uses it: rank-1 approximations with error feedback and
+    warm start, after two plain all-reduces (the least torch allows with either)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    return powerSGD_hook.PowerSGDState(process_group=process_group, matrix_approximation_rank=1,
+                                       start_powerSGD_iter=2, orthogonalization_epsilon=POWERSGD_EPSILON)
+
+
+def one_bucket_at_a_time(hook: Callable[[Any, Any], torch.futures.Future]) -> Callable[[Any, Any], torch.futures.Future]:
+    """``hook`` run to completion before DDP hands it the next bucket.
+
+    torch's PowerSGD hook chains ``.then()`` callbacks that each start an all-reduce and block on
+    it (``.get_future().wait()``). With gloo those callbacks run on the process group's own worker
+    threads (two per group): with two buckets or more, two chains each hold a worker thread while
+    waiting for an all-reduce queued behind them on the same group, and no thread is left to run
+    it — every rank stalls at the first compressed step (or, when the threads race, the ranks
+    start their buckets' all-reduces in different orders and gloo aborts on a size mismatch). One
+    chain at a time leaves a worker free and keeps the order of the collectives.
+    (Overlap with backward is lost, which on CPU agents only competed for the same cores.)
+    """
+    @functools.wraps(hook)
+    def run_to_completion(state: Any, bucket: Any) -> torch.futures.Future:
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(hook(state, bucket).wait())
+        return done
+
+    return run_to_completion
 
 
 def register_compression(ddp: DistributedDataParallel, compression: str) -> None:
@@ -43,10 +79,10 @@ def register_compression(ddp: DistributedDataParallel, compression: str) -> None
             )
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2
-        )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        hook = powerSGD_hook.powerSGD_hook
+        if dist.get_backend() == "gloo":
+            hook = one_bucket_at_a_time(hook)
+        ddp.register_comm_hook(powersgd_state(None), hook)
     elif compression != "none":
         raise ValueError(f"unknown compression {compression!r}")
 
