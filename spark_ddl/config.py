@@ -85,8 +85,11 @@ class TrainConfig:
                         resume_checked=True)
     sync_every: int = setting(8, "local_sgd: average the parameters every this many steps", minimum=1,
                               resume_checked=True)
-    compression: str = setting("none", "gradient compression for sync='allreduce' (torch DDP "
-                               "communication hooks)", choices=COMPRESSIONS, resume_checked=True)
+    compression: str = setting(
+        "none", "gradient compression for sync='allreduce': 'fp16' or 'bf16' (casts), 'powersgd' (rank-1, with "
+        "error feedback). allreduce_impl='flat' compresses only what crosses machines (inside a machine: shared "
+        "memory at full precision; every agent on one machine: no effect); 'ddp' uses torch's DDP communication "
+        "hooks on every all-reduce ('bf16' there needs NCCL)", choices=COMPRESSIONS, resume_checked=True)
     sparse_embeddings: str = setting(
         "auto", "sync='allreduce' on CPU: exchange only the rows a batch touched of embedding tables ('always'), "
         "never ('never'), or for tables of 16 MB and more when the update allows it ('auto': optimizer='sgd' "
@@ -94,8 +97,9 @@ class TrainConfig:
         choices=("auto", "always", "never"))
     allreduce_impl: str = setting(
         "auto", "sync='allreduce': 'flat' (one gradient buffer averaged after backward, through shared "
-        "memory between agents on one machine; CPU, compression='none'), 'ddp' (torch DDP, overlapped "
-        "with backward) or 'auto' (flat where it applies)", choices=ALLREDUCE_IMPLS)
+        "memory between agents on one machine, compressed between machines; CPU), 'ddp' (torch DDP, overlapped "
+        "with backward, compressed by its hooks) or 'auto' (flat on CPU, with or without compression)",
+        choices=ALLREDUCE_IMPLS)
     accumulate_steps: int = setting(1, "micro-batches whose gradients are accumulated, without "
                                     "communication, before each update", minimum=1, resume_checked=True)
     max_staleness: int | None = setting(

@@ -6,7 +6,9 @@ Two implementations (``allreduce_impl``):
   optionally compressed by torch's DDP communication hooks (fp16, bf16, PowerSGD). The GPU path.
 - ``flat``: one flat gradient buffer averaged after backward (``host_reduce``): shared memory
   between agents on one machine, gloo between machines. The CPU path (``auto``), where DDP's
-  overlap only makes the all-reduce compete with backward for the same cores.
+  overlap only makes the all-reduce compete with backward for the same cores. Compression
+  (fp16, bf16, PowerSGD: ``machine_exchange``) applies only to what crosses machines; with every
+  agent on one machine it changes nothing.
 
 Both start from rank 0's parameters and buffers, and after every update rank 0's buffers (e.g.
 batch-norm statistics) go to every agent: the next forward sees what DDP's
@@ -26,22 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
-from spark_ddl.sync.host_reduce import FlatGradientReducer
+from spark_ddl.sync.host_reduce import FlatGradientReducer, HostLayout
+from spark_ddl.sync.machine_exchange import FLAT_COMPRESSIONS, powersgd_state
 from spark_ddl.sync.sparse_rows import average_sparse_gradient, make_tables_sparse, sparse_parameters, sparse_policy
-
-
-# PowerSGD's divisor guard: a gradient matrix that is all zero (an unused layer, dead ReLUs) would
-# otherwise be normalised by a zero norm into NaN (torch's own advice in ``_orthogonalize_gram_schmidt``)
-POWERSGD_EPSILON = 1e-8
-
-
-def powersgd_state(process_group: Any) -> Any:
-    """torch's PowerSGD state as this project uses it: rank-1 approximations with error feedback and
-    warm start, after two plain all-reduces (the least torch allows with either)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-
-    return powerSGD_hook.PowerSGDState(process_group=process_group, matrix_approximation_rank=1,
-                                       start_powerSGD_iter=2, orthogonalization_epsilon=POWERSGD_EPSILON)
 
 
 def one_bucket_at_a_time(hook: Callable[[Any, Any], torch.futures.Future]) -> Callable[[Any, Any], torch.futures.Future]:
@@ -74,8 +63,8 @@ def register_compression(ddp: DistributedDataParallel, compression: str) -> None
     elif compression == "bf16":
         if dist.get_backend() != "nccl":
             raise ValueError(
-                "compression='bf16' needs GPUs with NCCL (torch's bf16 hook); on CPU agents "
-                "(gloo) use compression='fp16' or 'powersgd'."
+                "compression='bf16' with allreduce_impl='ddp' needs GPUs with NCCL (torch's bf16 hook); on CPU "
+                "agents use allreduce_impl='flat' or 'auto' (bf16 between machines), or compression='fp16'."
             )
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif compression == "powersgd":
@@ -88,12 +77,13 @@ def register_compression(ddp: DistributedDataParallel, compression: str) -> None
 
 
 def use_flat_reducer(impl: str, compression: str, device: torch.device, module: nn.Module) -> bool:
-    """Whether ``allreduce_impl=impl`` means the flat reducer for this module on this device."""
+    """Whether ``allreduce_impl=impl`` means the flat reducer for this module on this device (with any
+    compression: the flat reducer compresses what crosses machines)."""
     dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
-    applies = device.type == "cpu" and compression == "none" and len(dtypes) == 1
+    applies = device.type == "cpu" and compression in FLAT_COMPRESSIONS and len(dtypes) == 1
     if impl == "flat" and not applies:
-        raise ValueError("allreduce_impl='flat' needs CPU agents, compression='none' and trainable "
-                         f"parameters of one dtype (got {sorted(map(str, dtypes))}); use 'ddp' or 'auto'.")
+        raise ValueError("allreduce_impl='flat' needs CPU agents and trainable parameters of one dtype "
+                         f"(got {sorted(map(str, dtypes))}); use 'ddp' or 'auto'.")
     return impl == "flat" or (impl == "auto" and applies)
 
 
@@ -121,11 +111,9 @@ class AllReduceStrategy(LockstepStrategy):
                 "sparse_embeddings='always' needs an update that takes sparse gradients: optimizer='sgd' without "
                 "weight_decay and no grad_clip_norm. Use sparse_embeddings='auto' or 'never' with these settings."
             )
-        if settings.allreduce_impl == "flat" and (settings.compression != "none" or settings.use_gpu):
-            raise ConfigError(
-                "allreduce_impl='flat' averages uncompressed gradients of CPU agents; with "
-                f"compression={settings.compression!r} or use_gpu=True use allreduce_impl='ddp' or 'auto'."
-            )
+        if settings.allreduce_impl == "flat" and settings.use_gpu:
+            raise ConfigError("allreduce_impl='flat' averages the gradients of CPU agents; with use_gpu=True use "
+                              "allreduce_impl='ddp' or 'auto'.")
 
     @classmethod
     def create(cls, settings: StrategySettings, env: StrategyEnv) -> "AllReduceStrategy":
@@ -155,7 +143,7 @@ class AllReduceStrategy(LockstepStrategy):
             make_tables_sparse(module, self._sparse_policy)
             self._sparse = sparse_parameters(module)
             dense = [p for p in module.parameters() if not any(p is s for s in self._sparse)]
-            self._reducer = FlatGradientReducer(dense, keys, self._timeout)
+            self._reducer = FlatGradientReducer(dense, keys, self._timeout, compression=self._compression)
             self._optimizer = make_optimizer(module.parameters())
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
@@ -203,10 +191,18 @@ class AllReduceStrategy(LockstepStrategy):
             broadcast_state(self._module, buffers_only=True)
 
     def summary(self) -> dict[str, Any]:
+        """Which implementation ran, which ranks shared a machine, the compression applied and (flat)
+        the bytes this rank's machine sent to the others per step (``FlatGradientReducer``'s
+        ``bytes_across_machines``: the last step's, the steady state)."""
         if self._reducer is None:
-            return {"allreduce_impl": "ddp"}
-        return {"allreduce_impl": "flat", "shared_memory": self._reducer.shared_memory,
-                "hosts": [len(h) for h in self._reducer.layout.hosts], "sparse_tables": len(self._sparse)}
+            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
+            return {"allreduce_impl": "ddp", "compression": self._compression,
+                    "machines": HostLayout.from_keys(keys, dist.get_rank()).hosts}
+        reducer = self._reducer
+        return {"allreduce_impl": "flat", "shared_memory": reducer.shared_memory,
+                "hosts": [len(h) for h in reducer.layout.hosts], "machines": reducer.machines.hosts,
+                "compression": reducer.compression, "bytes_across_machines_per_step": reducer.bytes_across_machines,
+                "sparse_tables": len(self._sparse)}
 
     def close(self) -> None:
         self._ddp = None  # the DDP reducer holds a reference to the process group

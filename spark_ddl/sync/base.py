@@ -139,8 +139,8 @@ class SyncStrategy(ABC):
         """Raise ConfigError (on the driver, before launch) for settings this strategy cannot honour."""
         if settings.compression != "none" and not cls.supports_compression:
             raise ConfigError(
-                f"compression={settings.compression!r} works with sync='allreduce' (DDP communication "
-                f"hooks), not with sync={cls.name!r}."
+                f"compression={settings.compression!r} works with sync='allreduce' (its gradient "
+                f"exchange), not with sync={cls.name!r}."
             )
 
     @classmethod

@@ -11,7 +11,10 @@ agent's flat buffer. ``average()`` then
    no sockets, each agent a ``1/L`` share); on a machine that holds every rank it also scales
    the chunk to the mean and checks it for NaN/infinity while it is in cache,
 3. with agents on several machines: each machine's leader all-reduces the result with the
-   other leaders over gloo (one message per machine instead of one per agent),
+   other leaders over gloo (one message per machine instead of one per agent); ``compression``
+   (fp16, bf16, PowerSGD: ``machine_exchange``) applies here and only here, to the bytes that
+   cross machines. With every agent on one machine nothing crosses: compression is a no-op and
+   the result is bit for bit that of ``compression='none'``,
 4. after a second barrier (a third with several machines), every agent copies the mean back
    into its slot, where the optimiser reads it.
 
@@ -40,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spark_ddl.sync.finite import finite_flag
+from spark_ddl.sync.machine_exchange import MachineExchange, make_exchange, ring_bytes_sent
 from spark_ddl.sync.shared_memory import (AVERAGE_NOT_FINITE, MAX_CHECKED_SLOTS, SHARED_MEMORY_DIR, SPIN_BARRIER,
                                           HostLayout, LocalPeerError, SharedGradientFile, host_key, process_alive)
 
@@ -82,7 +86,7 @@ class FlatGradientReducer:
     """Owns the flat gradient buffer behind ``params``' ``.grad`` and averages it across all ranks."""
 
     def __init__(self, params: Iterable[nn.Parameter], host_keys: list[str], timeout: float = 300.0,
-                 directory: str = SHARED_MEMORY_DIR, spin: bool = SPIN_BARRIER) -> None:
+                 directory: str = SHARED_MEMORY_DIR, spin: bool = SPIN_BARRIER, compression: str = "none") -> None:
         self._timeout = timeout
         self._spin = spin
         self._generation = 0
@@ -100,6 +104,10 @@ class FlatGradientReducer:
         if len(host_keys) != self.world_size:
             raise ValueError(f"{len(host_keys)} host keys for {self.world_size} ranks")
         layout = HostLayout.from_keys(host_keys, rank)
+        self.machines = layout  # where the agents are (``layout``: how they exchange, after any fallback)
+        # compression only where bytes cross machines: with every rank on one machine, none
+        self.compression = compression if len(layout.hosts) > 1 else "none"
+        self.payload_bytes = 0  # bytes of the tensors this rank handed to gloo's all-reduce at the last average
         if any(len(h) > 1 for h in layout.hosts):
             layout = self._open_shared_file(layout, directory)
         self.layout = layout
@@ -113,6 +121,10 @@ class FlatGradientReducer:
             group = dist.new_group(layout.leaders, backend="gloo") if len(layout.hosts) < self.world_size else None
             if rank in layout.leaders:
                 self._leader_group = group if group is not None else dist.group.WORLD
+        self._exchange: MachineExchange | None = None  # a leader's side of the exchange between machines
+        if self._leader_group is not None:
+            self._exchange = make_exchange(self.compression, self._leader_group, [p.shape for p in self._params],
+                                           len(layout.hosts), self.world_size, self._mean)
         if self._file is not None:
             self.flat = self._file.slots[layout.local_index]
             local = len(layout.local_ranks)
@@ -214,19 +226,38 @@ class FlatGradientReducer:
             _sum_rows(self._file.slots[:, self._chunk], self._file.result[self._chunk])
             result = self._file.result
             self._local_barrier()  # the local sum is complete
-            if self._leader_group is not None:
-                dist.all_reduce(result, group=self._leader_group)
-            self._local_barrier()  # the leaders' sum is complete
-            self._mean(result, self.flat)
+            self._across_machines(result)
+            self._local_barrier()  # the leaders' sum (or, compressed, their mean) is complete
+            if self.compression == "none":
+                self._mean(result, self.flat)
+            else:
+                self.flat.copy_(result)
         else:
-            if self._leader_group is not None:
-                dist.all_reduce(self.flat, group=self._leader_group)
-            self._mean(self.flat, self.flat)  # the same operation: the same bits
+            self._across_machines(self.flat)
+            if self.compression == "none":
+                self._mean(self.flat, self.flat)  # the same operation: the same bits
         if not check_finite:
             return None
         finite = bool(finite_flag([self.flat]))
         self.own_gradients_finite = bool(own)
         return finite
+
+    def _across_machines(self, total: torch.Tensor) -> None:
+        """A leader: combine this machine's sum ``total`` with the other machines' (in place: their
+        sum, or with compression their mean). Other ranks: nothing."""
+        if self._exchange is not None:
+            self._exchange(total)
+            self.payload_bytes = self._exchange.payload_bytes
+
+    @property
+    def bytes_across_machines(self) -> int:
+        """What this rank sent to the other machines' leaders at the last average: the bytes of the
+        tensors it handed to gloo (``payload_bytes``), counted as a ring all-reduce sends them:
+        2·(n − 1)/n of them for n leaders, so the payload once for two. 0 on a rank that is not a
+        leader, and on one machine (also where its agents fell back to gloo: over loopback)."""
+        if len(self.machines.hosts) < 2:
+            return 0
+        return ring_bytes_sent(self.payload_bytes, len(self.layout.hosts))
 
     def _average_on_one_machine(self, check_finite: bool) -> bool | None:
         """Every rank on this machine sums chunk ``local_index`` of all slots and writes its mean
@@ -341,3 +372,4 @@ class FlatGradientReducer:
             self._file.close()
             self._file = None
         self._local_group = self._leader_group = None
+        self._exchange = None

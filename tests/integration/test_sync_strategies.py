@@ -51,23 +51,32 @@ def test_strategies_survive_empty_and_uneven_shards(spark, sync):
 
 
 def test_fp16_compression_stays_close_to_the_exact_combined_batch(spark):
-    compressed, initial, parts = fit_with(spark, "allreduce", compression="fp16")
+    compressed, initial, parts = fit_with(spark, "allreduce", compression="fp16", allreduce_impl="ddp")
     reference = combined_batch_sgd(initial, parts, batch_size=8, epochs=2, lr=0.05)
     difference = max_relative_difference(compressed.get_module(), reference)
     assert 1e-6 < difference <= 1e-2  # the hook ran (fp16 rounding: beyond float32's) and changed little
+    assert compressed.summary["compression"] == "fp16"
+
+
+def test_compression_on_one_machine_with_the_flat_exchange_changes_nothing(spark):
+    plain, _, _ = fit_with(spark, "allreduce")
+    compressed, _, _ = fit_with(spark, "allreduce", compression="fp16")  # auto: flat on CPU
+    assert compressed.summary["allreduce_impl"] == "flat" and compressed.summary["compression"] == "none"
+    assert compressed.summary["machines"] == [[0, 1]] and compressed.summary["bytes_across_machines_per_step"] == 0
+    assert max_relative_difference(compressed.get_module(), plain.get_module()) == 0.0  # no byte crossed machines
 
 
 def test_powersgd_compression_still_learns(spark):
-    model, _, _ = fit_with(spark, "allreduce", compression="powersgd", epochs=6)
+    model, _, _ = fit_with(spark, "allreduce", compression="powersgd", allreduce_impl="ddp", epochs=6)
     losses = [h["train_loss"] for h in model.history]
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_bf16_compression_on_cpu_says_it_needs_nccl(spark):
+def test_bf16_compression_with_ddp_on_cpu_says_it_needs_nccl(spark):
     from spark_ddl import TrainingError
 
-    with pytest.raises(TrainingError, match="compression='bf16' needs GPUs with NCCL"):
-        fit_with(spark, "allreduce", compression="bf16")
+    with pytest.raises(TrainingError, match="compression='bf16' with allreduce_impl='ddp' needs GPUs with NCCL"):
+        fit_with(spark, "allreduce", compression="bf16", allreduce_impl="ddp")
 
 
 def test_compression_needs_allreduce(spark):
@@ -131,9 +140,10 @@ def test_flat_allreduce_equals_torch_ddp(any_spark, with_batch_norm):
         assert torch.allclose(flat_stats, ddp_stats, rtol=1e-5, atol=1e-6) and flat_stats.abs().sum() > 0
 
 
-def test_allreduce_impl_flat_with_compression_is_refused_on_the_driver(spark):
-    with pytest.raises(Exception, match="allreduce_impl='flat'.*compression='fp16'"):
-        TorchEstimator(model=TinyNet(), loss="mse", allreduce_impl="flat", compression="fp16").train_config()
+def test_allreduce_impl_flat_takes_compression_but_refuses_gpus_on_the_driver(spark):
+    TorchEstimator(model=TinyNet(), loss="mse", allreduce_impl="flat", compression="powersgd").train_config()
+    with pytest.raises(Exception, match="allreduce_impl='flat'.*use_gpu=True"):
+        TorchEstimator(model=TinyNet(), loss="mse", allreduce_impl="flat", use_gpu=True).train_config()
 
 
 def record_then_offset(directory: str):
