@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     variants = {
         "allreduce": {"sync": "allreduce"},  # on CPU agents: the flat buffer through shared memory
         "allreduce (ddp)": {"sync": "allreduce", "allreduce_impl": "ddp"},
-        "allreduce+fp16": {"sync": "allreduce", "compression": "fp16"},
-        "allreduce+powersgd": {"sync": "allreduce", "compression": "powersgd"},
+        # torch's DDP hooks: on one machine the flat exchange compresses nothing (no byte crosses machines)
+        "allreduce+fp16": {"sync": "allreduce", "compression": "fp16", "allreduce_impl": "ddp"},
+        "allreduce+powersgd": {"sync": "allreduce", "compression": "powersgd", "allreduce_impl": "ddp"},
         "parameter_server": {"sync": "parameter_server"},
         "local_sgd": {"sync": "local_sgd", "sync_every": args.sync_every},
         # every push is applied alone: with momentum 0.9 and stale gradients lr 0.02 diverges
