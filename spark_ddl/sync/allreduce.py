@@ -33,7 +33,10 @@ from spark_ddl.sync.machine_exchange import FLAT_COMPRESSIONS, powersgd_state
 from spark_ddl.sync.sparse_rows import average_sparse_gradient, make_tables_sparse, sparse_parameters, sparse_policy
 
 
-def one_bucket_at_a_time(hook: Callable[[Any, Any], torch.futures.Future]) -> Callable[[Any, Any], torch.futures.Future]:
+Hook = Callable[[Any, Any], torch.futures.Future]  # a DDP communication hook: (state, bucket) -> future
+
+
+def one_bucket_at_a_time(hook: Hook) -> Hook:
     """``hook`` run to completion before DDP hands it the next bucket.
 
     torch's PowerSGD hook chains ``.then()`` callbacks that each start an all-reduce and block on
