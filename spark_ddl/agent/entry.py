@@ -38,7 +38,7 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
     context = BarrierTaskContext.get()
     rank = context.partitionId()
     heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval,
-                          job.config.stall_timeout)
+                          job.config.stall_timeout, placement=[info.address for info in context.getTaskInfos()])
     if job.config.agent_log_level != "OFF":
         heartbeat.forward_logs(job.config.agent_log_level)
     result: list[pa.RecordBatch] = []

@@ -46,10 +46,12 @@ class Heartbeat:
     """Reports ``status`` (phase, epoch, step, updates, waiting) for one rank."""
 
     def __init__(self, address: tuple[str, int] | None, secret: str | None, rank: int,
-                 interval: float = 1.0, stall_timeout: float | None = None) -> None:
+                 interval: float = 1.0, stall_timeout: float | None = None,
+                 placement: list[str] | None = None) -> None:
         self.status: dict[str, Any] = {"phase": "starting", "epoch": None, "step": None,
                                        "updates": 0, "waiting": False}
         self._address, self._secret, self._rank, self._interval = address, secret, rank, interval
+        self._placement = placement  # each rank's executor (host:port), told to the driver in the hello
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._logs: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_LOG_RECORDS)
@@ -109,7 +111,8 @@ class Heartbeat:
             with socket.create_connection(self._address, timeout=10) as connection:
                 connection.settimeout(10)
                 send = connection.sendall
-                send((json.dumps({"secret": self._secret, "rank": self._rank}) + "\n").encode())
+                hello = {"secret": self._secret, "rank": self._rank, "placement": self._placement}
+                send((json.dumps(hello) + "\n").encode())
                 self._send_pending(send)
                 while not self._stop.wait(self._interval):
                     self._send_pending(send)

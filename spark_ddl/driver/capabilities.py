@@ -15,11 +15,14 @@ DataFrames and session artifacts (``spark_ddl/driver/connect.py``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from typing import Any, Iterator
 
 from spark_ddl.driver.capability_base import STATUS_HOST_CONF, DirectoryFiles, SessionCapabilities, StoreFiles
 from spark_ddl.wire import ROWS_HEAP_FACTOR, BroadcastValue
+
+log = logging.getLogger("spark_ddl")
 
 __all__ = ["STATUS_HOST_CONF", "DirectoryFiles", "SessionCapabilities", "ClassicCapabilities", "capabilities",
            "directory_files", "is_connect_session", "active_session"]
@@ -45,6 +48,27 @@ class ClassicCapabilities(SessionCapabilities):
     def task_slots(self) -> int | None:
         jsc = self.sc._jsc.sc()  # noqa: SLF001 - the call xgboost.spark uses
         return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+
+    def remove_executors_on(self, hosts: set[str]) -> list[str]:
+        sc = self.sc._jsc.sc()  # noqa: SLF001
+        try:
+            executors = sc.statusStore().executorList(True)  # the active ones
+            ids = [executors.apply(i).id() for i in range(executors.size())
+                   if executors.apply(i).id() != "driver" and executors.apply(i).hostPort().rsplit(":", 1)[0] in hosts]
+            if not ids:
+                return []
+            jvm = self.sc._jvm  # noqa: SLF001
+            listed = jvm.java.util.ArrayList()
+            for executor_id in ids:
+                listed.add(executor_id)
+            # adjustTargetNumExecutors=False, countFailures=False, force=True (as SparkContext.killExecutors,
+            # but keeping the target)
+            removed = sc.schedulerBackend().killExecutors(jvm.org.apache.spark.api.python.PythonUtils.toSeq(listed),
+                                                          False, False, True)
+            return [removed.apply(i) for i in range(removed.size())]
+        except Exception as exc:  # noqa: BLE001 - local mode (no executors to remove) or other internals
+            log.debug("cannot remove executors on %s: %s", sorted(hosts), exc)
+            return []
 
     def partition_count(self, df: Any) -> int | None:
         # the plan's RDD, without pyspark's Python RDD around it (df.rdd costs ~3x as much)

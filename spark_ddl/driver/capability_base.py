@@ -48,6 +48,12 @@ class SessionCapabilities:
         """Barrier tasks the cluster can run at once now; None when it cannot tell."""
         raise NotImplementedError
 
+    def remove_executors_on(self, hosts: set[str]) -> list[str]:
+        """Remove this application's executors on ``hosts`` (unreachable machines) so that no
+        task is offered their slots, keeping the executor target (a machine that comes back
+        gets a new one). Returns the removed executors' ids; [] when the session cannot."""
+        return []
+
     def partition_count(self, df: Any) -> int | None:
         """``df``'s number of partitions if known without running a job, else None."""
         raise NotImplementedError

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from spark_ddl.agent.entry import run_agent
 from spark_ddl.artifact import state_dict_from_bytes
 from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts, unwritable_reason
 from spark_ddl.config import TrainConfig
+from spark_ddl.driver.attempts import AttemptPolicy, LaunchWatch
 from spark_ddl.driver.capabilities import DirectoryFiles, SessionCapabilities, capabilities
 from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
@@ -32,6 +34,7 @@ from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter
+from spark_ddl.driver.reachability import LostMachine, lost_machines, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
 from spark_ddl.wire import DRIVER_UNREACHABLE, OUTPUT_DDL, AgentJob, reassemble
 from spark_ddl.weights import load_into_module
@@ -40,6 +43,7 @@ log = logging.getLogger("spark_ddl")
 
 MONITOR_POLL_SECONDS = 0.25  # how often the driver looks at the agents' status
 CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its tasks
+SLOT_WAIT_SECONDS = 30.0  # after a machine was lost, a retry waits this long (at most timeout) for its slots
 SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long after launch: say so
 # Status-channel hosts some agent could not connect to: fits of this process then meet through
 # Spark's barrier allGather (see spark_ddl.driver.peer_directory).
@@ -121,14 +125,17 @@ def run_training(
         preflight(training)
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
     attempts: list[dict[str, Any]] = []
-    failures, agents, elastic = 0, config.num_workers, config.elastic and job.function is None
-    # failures, elastic epoch-boundary pauses, and one attempt whose agents could not reach this process
-    for attempt in range(1, config.max_retries + config.epochs + 3):
+    policy = AttemptPolicy(config.max_retries, config.epochs)
+    agents, elastic = config.num_workers, config.elastic and job.function is None
+    failed: TrainingError | None = None  # the previous attempt's error, when it failed
+    for attempt in itertools.count(1):
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir, checkpoints) if config.checkpoint_dir else None)
         if job.attempt_hook is not None:
             job.attempt_hook(attempt, spark.sparkContext)
         record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
+        if failed is not None:  # who answers now decides who takes part
+            _leave_out_lost_machines(failed, caps, config, elastic, record, attempts)
         if elastic:
             previous, agents = agents, agents_for_attempt(spark, config, agents) if attempt > 1 else agents
             record["agents"] = agents
@@ -137,12 +144,13 @@ def run_training(
         shrunk = agents < config.num_workers
         attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from),
                                           agents=agents if shrunk else None, attempt_hook=None)
+        failed = None
         try:
             result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
                                       attempt_job, caps)
         except TrainingError as error:
             host = caps.status_host() if error.remote_type == DRIVER_UNREACHABLE else None
-            if host is not None and host not in HOSTS_AGENTS_CANNOT_REACH:
+            if host is not None and host not in HOSTS_AGENTS_CANNOT_REACH and policy.rerun_after_driver_unreachable():
                 HOSTS_AGENTS_CANNOT_REACH.add(host)
                 attempts.append(dict(record, error=error.summary_line(), rank=error.rank, retriable=True))
                 log.warning("the agents cannot reach this process (%s): this and later fits of this process meet "
@@ -150,24 +158,60 @@ def run_training(
                             "progress; set spark.driver.host (or spark.ddl.statusHost) to an address the executors "
                             "can connect to", error.remote_message)
                 continue
-            failures += 1
-            attempts.append(dict(record, error=error.summary_line(), rank=error.rank,
-                                 retriable=error.retriable))
+            attempts.append(dict(record, error=error.summary_line(), rank=error.rank, retriable=error.retriable))
             error.attempts = attempts
-            if failures > config.max_retries or not error.retriable:
+            if not policy.rerun_after_failure(error):
+                lost = [m for m in lost_machines(*getattr(error, "silence", (None, []))) if m.silent]
+                if lost:
+                    attempts[-1]["unreachable"] = [m.describe() for m in lost]
+                    raise _unreachable(lost, error, caps, config, attempts) from None
                 raise
             log.warning("training attempt %d failed (%s); retrying (%d of %d)%s", attempt,
-                        error.summary_line(), failures, config.max_retries,
+                        error.summary_line(), policy.failures, config.max_retries,
                         " from the newest checkpoint" if config.checkpoint_dir else " from scratch")
+            failed = error
             continue
         if result.summary.get("paused_after_epoch") is not None:  # a shrunk attempt reached an epoch boundary
             attempts.append(dict(record, error=None, paused_after_epoch=result.summary["paused_after_epoch"]))
             result.discard()
+            policy.rerun_after_pause()
             continue
         attempts.append(dict(record, error=None))
         result.summary["attempts"] = attempts
         return result
-    raise AssertionError("unreachable")
+
+
+def _leave_out_lost_machines(failed: TrainingError, caps: SessionCapabilities, config: TrainConfig, elastic: bool,
+                             record: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+    """Before a retry: the machines of ranks that went silent in the failed attempt are probed;
+    those that do not answer are named in ``record`` and their executors removed from the
+    application. If the slots left are too few (num_workers, or min_workers when elastic) and
+    do not come back within ``SLOT_WAIT_SECONDS``, the fit fails here naming those machines."""
+    lost = lost_machines(*getattr(failed, "silence", (None, [])))
+    silent = [m for m in lost if m.silent]
+    if silent:
+        record["unreachable"] = [m.describe() for m in silent]
+        record["removed_executors"] = caps.remove_executors_on({m.host for m in silent})
+        log.warning("no answer from %s: the retry runs without %s", "; ".join(m.describe() for m in silent),
+                    "them" if len(silent) > 1 else "it")
+    if not lost:
+        return
+    needed = config.min_workers if elastic else config.num_workers
+    deadline = time.monotonic() + (0 if elastic else min(config.timeout, SLOT_WAIT_SECONDS))
+    slots = caps.task_slots()
+    while slots is not None and slots < needed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        slots = caps.task_slots()
+    if slots is not None and slots < needed:
+        attempts.append(dict(record, error=f"not started: {slots} slot(s) on the machines that answer, {needed} needed"))
+        raise _unreachable(silent or lost, failed, caps, config, attempts) from None
+
+
+def _unreachable(lost: list[LostMachine], cause: TrainingError, caps: SessionCapabilities, config: TrainConfig,
+                 attempts: list[dict[str, Any]]) -> TrainingError:
+    error = unreachable_error(lost, cause, caps.conf("spark.network.timeout", "120s") or "120s", config.elastic)
+    error.attempts = attempts
+    return error
 
 
 def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = None, probe: bool = True) -> str | None:
@@ -206,6 +250,11 @@ def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = Non
     return newest
 
 
+def _silence_seconds(job: AgentJob) -> float:
+    """A rank not heard from this long has gone silent (its heartbeat runs every heartbeat_interval)."""
+    return max(5.0, 5 * job.heartbeat_interval)
+
+
 def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabilities) -> FitResult:
     """One attempt: the barrier job over the prepared partitions, collected on the driver
     while the agents' status channel is watched for stalls."""
@@ -237,21 +286,32 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     runner.start()
     reporter = ProgressReporter(config.progress)
     silence_noted = monitor.address is None
+    agents = job.agents or config.num_workers
+    launch = LaunchWatch(agents, config.timeout, caps.task_slots) if monitor.address is not None else None
     try:
         while runner.is_alive():
             runner.join(MONITOR_POLL_SECONDS)
             reporter.update(monitor.status_of(0))
+            problem = launch.problem(monitor.missing_ranks(agents), monitor.placement) if launch else None
+            if problem is not None and runner.is_alive():
+                launch = None
+                log.error("%s", problem)
+                caps.cancel(tag)
+                runner.join(CANCEL_WAIT_SECONDS)
+                problem.silence = (monitor.placement, monitor.missing_ranks(agents))
+                raise problem
             if not silence_noted and not monitor.heard_from_any() and \
                     time.perf_counter() - started > SILENCE_WARNING_SECONDS:
                 silence_noted = True
                 log.warning("no agent has reached the status channel at %s:%d yet (executors that cannot "
                             "connect to this process train on without it): progress is shown when the fit "
                             "ends, and with stall_timeout the agents watch for stalls themselves", *monitor.address)
-            stall = monitor.stall_error(job.agents or config.num_workers)
+            stall = monitor.stall_error(agents)
             if stall is not None and runner.is_alive():
                 log.error("%s", stall)
                 caps.cancel(tag)
                 runner.join(CANCEL_WAIT_SECONDS)
+                stall.silence = (monitor.placement, monitor.silent_ranks(agents, _silence_seconds(job)))
                 raise stall
     except KeyboardInterrupt:
         caps.cancel(tag)
@@ -268,6 +328,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
         if error is None:
             raise exc
         error.spark_exception = exc  # Spark's own (long) exception, for debugging
+        error.silence = (monitor.placement, monitor.silent_ranks(agents, _silence_seconds(job)))
         raise error from None
     rows = outcome["rows"]
     seconds = time.perf_counter() - started

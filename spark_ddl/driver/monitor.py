@@ -69,6 +69,9 @@ class AgentMonitor:
         self.uploads: dict[str, str] = {}  # payload kind -> the local file it was received into (rank 0's)
         self.upload_errors: list[str] = []
         self._spool: str | None = None
+        self.started: dict[int, float] = {}  # rank -> monotonic time its task first connected
+        self.closed: set[int] = set()  # ranks whose status connection ended (finished, failed or died)
+        self.placement: list[str] | None = None  # rank -> its executor's host:port (the barrier stage's placement)
         self.peers = PeerDirectory()  # the agents' rendezvous (see spark_ddl.driver.peer_directory)
         self._lock = threading.Lock()
         monitor = self
@@ -117,6 +120,7 @@ class AgentMonitor:
                 self.refused += 1
             return  # closing the connection is the whole answer
         rank = hello["rank"]
+        self._note_start(rank, hello.get("placement"))
         if "rendezvous" in hello:
             if connection is not None:  # the message follows once the agent has read its partition:
                 connection.settimeout(None)  # no deadline here (a dead peer's socket: TCP keepalive)
@@ -127,8 +131,13 @@ class AgentMonitor:
             self._receive_upload(rank, hello["upload"], stream, reply)
             return
         while True:
-            line = stream.readline(MAX_LINE_BYTES + 1)
+            try:
+                line = stream.readline(MAX_LINE_BYTES + 1)
+            except OSError:
+                line = b""
             if not line:
+                with self._lock:
+                    self.closed.add(rank)
                 return
             message = self._parse(line)
             if message is None:
@@ -137,6 +146,13 @@ class AgentMonitor:
                 self._log_agent_record(rank, message["log"])
             else:
                 self._record(rank, message)
+
+    def _note_start(self, rank: int, placement: Any) -> None:
+        """``rank``'s task runs; ``placement`` (from its heartbeat): every rank's executor, host:port."""
+        with self._lock:
+            self.started.setdefault(rank, time.monotonic())
+            if isinstance(placement, list) and all(isinstance(a, str) and len(a) < 300 for a in placement):
+                self.placement = list(placement)
 
     def _read_json(self, stream) -> dict[str, Any] | None:
         line = stream.readline(MAX_LINE_BYTES + 1)
@@ -250,6 +266,19 @@ class AgentMonitor:
             remote_message=f"rank(s) {culprits} stalled in {describe(ranks[first].status) if first in ranks else '?'}",
             retriable=True,
         )
+
+    def missing_ranks(self, num_workers: int) -> list[int]:
+        """Ranks whose task has not connected yet (not started, or started where it cannot reach us)."""
+        with self._lock:
+            return [r for r in range(num_workers) if r not in self.started]
+
+    def silent_ranks(self, num_workers: int, seconds: float) -> list[int]:
+        """Ranks not heard from for ``seconds``, never heard, or whose connection ended: the
+        candidates for a lost machine (after a failure)."""
+        now = time.monotonic()
+        with self._lock:
+            return [r for r in range(num_workers)
+                    if r not in self.ranks or r in self.closed or now - self.ranks[r].heard > seconds]
 
     def heard_from_any(self) -> bool:
         """True once any agent has reported."""

@@ -1,0 +1,204 @@
+"""A Spark standalone cluster of separate machines (``spark_ddl.testbed``): each machine its own
+network namespace, address, host name and PID namespace, joined by a bridge to this process
+(the driver). Real Spark, real sockets: training across machines, crashes, and network
+partitions that must end within the fit's own time bounds.
+
+Needs root and iproute2; where they are missing the module skips with the exact reason."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from spark_ddl import TorchEstimator, TrainingError
+from spark_ddl.driver.reachability import MachineUnreachableError
+from spark_ddl.testbed.cluster import MachineCluster, missing_requirements
+from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from tests.references import combined_batch_sgd, max_relative_difference
+
+MISSING = missing_requirements()
+pytestmark = [pytest.mark.own_session, pytest.mark.machines, pytest.mark.timeout(400),
+              pytest.mark.skipif(MISSING is not None, reason=f"separate machines: {MISSING}")]
+
+MACHINES, CORES = 2, 2
+STALL = 8.0  # the partition tests' stall_timeout
+
+
+@pytest.fixture(scope="module")
+def cluster(sessions):
+    sessions.stop()
+    with MachineCluster(machines=MACHINES, cores=CORES, prefix="ddlt") as machines:
+        yield machines
+        for number in range(1, MACHINES + 1):
+            machines.heal(number)  # a driver stopping with an unreachable executor waits for its RPCs
+        sessions.stop()
+
+
+@pytest.fixture
+def spark(cluster, sessions):
+    """The driver's session on the machines, with every machine up, linked and registered."""
+    for number in range(1, MACHINES + 1):
+        cluster.heal(number)
+        cluster.limit(number, None)
+        if not cluster.is_running(number):
+            cluster.revive(number)
+    session = sessions.get("machines", master=cluster.master_url, conf=cluster.spark_conf())
+    _wait_for_slots(session, MACHINES * CORES)
+    return session
+
+
+def _wait_for_slots(spark, slots: int, seconds: float = 120.0) -> None:
+    jsc = spark.sparkContext._jsc.sc()  # noqa: SLF001
+    deadline = time.monotonic() + seconds
+    while jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()) < slots:
+        assert time.monotonic() < deadline, f"the cluster did not get back to {slots} slots"
+        time.sleep(0.5)
+
+
+def _estimator(num_workers: int, **settings) -> TorchEstimator:
+    torch.manual_seed(11)
+    defaults = dict(model=TinyNet(), loss="mse", optimizer="sgd", lr=0.05, batch_size=8, epochs=2,
+                    num_workers=num_workers, shuffle=False, seed=0, timeout=60)
+    return TorchEstimator(**{**defaults, **settings})
+
+
+@pytest.mark.parametrize("agents", [2, 4])
+def test_agents_on_two_machines_equal_one_process_on_the_combined_batch(spark, agents):
+    sizes = [40] * agents
+    parts = split_by_sizes(*regression_arrays(sum(sizes), seed=3), sizes)
+    estimator = _estimator(agents)
+    initial = copy.deepcopy(estimator.getOrDefault("model"))
+    trained = estimator.fit(frame_with_partitions(spark, parts))
+    reference = combined_batch_sgd(initial, parts, 8, 2, 0.05)
+    assert max_relative_difference(initial, reference) > 1e-2  # training moved the weights
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+    summary = trained.summary
+    assert summary["hosts"] == [agents // 2, agents // 2]  # ranks per machine, as the agents saw them
+    machines = summary.get("machines")
+    if machines is not None:  # ranks by machine, and what crossed between them
+        assert sorted(map(len, machines)) == [agents // 2] * 2
+        assert summary["bytes_across_machines_per_step"] > 0
+
+
+def _cut_when_started(cluster, marker: str, number: int) -> threading.Thread:
+    """Cut machine ``number``'s link once ``marker`` exists (written by an agent's hook)."""
+    def cut() -> None:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.cut(number)
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread
+
+
+def mark_epoch_two(marker: str):
+    """A ``_fail_hook``: rank 0 writes ``marker`` at epoch 2, step 2 (then every step is slowed a
+    little, so that the link is cut while the agents train)."""
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        import time as clock
+
+        if rank == 0 and epoch == 1 and step == 2 and not os.path.exists(marker):
+            with open(marker, "w") as out:
+                out.write("cut")
+            clock.sleep(2)
+        clock.sleep(0.02)
+
+    return hook
+
+
+def _partition_fit(cluster, spark, tmp_path, **settings):
+    """4 agents (2 per machine), 3 epochs; the machine of rank 3 loses its link in epoch 2."""
+    sizes = [40] * 4
+    frame = frame_with_partitions(spark, split_by_sizes(*regression_arrays(160, seed=3), sizes))
+    estimator = _estimator(4, epochs=3, stall_timeout=STALL, max_retries=2,
+                           checkpoint_dir=str(tmp_path / "checkpoints"), **settings)
+    marker = str(tmp_path / "cut")
+    estimator._fail_hook = mark_epoch_two(marker)
+    victim = {}
+
+    def note_placement(attempt: int, context) -> None:
+        victim.setdefault("attempt", attempt)
+
+    estimator._attempt_hook = note_placement
+    # the machine to cut: machine 2 (rank 0, which writes the marker, may be on either)
+    _cut_when_started(cluster, marker, 2)
+    started = time.monotonic()
+    return estimator, frame, started
+
+
+def test_a_partition_with_min_workers_finishes_on_the_machine_that_answers(cluster, spark, tmp_path):
+    estimator, frame, started = _partition_fit(cluster, spark, tmp_path, min_workers=2)
+    model = estimator.fit(frame)
+    seconds = time.monotonic() - started
+    attempts = model.summary["attempts"]
+    assert "Stall" in attempts[0]["error"]
+    assert attempts[1]["unreachable"] and cluster.address(2) in attempts[1]["unreachable"][0]
+    assert attempts[1]["agents"] == 2 and attempts[1]["resized"] == [4, 2]
+    assert [h["epoch"] for h in model.history] == [1, 2, 3]
+    assert seconds < 60 + STALL + 60, seconds  # the issue's bound: stall_timeout + 60 s (+ the fit itself)
+
+
+def test_a_partition_without_min_workers_fails_naming_the_machine(cluster, spark, tmp_path):
+    estimator, frame, started = _partition_fit(cluster, spark, tmp_path)
+    with pytest.raises(MachineUnreachableError) as info:
+        estimator.fit(frame)
+    seconds = time.monotonic() - started
+    message = str(info.value)
+    assert cluster.address(2) in message and "set min_workers" in message
+    assert [m.host for m in info.value.machines] == [cluster.address(2)]
+    assert seconds < STALL + 60, seconds
+
+
+def test_a_partition_that_heals_before_the_retry_gets_its_machine_back(cluster, spark, tmp_path):
+    estimator, frame, started = _partition_fit(cluster, spark, tmp_path)
+
+    def heal_first(attempt: int, context) -> None:
+        if attempt == 2:
+            cluster.heal(2)
+
+    estimator._attempt_hook = heal_first
+    model = estimator.fit(frame)
+    attempts = model.summary["attempts"]
+    assert "Stall" in attempts[0]["error"] and "unreachable" not in attempts[1]
+    assert model.summary["world_size"] == 4 and model.summary["hosts"] == [2, 2]
+    assert [h["epoch"] for h in model.history] == [1, 2, 3]
+
+
+def test_a_machine_crash_with_min_workers_finishes_on_the_survivor_and_without_fails_clearly(
+        cluster, spark, tmp_path):
+    sizes = [40] * 4
+    frame = frame_with_partitions(spark, split_by_sizes(*regression_arrays(160, seed=3), sizes))
+    for elastic in (True, False):
+        marker = tmp_path / f"crash-{elastic}"
+        estimator = _estimator(4, epochs=3, stall_timeout=STALL, max_retries=2,
+                               checkpoint_dir=str(tmp_path / f"checkpoints-{elastic}"),
+                               **({"min_workers": 2} if elastic else {}))
+        estimator._fail_hook = mark_epoch_two(str(marker))
+
+        def crash() -> None:
+            deadline = time.monotonic() + 120
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cluster.kill(2)
+
+        threading.Thread(target=crash, daemon=True).start()
+        started = time.monotonic()
+        if elastic:
+            model = estimator.fit(frame)
+            attempts = model.summary["attempts"]
+            assert attempts[0]["error"] and attempts[1]["agents"] == 2
+            assert [h["epoch"] for h in model.history] == [1, 2, 3]
+        else:
+            with pytest.raises(TrainingError) as info:
+                estimator.fit(frame)
+            assert cluster.address(2) in str(info.value) and "min_workers" in str(info.value)
+        assert time.monotonic() - started < 120
+        cluster.revive(2)
+        _wait_for_slots(spark, MACHINES * CORES)
