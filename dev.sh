@@ -42,9 +42,20 @@ setup_venv() {
   export PYSPARK_PYTHON="$PWD/.venv/bin/python" PYSPARK_DRIVER_PYTHON="$PWD/.venv/bin/python"
 }
 
+need_machines_tools() {
+  # the separate-machine tests (network namespaces, tests/integration/test_machines.py) need iproute2;
+  # as root, install it; otherwise those tests skip and say what is missing
+  if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null) ||
+        echo "could not install iproute2: the separate-machine tests will skip" >&2
+    fi
+  fi
+}
+
 cmd="${1:-}"; shift || true
 case "$cmd" in
   train) need_java; setup_venv; exec .venv/bin/python jobs/train.py --overwrite "$@" ;;
-  test)  need_java; setup_venv; exec .venv/bin/python -m pytest "$@" ;;
+  test)  need_java; need_machines_tools; setup_venv; exec .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: bash dev.sh train|test [options]" >&2; exit 2 ;;
 esac

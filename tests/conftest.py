@@ -80,12 +80,14 @@ def sessions():
     return SESSIONS
 
 
-def _master_order(item) -> int:
+def _master_order(item) -> float:
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("any_spark") == "cluster":
-        return 2
+    if (callspec is not None and callspec.params.get("any_spark") == "cluster") or item.get_closest_marker("cluster"):
+        return 2  # every local-cluster test together: that master starts once
     if item.get_closest_marker("connect"):
         return 4
+    if item.get_closest_marker("machines"):
+        return 3.5  # the namespace machines' cluster starts once, after the other special sessions
     if item.get_closest_marker("own_session"):
         return 3
     if "spark" in getattr(item, "fixturenames", ()) or "any_spark" in getattr(item, "fixturenames", ()):
