@@ -26,14 +26,15 @@ def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
         )
     if config.use_gpu:
         _check_gpu_resources(caps)
-    slots = _wait_for_slots(caps, config.num_workers, EXECUTOR_WAIT_SECONDS)
-    if slots is not None and slots < config.num_workers:
-        master = caps.master()
+    needed = config.min_workers if config.elastic else config.num_workers  # elastic starts on what there is
+    slots = _wait_for_slots(caps, needed, EXECUTOR_WAIT_SECONDS)
+    if slots is not None and slots < needed:
+        master, name = caps.master(), "min_workers" if config.elastic else "num_workers"
         task_cpus = caps.conf("spark.task.cpus", "1") or "1"
         raise ClusterConfigError(
-            f"num_workers={config.num_workers} needs {config.num_workers} barrier task slots at "
+            f"{name}={needed} needs {needed} barrier task slots at "
             f"once, but the cluster offers {slots} (master={master}, spark.task.cpus={task_cpus}). "
-            f"Lower num_workers to {max(slots, 1)} or fewer, or give Spark more cores: e.g. "
+            f"Lower {name} to {max(slots, 1)} or fewer, or give Spark more cores: e.g. "
             f"master local[{config.num_workers * int(task_cpus)}], or more executors/"
             "spark.executor.cores."
         )

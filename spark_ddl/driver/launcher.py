@@ -137,7 +137,7 @@ def run_training(
         if failed is not None:  # who answers now decides who takes part
             _leave_out_lost_machines(failed, caps, config, elastic, record, attempts)
         if elastic:
-            previous, agents = agents, agents_for_attempt(spark, config, agents) if attempt > 1 else agents
+            previous, agents = agents, agents_for_attempt(spark, config, agents)
             record["agents"] = agents
             if agents != previous:
                 record["resized"] = [previous, agents]
@@ -197,7 +197,8 @@ def _leave_out_lost_machines(failed: TrainingError, caps: SessionCapabilities, c
     if not lost:
         return
     needed = config.min_workers if elastic else config.num_workers
-    deadline = time.monotonic() + (0 if elastic else min(config.timeout, SLOT_WAIT_SECONDS))
+    # a machine that answers may get its executor back soon (a restarted worker); a silent one will not
+    deadline = time.monotonic() + (0 if elastic or silent else min(config.timeout, SLOT_WAIT_SECONDS))
     slots = caps.task_slots()
     while slots is not None and slots < needed and time.monotonic() < deadline:
         time.sleep(0.5)

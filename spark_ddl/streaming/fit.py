@@ -16,8 +16,10 @@ server-side Python process, away from this driver's state (refused with the way 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from pyspark.sql import DataFrame
@@ -67,8 +69,11 @@ class StreamingFit:
     ``versions()`` is the history of published versions.
     """
 
-    def __init__(self, estimator: Any, store: VersionStore, keep_versions: int, initial: Any) -> None:
+    def __init__(self, estimator: Any, store: VersionStore, keep_versions: int, initial: Any,
+                 elastic_dir: str | None = None) -> None:
         self._estimator, self.store, self._keep = estimator, store, keep_versions
+        # elastic (min_workers): each micro-batch's fit checkpoints here, in a directory of its own
+        self._elastic_dir = elastic_dir
         self._current = initial  # a TorchModel, a saved model's path, or None (the model's own weights)
         self._ready = threading.Event()
         self._query_id: str | None = None
@@ -125,6 +130,7 @@ class StreamingFit:
                      batch_id, done["version"])
             return
         estimator, hook = self._estimator, getattr(self._estimator, "_stream_hook", None)
+        checkpoints: str | None = None
         df = df.persist()  # read by the input scan, the partition balancing and the agents
         try:
             rows = df.count()
@@ -135,9 +141,15 @@ class StreamingFit:
             extra = {estimator.initial_model: self._current}
             if not estimator.isSet(estimator.progress):
                 extra[estimator.progress] = "off"  # one line per micro-batch instead
+            checkpoints = None
+            if self._elastic_dir is not None:  # a shrunk attempt continues from these (deleted afterwards)
+                checkpoints = f"{self._elastic_dir}/batch-{batch_id}-{uuid.uuid4().hex[:8]}"
+                extra[estimator.checkpoint_dir] = checkpoints
             model = estimator.copy(extra).fit(df)
         finally:
             df.unpersist()
+            if checkpoints is not None:
+                _delete_directory(checkpoints)
         trained = time.time()
         if hook is not None:
             hook("trained", batch_id)
@@ -179,8 +191,16 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{name} must be a path or URI, got {value!r}.")
     options = trigger_options(trigger)
-    config = estimator.train_config()
-    if config.checkpoint_dir is not None or config.resume:
+    elastic_dir = None
+    min_workers = estimator.getOrDefault(estimator.min_workers)
+    if min_workers is not None and min_workers != estimator.getOrDefault(estimator.num_workers) and \
+            estimator.getOrDefault(estimator.checkpoint_dir) is None:
+        # elastic micro-batches: each fit checkpoints under checkpoint_location, in a directory of its own
+        elastic_dir = checkpoint_location.rstrip("/") + "/elastic-fits"
+        config = estimator.copy({estimator.checkpoint_dir: elastic_dir}).train_config()
+    else:
+        config = estimator.train_config()
+    if (config.checkpoint_dir is not None and elastic_dir is None) or config.resume:
         raise ConfigError("checkpoint_dir/resume are per fit; fit_stream keeps its progress in model_dir and "
                           "checkpoint_location, and max_retries retrains a failed micro-batch from the previous "
                           "version. Leave checkpoint_dir unset.")
@@ -201,7 +221,7 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
     else:
         initial = initial_model if initial_model is not None else estimator.getOrDefault(estimator.initial_model)
     resolve_initial_model(initial, template, config)  # refuse a model that does not fit before starting
-    stream = StreamingFit(estimator, store, keep_versions, initial)
+    stream = StreamingFit(estimator, store, keep_versions, initial, elastic_dir)
     writer = stream_df.writeStream.foreachBatch(stream.process).option("checkpointLocation", checkpoint_location)
     if query_name:
         writer = writer.queryName(query_name)
@@ -209,6 +229,17 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
         writer = writer.trigger(**options)
     stream._started(writer.start())  # noqa: SLF001
     return stream
+
+
+def _delete_directory(uri: str) -> None:
+    """Best effort: a micro-batch's own checkpoint directory, once its version is published."""
+    try:
+        import pyarrow.fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + os.path.abspath(uri))
+        filesystem.delete_dir(path)
+    except Exception as exc:  # noqa: BLE001 - leftovers cost space, not correctness
+        log.debug("could not delete %s: %s", uri, exc)
 
 
 def _check_model_dir(model_dir: str) -> None:

@@ -85,17 +85,20 @@ def test_agents_on_two_machines_equal_one_process_on_the_combined_batch(spark, a
         assert summary["bytes_across_machines_per_step"] > 0
 
 
-def _cut_when_started(cluster, marker: str, number: int) -> threading.Thread:
-    """Cut machine ``number``'s link once ``marker`` exists (written by an agent's hook)."""
+def _cut_when_started(cluster, marker: str, number: int) -> dict[str, float]:
+    """Cut machine ``number``'s link once ``marker`` exists (written by an agent's hook); the
+    returned dict gets the monotonic time of the cut as ``"at"``."""
+    when: dict[str, float] = {}
+
     def cut() -> None:
         deadline = time.monotonic() + 120
         while not os.path.exists(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         cluster.cut(number)
+        when["at"] = time.monotonic()
 
-    thread = threading.Thread(target=cut, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=cut, daemon=True).start()
+    return when
 
 
 def mark_epoch_two(marker: str):
@@ -121,35 +124,26 @@ def _partition_fit(cluster, spark, tmp_path, **settings):
                            checkpoint_dir=str(tmp_path / "checkpoints"), **settings)
     marker = str(tmp_path / "cut")
     estimator._fail_hook = mark_epoch_two(marker)
-    victim = {}
-
-    def note_placement(attempt: int, context) -> None:
-        victim.setdefault("attempt", attempt)
-
-    estimator._attempt_hook = note_placement
-    # the machine to cut: machine 2 (rank 0, which writes the marker, may be on either)
-    _cut_when_started(cluster, marker, 2)
-    started = time.monotonic()
-    return estimator, frame, started
+    return estimator, frame, _cut_when_started(cluster, marker, 2)  # rank 0 may be on either machine
 
 
 def test_a_partition_with_min_workers_finishes_on_the_machine_that_answers(cluster, spark, tmp_path):
-    estimator, frame, started = _partition_fit(cluster, spark, tmp_path, min_workers=2)
+    estimator, frame, cut = _partition_fit(cluster, spark, tmp_path, min_workers=2)
     model = estimator.fit(frame)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - cut["at"]
     attempts = model.summary["attempts"]
     assert "Stall" in attempts[0]["error"]
     assert attempts[1]["unreachable"] and cluster.address(2) in attempts[1]["unreachable"][0]
     assert attempts[1]["agents"] == 2 and attempts[1]["resized"] == [4, 2]
     assert [h["epoch"] for h in model.history] == [1, 2, 3]
-    assert seconds < 60 + STALL + 60, seconds  # the issue's bound: stall_timeout + 60 s (+ the fit itself)
+    assert seconds < STALL + 60, seconds  # from the cut to the end of the fit, on the machine that answers
 
 
 def test_a_partition_without_min_workers_fails_naming_the_machine(cluster, spark, tmp_path):
-    estimator, frame, started = _partition_fit(cluster, spark, tmp_path)
+    estimator, frame, cut = _partition_fit(cluster, spark, tmp_path)
     with pytest.raises(MachineUnreachableError) as info:
         estimator.fit(frame)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - cut["at"]
     message = str(info.value)
     assert cluster.address(2) in message and "set min_workers" in message
     assert [m.host for m in info.value.machines] == [cluster.address(2)]
@@ -157,7 +151,7 @@ def test_a_partition_without_min_workers_fails_naming_the_machine(cluster, spark
 
 
 def test_a_partition_that_heals_before_the_retry_gets_its_machine_back(cluster, spark, tmp_path):
-    estimator, frame, started = _partition_fit(cluster, spark, tmp_path)
+    estimator, frame, _ = _partition_fit(cluster, spark, tmp_path)
 
     def heal_first(attempt: int, context) -> None:
         if attempt == 2:
@@ -202,3 +196,39 @@ def test_a_machine_crash_with_min_workers_finishes_on_the_survivor_and_without_f
         assert time.monotonic() - started < 120
         cluster.revive(2)
         _wait_for_slots(spark, MACHINES * CORES)
+
+
+def test_a_model_over_128mb_trained_across_machines_comes_back_and_scores_on_them(spark):
+    from tests.integration.test_big_models import mlp, rows_frame
+
+    frame, x = rows_frame(spark, 128)
+    net = mlp(4096)  # 135 MB of float32 parameters
+    before = net[0].weight.detach().clone()
+    model = TorchEstimator(model=net, loss="cross_entropy", lr=0.01, batch_size=32, epochs=1, num_workers=2,
+                           timeout=120).fit(frame)
+    assert model.summary["hosts"] == [1, 1] and model.summary["result_route"]["weights"] == "stream"
+    trained = model.get_module()
+    assert not torch.equal(trained[0].weight, before)  # the trained weights came back from rank 0's machine
+    scored = model.transform(frame).select("prediction").collect()  # scored by executors on the machines
+    with torch.no_grad():
+        expected = trained(torch.from_numpy(x)).argmax(dim=1).double().numpy()
+    assert [r.prediction for r in scored] == list(expected)
+
+
+def test_fit_stream_keeps_publishing_versions_after_a_machine_is_lost(cluster, spark, tmp_path):
+    from tests.integration.test_streaming import WAIT, estimator, source, wait_until, write_files
+
+    write_files(tmp_path / "in", 4)
+    est = estimator(num_workers=4, min_workers=2, max_retries=1)  # its checkpoints: under checkpoint_location
+    stream = est.fit_stream(source(spark, tmp_path / "in"), model_dir=str(tmp_path / "models"),
+                            checkpoint_location=str(tmp_path / "checkpoint"),
+                            trigger={"processingTime": "1 second"})
+    try:
+        wait_until(lambda: len(stream.versions()) >= 1, "the first version")
+        cluster.kill(2)  # machine 2 crashes between micro-batches
+        wait_until(lambda: len(stream.versions()) >= 4, "every micro-batch published after the crash", WAIT)
+    finally:
+        stream.stop()
+    versions = stream.versions()
+    assert [r["batch_id"] for r in versions] == [0, 1, 2, 3]  # none lost, none twice
+    assert not list((tmp_path / "checkpoint" / "elastic-fits").glob("*"))  # each fit's checkpoints removed
