@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from spark_ddl import TorchEstimator, TrainingError
 from spark_ddl.driver.reachability import MachineUnreachableError
 from spark_ddl.testbed.cluster import MachineCluster, missing_requirements
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
-from tests.references import combined_batch_sgd, max_relative_difference
+from tests.references import FLOAT32_PATHS, combined_batch_sgd, max_relative_difference
 
 MISSING = missing_requirements()
 pytestmark = [pytest.mark.own_session, pytest.mark.machines, pytest.mark.timeout(400),
@@ -232,3 +233,32 @@ def test_fit_stream_keeps_publishing_versions_after_a_machine_is_lost(cluster, s
     versions = stream.versions()
     assert [r["batch_id"] for r in versions] == [0, 1, 2, 3]  # none lost, none twice
     assert not list((tmp_path / "checkpoint" / "elastic-fits").glob("*"))  # each fit's checkpoints removed
+
+
+def test_a_connect_server_whose_cluster_is_the_machines_trains_and_scores(cluster, sessions, tmp_path):
+    from pyspark.sql import SparkSession
+
+    from tests.connect_server import connect_server, leave_connect_mode
+
+    sessions.stop()  # the classic application holds the machines' cores; the server is another application
+    conf = {k: v for k, v in cluster.spark_conf().items() if k != "spark.master"}
+    with connect_server(tmp_path, master=cluster.master_url, conf=conf) as url:
+        spark = SparkSession.builder.remote(url).create()
+        try:
+            # the client's own address on the machines' network: the agents' status channel comes here
+            spark.conf.set("spark.ddl.statusHost", cluster.network.driver_address)
+            x, y = regression_arrays(160, seed=3)
+            frame = spark.createDataFrame([([float(v) for v in row], float(t)) for row, t in zip(x, y)],
+                                          "features array<float>, label float")
+            model = _estimator(2, epochs=4).fit(frame)
+            assert model.summary["hosts"] == [1, 1] and model.summary["rendezvous"] == "driver"
+            losses = [h["train_loss"] for h in model.history]
+            assert losses[-1] < losses[0]
+            scored = model.transform(frame).select("features", "prediction").toPandas()  # on the machines
+            with torch.no_grad():
+                expected = model.get_module()(torch.from_numpy(np.stack(scored["features"]).astype(np.float32)))
+            np.testing.assert_allclose(scored["prediction"].to_numpy(), expected.reshape(-1).numpy(),
+                                       **FLOAT32_PATHS)
+        finally:
+            spark.stop()
+            leave_connect_mode()
