@@ -4,6 +4,7 @@
     spark-ddl train --config train.yaml --master spark://host:7077 --workers 8
     spark-ddl predict --model artifacts/digits_mlp --input data/digits.parquet --output scored.parquet
     spark-ddl bench strategies --epochs 10 --json bench_results/strategies.json
+    spark-ddl bench network --json bench_results/network.json    # strategies across machines, capped links
     spark-ddl images | spark-ddl text | spark-ddl recommender                # the three applications
     spark-ddl stream-recommender --plot docs/stream_recommender.png           # continuous training
 """
@@ -15,7 +16,7 @@ import sys
 from typing import Callable
 
 BENCHMARKS = ("suite", "launch", "inference", "strategies", "shipping", "embeddings", "streaming", "bigmodels",
-              "scale", "imports")
+              "scale", "imports", "network")
 
 
 def _train(argv: list[str]) -> int:
@@ -38,6 +39,12 @@ def _application(name: str) -> Callable[[list[str]], int]:
     return run
 
 
+def _testbed(argv: list[str]) -> int:
+    from spark_ddl.testbed.__main__ import main
+
+    return main(argv, prog="spark-ddl testbed")
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="spark-ddl bench", description="Run a benchmark: it prints a table and a JSON result.",
@@ -53,10 +60,11 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train an MLP on a Parquet/CSV table and save the model"),
     "predict": (_predict, "score a Parquet/CSV table with a saved model"),
     "bench": (_bench, "run a benchmark (suite, launch, inference, strategies, shipping, embeddings, streaming, "
-                      "bigmodels, scale, imports)"),
+                      "bigmodels, scale, imports, network)"),
     "images": (_application("images"), "image recognition: digits as PNG files, Spark's image source, a CNN"),
     "text": (_application("text"), "NLP: tweets tokenised on Spark, variable-length token ids, an embedding model"),
     "recommender": (_application("recommender"), "MovieLens ratings, matrix factorisation on integer ids"),
+    "testbed": (_testbed, "separate machines on this host (network namespaces, root) with a Spark standalone cluster"),
     "stream-recommender": (_application("stream-recommender"),
                            "MovieLens replayed as a file stream, trained continuously, RMSE per window"),
 }

@@ -27,7 +27,7 @@ def check_cluster(spark: SparkSession, config: TrainConfig) -> None:
     if config.use_gpu:
         _check_gpu_resources(caps)
     needed = config.min_workers if config.elastic else config.num_workers  # elastic starts on what there is
-    slots = _wait_for_slots(caps, needed, EXECUTOR_WAIT_SECONDS)
+    slots = _wait_for_slots(caps, needed, min(EXECUTOR_WAIT_SECONDS, config.timeout))  # within the fit's bound
     if slots is not None and slots < needed:
         master, name = caps.master(), "min_workers" if config.elastic else "num_workers"
         task_cpus = caps.conf("spark.task.cpus", "1") or "1"

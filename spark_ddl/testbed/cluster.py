@@ -102,7 +102,7 @@ class MachineCluster:
             _stop_group(self._master.pid)
             self._master.wait(10)
             self._master = None
-        (self.state / "master.pid").unlink(missing_ok=True)
+        self._stop_master_of_a_killed_run()  # one started by another process (``spark-ddl testbed up``)
 
     def _stop_master_of_a_killed_run(self) -> None:
         pid_file = self.state / "master.pid"
