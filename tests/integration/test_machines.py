@@ -80,10 +80,25 @@ def test_agents_on_two_machines_equal_one_process_on_the_combined_batch(spark, a
     assert max_relative_difference(trained.get_module(), reference) <= 1e-5
     summary = trained.summary
     assert summary["hosts"] == [agents // 2, agents // 2]  # ranks per machine, as the agents saw them
-    machines = summary.get("machines")
-    if machines is not None:  # ranks by machine, and what crossed between them
-        assert sorted(map(len, machines)) == [agents // 2] * 2
-        assert summary["bytes_across_machines_per_step"] > 0
+    assert sorted(map(len, summary["machines"])) == [agents // 2] * 2  # which ranks shared a machine
+    assert sorted(r for machine in summary["machines"] for r in machine) == list(range(agents))
+    parameters = sum(p.numel() for p in initial.parameters())
+    assert summary["bytes_across_machines_per_step"] == 4 * parameters  # the float32 gradient, once per step
+
+
+def test_compression_between_machines_cuts_the_bytes_that_cross_them(spark):
+    sizes = [40, 40]
+    parts = split_by_sizes(*regression_arrays(sum(sizes), seed=3), sizes)
+    frame = frame_with_partitions(spark, parts)
+    crossed, weights = {}, {}
+    for compression in ("none", "fp16", "powersgd"):
+        model = _estimator(2, compression=compression).fit(frame)
+        assert model.summary["compression"] == compression and model.summary["hosts"] == [1, 1]
+        crossed[compression] = model.summary["bytes_across_machines_per_step"]
+        weights[compression] = model.get_module()
+    assert crossed["fp16"] * 2 == crossed["none"]
+    assert crossed["powersgd"] < crossed["none"]
+    assert max_relative_difference(weights["fp16"], weights["none"]) <= 1e-2  # fp16 rounding, no more
 
 
 def _cut_when_started(cluster, marker: str, number: int) -> dict[str, float]:
