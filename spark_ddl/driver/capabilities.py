@@ -49,6 +49,13 @@ class ClassicCapabilities(SessionCapabilities):
         jsc = self.sc._jsc.sc()  # noqa: SLF001 - the call xgboost.spark uses
         return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
+    def listening_addresses(self) -> dict[str, str]:
+        try:
+            infos = self.sc._jsc.sc().statusTracker().getExecutorInfos()  # noqa: SLF001
+            return {str(info.host()): f"{info.host()}:{info.port()}" for info in infos}  # block managers
+        except Exception:  # noqa: BLE001 - the placement's own addresses are probed instead
+            return {}
+
     def remove_executors_on(self, hosts: set[str]) -> list[str]:
         sc = self.sc._jsc.sc()  # noqa: SLF001
         try:

@@ -48,6 +48,10 @@ class SessionCapabilities:
         """Barrier tasks the cluster can run at once now; None when it cannot tell."""
         raise NotImplementedError
 
+    def listening_addresses(self) -> dict[str, str]:
+        """host -> a host:port known to listen there (an executor's block manager); {} if unknown."""
+        return {}
+
     def remove_executors_on(self, hosts: set[str]) -> list[str]:
         """Remove this application's executors on ``hosts`` (unreachable machines) so that no
         task is offered their slots, keeping the executor target (a machine that comes back

@@ -161,7 +161,8 @@ def run_training(
             attempts.append(dict(record, error=error.summary_line(), rank=error.rank, retriable=error.retriable))
             error.attempts = attempts
             if not policy.rerun_after_failure(error):
-                lost = [m for m in lost_machines(*getattr(error, "silence", (None, []))) if m.silent]
+                # an agent lost or stalled, not the agents' own error: was it a machine that went silent?
+                lost = [m for m in _lost_machines(error, caps) if m.silent] if error.retriable else []
                 if lost:
                     attempts[-1]["unreachable"] = [m.describe() for m in lost]
                     raise _unreachable(lost, error, caps, config, attempts) from None
@@ -187,7 +188,7 @@ def _leave_out_lost_machines(failed: TrainingError, caps: SessionCapabilities, c
     those that do not answer are named in ``record`` and their executors removed from the
     application. If the slots left are too few (num_workers, or min_workers when elastic) and
     do not come back within ``SLOT_WAIT_SECONDS``, the fit fails here naming those machines."""
-    lost = lost_machines(*getattr(failed, "silence", (None, [])))
+    lost = _lost_machines(failed, caps)
     silent = [m for m in lost if m.silent]
     if silent:
         record["unreachable"] = [m.describe() for m in silent]
@@ -206,6 +207,14 @@ def _leave_out_lost_machines(failed: TrainingError, caps: SessionCapabilities, c
     if slots is not None and slots < needed:
         attempts.append(dict(record, error=f"not started: {slots} slot(s) on the machines that answer, {needed} needed"))
         raise _unreachable(silent or lost, failed, caps, config, attempts) from None
+
+
+def _lost_machines(failed: TrainingError, caps: SessionCapabilities) -> list[LostMachine]:
+    """The machines of the ranks that went silent in the attempt that ended with ``failed``, probed."""
+    placement, silent_ranks = getattr(failed, "silence", (None, []))
+    if not placement or not silent_ranks:
+        return []
+    return lost_machines(placement, silent_ranks, listening=caps.listening_addresses())
 
 
 def _unreachable(lost: list[LostMachine], cause: TrainingError, caps: SessionCapabilities, config: TrainConfig,

@@ -84,8 +84,13 @@ def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
-def lost_machines(placement: list[str] | None, silent_ranks: list[int], probe=None) -> list[LostMachine]:
-    """The machines of ``silent_ranks`` (by ``placement``, rank -> host:port), each probed."""
+def lost_machines(placement: list[str] | None, silent_ranks: list[int], probe=None,
+                  listening: dict[str, str] | None = None) -> list[LostMachine]:
+    """The machines of ``silent_ranks`` (by ``placement``, rank -> host:port), each probed.
+
+    ``listening`` (host -> host:port) names a port known to listen on that host, e.g. the
+    executor's block manager, which the driver must reach anyway: probed instead of the
+    placement's address (an executor's client port, which a firewall may drop silently)."""
     if not placement or not silent_ranks:
         return []
     by_address: dict[str, list[int]] = {}
@@ -93,8 +98,9 @@ def lost_machines(placement: list[str] | None, silent_ranks: list[int], probe=No
         if 0 <= rank < len(placement):
             by_address.setdefault(placement[rank], []).append(rank)
     addresses = sorted(by_address)
+    targets = [(listening or {}).get(a.rsplit(":", 1)[0], a) for a in addresses]
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(addresses)))) as pool:
-        answered = dict(zip(addresses, pool.map(probe or answers, addresses)))
+        answered = dict(zip(addresses, pool.map(probe or answers, targets)))
     return [LostMachine(a, tuple(sorted(by_address[a])), silent=not answered[a]) for a in addresses]
 
 

@@ -147,6 +147,7 @@ def test_a_partition_with_min_workers_finishes_on_the_machine_that_answers(clust
     estimator, frame, cut = _partition_fit(cluster, spark, tmp_path, min_workers=2)
     model = estimator.fit(frame)
     seconds = time.monotonic() - cut["at"]
+    print(f"partition, min_workers: finished {seconds:.1f} s after the cut")  # for the notes (pytest -s)
     attempts = model.summary["attempts"]
     assert "Stall" in attempts[0]["error"]
     assert attempts[1]["unreachable"] and cluster.address(2) in attempts[1]["unreachable"][0]
@@ -160,6 +161,7 @@ def test_a_partition_without_min_workers_fails_naming_the_machine(cluster, spark
     with pytest.raises(MachineUnreachableError) as info:
         estimator.fit(frame)
     seconds = time.monotonic() - cut["at"]
+    print(f"partition, no min_workers: failed {seconds:.1f} s after the cut")  # for the notes (pytest -s)
     message = str(info.value)
     assert cluster.address(2) in message and "set min_workers" in message
     assert [m.host for m in info.value.machines] == [cluster.address(2)]

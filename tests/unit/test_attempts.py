@@ -99,6 +99,9 @@ def test_lost_machines_group_silent_ranks_by_executor_and_probe_each_once():
     assert sorted(probed) == ["10.0.0.1:5", "10.0.0.2:7"]
     assert lost == [LostMachine("10.0.0.1:5", (2,), silent=False), LostMachine("10.0.0.2:7", (1, 3), silent=True)]
     assert lost_machines(None, [1], probe=probe) == [] and lost_machines(placement, [], probe=probe) == []
+    probed.clear()  # a port known to listen on the host (the block manager) is probed instead of the placement's
+    lost = lost_machines(placement, [1], probe=probe, listening={"10.0.0.2": "10.0.0.1:9"})
+    assert probed == ["10.0.0.1:9"] and lost == [LostMachine("10.0.0.2:7", (1,), silent=False)]
 
 
 def test_the_unreachable_error_names_the_machine_and_what_to_set():
