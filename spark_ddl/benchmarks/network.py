@@ -2,7 +2,7 @@
 machines (``spark_ddl.testbed``: each its own network namespace, address and host name, joined
 by a bridge on this host), every machine's link capped at each rate in turn (``tc tbf``).
 
-    spark-ddl bench network --json bench_results/network.json          # the default (≈ 10 min here)
+    spark-ddl bench network --json bench_results/network.json          # the default (≈ 11 min here)
     spark-ddl bench network --rates 100mbit --strategies flat,fp16 --agents-per-machine 1 --epochs 1
 
 Per row (machines × agents per machine, link rate, strategy) it measures, on digits (MLP
@@ -11,14 +11,16 @@ with ``validation_col``):
 
 - seconds per epoch and per step (the fit's history; epochs after the first, medians);
 - time to the target held-out accuracy: the fit's wall time minus the epochs after the first
-  epoch that reached it (launch included), or "not reached";
+  epoch that reached it (launch included), and the epochs' own seconds up to it, or "not reached";
 - bytes across machines per step: the flat exchange's own count (``summary``), for the others
-  the cost model's (``model``: ring all-reduce, reduce + broadcast), and what the machines' links
-  actually carried (the veths' byte counters over the whole fit ÷ steps, busiest direction);
+  the traffic model's (``model``: gloo's ring all-reduce, ring reduce + gather + binomial
+  broadcast, over the ranks' placement), and what the machines' links actually carried (the
+  veths' byte counters over the whole fit ÷ steps, busiest direction);
 - the cost model's prediction: compute-only seconds per step (the same strategy with all agents
   on one machine, ``local[M·L]``: the machines here share this host's cores, so that is the same
-  compute) + bytes on the wire ÷ link rate + messages × α, with the link rate and α measured
-  between two machines at each cap (TCP goodput of a bulk send, half the round trip of 1 byte).
+  compute; fp16 and PowerSGD use flat's plus the leader's compression work, measured apart) +
+  wire bytes ÷ link rate + messages × α, the link rate and α measured between two machines at
+  each cap (TCP goodput of a bulk send; half a gloo all-reduce of one float).
 
 Needs root and iproute2 (``spark_ddl.testbed.network.missing_requirements``). The machines use
 the prefix ``ddlb`` and subnet 10.78.0 by default, apart from the test suite's.

@@ -22,6 +22,7 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
     (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
     (["bench", "scale", "--help"], ["--agents", "--sizes", "--batch-size", "--json"]),
+    (["bench", "network", "--help"], ["--rates", "--strategies", "--agents-per-machine", "--prefix", "--json"]),
     (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
 ])
 def test_console_script_help(args, expected):
