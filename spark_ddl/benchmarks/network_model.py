@@ -1,0 +1,274 @@
+"""``spark-ddl bench network``'s measurements of the links and its traffic model: TCP goodput and
+α between two namespace machines, the leader's compression work, the bytes each strategy sends
+across machines over the ranks' placement, and the cost model's prediction of a step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SYNC_EVERY = 8
+DDP_BUCKETS = 2  # DDP's first bucket holds 1 MiB, the rest go to the next: two all-reduces per step here
+
+# -- the links ---------------------------------------------------------------------------------
+
+_PROBE_SERVER = r"""
+import socket, struct, sys
+listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((sys.argv[1], int(sys.argv[2]))); listener.listen(1); listener.settimeout(60)
+conn, _ = listener.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def exact(n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = conn.recv(min(1 << 20, n - len(data)))
+        if not chunk: raise SystemExit("closed")
+        data += chunk
+    return bytes(data)
+pings = struct.unpack("!I", exact(4))[0]
+for _ in range(pings):
+    conn.sendall(exact(1))
+size = struct.unpack("!Q", exact(8))[0]
+left = size
+while left:
+    left -= len(conn.recv(min(1 << 20, left)))
+conn.sendall(b"k")
+"""
+
+_PROBE_CLIENT = r"""
+import json, socket, statistics, struct, sys, time
+host, port, pings, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+deadline = time.monotonic() + 20
+while True:
+    try:
+        conn = socket.create_connection((host, port), timeout=60); break
+    except OSError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.05)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+conn.sendall(struct.pack("!I", pings))
+rtts = []
+for _ in range(pings):
+    started = time.perf_counter(); conn.sendall(b"p"); conn.recv(1); rtts.append(time.perf_counter() - started)
+payload = b"\0" * (1 << 20)
+conn.sendall(struct.pack("!Q", size))
+started = time.perf_counter(); left = size
+while left:
+    n = min(len(payload), left); conn.sendall(payload[:n]); left -= n
+conn.recv(1)
+seconds = time.perf_counter() - started
+rtt = statistics.median(rtts)
+print(json.dumps({"rtt_s": rtt, "bulk_bytes": size, "bulk_seconds": seconds,
+                  "goodput_bytes_per_s": size / max(seconds - rtt / 2, 1e-9)}))
+"""
+
+
+_GLOO_PROBE = r"""
+import json, os, statistics, sys, time
+import torch, torch.distributed as dist
+rank, address, port, calls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=2,
+                        timeout=__import__("datetime").timedelta(seconds=60))
+value, times = torch.zeros(1), []
+for i in range(calls + 20):
+    started = time.perf_counter(); dist.all_reduce(value); elapsed = time.perf_counter() - started
+    if i >= 20: times.append(elapsed)
+dist.barrier(); dist.destroy_process_group()
+if rank == 0: print(json.dumps({"gloo_all_reduce_1_float_s": statistics.median(times)}))
+"""
+
+
+def probe_gloo(cluster, calls: int = 200) -> float:
+    """Median seconds of a gloo all-reduce of one float between machines 1 and 2 (two messages on a
+    two-member ring: 2·(M − 1)·α), in two processes that run on the machines' network namespaces."""
+    first = cluster.network.machine(1)
+    port = 29412
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1")
+    commands = [["ip", "netns", "exec", cluster.network.machine(rank + 1).netns, sys.executable, "-c", _GLOO_PROBE,
+                 str(rank), first.address, str(port), str(calls)] for rank in (0, 1)]
+    peer = subprocess.Popen(commands[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        out = subprocess.run(commands[0], env=env, check=True, capture_output=True, text=True, timeout=180).stdout
+    finally:
+        try:
+            peer.wait(30)
+        except subprocess.TimeoutExpired:
+            peer.kill()
+            peer.wait()
+    return float(json.loads(out.strip().splitlines()[-1])["gloo_all_reduce_1_float_s"])
+
+
+_COMPRESSION_PROBE = r"""
+import json, os, statistics, sys, tempfile, time
+import torch, torch.distributed as dist
+from spark_ddl.models import MLP
+from spark_ddl.sync.machine_exchange import make_exchange
+compression, hidden, calls = sys.argv[1], [int(h) for h in sys.argv[2].split(",")], int(sys.argv[3])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+shapes = [p.shape for p in MLP(64, 10, hidden).parameters()]
+numel = sum(int(torch.Size(s).numel()) for s in shapes)
+def mean(total, out): torch.div(total, 2, out=out)
+exchanges = {name: make_exchange(name, None, shapes, 2, 2, mean) for name in ("none", compression)}
+gradient = torch.randn(numel)
+out = {}
+for name, exchange in exchanges.items():
+    times = []
+    for i in range(calls + 5):
+        total = gradient.clone()
+        started = time.perf_counter(); exchange(total); elapsed = time.perf_counter() - started
+        if i >= 5: times.append(elapsed)
+    out[name] = statistics.median(times)
+dist.destroy_process_group()
+print(json.dumps({"seconds": max(0.0, out[compression] - out["none"])}))
+"""
+
+
+def compression_compute(compression: str, hidden: list[int], calls: int = 50) -> float:
+    """Seconds per step the leader's exchange spends compressing (``compression`` minus ``none``, both
+    on a one-process gloo group, so no byte travels): the cast for fp16, torch's PowerSGD hook (its
+    matrix products, orthogonalisation and error feedback) for powersgd. One thread, as an agent."""
+    if compression == "none":
+        return 0.0
+    out = subprocess.run([sys.executable, "-c", _COMPRESSION_PROBE, compression, ",".join(map(str, hidden)),
+                          str(calls)], check=True, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["seconds"])
+
+
+def rate_bits(rate: str) -> float | None:
+    """Bits per second of a tc rate ('100mbit'); None for 'unlimited'."""
+    if rate in ("unlimited", "none", ""):
+        return None
+    from spark_ddl.testbed.network import _bits_per_second
+
+    return float(_bits_per_second(rate))
+
+
+def probe_link(cluster, rate: str, pings: int = 200) -> dict[str, float]:
+    """TCP between machine 1 (client) and machine 2 (server) at the current caps: the median round
+    trip of 1 byte (α = half of it) and the goodput of a bulk send of about half a second."""
+    bits = rate_bits(rate)
+    size = 64 << 20 if bits is None else int(min(64 << 20, max(1 << 20, bits / 8 * 0.5)))
+    server_machine, client_machine = cluster.network.machine(2), cluster.network.machine(1)
+    port = 29411
+    server = subprocess.Popen(["ip", "netns", "exec", server_machine.netns, sys.executable, "-c", _PROBE_SERVER,
+                               server_machine.address, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", client_machine.netns, sys.executable, "-c", _PROBE_CLIENT,
+                              server_machine.address, str(port), str(pings), str(size)],
+                             check=True, capture_output=True, text=True, timeout=120).stdout
+    finally:
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    result = json.loads(out)
+    result["alpha_s"] = result["rtt_s"] / 2
+    return result
+
+
+def link_counters(cluster) -> list[tuple[int, int]]:
+    """(bytes to the machine, bytes from it) of every machine's link, as the host-side veth counts them."""
+    counters = []
+    for machine in cluster.network.machines:
+        stats = Path(f"/sys/class/net/{machine.link}/statistics")
+        counters.append((int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())))
+    return counters
+
+
+# -- the cost model ----------------------------------------------------------------------------
+
+def critical_bytes(messages: list[tuple[int, int, float]], machine_of: list[int]) -> float:
+    """Bytes on the busiest link direction for ``messages`` (source rank, destination rank, bytes)
+    sent at the same time: each machine's link carries what its ranks send to other machines
+    (out) and what they receive from them (in), each direction at the link's rate."""
+    out: dict[int, float] = {}
+    into: dict[int, float] = {}
+    for source, destination, size in messages:
+        a, b = machine_of[source], machine_of[destination]
+        if a != b:
+            out[a] = out.get(a, 0.0) + size
+            into[b] = into.get(b, 0.0) + size
+    return max([0.0, *out.values(), *into.values()])
+
+
+def ring_all_reduce_bytes(size: float, machine_of: list[int]) -> float:
+    """gloo's ring all-reduce over every rank (rank r sends to r + 1): a reduce-scatter and an
+    all-gather, each (n − 1)/n of the payload along every ring edge."""
+    n = len(machine_of)
+    if n < 2:
+        return 0.0
+    return 2 * critical_bytes([(r, (r + 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
+
+
+def reduce_broadcast_bytes(size: float, machine_of: list[int]) -> float:
+    """``parameter_server``'s exchange as gloo runs it: ``reduce`` to rank 0 (a ring reduce-scatter,
+    rank r sending (n − 1)/n to r − 1, then every rank's 1/n chunk to the root), then
+    ``broadcast`` from rank 0 (a binomial tree: in round i, ranks below 2^i send everything to
+    rank + 2^i), the phases one after the other."""
+    n = len(machine_of)
+    if n < 2:
+        return 0.0
+    total = critical_bytes([(r, (r - 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
+    total += critical_bytes([(r, 0, size / n) for r in range(1, n)], machine_of)
+    step = 1
+    while step < n:
+        total += critical_bytes([(r, r + step, size) for r in range(step) if r + step < n], machine_of)
+        step *= 2
+    return total
+
+
+def machine_of_rank(layout: list[list[int]] | None, machines: int, per_machine: int) -> list[int]:
+    """Each rank's machine from the summary's ``machines`` (ranks by machine), else contiguous."""
+    if not layout:
+        return [r // per_machine for r in range(machines * per_machine)]
+    owner = {}
+    for index, ranks in enumerate(layout):
+        for rank in ranks:
+            owner[rank] = index
+    return [owner[r] for r in sorted(owner)]
+
+
+def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
+                summary: dict[str, Any] | None) -> tuple[float, str, float]:
+    """(bytes on the critical path of the busiest link per step — phases that follow each other
+    add up; where the number comes from; messages per step on the critical path) for ``strategy``,
+    ranks placed on machines as ``machine_of`` says."""
+    size, world, machines = float(parameters_bytes), len(machine_of), len(set(machine_of))
+    rounds = max(1, math.ceil(math.log2(world)))
+    if strategy in ("flat", "fp16", "powersgd"):  # the machines' leaders only
+        reported = (summary or {}).get("bytes_across_machines_per_step")
+        all_reduces = 3 if strategy == "powersgd" else 1  # PowerSGD: P, Q and the uncompressed vectors
+        if reported is None:
+            shrink = {"flat": 1.0, "fp16": 0.5, "powersgd": 0.0105}[strategy]
+            return 2 * (machines - 1) / machines * size * shrink, "model", 2 * (machines - 1) * all_reduces
+        return float(reported), "summary", 2 * (machines - 1) * all_reduces
+    if strategy == "ddp":
+        return ring_all_reduce_bytes(size, machine_of), "model", 2 * (world - 1) * DDP_BUCKETS
+    if strategy == "ps":  # reduce (ring + gather), the verdict broadcast, the parameters broadcast
+        return reduce_broadcast_bytes(size, machine_of), "model", (world - 1) + 1 + 2 * rounds
+    if strategy == "local_sgd":  # parameters all-reduced every SYNC_EVERY steps
+        return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY
+    return float("nan"), "model", float("nan")  # async: no lock-step, no prediction
+
+
+def describe_link(link: dict[str, Any]) -> str:
+    return (f"TCP goodput {link['goodput_bytes_per_s'] * 8 / 1e6:,.1f} Mbit/s, gloo all-reduce of one float "
+            f"{link['gloo_all_reduce_1_float_s'] * 1e6:.0f} µs (α {link['alpha_s'] * 1e6:.0f} µs; "
+            f"TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
+
+
+def predict(compute_s: float | None, wire_bytes: float, messages: float, link: dict[str, float]) -> float | None:
+    if compute_s is None or not math.isfinite(wire_bytes):
+        return None
+    return compute_s + wire_bytes / link["goodput_bytes_per_s"] + messages * link["alpha_s"]
