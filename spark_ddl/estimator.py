@@ -113,7 +113,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
             optimizer_state = result.payload("optimizer") or None  # rank 0's: what a warm start continues
         finally:
             result.discard()
-        summary = dict(result.summary, seconds=result.seconds, sync=config.sync)
+        summary = dict(result.summary, seconds=result.seconds, sync=config.sync,
+                       input_schema=[dataset.schema[c].jsonValue() for c in dict.fromkeys(spec.feature_cols)])
         if warm is not None:
             summary["warm_start"] = warm.summary()
         trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older pyspark uses the pandas path
 
 from spark_ddl.batch_format import BatchSpec, Ragged, as_tensor, call_model, column_values
 from spark_ddl.devices import select_device, task_gpu_addresses
-from spark_ddl.driver.columns import ColumnSpec, select_input_columns
+from spark_ddl.driver.columns import ColumnSpec, pandas_input_column, select_input_columns
 from spark_ddl.model_source import ModelSource
 from spark_ddl.weights import ShippedWeights
 
@@ -185,6 +185,32 @@ def predict_frame(
     if version_col:
         columns.append(F.col(f"{_PREDICTION_STRUCT}.model_version").alias(version_col))
     return scored.select(*columns)
+
+
+def predict_pandas(module: nn.Module, frame: pd.DataFrame, spec: ColumnSpec, task: str, batch_size: int,
+                   device: torch.device | str = "cpu") -> pd.DataFrame:
+    """What ``predict_frame`` adds, computed here in this process on a pandas frame that holds
+    the model's source columns: ``prediction`` (and ``probability``, a numpy array per row, for
+    classifiers), batched and read through the same wire columns and batch format."""
+    device = torch.device(device)
+    wire = [pandas_input_column(f, s, frame) for f, s in zip(spec.batch.inputs, spec.sources)]
+    names = [f.column for f in spec.batch.inputs]
+    if not len(frame):
+        columns = ["prediction", "probability"] if task in ("multiclass", "binary") else ["prediction"]
+        return pd.DataFrame({c: pd.Series([], dtype=float if c == "prediction" and task != "multi_regression"
+                                          else object) for c in columns})
+    array = pa.StructArray.from_arrays(wire, names=names)
+    out = _predict_arrow(module, array, spec.batch, task, batch_size, device)
+    result = {}
+    for name in (f.name for f in out.type):
+        column = out.field(name)
+        if pa.types.is_list(column.type):
+            width = len(column[0]) if len(column) else 0
+            matrix = column.flatten().to_numpy().reshape(len(column), width)
+            result[name] = list(matrix)
+        else:
+            result[name] = column.to_numpy()
+    return pd.DataFrame(result, index=frame.index)
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:

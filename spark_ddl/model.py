@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import torch
 from pyspark.ml import Model
 from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
@@ -16,7 +17,7 @@ from spark_ddl.batch_format import POSITIONAL_KEY
 from spark_ddl.config import TrainConfig, classification_kind
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec
-from spark_ddl.inference import ScoringPayload, ShippedModule, predict_frame
+from spark_ddl.inference import ScoringPayload, ShippedModule, predict_frame, predict_pandas
 from spark_ddl.model_source import ModelSource
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
@@ -45,6 +46,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         self.summary = TrainingSummary(summary or {})
         self._key = uuid.uuid4().hex
         self._shipped: tuple[Any, str, Any] | None = None  # (session identity, weights version, shipped payload)
+        self._local_scorer: tuple[str, nn.Module] | None = None  # (weights version, module) for predict_pandas
         if spec is not None:
             if spec.batch.positional:
                 self._set(feature_cols=list(spec.feature_cols))
@@ -133,6 +135,26 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
         )
+
+    def predict_pandas(self, frame: Any) -> Any:
+        """What ``transform`` adds (``prediction``, and ``probability`` as a numpy array per row
+        for classifiers) for a pandas frame, computed in this process with no Spark job: the
+        frame holds the model's input columns as trained (scalars, sequences or Vectors, stacked
+        numeric columns). This is what the MLflow pyfunc flavor calls."""
+        if self._spec is None:
+            raise ValueError("This TorchModel knows no input columns (made by hand without spec=): "
+                             "predict_pandas needs them.")
+        return predict_pandas(self._local_scoring_module(), frame, self._spec.without_label(), self.task,
+                              self.getOrDefault(self.inference_batch_size))
+
+    def _local_scoring_module(self) -> nn.Module:
+        """The network as an executor builds it to score (from the model source and the weights,
+        in eval mode), here on the CPU; built again only when the weights change."""
+        version = self._weights_version()
+        if self._local_scorer is None or self._local_scorer[0] != version:
+            payload = ScoringPayload(self.model_source, WeightsWriter(self.get_module()).to_bytes())
+            self._local_scorer = (version, payload.build(torch.device("cpu")))
+        return self._local_scorer[1]
 
     def _weights_version(self) -> str:
         """Changes whenever a tensor of the module is replaced or modified in place."""

@@ -307,3 +307,44 @@ def select_training_columns(df: DataFrame, spec: ColumnSpec, validation: Column 
     if validation is not None:
         columns.append(validation.alias(VALIDATION))
     return df.select(*columns)
+
+
+# ------------------------------------------------------------------ the same wire columns from pandas
+
+_ARROW_TYPES = {INT: "int64", FLOAT: "float32", BOOL: "bool"}
+
+
+def _list_column(cells: Any, dtype: str) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    rows = [np.asarray(c.toArray() if hasattr(c, "toArray") else c, dtype=_ARROW_TYPES[dtype]).reshape(-1)
+            for c in cells]
+    return pa.array(rows, type=pa.list_(pa.from_numpy_dtype(np.dtype(_ARROW_TYPES[dtype]))))
+
+
+def pandas_input_column(field: InputField, source: InputSource, frame: Any) -> Any:
+    """The wire column of one input (a pyarrow array, what ``input_expression`` makes in Spark)
+    from a pandas frame holding the source columns: scalars, sequences or pyspark Vectors,
+    stacked numeric columns, or image structs (dicts)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = [c for c in source.columns if c not in frame.columns]
+    if missing:
+        raise SchemaError(f"Column(s) {missing} not found in the input; the model reads {list(source.columns)} "
+                          f"(available: {sorted(map(str, frame.columns))}).")
+    first = frame[source.columns[0]]
+    if source.form == "scalar":
+        return pa.array(first.to_numpy()).cast(_ARROW_TYPES[field.dtype])
+    if source.form == "image":
+        parts = ("height", "width", "nChannels", "mode", "data")
+        return pa.array([{name: cell[name] for name in parts} for cell in first],
+                        type=pa.struct([("height", pa.int32()), ("width", pa.int32()), ("nChannels", pa.int32()),
+                                        ("mode", pa.int32()), ("data", pa.binary())]))
+    if source.form == "columns":
+        matrix = np.stack([frame[c].to_numpy(dtype=np.float32) for c in source.columns], axis=1)
+        return _list_column(matrix, FLOAT)
+    values = _list_column(first, field.dtype if source.form == "array" else FLOAT)
+    return pc.list_slice(values, 0, field.max_length) if field.max_length else values

@@ -17,7 +17,7 @@ MAX_LINES = 400
 DRIVER_ONLY = ("spark_ddl.driver", "spark_ddl.estimator", "spark_ddl.model", "spark_ddl.params",
                "spark_ddl.persistence", "spark_ddl.inference", "spark_ddl.apps", "spark_ddl.cli",
                "spark_ddl.benchmarks", "spark_ddl.warm_start", "spark_ddl.streaming", "spark_ddl.testbed",
-               "pyspark.ml")
+               "spark_ddl.mlflow", "pyspark.ml")
 # Benchmarks time the agent's pieces directly (the launch floor's teardown, the ingest step).
 AGENT_IMPORTERS_ALLOWED = {"spark_ddl.benchmarks.launch", "spark_ddl.benchmarks.suite",
                            "spark_ddl.benchmarks.throughput"}

@@ -1,0 +1,31 @@
+"""MLflow for spark_ddl (``pip install 'spark_ddl[mlflow]'``): a model flavor ``spark_ddl`` with
+``python_function`` beside it, and autologging of fits.
+
+- ``log_model(model, name)`` logs a fitted ``TorchModel`` in spark_ddl's own saved format (the
+  directory ``model.save(path)`` writes, under the artifact's ``model/``) and returns MLflow's
+  ``ModelInfo``; ``load_model(uri)`` gives the ``TorchModel`` back (no pickle unless
+  ``allow_pickle=True``, as ``TorchModel.load``).
+- Through pyfunc, ``mlflow.pyfunc.load_model(uri).predict(pandas_df)`` scores in this process
+  (``TorchModel.predict_pandas``: the columns ``transform`` adds) and
+  ``mlflow.pyfunc.spark_udf(spark, uri)`` scores a DataFrame; the signature holds the training
+  DataFrame's input columns and the prediction columns.
+- ``autolog()``: every ``fit`` then logs its settings, per-epoch metrics while it trains, and its
+  summary into the active MLflow run (see ``spark_ddl.mlflow.autolog``).
+
+Only the driver talks to MLflow; nothing else in spark_ddl imports it.
+"""
+
+from __future__ import annotations
+
+try:
+    import mlflow  # noqa: F401
+    import mlflow.pyfunc  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "spark_ddl.mlflow needs MLflow, which is not installed here: pip install 'spark_ddl[mlflow]' "
+        f"(from a checkout: pip install -c constraints.txt -e '.[mlflow]'). ({exc})"
+    ) from exc
+
+from spark_ddl.mlflow.flavor import FLAVOR_NAME, _load_pyfunc, load_model, log_model, save_model, signature_of
+
+__all__ = ["FLAVOR_NAME", "load_model", "log_model", "save_model", "signature_of", "_load_pyfunc"]

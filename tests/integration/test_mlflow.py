@@ -1,0 +1,132 @@
+"""MLflow: the spark_ddl flavor and pyfunc against transform, on a real local tracking store
+(sqlite in a temporary directory) and a real local Spark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+mlflow = pytest.importorskip("mlflow")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves this machine
+
+from spark_ddl import ConfigError, TorchEstimator, TorchModel  # noqa: E402
+from tests.helpers import TinyNet, TwoTower, ratings_frame  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """A sqlite tracking store and registry of this module's own, with artifacts beside it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("spark_ddl_tests")
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def classifier_frame(sessions):
+    spark = sessions.get("local")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 4))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    return spark.createDataFrame([(*map(float, r), int(t)) for r, t in zip(x, y)],
+                                 "a double, b double, c double, d double, label long")
+
+
+@pytest.fixture(scope="module")
+def classifier(classifier_frame):
+    torch.manual_seed(0)
+    return TorchEstimator(model=TinyNet(4, 8, 3), loss="cross_entropy", lr=0.1, epochs=3, batch_size=16,
+                          num_workers=2, feature_cols=["a", "b", "c", "d"], label_col="label",
+                          seed=1).fit(classifier_frame)
+
+
+def test_logged_classifier_scores_like_transform_through_pyfunc_and_spark_udf(spark, tracking, classifier,
+                                                                               classifier_frame):
+    import spark_ddl.mlflow as ddl_mlflow
+    from pyspark.sql import functions as F
+
+    with mlflow.start_run() as run:
+        info = ddl_mlflow.log_model(classifier, "model", registered_model_name="classifier")
+    assert info.run_id == run.info.run_id and info.registered_model_version == 1
+    assert set(info.flavors) == {"spark_ddl", "python_function"}
+    assert info.flavors["spark_ddl"]["task"] == "multiclass"
+    signature = info.signature
+    assert signature.inputs.input_names() == ["a", "b", "c", "d"]
+    assert [t.name for t in signature.inputs.input_types()] == ["double"] * 4
+    assert signature.outputs.input_names() == ["prediction", "probability"]
+
+    expected = classifier.transform(classifier_frame).toPandas()
+    want_probability = np.stack([v.toArray() for v in expected["probability"]])
+
+    loaded = ddl_mlflow.load_model("models:/classifier/1")
+    assert isinstance(loaded, TorchModel)
+    for name, tensor in classifier.get_module().state_dict().items():
+        assert torch.equal(loaded.get_module().state_dict()[name], tensor), name
+
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    local = pyfunc.predict(expected[["a", "b", "c", "d"]])
+    assert list(local.columns) == ["prediction", "probability"]
+    np.testing.assert_array_equal(local["prediction"].to_numpy(), expected["prediction"].to_numpy())
+    np.testing.assert_allclose(np.stack(local["probability"]), want_probability, rtol=0, atol=1e-6)
+
+    udf = mlflow.pyfunc.spark_udf(spark, f"runs:/{run.info.run_id}/model")
+    scored = classifier_frame.withColumn("mlflow", udf(F.struct("a", "b", "c", "d"))).toPandas()
+    np.testing.assert_array_equal(scored["mlflow"].map(lambda r: r["prediction"]).to_numpy(),
+                                  expected["prediction"].to_numpy())
+    np.testing.assert_allclose(np.stack(scored["mlflow"].map(lambda r: np.asarray(r["probability"]))),
+                               want_probability, rtol=0, atol=1e-6)
+
+
+def test_named_id_inputs_score_through_pyfunc_by_registered_version(spark, tracking):
+    import spark_ddl.mlflow as ddl_mlflow
+
+    frame = ratings_frame(spark, rows=120)
+    torch.manual_seed(0)
+    model = TorchEstimator(model=TwoTower(20, 30), inputs={"user": "user", "item": "item"}, label_col="rating",
+                           loss="mse", epochs=2, batch_size=16, num_workers=2).fit(frame)
+    sample = frame.limit(3).toPandas()[["user", "item"]]
+    with mlflow.start_run():
+        info = ddl_mlflow.log_model(model, "recs", registered_model_name="recs_mlflow_test", input_example=sample)
+    assert info.signature.inputs.input_names() == ["user", "item"]
+    assert [t.name for t in info.signature.inputs.input_types()] == ["long", "long"]
+    expected = model.transform(frame).toPandas()
+    predicted = mlflow.pyfunc.load_model(f"models:/recs_mlflow_test/{info.registered_model_version}").predict(
+        expected[["user", "item"]])
+    np.testing.assert_allclose(predicted["prediction"].to_numpy(), expected["prediction"].to_numpy(),
+                               rtol=1e-6, atol=1e-6)
+    assert list(predicted.columns) == ["prediction"]
+
+
+def test_bad_input_fails_before_anything_is_logged(tracking, classifier_frame):
+    import spark_ddl.mlflow as ddl_mlflow
+    from mlflow.exceptions import MlflowException
+
+    estimator = TorchEstimator(model=TinyNet(4, 8, 3), loss="cross_entropy", feature_cols=["a", "b", "c", "d"])
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(ConfigError, match="unfitted TorchEstimator.*estimator.fit"):
+        ddl_mlflow.log_model(estimator, "model")
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # no run was started
+    assert mlflow.active_run() is None
+    with pytest.raises(MlflowException, match="No MLflow model at models:/no_such_model/1"):
+        ddl_mlflow.load_model("models:/no_such_model/1")
+
+
+def test_without_mlflow_the_import_says_how_to_install_it():
+    code = ("import sys; sys.modules['mlflow'] = None\n"
+            "try:\n    import spark_ddl.mlflow\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERR spark_ddl.mlflow needs MLflow" in out.stdout and "pip install 'spark_ddl[mlflow]'" in out.stdout, (
+        out.stdout + out.stderr)
+    # and nothing else in spark_ddl needs it: the package itself imports without MLflow
+    code = "import sys; sys.modules['mlflow'] = None\nimport spark_ddl, spark_ddl.model; print('OK')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "OK", out.stderr
