@@ -16,6 +16,7 @@ from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_input, check_sparse_tables
+from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
 from spark_ddl.model import TorchModel
 from spark_ddl.model_source import ModelSource
@@ -106,6 +107,13 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
 
+        facts = {"kind": "fit", "config": config, "network": source.record(), "columns": spec.to_json_dict()}
+        with listened_fit(facts) as outcome:
+            model = self._train(dataset, spec, job, validation, preflight, config, template, source, warm)
+            outcome.update(summary=model.summary, model=model)
+        return model
+
+    def _train(self, dataset, spec, job, validation, preflight, config, template, source, warm) -> TorchModel:
         result = run_training(dataset, spec, job, validation,
                               preflight if self.getOrDefault(self.check_input) else None)
         try:

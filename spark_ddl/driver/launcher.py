@@ -33,7 +33,7 @@ from spark_ddl.driver.data import balance_partitions, empty_input_error
 from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor
-from spark_ddl.driver.progress import ProgressReporter
+from spark_ddl.driver.progress import ProgressReporter, notify
 from spark_ddl.driver.reachability import LostMachine, lost_machines, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
 from spark_ddl.wire import DRIVER_UNREACHABLE, OUTPUT_DDL, AgentJob, reassemble
@@ -167,6 +167,7 @@ def run_training(
                     attempts[-1]["unreachable"] = [m.describe() for m in lost]
                     raise _unreachable(lost, error, caps, config, attempts) from None
                 raise
+            notify("attempt_failed", dict(attempts[-1]))
             log.warning("training attempt %d failed (%s); retrying (%d of %d)%s", attempt,
                         error.summary_line(), policy.failures, config.max_retries,
                         " from the newest checkpoint" if config.checkpoint_dir else " from scratch")

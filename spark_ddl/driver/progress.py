@@ -7,11 +7,60 @@ shows nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("spark_ddl.progress")
+
+# ------------------------------------------------------------------ fit listeners
+#
+# Objects told about each fit on the driver (e.g. ``spark_ddl.mlflow.autolog``), each method
+# optional: ``fit_started(facts)``, ``epoch_finished(record)`` (rank 0's history record, as soon
+# as the status channel brings it, else when the fit ends), ``attempt_failed(record)`` (an
+# attempt that failed and is retried), ``fit_finished(outcome, error)``. A listener that raises
+# is logged and never fails the fit.
+_LISTENERS: list[Any] = []
+
+
+def add_listener(listener: Any) -> None:
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def remove_listener(listener: Any) -> None:
+    if listener in _LISTENERS:
+        _LISTENERS.remove(listener)
+
+
+def notify(event: str, *args: Any) -> None:
+    """Call ``event`` on every listener that has it; a listener's error is only logged."""
+    for listener in list(_LISTENERS):
+        method = getattr(listener, event, None)
+        if method is None:
+            continue
+        try:
+            method(*args)
+        except Exception as exc:  # noqa: BLE001 - a listener never fails a fit
+            log.warning("fit listener %s.%s failed: %s: %s", type(listener).__name__, event, type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def listened_fit(facts: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Tell the listeners a fit starts (``facts``) and how it ended: the caller puts what the
+    fit produced (``summary``, ``model``) into the yielded dict."""
+    if not _LISTENERS:
+        yield {}
+        return
+    notify("fit_started", facts)
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except BaseException as exc:
+        notify("fit_finished", outcome, exc)
+        raise
+    notify("fit_finished", outcome, None)
 
 
 class ProgressReporter:
@@ -24,9 +73,18 @@ class ProgressReporter:
         self.mode, self._stream = mode, stream
         self._bar = None
         self._shown_epochs = 0
+        self._told_epochs = 0  # what the fit listeners were told (also with mode "off")
         self.lines: list[str] = []  # what the log mode reported (kept for the summary and tests)
 
+    def _tell(self, records: Any) -> None:
+        for record in records or []:
+            if isinstance(record, dict) and int(record.get("epoch", 0)) > self._told_epochs:
+                self._told_epochs = int(record["epoch"])
+                notify("epoch_finished", dict(record))
+
     def update(self, status: dict[str, Any]) -> None:
+        if status and _LISTENERS:
+            self._tell(status.get("recent_epochs"))
         if self.mode == "off" or not status:
             return
         epochs, steps = status.get("epochs"), status.get("steps_per_epoch")
@@ -40,6 +98,8 @@ class ProgressReporter:
     def catch_up(self, history: list[dict[str, Any]], epochs: Any) -> None:
         """Show the finished epochs that no status report showed (e.g. without a status
         channel, where rank 0's summary is the first news of them)."""
+        if _LISTENERS:
+            self._tell(history)
         if self.mode == "off":
             return
         for record in history:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -130,3 +132,118 @@ def test_without_mlflow_the_import_says_how_to_install_it():
     code = "import sys; sys.modules['mlflow'] = None\nimport spark_ddl, spark_ddl.model; print('OK')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "OK", out.stderr
+
+
+# ------------------------------------------------------------------ autolog
+
+
+def _runs(experiment_name: str = "spark_ddl_tests"):
+    return mlflow.search_runs(experiment_names=[experiment_name], output_format="list")
+
+
+def _regression_estimator(**params) -> TorchEstimator:
+    torch.manual_seed(7)
+    settings = dict(model=TinyNet(), loss="mse", lr=0.05, batch_size=8, epochs=3, timeout=60, seed=11,
+                    num_workers=2)
+    settings.update(params)
+    return TorchEstimator(**settings)
+
+
+def _regression_frame(spark):
+    from tests.helpers import frame_with_partitions, regression_arrays, split_by_sizes
+
+    return frame_with_partitions(spark, split_by_sizes(*regression_arrays(160, seed=4), (80, 80)))
+
+
+def test_autolog_logs_settings_and_each_epoch_while_the_fit_runs(spark, tracking, tmp_path):
+    import spark_ddl.mlflow as ddl_mlflow
+    from tests.helpers import stall_in_epoch_two
+
+    client = mlflow.MlflowClient()
+    before = {r.info.run_id for r in _runs()}
+    estimator = _regression_estimator(validation_fraction=0.25)
+    estimator._fail_hook = stall_in_epoch_two(str(tmp_path / "stalled"), step=1, seconds=4)  # epoch 2 takes 4 s
+    ddl_mlflow.autolog()
+    try:
+        model = estimator.fit(_regression_frame(spark))
+    finally:
+        ddl_mlflow.autolog(disable=True)
+    stall_began_ms = float((tmp_path / "stalled").read_text()) * 1000
+    (run,) = [r for r in _runs() if r.info.run_id not in before]
+    assert run.info.status == "FINISHED" and mlflow.active_run() is None  # its own run, ended with the fit
+    params = run.data.params
+    assert params["lr"] == "0.05" and params["epochs"] == "3" and params["batch_size"] == "8"
+    assert params["num_workers"] == "2" and params["strategy"] == "allreduce" and params["sync"] == "allreduce"
+    assert params["network"] == "tests.helpers.TinyNet" or params["network"].endswith("TinyNet"), params["network"]
+    assert params["label_col"] == "label"
+    from spark_ddl.config import TrainConfig
+    from spark_ddl.settings import declared
+
+    assert set(declared(TrainConfig)) <= set(params)  # every declared setting
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    np.testing.assert_allclose([m.value for m in history], [h["train_loss"] for h in model.history], rtol=1e-6)
+    assert {"val_loss", "samples_per_s", "seconds"} <= set(run.data.metrics)
+    # epoch 1 reached the driver while epoch 2 was still stalled, not when the fit ended
+    assert history[0].timestamp < stall_began_ms + 3000, (history[0].timestamp, stall_began_ms)
+    assert run.info.end_time > stall_began_ms + 4000
+    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/spark_ddl/summary.json")
+    assert summary["history"] == json.loads(json.dumps(model.history))
+    assert run.data.tags["spark_ddl.attempts"] == "1"
+
+    model_again = _regression_estimator(epochs=1).fit(_regression_frame(spark))  # autolog is off now
+    assert model_again.history and {r.info.run_id for r in _runs()} == before | {run.info.run_id}
+
+
+def test_autolog_logs_into_the_active_run_and_shows_a_retried_attempt(spark, tracking, tmp_path):
+    import spark_ddl.mlflow as ddl_mlflow
+    from tests.integration.test_fault_tolerance import die_once
+
+    estimator = _regression_estimator(max_retries=1)
+    estimator._fail_hook = die_once(str(tmp_path / "killed"))
+    ddl_mlflow.autolog(log_models=True)
+    try:
+        with mlflow.start_run() as active:
+            model = estimator.fit(_regression_frame(spark))
+            assert mlflow.active_run().info.run_id == active.info.run_id  # still the user's, still open
+    finally:
+        ddl_mlflow.autolog(disable=True)
+    run = mlflow.get_run(active.info.run_id)
+    assert [a["attempt"] for a in model.summary["attempts"]] == [1, 2]
+    assert "AgentLost" in run.data.tags["spark_ddl.attempt.1.error"]
+    assert run.data.tags["spark_ddl.attempts"] == "2"
+    assert mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")[-1].step == 3
+    logged = ddl_mlflow.load_model(f"runs:/{run.info.run_id}/model")
+    for name, tensor in model.get_module().state_dict().items():
+        assert torch.equal(logged.get_module().state_dict()[name], tensor), name
+
+
+def test_a_tracking_server_that_is_down_does_not_fail_or_slow_the_fit(spark, caplog):
+    import logging
+    import socket
+
+    import spark_ddl.mlflow as ddl_mlflow
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = mlflow.get_tracking_uri()
+    frame = _regression_frame(spark)
+    _regression_estimator(epochs=1).fit(frame)  # warm: the timing below compares like with like
+    started = time.perf_counter()
+    _regression_estimator().fit(frame)
+    without = time.perf_counter() - started
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    ddl_mlflow.autolog()
+    try:
+        with caplog.at_level(logging.WARNING, logger="spark_ddl.mlflow"):
+            started = time.perf_counter()
+            model = _regression_estimator().fit(frame)
+            with_down_server = time.perf_counter() - started
+    finally:
+        ddl_mlflow.autolog(disable=True)
+        mlflow.set_tracking_uri(previous)
+    assert len(model.history) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.mlflow"]
+    assert len(warnings) == 1 and "not reachable" in warnings[0] and str(port) in warnings[0], warnings
+    assert with_down_server < without + 5, (with_down_server, without)
