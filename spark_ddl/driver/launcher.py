@@ -43,6 +43,7 @@ log = logging.getLogger("spark_ddl")
 
 MONITOR_POLL_SECONDS = 0.25  # how often the driver looks at the agents' status
 CANCEL_WAIT_SECONDS = 60.0  # how long a cancelled job may take to stop its tasks
+FENCE_SECONDS = 30.0  # how long a cancelled attempt's reachable agents may take to exit
 SLOT_WAIT_SECONDS = 30.0  # after a machine was lost, a retry waits this long (at most timeout) for its slots
 SILENCE_WARNING_SECONDS = 30.0  # no agent reached the status channel this long after launch: say so
 # Status-channel hosts some agent could not connect to: fits of this process then meet through
@@ -261,6 +262,15 @@ def check_checkpoint_dir(config: TrainConfig, files: DirectoryFiles | None = Non
     return newest
 
 
+def _fence(monitor: AgentMonitor, agents: int, silent: list[int]) -> None:
+    """After a cancel, before any retry: wait until the cancelled attempt's agents that answer
+    have exited. Its silent agents (a partition) cannot finish another collective without them,
+    so they cannot train on, or write checkpoints, beside the next attempt once the link heals."""
+    left = monitor.wait_for_exit([r for r in range(agents) if r not in silent], FENCE_SECONDS)
+    if left:
+        log.warning("rank(s) %s of the cancelled attempt still run after %.0f s", left, FENCE_SECONDS)
+
+
 def _silence_seconds(job: AgentJob) -> float:
     """A rank not heard from this long has gone silent (its heartbeat runs every heartbeat_interval)."""
     return max(5.0, 5 * job.heartbeat_interval)
@@ -310,6 +320,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
                 caps.cancel(tag)
                 runner.join(CANCEL_WAIT_SECONDS)
                 problem.silence = (monitor.placement, monitor.missing_ranks(agents))
+                _fence(monitor, agents, problem.silence[1])
                 raise problem
             if not silence_noted and not monitor.heard_from_any() and \
                     time.perf_counter() - started > SILENCE_WARNING_SECONDS:
@@ -323,6 +334,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
                 caps.cancel(tag)
                 runner.join(CANCEL_WAIT_SECONDS)
                 stall.silence = (monitor.placement, monitor.silent_ranks(agents, _silence_seconds(job)))
+                _fence(monitor, agents, stall.silence[1])
                 raise stall
     except KeyboardInterrupt:
         caps.cancel(tag)

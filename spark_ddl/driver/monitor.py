@@ -280,6 +280,17 @@ class AgentMonitor:
             return [r for r in range(num_workers)
                     if r not in self.ranks or r in self.closed or now - self.ranks[r].heard > seconds]
 
+    def wait_for_exit(self, ranks: list[int], timeout: float) -> list[int]:
+        """After a cancel: wait until each of ``ranks`` has closed its status connection (its
+        process is gone), at most ``timeout`` seconds; returns the ranks still connected."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                left = [r for r in ranks if r in self.ranks and r not in self.closed]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
     def heard_from_any(self) -> bool:
         """True once any agent has reported."""
         with self._lock:

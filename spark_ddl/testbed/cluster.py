@@ -184,13 +184,22 @@ class MachineCluster:
             time.sleep(0.5)
 
     def alive_workers(self) -> int:
+        """Workers registered and alive at the master (-1: the master does not answer)."""
+        status = self._master_status()
+        return -1 if status is None else sum(1 for w in status.get("workers", []) if w.get("state") == "ALIVE")
+
+    def granted_cores(self) -> int:
+        """Cores the master has given to running applications (their executors' cores)."""
+        status = self._master_status() or {}
+        return sum(int(app.get("cores", 0)) for app in status.get("activeapps", []))
+
+    def _master_status(self) -> dict | None:
         try:
             url = f"http://{self.network.driver_address}:{self._webui_port}/json/"
             with urllib.request.urlopen(url, timeout=2) as response:
-                status = json.load(response)
+                return json.load(response)
         except (OSError, ValueError):
-            return -1
-        return sum(1 for worker in status.get("workers", []) if worker.get("state") == "ALIVE")
+            return None
 
     def log_tails(self, chars: int = 1500) -> str:
         return "\n".join(f"--- {p.relative_to(self.state)}\n{p.read_text(errors='replace')[-chars:]}"

@@ -260,6 +260,10 @@ def test_a_connect_server_whose_cluster_is_the_machines_trains_and_scores(cluste
     sessions.stop()  # the classic application holds the machines' cores; the server is another application
     conf = {k: v for k, v in cluster.spark_conf().items() if k != "spark.master"}
     with connect_server(tmp_path, master=cluster.master_url, conf=conf) as url:
+        deadline = time.monotonic() + 120
+        while cluster.granted_cores() < MACHINES * CORES:  # the server's executors on both machines
+            assert time.monotonic() < deadline, "the Connect server did not get both machines' executors"
+            time.sleep(0.5)
         spark = SparkSession.builder.remote(url).create()
         try:
             # the client's own address on the machines' network: the agents' status channel comes here
