@@ -131,7 +131,8 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         return self._copyValues(model)
 
     def fit_stream(self, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any = None,
-                   initial_model: Any = None, keep_versions: int = 10, query_name: str | None = None) -> Any:
+                   initial_model: Any = None, keep_versions: int = 10, query_name: str | None = None,
+                   registered_model_name: str | None = None) -> Any:
         """Train continuously from a streaming DataFrame; returns a running ``StreamingFit``.
 
         Every non-empty micro-batch is trained as ``fit(initial_model=previous version)`` would
@@ -141,11 +142,14 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         None. ``initial_model`` (a TorchModel or saved path) seeds an empty ``model_dir``; a
         restart with the same ``checkpoint_location`` continues from the newest version and
         never trains a micro-batch twice. ``keep_versions``: newest versions kept.
+        ``registered_model_name``: each published version also becomes a version of this MLflow
+        registered model (tags ``model_version``, ``batch_id``) and the alias ``latest`` moves to
+        it (``pip install 'spark_ddl[mlflow]'``; see ``spark_ddl.mlflow.registry``).
         """
         from spark_ddl.streaming.fit import start_stream
 
         return start_stream(self, stream_df, model_dir, checkpoint_location, trigger, initial_model, keep_versions,
-                            query_name)
+                            query_name, registered_model_name)
 
     # -------------------------------------------------------------- persistence
 

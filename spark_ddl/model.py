@@ -198,8 +198,20 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     @classmethod
     def load_latest(cls, model_dir: str, module: nn.Module | None = None, allow_pickle: bool = False) -> "TorchModel":
         """The newest complete version that ``fit_stream`` published under ``model_dir`` (its
-        ``summary["stream_version"]`` says which); loading is as ``load``."""
+        ``summary["stream_version"]`` says which); loading is as ``load``. ``model_dir`` may also
+        be ``models:/<name>@latest`` (or ``models:/<name>/<version>``) of a stream registered in
+        MLflow (``fit_stream(registered_model_name=...)``): that version."""
         from spark_ddl.streaming.versions import VersionStore
+
+        if model_dir.startswith("models:/"):
+            from spark_ddl.mlflow.registered import resolve_model_dir
+
+            directory, tags = resolve_model_dir(model_dir)
+            number = int(tags["model_version"])
+            store = VersionStore(directory)
+            model = cls.load(store.path(number), module=module, allow_pickle=allow_pickle)
+            model.summary["stream_version"] = store.record(number) or {"version": number}
+            return model
 
         store = VersionStore(model_dir)
         for _ in range(3):  # the newest may be pruned while we read it: list again

@@ -37,9 +37,7 @@ def _fitted(model: Any) -> Any:
 
     if isinstance(model, TorchModel):
         return model
-    from spark_ddl.estimator import TorchEstimator
-
-    if isinstance(model, TorchEstimator):
+    if type(model).__name__ == "TorchEstimator":  # (not imported here: the estimator's fit_stream imports us)
         raise ConfigError("log_model takes a fitted TorchModel, and this is an unfitted TorchEstimator: "
                           "model = estimator.fit(df), then spark_ddl.mlflow.log_model(model, name).")
     raise ConfigError(f"log_model takes a fitted spark_ddl TorchModel, got {type(model).__name__}.")
@@ -132,9 +130,11 @@ def _write_environment(path: str) -> tuple[str, str]:
 
 
 def save_model(model: Any, path: str, mlflow_model: Model | None = None, signature: ModelSignature | None = None,
-               input_example: Any = None, metadata: dict[str, Any] | None = None, **_: Any) -> None:
+               input_example: Any = None, metadata: dict[str, Any] | None = None,
+               files: dict[str, Any] | None = None, **_: Any) -> None:
     """Write ``model`` (a fitted ``TorchModel``) as an MLflow model directory at ``path`` (a
-    local path that must not exist yet). ``signature``: default ``signature_of(model)``."""
+    local path that must not exist yet). ``signature``: default ``signature_of(model)``;
+    ``files``: the model's saved files when they were made already (``model_files(model)``)."""
     from spark_ddl import storage
     from spark_ddl.persistence import model_files
 
@@ -143,7 +143,8 @@ def save_model(model: Any, path: str, mlflow_model: Model | None = None, signatu
     if os.path.exists(path):
         raise MlflowException(f"Path '{path}' already exists and is not empty")
     os.makedirs(path)
-    storage.write_directory(os.path.join(path, MODEL_DATA), model_files(model), overwrite=False)
+    storage.write_directory(os.path.join(path, MODEL_DATA), files if files is not None else model_files(model),
+                            overwrite=False)
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
     mlflow_model.signature = signature if signature is not None else signature_of(model)
     if metadata is not None:

@@ -81,6 +81,7 @@ class StreamingFit:
         self.error: BaseException | None = None  # the error that failed the query, if one did
         self._freshness: dict[int, float] = {}
         self.timings: dict[int, dict[str, float]] = {}  # per version published here: seconds per phase
+        self.registry: Any = None  # spark_ddl.mlflow's VersionRegistry with registered_model_name
 
     # -------------------------------------------------------------- the public surface
 
@@ -161,6 +162,12 @@ class StreamingFit:
                   "attempts": len(model.summary.get("attempts", [])) or 1}
         files = model_files(model, export_program=model.model_source.class_path is None)
         record = self.store.publish(files, record, self._keep)
+        if self.registry is not None:
+            try:
+                self.registry.register(model, record, files)
+            except Exception as exc:  # noqa: BLE001 - the version is published; the registry lags behind
+                log.warning("version %d is published but could not be registered as %r in MLflow: %s: %s",
+                            record["version"], self.registry.name, type(exc).__name__, exc)
         freshness = time.time() - started
         self._freshness[record["version"]] = round(freshness, 3)
         # where a micro-batch's time goes: caching and counting its rows, the fit before its
@@ -178,7 +185,8 @@ class StreamingFit:
 
 
 def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any,
-                 initial_model: Any, keep_versions: int, query_name: str | None) -> StreamingFit:
+                 initial_model: Any, keep_versions: int, query_name: str | None,
+                 registered_model_name: str | None = None) -> StreamingFit:
     """Check everything a micro-batch's fit would check that does not need rows, on the driver,
     then start the query."""
     if not getattr(stream_df, "isStreaming", False):
@@ -222,6 +230,12 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
         initial = initial_model if initial_model is not None else estimator.getOrDefault(estimator.initial_model)
     resolve_initial_model(initial, template, config)  # refuse a model that does not fit before starting
     stream = StreamingFit(estimator, store, keep_versions, initial, elastic_dir)
+    if registered_model_name is not None:  # MLflow only when asked for (the "mlflow" extra)
+        from spark_ddl.mlflow.registry import VersionRegistry
+
+        where = model_dir if "://" in model_dir else os.path.abspath(model_dir)
+        stream.registry = VersionRegistry(registered_model_name, where)
+        stream.registry.catch_up(store)
     writer = stream_df.writeStream.foreachBatch(stream.process).option("checkpointLocation", checkpoint_location)
     if query_name:
         writer = writer.queryName(query_name)

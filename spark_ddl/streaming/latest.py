@@ -102,6 +102,10 @@ class LatestModel:
                  allow_pickle: bool = False) -> None:
         if isinstance(refresh_seconds, bool) or not isinstance(refresh_seconds, (int, float)) or refresh_seconds < 0:
             raise ConfigError(f"refresh_seconds must be a number of seconds >= 0, got {refresh_seconds!r}.")
+        if model_dir.startswith("models:/"):  # a stream registered in MLflow: its version store, which the
+            from spark_ddl.mlflow.registered import resolve_model_dir  # executors read (never MLflow)
+
+            model_dir = resolve_model_dir(model_dir)[0]
         self.model_dir, self.refresh_seconds = model_dir.rstrip("/"), float(refresh_seconds)
         self.prediction_col, self.probability_col, self.version_col = prediction_col, probability_col, version_col
         self.allow_pickle = allow_pickle

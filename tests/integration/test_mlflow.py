@@ -247,3 +247,77 @@ def test_a_tracking_server_that_is_down_does_not_fail_or_slow_the_fit(spark, cap
     warnings = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.mlflow"]
     assert len(warnings) == 1 and "not reachable" in warnings[0] and str(port) in warnings[0], warnings
     assert with_down_server < without + 5, (with_down_server, without)
+
+
+# ------------------------------------------------------------------ registry (fit_stream)
+
+
+def test_fit_stream_registers_each_version_once_and_latest_is_the_newest(spark, tracking, tmp_path, caplog):
+    from spark_ddl import LatestModel
+    from tests.integration.test_streaming import WAIT, estimator, source, write_files
+
+    client = mlflow.MlflowClient()
+    write_files(tmp_path / "in", 3)
+    paths = {"model_dir": str(tmp_path / "models"), "checkpoint_location": str(tmp_path / "ckpt")}
+
+    def run():
+        stream = estimator().fit_stream(source(spark, tmp_path / "in"), **paths, trigger={"availableNow": True},
+                                        registered_model_name="stream_recs")
+        assert stream.awaitTermination(WAIT) is True
+        return stream
+
+    first = run()
+    assert [r["version"] for r in first.versions()] == [1, 2, 3]
+    run()  # a restart over the same input: nothing new to train, nothing registered again
+    versions = sorted(client.search_model_versions("name = 'stream_recs'"), key=lambda v: int(v.version))
+    assert [(v.tags["model_version"], v.tags["batch_id"]) for v in versions] == [("1", "0"), ("2", "1"), ("3", "2")]
+    assert client.get_model_version_by_alias("stream_recs", "latest").tags["model_version"] == "3"
+    assert all(v.tags["model_dir"] == paths["model_dir"] and v.run_id == versions[0].run_id for v in versions)
+    history = client.get_metric_history(versions[0].run_id, "stream_rows")
+    assert [(m.step, m.value) for m in history] == [(1, 24), (2, 24), (3, 24)]
+
+    write_files(tmp_path / "more", 1, seed=9)
+    os.replace(tmp_path / "more" / "part-000.parquet", tmp_path / "in" / "part-003.parquet")
+    run()
+    latest = client.get_model_version_by_alias("stream_recs", "latest")
+    assert latest.tags["model_version"] == "4" and latest.tags["batch_id"] == "3"
+    assert len(client.search_model_versions("name = 'stream_recs'")) == 4
+
+    by_alias = TorchModel.load_latest("models:/stream_recs@latest")
+    by_dir = TorchModel.load_latest(paths["model_dir"])
+    assert by_alias.summary["stream_version"]["version"] == 4 == by_dir.summary["stream_version"]["version"]
+    for name, tensor in by_dir.get_module().state_dict().items():
+        assert torch.equal(by_alias.get_module().state_dict()[name], tensor), name
+    registered = spark_ddl_mlflow().load_model("models:/stream_recs@latest")  # the registry's own copy
+    for name, tensor in by_dir.get_module().state_dict().items():
+        assert torch.equal(registered.get_module().state_dict()[name], tensor), name
+    frame = spark.read.parquet(str(tmp_path / "in"))
+    scored = LatestModel("models:/stream_recs@latest").transform(frame).toPandas()
+    assert set(scored["model_version"]) == {4}
+    np.testing.assert_allclose(scored["prediction"].to_numpy(),
+                               by_dir.transform(frame).toPandas()["prediction"].to_numpy(), rtol=1e-6)
+    assert not [r for r in caplog.records if "could not be registered" in r.getMessage()]
+    with pytest.raises(FileNotFoundError, match="No registered model version at models:/no_such_stream@latest"):
+        TorchModel.load_latest("models:/no_such_stream@latest")
+
+
+def test_a_stream_registered_later_registers_its_newest_version_when_it_starts(spark, tracking, tmp_path):
+    from tests.integration.test_streaming import WAIT, estimator, source, write_files
+
+    write_files(tmp_path / "in", 2)
+    paths = {"model_dir": str(tmp_path / "models"), "checkpoint_location": str(tmp_path / "ckpt")}
+    unregistered = estimator().fit_stream(source(spark, tmp_path / "in"), **paths, trigger={"availableNow": True})
+    assert unregistered.awaitTermination(WAIT) is True
+    with pytest.raises(ValueError, match="registered_model_name must be a non-empty name"):
+        estimator().fit_stream(source(spark, tmp_path / "in"), **paths, registered_model_name=" ")
+    stream = estimator().fit_stream(source(spark, tmp_path / "in"), **paths, trigger={"availableNow": True},
+                                    registered_model_name="stream_later")
+    assert stream.awaitTermination(WAIT) is True
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'stream_later'")
+    assert version.tags["model_version"] == "2" and version.tags["batch_id"] == "1"
+
+
+def spark_ddl_mlflow():
+    import spark_ddl.mlflow
+
+    return spark_ddl.mlflow

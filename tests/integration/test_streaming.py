@@ -97,7 +97,8 @@ def trained(tmp_path_factory):
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("spark_ddl.stream")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (setLevel: a plain assignment keeps the logger's cached isEnabledFor)
     stream = estimator().fit_stream(source(spark, root / "in"), model_dir=str(root / "models"),
                                     checkpoint_location=str(root / "checkpoint"), trigger={"availableNow": True},
                                     keep_versions=2)

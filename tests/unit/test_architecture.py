@@ -151,3 +151,12 @@ def test_the_checks_see_the_package():
     assert ("spark_ddl.agent.entry", ("run_agent",)) in imports_of("spark_ddl.driver.launcher")
     assert "pyspark.ml" in closure("spark_ddl.estimator") or any(
         within(m, "pyspark.ml") for m in closure("spark_ddl.estimator"))
+
+
+def test_only_spark_ddl_mlflow_imports_mlflow():
+    """MLflow is an extra: the rest of the package reaches it only through spark_ddl.mlflow, and
+    only where a user asked for it (fit_stream's registered_model_name, a models:/ URI)."""
+    for name in MODULES:
+        if within(name, "spark_ddl.mlflow"):
+            continue
+        assert not [t for t, _ in imports_of(name) if within(t, "mlflow")], name
