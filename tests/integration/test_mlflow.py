@@ -321,3 +321,104 @@ def spark_ddl_mlflow():
     import spark_ddl.mlflow
 
     return spark_ddl.mlflow
+
+
+# ------------------------------------------------------------------ a real tracking server and model server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(command: list[str], log_path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",  # its tools (uvicorn) on PATH
+                                 "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+                                 **(env or {})})
+
+
+def _stop(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(20)
+
+
+def _wait_http(url: str, process: subprocess.Popen, log_path, seconds: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds:.0f} s: {log_path.read_text()[-3000:]}")
+
+
+def test_a_tracking_server_with_sqlite_and_a_model_server_answer_like_transform(spark, tmp_path):
+    import json as json_module
+    import urllib.request
+
+    import spark_ddl.mlflow as ddl_mlflow
+
+    bin_dir = os.path.dirname(sys.executable)
+    port = _free_port()
+    server_log = tmp_path / "server.log"
+    server = _start([os.path.join(bin_dir, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                     "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"], server_log)
+    serving = None
+    previous = mlflow.get_tracking_uri()
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", server, server_log)
+        uri = f"http://127.0.0.1:{port}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("served")
+        frame = ratings_frame(spark, rows=120)
+        torch.manual_seed(0)
+        ddl_mlflow.autolog(log_models=True)
+        try:
+            model = TorchEstimator(model=TwoTower(20, 30), inputs={"user": "user", "item": "item"},
+                                   label_col="rating", loss="mse", epochs=2, batch_size=16, num_workers=2).fit(frame)
+        finally:
+            ddl_mlflow.autolog(disable=True)
+        (run,) = mlflow.search_runs(experiment_names=["served"], output_format="list")
+        assert run.info.status == "FINISHED" and run.data.params["network"].endswith("TwoTower")
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "served_recs")
+
+        serve_port = _free_port()
+        serving_log = tmp_path / "serving.log"
+        serving = _start([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", "models:/served_recs@latest",
+                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(serve_port)], serving_log,
+                         env={"MLFLOW_TRACKING_URI": uri})
+        _wait_http(f"http://127.0.0.1:{serve_port}/ping", serving, serving_log)
+        expected = model.transform(frame).toPandas()
+        pairs = expected[["user", "item"]]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{serve_port}/invocations", headers={"Content-Type": "application/json"},
+            data=json_module.dumps({"dataframe_split": pairs.to_dict(orient="split", index=False)}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json_module.loads(response.read())
+        served = np.array([row["prediction"] for row in answer["predictions"]])
+        np.testing.assert_allclose(served, expected["prediction"].to_numpy(), rtol=1e-6, atol=1e-6)
+        assert version.version == "1"
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if serving is not None:
+            _stop(serving)
+        _stop(server)
+    assert server.returncode is not None and (serving is None or serving.returncode is not None)
