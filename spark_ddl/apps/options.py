@@ -34,6 +34,25 @@ def add_session_arguments(p: argparse.ArgumentParser, embedded: str) -> None:
                         "server's; 'local[N]' starts a local one")
 
 
+def add_mlflow_argument(p: argparse.ArgumentParser) -> None:
+    """--mlflow [TRACKING_URI]: log the fit to MLflow (needs the 'mlflow' extra)."""
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                   help="log the fit to MLflow (settings, per-epoch metrics, summary, model) at TRACKING_URI "
+                        "(default: MLFLOW_TRACKING_URI, else MLflow's default); needs spark_ddl[mlflow]")
+
+
+def mlflow_from_args(args: argparse.Namespace, experiment: str) -> Any:
+    """With --mlflow: autologging on (models too) in ``experiment``; returns spark_ddl.mlflow
+    (None without the flag)."""
+    if getattr(args, "mlflow", None) is None:
+        return None
+    import spark_ddl.mlflow as ddl_mlflow
+
+    ddl_mlflow.use(args.mlflow or None, experiment)
+    ddl_mlflow.autolog(log_models=True)
+    return ddl_mlflow
+
+
 def session_from_args(args: argparse.Namespace, app_name: str, num_workers: int = 2) -> Any:
     """The Spark session that --master / --remote ask for."""
     from spark_ddl.driver.session import get_or_create_session

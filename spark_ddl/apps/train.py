@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
-from spark_ddl.apps.options import add_session_arguments, parse_with_config, session_from_args, setup_logging
+from spark_ddl.apps.options import (add_mlflow_argument, add_session_arguments, mlflow_from_args, parse_with_config,
+                                    session_from_args, setup_logging)
 from spark_ddl.config import TrainConfig
 from spark_ddl.settings import add_arguments, declared
 
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="fraction of the training rows held out for per-epoch validation (0: none)")
     p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
+    add_mlflow_argument(p)
     training = p.add_argument_group("training settings (TorchEstimator's)")
     add_arguments(training, declared(TrainConfig), COMMAND_DEFAULTS, skip={"loss"})
     return parse_with_config(p, argv)
@@ -86,8 +88,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         loss="cross_entropy", feature_cols=feature_cols, label_col=args.label_col,
         validation_fraction=args.validation_fraction, **settings,
     )
+    tracking = mlflow_from_args(args, "spark-ddl train")
     started = time.perf_counter()
-    model = estimator.fit(train)
+    try:
+        model = estimator.fit(train)
+    finally:
+        if tracking is not None:
+            tracking.autolog(disable=True)
     fit_seconds = time.perf_counter() - started
     print(f"\ntrained {args.epochs} epochs on {model.summary['world_size']} agents "
           f"(shards {model.summary['shard_sizes']}, {model.summary['device']}) in {fit_seconds:.1f} s")
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         F.avg((F.col("prediction") == F.col(args.label_col)).cast("double")), F.count(F.lit(1))
     ).first()
     print(f"held-out accuracy: {accuracy:.4f} on {rows} rows")
+    run_id = tracking.log_to_last_run({"test_accuracy": accuracy}) if tracking is not None else None
+    if run_id is not None:
+        print(f"MLflow run {run_id} at {tracking.use()}")
     model.save(args.output, overwrite=args.overwrite)
     print(f"model written to {args.output}")
     if args.metrics_json:

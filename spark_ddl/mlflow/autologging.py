@@ -37,7 +37,37 @@ FLUSH_SECONDS = 30.0  # at most this long at a fit's end for the queued calls to
 CONNECT_SECONDS = 1.0  # an http(s) tracking server that does not accept a connection this fast is down
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 
-_STATE: dict[str, Any] = {"listener": None}
+_STATE: dict[str, Any] = {"listener": None, "last_run_id": None}
+
+
+def last_run_id() -> str | None:
+    """The MLflow run the last autologged fit logged into (None: none, or its logging failed)."""
+    return _STATE["last_run_id"]
+
+
+def log_to_last_run(metrics: dict[str, float]) -> str | None:
+    """Add ``metrics`` (e.g. a held-out score) to the run of the last autologged fit; returns its
+    id (None: there is none). A tracking server's failure is a warning, not an error."""
+    run_id = last_run_id()
+    if run_id is None:
+        return None
+    try:
+        MlflowClient().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                                  for k, v in metrics.items()])
+    except Exception as exc:  # noqa: BLE001 - the fit is done; the tracking server's problem is not ours
+        log.warning("MLflow: %s could not be logged to run %s (%s: %s)", sorted(metrics), run_id,
+                    type(exc).__name__, exc)
+    return run_id
+
+
+def use(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Log to ``tracking_uri`` (None: MLFLOW_TRACKING_URI, else MLflow's default) in
+    ``experiment``; returns the tracking URI in use."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if experiment:
+        mlflow.set_experiment(experiment)
+    return mlflow.get_tracking_uri()
 
 
 def autolog(log_models: bool = False, disable: bool = False, silent: bool = False) -> None:
@@ -207,4 +237,5 @@ class _AutologListener:
 
         fit.put("ending the fit", end)
         fit.finish()
+        _STATE["last_run_id"] = fit.run_id if fit.failed is None and not fit.thread.is_alive() else None
 

@@ -422,3 +422,30 @@ def test_a_tracking_server_with_sqlite_and_a_model_server_answer_like_transform(
             _stop(serving)
         _stop(server)
     assert server.returncode is not None and (serving is None or serving.returncode is not None)
+
+
+def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tmp_path, capsys):
+    from spark_ddl import cli
+
+    uri = f"sqlite:///{tmp_path}/cli.db"
+    previous = mlflow.get_tracking_uri()
+    try:
+        assert cli.main(["train", "--epochs", "2", "--hidden", "16", "--progress", "off", "--output",
+                         str(tmp_path / "m"), "--mlflow", uri]) == 0
+        out = capsys.readouterr().out
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("spark-ddl train").experiment_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert f"MLflow run {run.info.run_id} at {uri}" in out
+    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.models:MLP"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert 0 < run.data.metrics["test_accuracy"] <= 1
+    mlflow.set_tracking_uri(uri)
+    try:
+        logged = spark_ddl_mlflow().load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    saved = TorchModel.load(str(tmp_path / "m"))
+    for name, tensor in saved.get_module().state_dict().items():
+        assert torch.equal(logged.get_module().state_dict()[name], tensor), name
