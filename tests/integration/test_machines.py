@@ -41,13 +41,21 @@ def cluster(sessions):
 
 
 @pytest.fixture
-def spark(cluster, sessions):
-    """The driver's session on the machines, with every machine up, linked and registered."""
+def machines_up(cluster):
+    """Every machine up, linked at full rate and its worker registered (an earlier test may have killed one)."""
     for number in range(1, MACHINES + 1):
         cluster.heal(number)
         cluster.limit(number, None)
         if not cluster.is_running(number):
             cluster.revive(number)
+    cluster.wait_for_workers(MACHINES)
+    return cluster
+
+
+@pytest.fixture
+def spark(machines_up, sessions):
+    """The driver's session on the machines, with every machine up, linked and registered."""
+    cluster = machines_up
     session = sessions.get("machines", master=cluster.master_url, conf=cluster.spark_conf())
     _wait_for_slots(session, MACHINES * CORES)
     return session
@@ -252,17 +260,21 @@ def test_fit_stream_keeps_publishing_versions_after_a_machine_is_lost(cluster, s
     assert not list((tmp_path / "checkpoint" / "elastic-fits").glob("*"))  # each fit's checkpoints removed
 
 
-def test_a_connect_server_whose_cluster_is_the_machines_trains_and_scores(cluster, sessions, tmp_path):
+def test_a_connect_server_whose_cluster_is_the_machines_trains_and_scores(machines_up, sessions, tmp_path):
     from pyspark.sql import SparkSession
 
     from tests.connect_server import connect_server, leave_connect_mode
+
+    cluster = machines_up  # the stream test before this one crashed machine 2
 
     sessions.stop()  # the classic application holds the machines' cores; the server is another application
     conf = {k: v for k, v in cluster.spark_conf().items() if k != "spark.master"}
     with connect_server(tmp_path, master=cluster.master_url, conf=conf) as url:
         deadline = time.monotonic() + 120
         while cluster.granted_cores() < MACHINES * CORES:  # the server's executors on both machines
-            assert time.monotonic() < deadline, "the Connect server did not get both machines' executors"
+            assert time.monotonic() < deadline, (f"the Connect server did not get both machines' executors: "
+                                                 f"{cluster.granted_cores()} cores granted, "
+                                                 f"{cluster.alive_workers()} workers alive")
             time.sleep(0.5)
         spark = SparkSession.builder.remote(url).create()
         try:
