@@ -5,6 +5,10 @@ no module over 400 lines. Reads every import statement, also those inside functi
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +94,30 @@ def test_the_agent_side_never_loads_the_driver_side_or_pyspark_ml():
         loaded = closure(start)
         forbidden = sorted(m for m in loaded if within(m, *DRIVER_ONLY))
         assert not forbidden, f"{start} loads {forbidden}"
+
+
+# What a barrier task's Python worker does first: import the agent's entry point (the driver's
+# closure refers to spark_ddl.agent.entry.run_agent), then report what that loaded.
+_AGENT_IMPORT = """
+import json, sys
+import spark_ddl.agent.entry
+assert callable(spark_ddl.agent.entry.run_agent)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_a_fresh_process_importing_the_agent_entry_point_loads_no_driver_module_or_pyspark_ml():
+    """At run time, not only in the import statements: conditional imports, ``importlib`` and
+    whatever third-party packages import back into this one all count."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(PACKAGE.parent), os.environ.get("PYTHONPATH")]
+                                                      if p))
+    done = subprocess.run([sys.executable, "-c", _AGENT_IMPORT], cwd=PACKAGE.parent, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "spark_ddl.agent.training" in loaded and "torch" in loaded  # the check sees the agent's imports
+    forbidden = sorted(m for m in loaded if within(m, *DRIVER_ONLY))
+    assert not forbidden, f"importing spark_ddl.agent.entry loaded {forbidden}"
 
 
 def test_sync_strategies_do_not_depend_on_the_agent_package():

@@ -43,13 +43,30 @@ def gather_in_thread(connection, message, answers: dict, key) -> threading.Threa
     return thread
 
 
+def wait_until_arrived(monitor, arrived: dict, stage: int = 7, seconds: float = 30.0) -> None:
+    """Wait (a hang guard, not a timing) until the directory holds exactly ``arrived``
+    ({rank: message}) in its current round of ``stage``: an ordering, never a sleep."""
+    directory = monitor.peers
+    deadline = time.monotonic() + seconds
+    with directory._changed:  # noqa: SLF001 - the directory's own condition: notified on every arrival
+        while True:
+            meeting = directory._rounds.get(stage)  # noqa: SLF001
+            if meeting is not None and meeting.arrived == arrived:
+                return
+            left = deadline - time.monotonic()
+            assert left > 0, f"the rendezvous holds {meeting and meeting.arrived}, expected {arrived}"
+            directory._changed.wait(min(left, 0.1))  # noqa: SLF001
+
+
 def test_every_rank_gets_every_message_in_rank_order_once_the_last_arrives(monitor):
     connections = [open_rendezvous(monitor, rank, world=3) for rank in range(3)]
     answers: dict = {}
     # ranks 2 and 0 arrive first and wait; rank 1 (the last) completes the rendezvous
     threads = [gather_in_thread(connections[r], {"rank": r, "port": 100 + r}, answers, r) for r in (2, 0)]
-    time.sleep(0.2)
-    assert answers == {}  # nobody is answered before the last rank arrives
+    wait_until_arrived(monitor, {2: {"rank": 2, "port": 102}, 0: {"rank": 0, "port": 100}})
+    for thread in threads:
+        thread.join(0.1)  # an answer sent (wrongly) before the last rank arrives would end the thread
+    assert answers == {} and all(thread.is_alive() for thread in threads)  # both arrived; nobody answered yet
     threads.append(gather_in_thread(connections[1], {"rank": 1, "port": 101}, answers, 1))
     for thread in threads:
         thread.join(30)
@@ -65,10 +82,10 @@ def test_ranks_that_never_arrive_are_named_when_the_timeout_runs_out(monitor):
 def test_a_stage_that_runs_again_meets_afresh(monitor):
     answers: dict = {}
     stale = gather_in_thread(open_rendezvous(monitor, 0), {"rank": 0, "try": 1}, answers, "stale")
-    time.sleep(0.2)
+    wait_until_arrived(monitor, {0: {"rank": 0, "try": 1}})
     # Spark re-ran the stage: rank 0 arrives again, then rank 1; the first round is given up
     again = gather_in_thread(open_rendezvous(monitor, 0), {"rank": 0, "try": 2}, answers, 0)
-    time.sleep(0.2)
+    wait_until_arrived(monitor, {0: {"rank": 0, "try": 2}})
     one = gather_in_thread(open_rendezvous(monitor, 1), {"rank": 1, "try": 2}, answers, 1)
     for thread in (stale, again, one):
         thread.join(30)
@@ -79,7 +96,7 @@ def test_a_stage_that_runs_again_meets_afresh(monitor):
 def test_closing_the_monitor_releases_a_waiting_rank(monitor):
     answers: dict = {}
     waiting = gather_in_thread(open_rendezvous(monitor, 0), {"rank": 0}, answers, 0)
-    time.sleep(0.2)
+    wait_until_arrived(monitor, {0: {"rank": 0}})  # it waits inside the rendezvous
     monitor.close()
     waiting.join(30)
     assert not waiting.is_alive() and "given up" in answers[0]["error"]
