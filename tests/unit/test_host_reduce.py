@@ -109,7 +109,9 @@ def _failing_worker(rank: int, store_path: str, directory: str, how: str, outcom
         if how == "exited":
             os._exit(3)
         abort_local_peers(rank)  # what the agent does before it reports its own error
-        time.sleep(20)
+        deadline = time.monotonic() + 120  # alive (a failed agent, not an exited one) until both peers stopped
+        while time.monotonic() < deadline and not all(outcome[3 + r] >= 0 for r in (0, 1)):
+            time.sleep(0.05)
         return
     started = time.monotonic()
     try:
@@ -126,7 +128,7 @@ def test_waiting_agents_stop_soon_when_a_local_peer_exits_or_fails(tmp_path, how
     context = mp.start_processes(_failing_worker, args=(str(tmp_path / "store"), "/dev/shm", how, outcome),
                                  nprocs=3, start_method="spawn", join=False)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(outcome[r] >= 0 for r in (0, 1)):
+    while time.monotonic() < deadline and not all(outcome[3 + r] >= 0 for r in (0, 1)):  # written last
         time.sleep(0.1)
     for process in context.processes:
         process.kill()
@@ -152,9 +154,7 @@ def _random_worker(rank: int, world_size: int, store_path: str, host_keys: list[
             reducer.average()
         except RuntimeError as error:
             open(os.path.join(out_dir, "refused.txt"), "w").write(str(error))
-    else:
-        time.sleep(0.5)
-    reducer.close()
+    reducer.close()  # local only; leave_group's barrier orders it after rank 0's refused call
     reducer.close()  # a second close is a no-op
     leave_group()  # not a bare exit: gloo can abort a process that exits with its group alive
 
