@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from spark_ddl import TorchEstimator
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
-from tests.references import combined_batch_sgd, max_relative_difference, steps_per_epoch
+from tests.references import FLOAT32_PATHS, combined_batch_sgd, max_relative_difference, steps_per_epoch
 
 
 def reference_training(module, parts, batch_size, epochs, lr):
@@ -65,3 +66,28 @@ def test_three_agents_with_0_1_and_500_rows(sessions):
     reference, steps = reference_training(initial, parts, 32, 2, 0.05)
     assert trained.summary["shard_sizes"] == sizes and steps == 32
     assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+
+
+def test_multi_output_regression_on_an_array_label_equals_one_process(spark):
+    """An array label column (README: "an array column for multi-output regression") trains every
+    output: 2 uneven shards, 3 targets, against one process on the combined batches; transform
+    gives each row's vector of predictions."""
+    sizes, rng = [21, 30], np.random.default_rng(8)
+    x = rng.normal(size=(sum(sizes), 4)).astype(np.float32)
+    y = (x @ rng.normal(size=(4, 3)) + 0.1 * rng.normal(size=(sum(sizes), 3))).astype(np.float32)
+    parts = split_by_sizes(x, y, sizes)
+    payload = [[([float(v) for v in xr], [float(v) for v in yr]) for xr, yr in zip(px, py)] for px, py in parts]
+    rdd = spark.sparkContext.parallelize(range(2), 2).flatMap(lambda i: payload[i])
+    frame = spark.createDataFrame(rdd, "features array<float>, label array<float>")
+    torch.manual_seed(2)
+    net = TinyNet(out_features=3)
+    initial = copy.deepcopy(net)
+    trained = TorchEstimator(model=net, loss="mse", lr=0.05, batch_size=8, epochs=2, num_workers=2, shuffle=False,
+                             timeout=60).fit(frame)
+    reference = combined_batch_sgd(initial, parts, 8, 2, 0.05)
+    assert max_relative_difference(initial, reference) > 1e-2  # training moved the weights
+    assert max_relative_difference(trained.get_module(), reference) <= 1e-5
+    scored = trained.transform(frame).select("features", "prediction").toPandas()
+    with torch.no_grad():
+        local = trained.get_module()(torch.tensor(np.stack(scored["features"].to_numpy()))).numpy()
+    np.testing.assert_allclose(np.stack(scored["prediction"].to_numpy()), local, **FLOAT32_PATHS)  # a local forward
