@@ -113,3 +113,52 @@ def max_relative_difference(a: nn.Module, b: nn.Module) -> float:
         scale = pb.abs().max().item() or 1.0
         worst = max(worst, (pa.double() - pb.double()).abs().max().item() / scale)
     return worst
+
+
+# Batch-mean losses written from torch.nn.functional (labels arrive as float32 arrays).
+LOSSES = {
+    "mse": lambda output, y: nn.functional.mse_loss(output.reshape(-1), y.reshape(-1)),
+    "cross_entropy": lambda output, y: nn.functional.cross_entropy(output, y.long()),
+    "bce_with_logits": lambda output, y: nn.functional.binary_cross_entropy_with_logits(output.reshape(-1),
+                                                                                       y.reshape(-1)),
+}
+
+
+def combined_batch_training(module: nn.Module, parts: Sequence[Part], batch_size: int, epochs: int,
+                            optimizer, loss: str = "mse", clip: float | None = None,
+                            optimizer_state: dict | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``combined_batch_sgd`` with any optimiser and loss: one process, step s on every agent's rows
+    of step s together, the loss the mean over those rows (what the lock-step loop's row weighting
+    must give on uneven shards). ``optimizer``: ``callable(params) -> torch.optim.Optimizer``;
+    ``loss``: a key of LOSSES; ``clip``: ``clip_grad_norm_`` of the combined gradient before each
+    step; ``optimizer_state``: a saved state to continue (momentum, Adam's moments and step
+    counts) under this run's hyper-parameters. Returns copies of the trained model and its optimiser."""
+    model, shards = copy.deepcopy(module).train(), _tensors(parts)
+    opt = optimizer(model.parameters())
+    if optimizer_state is not None:
+        mine = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        opt.load_state_dict(copy.deepcopy(optimizer_state))
+        for group, settings in zip(opt.param_groups, mine):
+            group.update(settings)
+    for _ in range(epochs):
+        for step in range(steps_per_epoch(parts, batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            x = torch.cat([px[window] for px, _ in shards])
+            y = torch.cat([py[window] for _, py in shards])
+            opt.zero_grad()
+            LOSSES[loss](model(x), y).backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+    return model, opt
+
+
+def assert_same_optimizer_state(actual: dict, expected: dict, tolerance: float) -> None:
+    """Two ``optimizer.state_dict()``s: the same parameters, the same entries (momentum buffers,
+    moments, step counts), every tensor within ``tolerance``."""
+    assert sorted(actual["state"]) == sorted(expected["state"])
+    for index, entries in expected["state"].items():
+        assert set(actual["state"][index]) == set(entries), index
+        for name, value in entries.items():
+            torch.testing.assert_close(torch.as_tensor(actual["state"][index][name]), torch.as_tensor(value),
+                                       rtol=tolerance, atol=tolerance, msg=f"{index}.{name}")

@@ -4,6 +4,7 @@ failures, LatestModel in a running scoring query, failing micro-batches, retries
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from spark_ddl import ConfigError, LatestModel, SchemaError, TorchEstimator, Tor
 from spark_ddl.streaming.versions import VersionStore
 from tests.conftest import SESSIONS
 from tests.helpers import TinyNet, regression_arrays
+from tests.references import FLOAT32_PATHS, assert_same_optimizer_state, assert_same_state, combined_batch_training
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -80,6 +82,20 @@ def fail_at(stage: str, batch_id: int):
     return hook
 
 
+def momentum_sgd(params):
+    """The estimator()'s optimiser in plain torch."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def agents_parts(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A micro-batch file's rows as the 2 agents hold them: one file is one input partition, which
+    the driver balances by sending row i to agent i mod 2 (driver/data.py: balance_partitions)."""
+    table = pq.read_table(path)
+    x = np.stack(table.column("features").to_numpy(zero_copy_only=False)).astype(np.float32)
+    y = table.column("label").to_numpy().astype(np.float32)
+    return [(x[0::2], y[0::2]), (x[1::2], y[1::2])]
+
+
 def max_difference(a: TorchModel, b: TorchModel) -> float:
     left, right = a.get_module().state_dict(), b.get_module().state_dict()
     assert left.keys() == right.keys()
@@ -137,6 +153,22 @@ def test_version_k_equals_fit_warm_started_from_version_k_minus_1(spark, trained
     assert refit.summary["warm_start"]["optimizer_state"]  # momentum continues from version 2
 
 
+def test_version_k_equals_plain_torch_continuing_version_k_minus_1s_weights_and_momentum(trained):
+    """The independent reference: one process, torch.optim.SGD with version 2's momentum buffers
+    loaded, over micro-batch 2's rows (the agents' combined batches) gives version 3."""
+    store = VersionStore(trained["model_dir"])
+    previous, version = TorchModel.load(store.path(2)), TorchModel.load(store.path(3))
+    assert version.summary["shard_sizes"] == [ROWS // 2, ROWS // 2]
+    parts = agents_parts(trained["files"][2])
+    reference, optimizer = combined_batch_training(previous.get_module(), parts, 8, 1, momentum_sgd,
+                                                   optimizer_state=previous.optimizer_state_dict())
+    assert_same_state(version.get_module().state_dict(), reference.state_dict(), tolerance=1e-5)
+    assert_same_optimizer_state(version.optimizer_state_dict(), optimizer.state_dict(), tolerance=1e-5)
+    # control: the same step from version 2's weights with a fresh optimiser (no momentum) is far off
+    fresh, _ = combined_batch_training(previous.get_module(), parts, 8, 1, momentum_sgd)
+    assert max(float((fresh.state_dict()[k] - reference.state_dict()[k]).abs().max()) for k in fresh.state_dict()) > 1e-3
+
+
 def record_load(log: str):
     def hook(model_dir: str, version: int) -> None:  # runs on the executors
         with open(log, "a") as out:
@@ -188,6 +220,56 @@ def test_latest_model_switches_version_in_a_running_scoring_query(spark, trained
     assert {line.split()[1] for line in loads} == {"2", "3"}
 
 
+def flip_a_weight_byte(version: Path) -> None:
+    """Change one byte of the last tensor's data in place (the file still parses; its checksum
+    no longer matches the metadata's)."""
+    weights = version / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40
+    weights.write_bytes(bytes(data))
+
+
+def publish_when_loaded(staged: str, final: str, log: str):
+    """A LatestModel ``_on_load`` hook (executors): record each version loaded, and at the first
+    load rename the staged version into the scoring directory, as fit_stream publishes."""
+
+    def hook(model_dir: str, version: int) -> None:
+        with open(log, "a") as out:
+            out.write(f"{version}\n")
+        if os.path.exists(staged):
+            os.rename(staged, final)
+
+    return hook
+
+
+def test_latest_model_refuses_a_version_whose_checksum_does_not_verify(spark, trained, tmp_path):
+    versions, scoring_dir = Path(trained["model_dir"]), tmp_path / "serving"
+    scoring_dir.mkdir()
+    shutil.copytree(versions / "v000000002", scoring_dir / "v000000002")
+    shutil.copytree(versions / "v000000003", tmp_path / "tampered")
+    flip_a_weight_byte(tmp_path / "tampered")
+    # one task, 6 Arrow batches, each listing model_dir (refresh_seconds=0): the first batch loads
+    # version 2, which publishes the tampered version 3; the next five list it and must refuse it
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
+    try:
+        latest = LatestModel(str(scoring_dir), refresh_seconds=0)
+        latest._on_load = publish_when_loaded(str(tmp_path / "tampered"), str(scoring_dir / "v000000003"),
+                                              str(tmp_path / "loads.txt"))
+        scored = latest.transform(spark.read.parquet(str(trained["files"][2])).coalesce(1)).toPandas()
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert (scoring_dir / "v000000003").exists()  # it was there to be listed
+    assert (tmp_path / "loads.txt").read_text().split() == ["2"]
+    assert scored["model_version"].tolist() == [2] * ROWS
+    with torch.no_grad():
+        expected = TorchModel.load(str(versions / "v000000002")).get_module()(
+            torch.tensor(np.stack(scored["features"].to_numpy()), dtype=torch.float32)).numpy()[:, 0]
+    np.testing.assert_allclose(scored["prediction"], expected, **FLOAT32_PATHS)
+    # the driver's reader refuses it too (LatestModel.transform, load_latest)
+    with pytest.raises(ValueError, match="weights.safetensors does not match the checksum in its metadata"):
+        TorchModel.load_latest(str(scoring_dir))
+
+
 def test_stops_and_driver_deaths_never_train_a_micro_batch_twice_or_lose_one(spark, tmp_path):
     write_files(tmp_path / "in", 5)
     paths = {"model_dir": str(tmp_path / "models"), "checkpoint_location": str(tmp_path / "checkpoint")}
@@ -214,6 +296,47 @@ def test_stops_and_driver_deaths_never_train_a_micro_batch_twice_or_lose_one(spa
     records = last.versions()
     assert [(r["version"], r["batch_id"], r["rows"]) for r in records] == [(k + 1, k, ROWS) for k in range(5)]
     assert len({r["query_id"] for r in records}) == 1  # one query throughout (its checkpoint)
+    # the weights: an uninterrupted run of the 5 micro-batches in plain torch (momentum carried
+    # throughout) from the estimator's initial weights; a restart from anything but the newest
+    # version, or a micro-batch trained twice or skipped, ends elsewhere
+    torch.manual_seed(5)
+    reference, optimizer = TinyNet(), None  # estimator()'s initial weights
+    for path in sorted((tmp_path / "in").glob("*.parquet")):
+        state = optimizer.state_dict() if optimizer is not None else None
+        reference, optimizer = combined_batch_training(reference, agents_parts(path), 8, 1, momentum_sgd,
+                                                       optimizer_state=state)
+    final = TorchModel.load_latest(paths["model_dir"])
+    assert_same_state(final.get_module().state_dict(), reference.state_dict(), tolerance=1e-5)
+
+
+def test_trigger_once_an_initial_model_seeding_the_stream_and_an_empty_micro_batch(spark, tmp_path):
+    """trigger once: one micro-batch of every file there (maxFilesPerTrigger notwithstanding), then
+    the query ends; version 1 continues initial_model's weights (plain torch: one step per epoch on
+    all 48 rows, whatever the agents' split); a restart over a new empty file runs micro-batch 1
+    with no rows and publishes nothing."""
+    write_files(tmp_path / "in", 2)
+    paths = {"model_dir": str(tmp_path / "models"), "checkpoint_location": str(tmp_path / "checkpoint")}
+    torch.manual_seed(8)
+    seed = TinyNet()
+    est = estimator(batch_size=2 * ROWS, epochs=2)
+    stream = est.fit_stream(source(spark, tmp_path / "in"), **paths, trigger={"once": True},
+                            initial_model=TorchModel(copy.deepcopy(seed)))
+    assert stream.awaitTermination(WAIT) is True
+    assert [(r["version"], r["batch_id"], r["rows"]) for r in stream.versions()] == [(1, 0, 2 * ROWS)]
+    everything = [regression_arrays(2 * ROWS, seed=1)]
+    reference, _ = combined_batch_training(seed, everything, 2 * ROWS, 2, momentum_sgd)
+    version = TorchModel.load_latest(paths["model_dir"])
+    assert_same_state(version.get_module().state_dict(), reference.state_dict(), tolerance=1e-5)
+    torch.manual_seed(5)  # control: from the estimator's own initial weights it ends elsewhere
+    unseeded, _ = combined_batch_training(TinyNet(), everything, 2 * ROWS, 2, momentum_sgd)
+    assert max(float((unseeded.state_dict()[k] - reference.state_dict()[k]).abs().max()) for k in reference.state_dict()) > 1e-3
+
+    empty = pa.table({"features": pa.array([], pa.list_(pa.float32())), "label": pa.array([], pa.float32())})
+    pq.write_table(empty, tmp_path / "in" / "part-002.parquet")
+    again = est.fit_stream(source(spark, tmp_path / "in"), **paths, trigger={"once": True})
+    assert again.awaitTermination(WAIT) is True
+    assert (again.query.lastProgress["batchId"], again.query.lastProgress["numInputRows"]) == (1, 0)  # Spark ran it
+    assert [r["version"] for r in again.versions()] == [1] and VersionStore(paths["model_dir"]).numbers() == [1]
 
 
 def test_a_bad_micro_batch_fails_the_query_with_the_error_and_keeps_the_versions(spark, tmp_path):

@@ -56,3 +56,23 @@ def test_an_initial_model_that_does_not_fit_is_refused_before_any_job(spark, tmp
         with pytest.raises(ConfigError, match="is not a saved spark_ddl model"):
             estimator(initial_model=str(tmp_path / "nothing")).fit(data)
     assert jobs.count == 0
+
+
+def test_a_saved_model_whose_weights_do_not_match_their_checksum_is_refused(spark, tmp_path):
+    """One byte of the saved weights changed (the file still parses): TorchModel.load and a warm
+    start from the path refuse it, naming the file; the untouched copy loads."""
+    torch.manual_seed(3)
+    TorchModel(TinyNet()).save(str(tmp_path / "m"))
+    weights = tmp_path / "m" / "weights.safetensors"
+    original = weights.read_bytes()
+    assert TorchModel.load(str(tmp_path / "m"), module=TinyNet()) is not None  # control: as saved, it loads
+    tampered = bytearray(original)
+    tampered[-1] ^= 0x40  # the last tensor's last byte
+    weights.write_bytes(bytes(tampered))
+    with pytest.raises(ValueError, match="weights.safetensors does not match the checksum in its metadata"):
+        TorchModel.load(str(tmp_path / "m"), module=TinyNet())
+    data = frame_with_partitions(spark, split_by_sizes(*regression_arrays(16, seed=5), (8, 8)))
+    with SparkJobs(spark) as jobs:
+        with pytest.raises(ConfigError, match="does not match the checksum in its metadata"):
+            estimator(initial_model=str(tmp_path / "m")).fit(data)
+    assert jobs.count == 0
