@@ -5,6 +5,7 @@ transform; the driver refuses what the model cannot take before anything is laun
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -47,6 +48,37 @@ def test_every_input_type_reaches_the_model_as_the_table_says_in_training_and_tr
     scored = model.transform(typed_frame).select("k", "prediction").toPandas()  # the same probe, scoring
     assert len(scored) == 48 and np.isfinite(scored["prediction"]).all()
     assert model.getOrDefault("inputs") == TYPE_INPUTS
+
+
+class NarrowTypesProbe(torch.nn.Module):
+    """The type table's other rows: byte and short columns arrive as exact int64, decimal as
+    float32 (checked inside every forward pass, training and scoring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, small, medium, money):
+        if not (small.dtype == medium.dtype == torch.int64 and money.dtype == torch.float32):
+            raise ValueError(f"narrow types probe: {small.dtype} {medium.dtype} {money.dtype}")
+        if bool((medium != 0).any()):  # not the driver's zero batch: medium = 30000 + k, small = k - 100
+            k = medium - 30000
+            if not torch.equal(small, k - 100) or not torch.equal(money, k.float() + 0.125):
+                raise ValueError("narrow types probe: values changed on the way")
+        return self.head(torch.stack([small.float(), medium.float(), money], dim=1))
+
+
+def test_byte_short_and_decimal_columns_arrive_as_the_type_table_says(spark):
+    schema = "small byte, medium short, money decimal(12, 3), label double"
+    rows = [(k - 100, 30000 + k, Decimal(k) + Decimal("0.125"), float(k % 3)) for k in range(20)]
+    frame = spark.createDataFrame(rows, schema)
+    inputs = {"small": "small", "medium": "medium", "money": "money"}
+    model = TorchEstimator(model=NarrowTypesProbe(), inputs=inputs, loss="mse", lr=1e-6, batch_size=4, epochs=1,
+                           num_workers=2).fit(frame)  # the probe raises inside the agents if anything is off
+    assert {f.name: f.dtype for f in model.columns.batch.inputs} == {"small": "int64", "medium": "int64",
+                                                                      "money": "float32"}
+    scored = model.transform(frame).toPandas()  # the same probe, scoring
+    assert len(scored) == 20 and np.isfinite(scored["prediction"]).all()
 
 
 def test_named_inputs_transform_matches_a_local_forward_and_survives_save_and_load(spark, tmp_path):
