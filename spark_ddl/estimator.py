@@ -25,7 +25,7 @@ from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
 from spark_ddl.warm_start import resolve_initial_model
 from spark_ddl.weights import WeightsWriter
-from spark_ddl.wire import AgentJob
+from spark_ddl.wire import OPTIMIZER_PAYLOAD, AgentJob
 
 
 class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
@@ -118,7 +118,7 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                               preflight if self.getOrDefault(self.check_input) else None)
         try:
             result.load_weights_into(template)  # in place, a chunk at a time: no second copy of the model
-            optimizer_state = result.payload("optimizer") or None  # rank 0's: what a warm start continues
+            optimizer_state = result.payload(OPTIMIZER_PAYLOAD) or None  # rank 0's: what a warm start continues
         finally:
             result.discard()
         summary = dict(result.summary, seconds=result.seconds, sync=config.sync,

@@ -169,10 +169,6 @@ class ModelSource:
         """The same source, also carrying a torch.export program."""
         return replace(self, program=program)
 
-    def without_pickle(self) -> "ModelSource":
-        """The same source without the pickled module (what a reader that runs no pickle keeps)."""
-        return replace(self, pickled=None)
-
     # -------------------------------------------------------------- rebuilding
 
     def build(self, purpose: str = "train", weights: Weights | None = None, allow_pickle: bool = True) -> nn.Module:

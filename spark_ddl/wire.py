@@ -27,6 +27,7 @@ INPUT_PREFIX = "__ddl_in_"  # the model's inputs: __ddl_in_0, __ddl_in_1, ... (s
 FEATURES = INPUT_PREFIX + "0"  # the one-input shorthand's column
 LABEL = "__ddl_label"  # bigint (integer labels), double, or array<float>
 VALIDATION = "__ddl_is_validation"  # boolean, present when a validation set is configured
+UNIT = "__ddl_unit"  # spark_ddl.run without inputs: one byte per row, the rows only mark the partitions
 
 
 def input_column(index: int) -> str:
@@ -124,6 +125,12 @@ OUTPUT_SCHEMA = pa.schema(
     [("kind", pa.string()), ("rank", pa.int32()), ("seq", pa.int32()), ("data", pa.binary())]
 )
 OUTPUT_DDL = "kind string, rank int, seq int, data binary"
+# The payloads (the ``kind`` column) rank 0 sends back: spark_ddl.agent.delivery sends, FitResult holds them
+SUMMARY_PAYLOAD = "summary"  # JSON: what the fit's summary says (always sent)
+WEIGHTS_PAYLOAD = "weights"  # the trained weights (spark_ddl.weights' streamed safetensors)
+OPTIMIZER_PAYLOAD = "optimizer"  # rank 0's optimizer state, for a warm start
+RESULT_PAYLOAD = "result"  # spark_ddl.run: the function's return value (encode_value)
+STREAMED_PAYLOADS = (WEIGHTS_PAYLOAD, RESULT_PAYLOAD)  # what rank 0 may stream over the status channel
 
 
 def output_batches(kind: str, rank: int, payload: bytes) -> Iterator[pa.RecordBatch]:
@@ -201,8 +208,6 @@ def decode_value(kind: str, data: bytes) -> Any:
         return tensors["value"] if kind == "tensor" else tensors
     if kind == "json":
         return json.loads(data)
-    import pickle
-
     return pickle.loads(data)
 
 

@@ -19,7 +19,7 @@ from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch
 from spark_ddl.agent.training import AgentSetup, prepare
 from spark_ddl.sync.host_reduce import FlatGradientReducer
-from spark_ddl.wire import AgentJob, encode_value
+from spark_ddl.wire import RESULT_PAYLOAD, SUMMARY_PAYLOAD, AgentJob, encode_value
 
 
 class FunctionContext:
@@ -134,4 +134,4 @@ def run_function(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch],
     summary = {"history": ctx.history, "world_size": ctx.world_size, "shard_sizes": setup.peers.shard_sizes,
                "device": setup.plan.device, "backend": setup.plan.backend, "result_format": kind,
                "rendezvous": setup.peers.rendezvous.route}
-    return deliver(job, {"result": data, "summary": json.dumps(summary).encode()})
+    return deliver(job, {RESULT_PAYLOAD: data, SUMMARY_PAYLOAD: json.dumps(summary).encode()})

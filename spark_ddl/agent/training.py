@@ -33,7 +33,7 @@ from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
 from spark_ddl.sync.host_reduce import host_key
-from spark_ddl.wire import AgentJob
+from spark_ddl.wire import OPTIMIZER_PAYLOAD, SUMMARY_PAYLOAD, WEIGHTS_PAYLOAD, AgentJob
 from spark_ddl.weights import ShippedWeights, WeightsWriter
 
 
@@ -271,7 +271,7 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
     if rank != 0:
         return []
     if result.paused_after_epoch is not None:  # elastic: the driver continues with another agent count
-        return deliver(job, {"summary": json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
+        return deliver(job, {SUMMARY_PAYLOAD: json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
         "rendezvous": peers.rendezvous.route,
@@ -287,8 +287,8 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
     if isinstance(strategy, AsyncStrategy):
         del summary["epochs_run_per_rank"]  # async agents share the epochs: there is no per-rank count
     # rank 0's optimiser goes too: what a warm start continues
-    return deliver(job, {"weights": WeightsWriter(module), "optimizer": optimizer,
-                         "summary": json.dumps(summary).encode()})
+    return deliver(job, {WEIGHTS_PAYLOAD: WeightsWriter(module), OPTIMIZER_PAYLOAD: optimizer,
+                         SUMMARY_PAYLOAD: json.dumps(summary).encode()})
 
 
 def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:

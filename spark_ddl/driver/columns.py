@@ -80,9 +80,6 @@ class ColumnSpec:
         """Every source column of every input."""
         return tuple(c for source in self.sources for c in source.columns)
 
-    def source_of(self, name: str) -> InputSource:
-        return self.sources[[f.name for f in self.batch.inputs].index(name)]
-
     def without_label(self) -> "ColumnSpec":
         return replace(self, label_col=None)
 

@@ -36,7 +36,8 @@ from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter, notify
 from spark_ddl.driver.reachability import LostMachine, lost_machines, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import DRIVER_UNREACHABLE, OUTPUT_DDL, AgentJob, reassemble
+from spark_ddl.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, SUMMARY_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
+                            reassemble)
 from spark_ddl.weights import load_into_module
 
 log = logging.getLogger("spark_ddl")
@@ -76,13 +77,13 @@ class FitResult:
 
     def load_weights_into(self, module: torch.nn.Module) -> torch.nn.Module:
         """Read the trained weights into ``module``'s own tensors, one chunk at a time."""
-        with self.open("weights") as stream:
+        with self.open(WEIGHTS_PAYLOAD) as stream:
             return load_into_module(module, stream, "the trained weights")
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights as new tensors (a model-sized copy; ``load_weights_into`` is not)."""
-        return state_dict_from_bytes(self.payload("weights"))
+        return state_dict_from_bytes(self.payload(WEIGHTS_PAYLOAD))
 
     def discard(self) -> None:
         """Delete the files of streamed payloads."""
@@ -121,7 +122,7 @@ def run_training(
     checkpoints = caps.checkpoint_files()
     first_resume = check_checkpoint_dir(config, checkpoints, probe=caps.driver_sees_agent_files)
     training = (select_training_columns(df, spec, validation) if spec is not None
-                else df.select(F.lit(0).cast("byte").alias("__ddl_unit")))  # rows only mark the partitions
+                else df.select(F.lit(0).cast("byte").alias(UNIT)))  # rows only mark the partitions
     if preflight is not None:
         preflight(training)
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
@@ -359,7 +360,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
         reporter.close(finished=False)
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
-    summary_bytes = payloads.pop("summary", None)
+    summary_bytes = payloads.pop(SUMMARY_PAYLOAD, None)
     result = FitResult(json.loads(summary_bytes) if summary_bytes is not None else {}, seconds, payloads, files)
     paused = "paused_after_epoch" in result.summary  # elastic: an epoch boundary, no weights yet
     if summary_bytes is None or not (payloads or files or paused):

@@ -32,13 +32,13 @@ from typing import Any
 
 from spark_ddl.driver.peer_directory import PeerDirectory
 from spark_ddl.errors import TrainingError
-from spark_ddl.wire import describe
+from spark_ddl.wire import STREAMED_PAYLOADS, describe
 
 log = logging.getLogger("spark_ddl.monitor")
 agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here
 
 MAX_LINE_BYTES = 64 * 1024
-UPLOAD_KINDS = ("weights", "result")  # what rank 0 may stream here (see spark_ddl.agent.delivery)
+UPLOAD_KINDS = STREAMED_PAYLOADS  # what rank 0 may stream here (see spark_ddl.agent.delivery)
 UPLOAD_CHUNK = 4 * 1024 * 1024
 STATUS_KEYS = ("phase", "epoch", "step", "updates", "waiting", "steps_per_epoch", "epochs", "recent_epochs",
                "steps_done")

@@ -181,10 +181,6 @@ class Network:
         """Reconnect machine ``number``'s link."""
         _ip("link", "set", self.machine(number).link, "up")
 
-    def link_is_up(self, number: int) -> bool:
-        state = Path(f"/sys/class/net/{self.machine(number).link}/operstate")
-        return state.exists() and state.read_text().strip() != "down"
-
     def limit(self, number: int, rate: str | None) -> None:
         """Cap machine ``number``'s link at ``rate`` (tc syntax, e.g. '100mbit', '1gbit') in both
         directions, or lift the cap (None)."""
