@@ -32,15 +32,31 @@ def rows_frame(spark, count: int = 256):
     return frame, x
 
 
+def save_rank_0(path: str):
+    """A ``_final_hook``: rank 0 saves its trained module's state (after the replica check)."""
+
+    def hook(rank: int, module: nn.Module) -> None:
+        if rank == 0:
+            torch.save(module.state_dict(), path)
+
+    return hook
+
+
 def test_the_issues_135mb_mlp_fits_scores_saves_and_loads_on_default_settings(spark, tmp_path):
     assert spark.sparkContext.getConf().get("spark.driver.memory", "1g") == "1g"
     frame, x = rows_frame(spark)
     net = mlp(4096)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    model = TorchEstimator(model=net, loss="cross_entropy", lr=0.01, batch_size=32, epochs=1).fit(frame)
+    estimator = TorchEstimator(model=net, loss="cross_entropy", lr=0.01, batch_size=32, epochs=1)
+    estimator._final_hook = save_rank_0(str(tmp_path / "rank0.pt"))
+    model = estimator.fit(frame)
     assert model.summary["result_route"]["weights"] == "stream"
     trained = model.get_module()
-    assert not torch.equal(trained[0].weight, before["0.weight"])  # the trained weights came back
+    assert not torch.equal(trained[0].weight, before["0.weight"])  # training moved the weights
+    rank_0 = torch.load(str(tmp_path / "rank0.pt"), weights_only=True)
+    assert_same_state(trained.state_dict(), rank_0)  # the streamed weights are rank 0's, bit for bit
+    del rank_0
+    (tmp_path / "rank0.pt").unlink()
 
     scored = model.transform(frame).select("prediction").collect()
     with torch.no_grad():
@@ -72,7 +88,9 @@ def test_weights_that_cannot_reach_the_driver_are_refused_with_their_size_and_th
     with pytest.raises(TrainingError) as caught:
         estimator.fit(frame)
     message = str(caught.value)
-    assert "ResultTooLargeError" in message or "cannot reach the driver" in message
+    # the agent's own refusal (a failure to connect also says "cannot reach the driver")
+    assert "ResultTooLargeError" in message
+    assert "The trained weights (" in message and "cannot reach the driver: streaming them failed (turned off)" in message
     assert "MiB" in message and "spark.driver.memory" in message
 
 

@@ -228,24 +228,96 @@ def test_eval_step_metrics_join_each_epochs_validation_record(spark):
     assert model.history[-1]["val_mae"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_large_tables_exchange_only_touched_rows_and_train_the_same(spark):
+def record_all_gathers(folder: str):
+    """``_fail_hook`` and ``_final_hook`` that log, in each agent, every ``torch.distributed.all_gather``
+    call's tensor (shape, dtype, bytes) into ``folder/rank<r>.txt`` from the first step until the end
+    of the fit (the sparse exchange all-gathers row ids and rows; dense gradients go elsewhere)."""
+
+    def before_step(rank: int, epoch: int, step: int, module) -> None:
+        import torch.distributed as dist
+
+        if epoch == 0 and step == 0 and not hasattr(dist.all_gather, "original"):
+            original, log = dist.all_gather, open(f"{folder}/rank{rank}.txt", "w")
+
+            def all_gather(tensors, tensor, *args, **kwargs):
+                log.write(f"{list(tensor.shape)}|{tensor.dtype}|{tensor.numel() * tensor.element_size()}\n")
+                return original(tensors, tensor, *args, **kwargs)
+
+            all_gather.original, all_gather.log = original, log
+            dist.all_gather = all_gather
+
+    def at_the_end(rank: int, module) -> None:
+        import torch.distributed as dist
+
+        if hasattr(dist.all_gather, "original"):
+            dist.all_gather.log.close()
+            dist.all_gather = dist.all_gather.original
+
+    return before_step, at_the_end
+
+
+def gathered_rows(folder, rank: int, dim: int = 32) -> list[int]:
+    """Per all_gather of float32 rows of ``dim`` values (the table's rows): how many rows."""
+    rows = []
+    for line in (folder / f"rank{rank}.txt").read_text().splitlines():
+        shape, dtype, size = line.split("|")
+        shape = eval(shape)  # noqa: S307 - our own log: a list of ints
+        if dtype == "torch.float32" and len(shape) == 2 and shape[1] == dim:
+            assert int(size) == shape[0] * dim * 4
+            rows.append(shape[0])
+    return rows
+
+
+def matrix_factorization(policy: str, folder, **settings) -> TorchEstimator:
+    torch.manual_seed(0)
+    params = dict(model="spark_ddl.models:MatrixFactorization", model_kwargs={"users": 10, "items": 140_000, "dim": 32},
+                  inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", optimizer="sgd", lr=0.05,
+                  optimizer_kwargs={"momentum": 0.9}, epochs=2, batch_size=16, shuffle=False, sparse_embeddings=policy,
+                  num_workers=2, progress="off")
+    params.update(settings)
+    estimator = TorchEstimator(**params)
+    folder.mkdir()
+    estimator._fail_hook, estimator._final_hook = record_all_gathers(str(folder))
+    return estimator
+
+
+def test_large_tables_exchange_only_touched_rows_and_train_the_same(spark, tmp_path):
     rng = np.random.default_rng(4)
     rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 10, 96), rng.integers(0, 140_000, 96),
                                                           rng.normal(size=96))]
-    frame = spark.createDataFrame(rows, "user long, item long, rating double")
+    frame = spark.createDataFrame(rows, "user long, item long, rating double").repartition(1)
     fits = {}
     for policy in ("auto", "never"):  # a 140,000 x 32 table is 17.9 MB: 'auto' makes it sparse
-        torch.manual_seed(0)
-        fits[policy] = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
-                                      model_kwargs={"users": 10, "items": 140_000, "dim": 32},
-                                      inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
-                                      optimizer="sgd", lr=0.05, optimizer_kwargs={"momentum": 0.9}, epochs=2,
-                                      batch_size=16, shuffle=False, sparse_embeddings=policy).fit(frame)
+        fits[policy] = matrix_factorization(policy, tmp_path / policy).fit(frame)
     assert fits["auto"].summary["sparse_tables"] == 1 and fits["never"].summary["sparse_tables"] == 0
     sparse, dense = fits["auto"].get_module().state_dict(), fits["never"].get_module().state_dict()
     assert set(sparse) == set(dense)
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6)
+    # what was exchanged, measured in the agents: per step, each agent all-gathers as many item
+    # rows (32 float32 each) as the larger of the two agents' batches touched distinct items —
+    # one input partition is balanced row i -> agent i mod 2
+    assert fits["auto"].summary["shard_sizes"] == [48, 48]
+    items = np.array([i for _, i, _ in rows])
+    shards = [items[0::2], items[1::2]]
+    touched = [max(len(np.unique(shard[s * 16:(s + 1) * 16])) for shard in shards) for s in range(3)] * 2
+    for rank in (0, 1):
+        assert gathered_rows(tmp_path / "auto", rank) == touched  # 16 rows = 2 KB a step, of a 17.9 MB table
+        assert gathered_rows(tmp_path / "never", rank) == []  # dense: no rows all-gathered
+
+
+@pytest.mark.parametrize("update", [{"optimizer_kwargs": {"momentum": 0.9, "weight_decay": 0.01}},
+                                    {"grad_clip_norm": 1.0}], ids=["weight_decay", "grad_clip_norm"])
+def test_auto_keeps_large_tables_dense_under_weight_decay_or_clipping(spark, tmp_path, update):
+    """Weight decay and clipping read the whole gradient: 'auto' keeps the table dense (measured:
+    no rows all-gathered) and trains it as plain torch would (not just without an error)."""
+    rng = np.random.default_rng(4)
+    rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 10, 32), rng.integers(0, 140_000, 32),
+                                                          rng.normal(size=32))]
+    frame = spark.createDataFrame(rows, "user long, item long, rating double").repartition(1)
+    model = matrix_factorization("auto", tmp_path / "auto", epochs=1, **update).fit(frame)
+    assert model.summary["sparse_tables"] == 0
+    assert gathered_rows(tmp_path / "auto", 0) == gathered_rows(tmp_path / "auto", 1) == []
 
 
 def test_sparse_tables_with_an_optimiser_that_cannot_take_them_are_refused_on_the_driver(spark):
