@@ -87,7 +87,8 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s."""
+        """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s (lock-step strategies that
+        time their exchange, i.e. all but DDP: compute_seconds, the slowest agent's seconds outside it)."""
         return list(self.summary.get("history", []))
 
     def plot_history(self, path: str) -> str:

@@ -140,7 +140,9 @@ class AllReduceStrategy(LockstepStrategy):
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self._module = module
         self._has_buffers = any(True for _ in module.buffers())
+        self.exchange_seconds = None  # DDP: the exchange runs inside backward (the flat reducer: timed)
         if use_flat_reducer(self._impl, self._compression, self._device, module):
+            self.exchange_seconds = 0.0
             broadcast_state(module)
             keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
             make_tables_sparse(module, self._sparse_policy)
@@ -176,11 +178,12 @@ class AllReduceStrategy(LockstepStrategy):
         if not sync:
             return
         if self._reducer is not None:
-            finite = self._reducer.average(check_finite=self.nonfinite is not None)
+            with self.timed_exchange():
+                finite = self._reducer.average(check_finite=self.nonfinite is not None)
+                for table in self._sparse:
+                    average_sparse_gradient(table)
             if self.nonfinite is not None:
                 self.nonfinite.note_local_finite(self._reducer.own_gradients_finite)
-            for table in self._sparse:
-                average_sparse_gradient(table)
             if self._update_allowed([table.grad for table in self._sparse], known_finite=finite is not False):
                 self._optimizer.step()
             self._reducer.zero()

@@ -9,10 +9,11 @@ on the agent's loops.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Iterable, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -193,6 +194,19 @@ class LockstepStrategy(SyncStrategy):
     applies them. Every agent calls the same methods with the same arguments."""
 
     replicas_identical: ClassVar[bool] = True  # after every update (False: local SGD between averages)
+    # seconds this agent spent in its exchange with the others so far (its collectives, waits for the
+    # other agents and compression included), or None where the exchange runs inside backward (DDP)
+    exchange_seconds: float | None = 0.0
+
+    @contextmanager
+    def timed_exchange(self) -> Iterator[None]:
+        """Count the time in this block as exchange (``exchange_seconds``), not computation."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.exchange_seconds is not None:
+                self.exchange_seconds += time.perf_counter() - started
 
     def micro_step(self, sync: bool) -> ContextManager[None]:
         """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""

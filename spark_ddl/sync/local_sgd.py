@@ -46,7 +46,8 @@ class LocalSGDStrategy(LockstepStrategy):
         if self._update_allowed([p.grad for p in self.module.parameters()], collective=False):  # its own gradient
             self.optimizer.step()
         # torch averages only parameters that have a gradient: zero them after averaging
-        self._averager.average_parameters(self.module.parameters())
+        with self.timed_exchange():  # every sync_every-th call averages; the others only count
+            self._averager.average_parameters(self.module.parameters())
         self._unaveraged_steps = (self._unaveraged_steps + 1) % self._sync_every
         self.optimizer.zero_grad(set_to_none=True)
 

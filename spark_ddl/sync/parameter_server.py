@@ -37,17 +37,19 @@ class ParameterServerStrategy(LockstepStrategy):
         flat = flatten(grads)
         if self.nonfinite is not None:
             self.nonfinite.note_local_gradients([flat])
-        dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)  # step 4: gradients to the master
-        apply = True
-        if self.nonfinite is not None:  # the master's verdict on the summed gradient, for every rank
-            verdict = torch.tensor([1 if dist.get_rank() != 0 or all_finite([flat]) else 0], device=flat.device)
-            dist.broadcast(verdict, src=0)
-            apply = self.nonfinite.resolve(bool(verdict.item()))
+        with self.timed_exchange():
+            dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)  # step 4: gradients to the master
+            apply = True
+            if self.nonfinite is not None:  # the master's verdict on the summed gradient, for every rank
+                verdict = torch.tensor([1 if dist.get_rank() != 0 or all_finite([flat]) else 0], device=flat.device)
+                dist.broadcast(verdict, src=0)
+                apply = self.nonfinite.resolve(bool(verdict.item()))
         if dist.get_rank() == 0 and apply:
             flat /= dist.get_world_size()
             for param, grad in zip(params, unflatten(flat, grads)):
                 param.grad = grad
             optimizer.step()  # step 5: the master updates
         if apply:
-            broadcast_state(module)  # step 6: everyone gets the master's parameters
+            with self.timed_exchange():
+                broadcast_state(module)  # step 6: everyone gets the master's parameters
         optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ Spark), each against an independent reference written here in plain torch."""
 from __future__ import annotations
 
 import math
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -135,6 +136,12 @@ def test_synchronous_strategies_equal_one_process_on_the_combined_batch(tmp_path
         assert_states_close(rank["state"], expected)
     assert [h["samples"] for h in ranks[0]["history"]] == [98, 98]
     assert ranks[0]["steps_run"] == ranks[1]["steps_run"] == epochs * math.ceil(61 / batch)
+    # the slowest agent's seconds outside the exchange; DDP exchanges inside backward: not timed
+    for record in ranks[0]["history"]:
+        if allreduce_impl == "ddp":
+            assert "compute_seconds" not in record
+        else:
+            assert 0 < record["compute_seconds"] < record["seconds"] + 0.5
 
 
 @pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])
@@ -190,6 +197,20 @@ def test_local_sgd_equals_independent_runs_averaged_every_k_steps(tmp_path):
     # and it differs from all-reduce (the test could not pass by averaging every step)
     synchronous = plain_sgd(sizes, batch, epochs, lr=0.05)
     assert not all(torch.allclose(expected[n], synchronous[n], atol=1e-4) for n in expected)
+
+
+def test_the_exchange_timer_counts_only_its_block_and_not_where_it_is_off():
+    from spark_ddl.sync.parameter_server import ParameterServerStrategy
+
+    strategy = ParameterServerStrategy(torch.device("cpu"))
+    with strategy.timed_exchange():
+        time.sleep(0.05)
+    time.sleep(0.05)
+    assert 0.05 <= strategy.exchange_seconds < 0.09
+    strategy.exchange_seconds = None  # a strategy whose exchange cannot be timed (DDP's, inside backward)
+    with strategy.timed_exchange():
+        pass
+    assert strategy.exchange_seconds is None
 
 
 def test_one_async_agent_is_plain_sequential_sgd(tmp_path):

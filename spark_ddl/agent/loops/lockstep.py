@@ -91,7 +91,7 @@ class EpochLoop:
         context, config, strategy = self.context, self.config, self.strategy
         model, heartbeat, world_size = strategy.module, context.heartbeat, context.world_size
         model.train()
-        started = time.perf_counter()
+        started, exchanged = time.perf_counter(), strategy.exchange_seconds
         # one seeded order per shard this agent runs (its own; elastic: several), so that the
         # global batch and sample order are those of num_workers agents whatever the agent count
         orders = [offset + epoch_order(rows, epoch, config.shuffle, config.seed, shard)
@@ -129,12 +129,19 @@ class EpochLoop:
                 self._after_update(epoch, step, loss_sum)
         heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
         mine = float(sum(rows for _, _, rows in context.parts))
-        totals = torch.tensor([loss_sum, mine], dtype=torch.float64, device=context.device)
+        # and in slot 2 + rank, this rank's seconds outside the exchange (where the strategy times it)
+        totals = torch.zeros(2 + world_size, dtype=torch.float64, device=context.device)
+        totals[0], totals[1] = loss_sum, mine
+        if exchanged is not None:
+            totals[2 + context.rank] = time.perf_counter() - started - (strategy.exchange_seconds - exchanged)
         dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         samples = int(totals[1].item())
-        return {"train_loss": float(totals[0].item() / max(samples, 1)), "samples": samples,
-                "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
+        record = {"train_loss": float(totals[0].item() / max(samples, 1)), "samples": samples,
+                  "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
+        if exchanged is not None:  # the slowest agent's computation: every exchange waits for it
+            record["compute_seconds"] = float(totals[2:].max().item())
+        return record
 
     def _after_update(self, epoch: int, step: int, loss_sum: float) -> None:
         self.updates += 1
