@@ -16,11 +16,15 @@ with ``validation_col``):
   the traffic model's (``model``: gloo's ring all-reduce, ring reduce + gather + binomial
   broadcast, over the ranks' placement), and what the machines' links actually carried (the
   veths' byte counters over the whole fit ÷ steps, busiest direction);
-- the cost model's prediction: compute-only seconds per step (the same strategy with all agents
-  on one machine, ``local[M·L]``: the machines here share this host's cores, so that is the same
-  compute; fp16 and PowerSGD use flat's plus the leader's compression work, measured apart) +
-  wire bytes ÷ link rate + messages × α, the link rate and α measured between two machines at
-  each cap (TCP goodput of a bulk send; half a gloo all-reduce of one float).
+- the cost model's prediction: the computation, measured in the same fits (the history's
+  ``compute_seconds``: the slowest agent's seconds outside its exchange, per step; ``ddp``,
+  whose exchange runs inside backward, takes the flat row's at the same rate) + the exchange,
+  predicted: the leader's compression work (measured apart) + wire bytes ÷ link rate + messages
+  × α, the link rate and α measured between two machines at each cap (TCP goodput of a bulk
+  send; half a gloo all-reduce of one float). Beside it the exchange measured (step − compute).
+
+Repeats run interleaved (every strategy once, then again), so that a change of load on this
+shared host falls on every strategy alike; rows are medians over the repeats.
 
 Needs root and iproute2 (``spark_ddl.testbed.network.missing_requirements``). The machines use
 the prefix ``ddlb`` and subnet 10.78.0 by default, apart from the test suite's.
@@ -29,8 +33,6 @@ the prefix ``ddlb`` and subnet 10.78.0 by default, apart from the test suite's.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 import time
@@ -38,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from spark_ddl.benchmarks.network_model import (compression_compute, describe_link, link_counters, machine_of_rank,
-                                                  model_bytes, predict, probe_gloo, probe_link, rate_bits)
+                                                  model_bytes, predict_exchange, probe_gloo, probe_link, rate_bits)
+from spark_ddl.benchmarks.network_report import HEADER, LEGEND, format_row, targets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,6 +105,7 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
     steps_per_epoch = max(steps_run) / max(len(history), 1)
     steady = history[1:] or history
     epoch_s = statistics.median(h["seconds"] for h in steady)
+    compute = [h["compute_seconds"] for h in steady if h.get("compute_seconds") is not None]
     reached = next((i for i, h in enumerate(history) if (h.get("val_accuracy") or 0) >= args.target), None)
     # wall: the fit's own time less the epochs after the one that reached the target (launch included)
     to_target = None if reached is None else wall - sum(h["seconds"] for h in history[reached + 1:])
@@ -112,9 +116,10 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
         link_bytes = busiest / max(max(steps_run), 1)
     return {"fit_seconds": wall, "seconds_per_epoch": epoch_s,
             "seconds_per_step": epoch_s / steps_per_epoch if steps_per_epoch else None,
+            "compute_seconds_per_step": (statistics.median(compute) / steps_per_epoch
+                                         if compute and steps_per_epoch else None),
             "steps_per_epoch": steps_per_epoch, "time_to_target_s": to_target,
             "training_seconds_to_target": training_to_target,
-            "steady_seconds_per_step": [h["seconds"] / steps_per_epoch for h in steady] if steps_per_epoch else [],
             "target_epoch": None if reached is None else reached + 1,
             "val_accuracy": [h.get("val_accuracy") for h in history],
             "link_bytes_per_step": link_bytes,
@@ -129,12 +134,12 @@ def median_row(fits: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.median(values) if values and len(values) * 2 > len(fits) else None
 
     row = {key: med(key) for key in ("fit_seconds", "seconds_per_epoch", "seconds_per_step", "steps_per_epoch",
-                                      "time_to_target_s", "training_seconds_to_target", "target_epoch",
-                                      "link_bytes_per_step")}
+                                      "compute_seconds_per_step", "time_to_target_s", "training_seconds_to_target",
+                                      "target_epoch", "link_bytes_per_step")}
     row["val_accuracy"] = fits[-1]["val_accuracy"]
     row["summary"] = fits[-1]["summary"]
-    row["repeats"] = [{k: f[k] for k in ("seconds_per_step", "time_to_target_s", "training_seconds_to_target")}
-                      for f in fits]
+    row["repeats"] = [{k: f[k] for k in ("seconds_per_step", "compute_seconds_per_step", "time_to_target_s",
+                                         "training_seconds_to_target", "target_epoch")} for f in fits]
     return row
 
 
@@ -153,43 +158,69 @@ def stop_active_session() -> None:
         active.stop()
 
 
-def local_base(strategy: str) -> str:
-    """The strategy whose one-machine run is ``strategy``'s compute: on one machine the flat
-    exchange compresses nothing, so flat, fp16 and powersgd do the same work there."""
-    return "flat" if strategy in ("flat", "fp16", "powersgd") else strategy
+def measure_link(cluster, rate: str, per_machine: int) -> dict[str, Any]:
+    """Cap every machine's link at ``rate``, then its TCP goodput and α between machines 1 and 2."""
+    for number in range(1, len(cluster.network.machines) + 1):
+        cluster.limit(number, None if rate_bits(rate) is None else rate)
+    link = probe_link(cluster, rate)
+    link["tcp_alpha_s"] = link.pop("alpha_s")
+    link["gloo_all_reduce_1_float_s"] = probe_gloo(cluster)
+    link["alpha_s"] = link["gloo_all_reduce_1_float_s"] / (2 * (2 - 1))  # two machines' ring: 2 messages
+    link.update(rate=rate, agents_per_machine=per_machine)
+    print(f"  link {rate}: {describe_link(link)}", flush=True)
+    return link
 
 
-def compute_only(args: argparse.Namespace, world: int) -> dict[str, float]:
-    """Seconds per step with all ``world`` agents on this machine (local[world]), per strategy that
-    needs one: the median of every steady epoch of ``max(3, repeats)`` fits."""
-    from spark_ddl import get_or_create_session
+def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, per_machine: int,
+                  link: dict[str, Any], compression: dict[str, float], flat_compute: float | None) -> None:
+    """Add the traffic model's bytes and messages and the prediction to the measured ``row``: its own
+    compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange."""
+    from spark_ddl.models import MLP
 
-    stop_active_session()
-    spark = get_or_create_session(master=f"local[{world}]", num_workers=world,
-                                  app_name="spark_ddl-bench-network-compute")
-    try:
-        frame = digits_frame(spark, args.data, args.train_rows, world)
-        strategies = list(dict.fromkeys(local_base(s) for s in args.strategies if s in SYNCHRONOUS))
-        if args.warm_up:
-            warm_up(strategies, args, frame, world)
-        out = {}
-        for strategy in strategies:
-            steps = []
-            for _ in range(max(3, args.repeats)):
-                fit = one_fit(strategy, args, frame, world)
-                steps += fit["steady_seconds_per_step"]
-            out[strategy] = statistics.median(steps)
-            print(f"  compute-only, {world} agents on one machine, {strategy}: {out[strategy] * 1e3:.2f} ms/step",
-                  flush=True)
-        return out
-    finally:
-        spark.stop()
+    parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
+    machine_of = machine_of_rank(row["summary"].get("machines"), args.machines, per_machine)
+    wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
+    compute, compute_source = row["compute_seconds_per_step"], "fit"
+    if compute is None and strategy == "ddp" and flat_compute is not None:
+        compute, compute_source = flat_compute, "flat"
+    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0))
+    step = row["seconds_per_step"]
+    predicted = compute + exchange if compute is not None and exchange is not None else None
+    measured_exchange = step - compute if compute is not None and step else None
+    row.update(agents=f"{args.machines}×{per_machine}", machines=args.machines, agents_per_machine=per_machine,
+               rate=link["rate"], strategy=strategy, label=STRATEGIES[strategy][0],
+               synchronous=strategy in SYNCHRONOUS, bytes_across_per_step=wire, bytes_source=source,
+               messages_per_step=messages, machine_of_rank=machine_of, compute_seconds_per_step=compute,
+               compute_source=compute_source if compute is not None else None,
+               compression_seconds_per_step=compression.get(strategy),
+               predicted_exchange_seconds_per_step=exchange, measured_exchange_seconds_per_step=measured_exchange,
+               predicted_seconds_per_step=predicted,
+               measured_over_predicted=step / predicted if predicted and step else None,
+               exchange_measured_over_predicted=(measured_exchange / exchange
+                                                 if exchange and measured_exchange is not None else None))
 
 
-def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, float],
-                 compression: dict[str, float]) -> tuple[list, list]:
-    """Every rate × strategy on ``args.machines`` machines of ``per_machine`` agents each; ``local``:
-    compute-only seconds per step by ``local_base``, ``compression``: the leader's compression work."""
+def rate_rows(args: argparse.Namespace, cluster, frame, per_machine: int, link: dict[str, Any],
+              compression: dict[str, float]) -> list[dict[str, Any]]:
+    """Every strategy at the current caps, ``args.repeats`` rounds of one fit each, interleaved."""
+    workers = args.machines * per_machine
+    fits: dict[str, list] = {strategy: [] for strategy in args.strategies}
+    for _ in range(args.repeats):
+        for strategy in args.strategies:
+            fits[strategy].append(one_fit(strategy, args, frame, workers, cluster))
+    rows = []
+    for strategy in args.strategies:
+        row = median_row(fits[strategy])
+        flat = next((r["compute_seconds_per_step"] for r in rows if r["strategy"] == "flat"), None)
+        predicted_row(row, strategy, args, per_machine, link, compression, flat)
+        rows.append(row)
+        print("  " + format_row(row), flush=True)
+    return rows
+
+
+def machine_rows(args: argparse.Namespace, per_machine: int, compression: dict[str, float]) -> tuple[list, list]:
+    """Every rate × strategy on ``args.machines`` machines of ``per_machine`` agents each;
+    ``compression``: the leader's compression work per step, by strategy."""
     from spark_ddl.testbed.cluster import MachineCluster
 
     stop_active_session()
@@ -208,43 +239,9 @@ def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, fl
             began = time.perf_counter()
             warm_up(args.strategies, args, frame, workers)
             print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
-        parameters_bytes = None
-        layout = None  # ranks by machine, as the last fit that reported it placed them
         for rate in args.rates:
-            for number in range(1, args.machines + 1):
-                cluster.limit(number, None if rate_bits(rate) is None else rate)
-            link = probe_link(cluster, rate)
-            link["tcp_alpha_s"] = link.pop("alpha_s")
-            link["gloo_all_reduce_1_float_s"] = probe_gloo(cluster)
-            link["alpha_s"] = link["gloo_all_reduce_1_float_s"] / (2 * (2 - 1))  # two machines' ring: 2 messages
-            link.update(rate=rate, agents_per_machine=per_machine)
-            links.append(link)
-            print(f"  link {rate}: {describe_link(link)}", flush=True)
-            for strategy in args.strategies:
-                fits = [one_fit(strategy, args, frame, workers, cluster) for _ in range(args.repeats)]
-                row = median_row(fits)
-                if parameters_bytes is None:
-                    from spark_ddl.models import MLP
-
-                    parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
-                layout = row["summary"].get("machines") or layout
-                machine_of = machine_of_rank(layout, args.machines, per_machine)
-                wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
-                compute = local.get(local_base(strategy))
-                if compute is not None:
-                    compute += compression.get(strategy, 0.0)
-                predicted = predict(compute, wire, messages, link)
-                row.update(agents=f"{args.machines}×{per_machine}", machines=args.machines,
-                           agents_per_machine=per_machine, rate=rate, strategy=strategy,
-                           label=STRATEGIES[strategy][0], synchronous=strategy in SYNCHRONOUS,
-                           bytes_across_per_step=wire, bytes_source=source, messages_per_step=messages,
-                           machine_of_rank=machine_of,
-                           compute_seconds_per_step=compute, compression_seconds_per_step=compression.get(strategy),
-                           predicted_seconds_per_step=predicted,
-                           measured_over_predicted=(row["seconds_per_step"] / predicted
-                                                    if predicted and row["seconds_per_step"] else None))
-                rows.append(row)
-                print("  " + format_row(row, args.target), flush=True)
+            links.append(measure_link(cluster, rate, per_machine))
+            rows += rate_rows(args, cluster, frame, per_machine, links[-1], compression)
     finally:
         try:
             if spark is not None:
@@ -256,62 +253,10 @@ def machine_rows(args: argparse.Namespace, per_machine: int, local: dict[str, fl
     return rows, links
 
 
-# -- the table ---------------------------------------------------------------------------------
+# -- the command ------------------------------------------------------------------------------
 
-HEADER = (f"{'agents':<6} {'rate':<9} {'strategy':<27} {'s/epoch':>7} {'ms/step':>8} {'compute':>8} "
-          f"{'predict':>8} {'meas/pred':>9} {'wire B/step':>19} {'link B/step':>11} {'to target':>14} {'training':>8}")
-
-
-def format_row(row: dict[str, Any], target: float) -> str:
-    def ms(value):
-        return f"{value * 1e3:8.2f}" if value is not None else f"{'–':>8}"
-
-    ratio = row.get("measured_over_predicted")
-    source = " (model)" if row["bytes_source"] == "model" else ""
-    across = f"{row['bytes_across_per_step']:,.0f}{source}" if math.isfinite(row["bytes_across_per_step"]) else "–"
-    link = f"{row['link_bytes_per_step']:,.0f}" if row.get("link_bytes_per_step") is not None else "–"
-    reached = (f"{row['time_to_target_s']:.1f} s (ep {row['target_epoch']:.0f})"
-               if row.get("time_to_target_s") is not None else "not reached")
-    training = f"{row['training_seconds_to_target']:.2f}" if row.get("training_seconds_to_target") else "–"
-    return (f"{row['agents']:<6} {row['rate']:<9} {row['label']:<27} {row['seconds_per_epoch']:7.3f} "
-            f"{ms(row['seconds_per_step'])} {ms(row.get('compute_seconds_per_step'))} "
-            f"{ms(row.get('predicted_seconds_per_step'))} {f'{ratio:.2f}' if ratio else '–':>9} "
-            f"{across:>19} {link:>11} {reached:>14} {training:>8}")
-
-
-def targets(rows: list[dict[str, Any]], slow: str) -> dict[str, Any]:
-    """The issue's three targets, as far as the rows measured allow."""
-    out: dict[str, Any] = {}
-    ratios = [r["measured_over_predicted"] for r in rows if r["synchronous"] and r["measured_over_predicted"]]
-    if ratios:
-        out["a_every_sync_row_within_25pct"] = all(0.75 <= x <= 1.25 for x in ratios)
-        out["a_ratios_range"] = [min(ratios), max(ratios)]
-        out["a_rows_within"] = f"{sum(0.75 <= x <= 1.25 for x in ratios)}/{len(ratios)}"
-    for per_machine in sorted({r["agents_per_machine"] for r in rows}):
-        group = {r["strategy"]: r for r in rows if r["rate"] == slow and r["agents_per_machine"] == per_machine}
-        flat = group.get("flat")
-        key = f"{rows[0]['machines']}x{per_machine}"
-        if flat and flat["time_to_target_s"]:
-            reached = [r for r in group.values() if r["time_to_target_s"] is not None]
-            best = min(reached, key=lambda r: r["time_to_target_s"])
-            speedup = flat["time_to_target_s"] / best["time_to_target_s"]
-            out[f"b_{key}_best_to_target"] = {"strategy": best["strategy"], "speedup": speedup, "met": speedup >= 5}
-            trained = [r for r in reached if r["training_seconds_to_target"]]
-            fastest = min(trained, key=lambda r: r["training_seconds_to_target"])
-            out[f"b_{key}_best_training_to_target"] = {
-                "strategy": fastest["strategy"],
-                "speedup": flat["training_seconds_to_target"] / fastest["training_seconds_to_target"]}
-        if flat and group.get("fp16"):
-            speedup = flat["seconds_per_step"] / group["fp16"]["seconds_per_step"]
-            out[f"c_{key}_fp16_step_speedup"] = {"speedup": speedup, "met": speedup >= 1.8}
-    return out
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run this benchmark with command-line arguments ``argv``."""
+def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     from spark_ddl.apps.options import parse_with_config
-    from spark_ddl.benchmarks.common import emit
-    from spark_ddl.testbed.network import missing_requirements
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO / "data" / "digits.parquet"),
@@ -327,9 +272,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--hidden", default="512,512")
     parser.add_argument("--batch-size", type=int, default=32, help="per agent")
     parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--repeats", type=int, default=1, help="fits per row (medians printed)")
-    parser.add_argument("--compute", choices=("local", "none"), default="local",
-                        help="measure compute-only step times on local[M·L] for the prediction (none: skip)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fits per row, interleaved across the strategies (medians printed)")
+    parser.add_argument("--compression-work", choices=("measure", "none"), default="measure",
+                        help="measure the leader's fp16/PowerSGD compression work apart, for the prediction")
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                         help="skip the short untimed fit of each strategy before the rows (a quick smoke run)")
     parser.add_argument("--timeout", type=float, default=300.0, help="the fits' timeout (s)")
@@ -343,37 +289,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    per_machine_values = [int(a) for a in str(args.agents_per_machine).split(",") if a]
-    reason = missing_requirements()
-    if reason is not None:
-        print(f"spark-ddl bench network needs separate machines: {reason}", file=sys.stderr)
-        return 2
+    args.per_machine = [int(a) for a in str(args.agents_per_machine).split(",") if a]
+    return args
 
-    started = time.perf_counter()
-    rows, links, compute = [], [], {}
-    compression = {}
-    if args.compute == "local":
-        for strategy in ("fp16", "powersgd"):
-            if strategy in args.strategies:
-                compression[strategy] = compression_compute(strategy, args.hidden)
-                print(f"  compression work of the leader, {strategy}: {compression[strategy] * 1e3:.2f} ms/step",
-                      flush=True)
-    for per_machine in per_machine_values:
-        world = args.machines * per_machine
-        compute[world] = compute_only(args, world) if args.compute == "local" else {}
-        more_rows, more_links = machine_rows(args, per_machine, compute[world], compression)
-        rows += more_rows
-        links += more_links
 
-    slow = min(args.rates, key=lambda r: rate_bits(r) or float("inf"))
+def report(args: argparse.Namespace, rows: list, links: list, compression: dict[str, float]) -> dict[str, Any]:
+    """Print the table and the targets; the targets."""
     print(f"\nSynchronisation across machines: digits, MLP 64→{'→'.join(map(str, args.hidden))}→10, batch "
           f"{args.batch_size}/agent, SGD momentum 0.9, {args.epochs} epochs, target held-out accuracy {args.target}"
-          f"{f', medians of {args.repeats}' if args.repeats > 1 else ''}")
-    print("compute: ms/step with every agent on one machine (local[M·L]; flat for fp16/powersgd) + the leader's "
-          "compression work; predict = compute + wire ÷ TCP goodput + messages × α (both measured per rate); wire: "
-          "bytes per step on one link's critical path (from the summary, or (model)); link: the busiest link "
-          "direction's byte counter over the whole fit ÷ steps; to target: the fit's wall time less the epochs "
-          "after the first at the target; training: the epochs' own seconds up to it\n")
+          f"{f', medians of {args.repeats} interleaved repeats' if args.repeats > 1 else ''}")
+    print(LEGEND + "\n")
     for name, seconds in compression.items():
         print(f"  compression work of the leader, {name}: {seconds * 1e3:.2f} ms/step")
     for link in links:
@@ -381,15 +306,41 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print()
     print(HEADER)
     for row in rows:
-        print(format_row(row, args.target))
-    checks = targets(rows, slow)
+        print(format_row(row))
+    checks = targets(rows, min(args.rates, key=lambda r: rate_bits(r) or float("inf")))
     print()
     for key, value in checks.items():
         print(f"  {key}: {value}")
-    result = {"benchmark": "network", "machines": args.machines, "agents_per_machine": per_machine_values,
+    return checks
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run this benchmark with command-line arguments ``argv``."""
+    from spark_ddl.benchmarks.common import emit
+    from spark_ddl.testbed.network import missing_requirements
+
+    args = parse_args(argv, prog)
+    reason = missing_requirements()
+    if reason is not None:
+        print(f"spark-ddl bench network needs separate machines: {reason}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows, links, compression = [], [], {}
+    if args.compression_work == "measure":
+        for strategy in ("fp16", "powersgd"):
+            if strategy in args.strategies:
+                compression[strategy] = compression_compute(strategy, args.hidden)
+                print(f"  compression work of the leader, {strategy}: {compression[strategy] * 1e3:.2f} ms/step",
+                      flush=True)
+    for per_machine in args.per_machine:
+        more_rows, more_links = machine_rows(args, per_machine, compression)
+        rows += more_rows
+        links += more_links
+    checks = report(args, rows, links, compression)
+    result = {"benchmark": "network", "machines": args.machines, "agents_per_machine": args.per_machine,
               "rates": args.rates, "strategies": args.strategies, "epochs": args.epochs, "target": args.target,
-              "hidden": args.hidden, "batch_size": args.batch_size, "repeats": args.repeats,
-              "compute_seconds_per_step": {str(k): v for k, v in compute.items()},
+              "hidden": args.hidden, "batch_size": args.batch_size, "lr": args.lr, "repeats": args.repeats,
+              "compute": "in the same fits (history compute_seconds; ddp: flat's at the same rate)",
               "compression_seconds_per_step": compression, "links": links, "rows": rows,
               "targets": checks, "seconds": time.perf_counter() - started}
     emit(result, args.json)

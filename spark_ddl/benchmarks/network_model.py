@@ -268,7 +268,10 @@ def describe_link(link: dict[str, Any]) -> str:
             f"TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
 
 
-def predict(compute_s: float | None, wire_bytes: float, messages: float, link: dict[str, float]) -> float | None:
-    if compute_s is None or not math.isfinite(wire_bytes):
+def predict_exchange(wire_bytes: float, messages: float, link: dict[str, float],
+                     compression_s: float = 0.0) -> float | None:
+    """Seconds per step of the exchange between machines: the leader's compression work + the wire
+    bytes at the link's goodput + the messages on the critical path at α each (None: async)."""
+    if not math.isfinite(wire_bytes):
         return None
-    return compute_s + wire_bytes / link["goodput_bytes_per_s"] + messages * link["alpha_s"]
+    return compression_s + wire_bytes / link["goodput_bytes_per_s"] + messages * link["alpha_s"]

@@ -24,7 +24,7 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     sessions.stop()  # the benchmark starts its own session on the machines
     try:
         code = network.main(["--agents-per-machine", "1", "--rates", "100mbit", "--strategies", "flat,fp16",
-                             "--epochs", "2", "--train-rows", "512", "--compute", "none", "--no-warm-up",
+                             "--epochs", "2", "--train-rows", "512", "--compression-work", "none", "--no-warm-up",
                              "--json", str(out)],
                             prog="spark-ddl bench network")
     finally:
@@ -32,7 +32,7 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     assert code == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "network" and result["rates"] == ["100mbit"]
-    assert {"links", "rows", "targets", "compute_seconds_per_step"} <= set(result)
+    assert {"links", "rows", "targets", "compression_seconds_per_step"} <= set(result)
     link = result["links"][0]
     assert 50e6 < link["goodput_bytes_per_s"] * 8 < 110e6  # the cap holds (TCP goodput of a 100 Mbit/s link)
     rows = {row["strategy"]: row for row in result["rows"]}
@@ -41,6 +41,10 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
         assert {"seconds_per_epoch", "seconds_per_step", "time_to_target_s", "bytes_across_per_step",
                 "link_bytes_per_step", "predicted_seconds_per_step", "measured_over_predicted"} <= set(row)
         assert row["seconds_per_step"] > 0 and row["bytes_source"] == "summary"
+        # the computation measured in the same fit (outside the exchange), the exchange predicted beside it
+        assert row["compute_source"] == "fit" and 0 < row["compute_seconds_per_step"] < row["seconds_per_step"]
+        assert row["predicted_seconds_per_step"] == pytest.approx(
+            row["compute_seconds_per_step"] + row["predicted_exchange_seconds_per_step"])
         assert row["summary"]["machines"] == [[0], [1]]
     assert rows["fp16"]["summary"]["compression"] == "fp16"
     half = rows["fp16"]["bytes_across_per_step"] / rows["flat"]["bytes_across_per_step"]
