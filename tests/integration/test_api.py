@@ -7,7 +7,7 @@ import pytest
 import torch
 from pyspark.ml.feature import VectorAssembler
 
-from spark_ddl import ConfigError, TorchEstimator, TorchModel
+from spark_ddl import ConfigError, TorchEstimator, TorchModel, persistence
 from tests.helpers import DataDependentNet, TinyNet, regression_arrays
 from tests.references import FLOAT32_PATHS, assert_same_state
 
@@ -148,3 +148,51 @@ def test_unexportable_module_needs_architecture_or_pickle_opt_in(regression_fram
     by_pickle = TorchModel.load(path, allow_pickle=True)
     for loaded in (by_module, by_pickle):
         assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())
+
+
+class CappedBatchNet(TinyNet):
+    """Refuses forward passes of more than ``cap`` rows when scoring (eval mode)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(in_features=3)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and len(x) > self.cap:
+            raise ValueError(f"capped batch net: a forward pass of {len(x)} rows (cap {self.cap})")
+        return super().forward(x)
+
+
+def test_inference_batch_size_bounds_the_rows_of_every_forward_pass(regression_frame):
+    torch.manual_seed(0)
+    model = TorchEstimator(model=CappedBatchNet(cap=5), loss="mse", batch_size=16, epochs=1, num_workers=2,
+                           feature_cols=["a", "b", "c"]).fit(regression_frame)
+    frame = regression_frame.repartition(1)  # 96 rows in one partition: one Arrow batch
+    with pytest.raises(Exception, match="capped batch net: a forward pass of"):  # the control: 4096 rows a pass
+        model.transform(frame).collect()
+    scored = model.setInferenceBatchSize(5).transform(frame).toPandas()
+    x = torch.tensor(scored[["a", "b", "c"]].to_numpy(), dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.get_module().eval()(x[:5]).reshape(-1).numpy()  # a local forward of the first pass
+    assert len(scored) == 96
+    np.testing.assert_allclose(scored["prediction"].to_numpy()[:5], expected, **FLOAT32_PATHS)
+    assert len(model.predict_pandas(scored[["a", "b", "c"]])) == 96  # the same setting without Spark
+
+
+def test_models_over_the_export_limit_are_saved_without_an_export_program(regression_frame, tmp_path,
+                                                                          monkeypatch):
+    """README: models above 256 MB are saved without a torch.export program; load them with module=
+    or a class path. The limit is lowered here (a 256 MB model would cost the suite its memory)."""
+    assert persistence.EXPORT_MAX_BYTES == 256 * 2**20
+    model = TorchEstimator(model=TinyNet(in_features=3), loss="mse", batch_size=16, epochs=1, num_workers=2,
+                           feature_cols=["a", "b", "c"]).fit(regression_frame)
+    monkeypatch.setattr(persistence, "EXPORT_MAX_BYTES", 64)  # TinyNet(3): 41 float32 weights, 164 bytes
+    path = str(tmp_path / "model")
+    model.save(path)
+    assert not (tmp_path / "model" / "model.pt2").exists()
+    export = persistence.read_metadata(path)["spark_ddl"]["export"]
+    assert export["file"] is None and export["error"].startswith("not exported: "), export
+    with pytest.raises(ConfigError, match="allow_pickle=True"):
+        TorchModel.load(path)  # no program to build it from, and no pickle by default
+    loaded = TorchModel.load(path, module=TinyNet(in_features=3))
+    assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())
