@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from spark_ddl import ConfigError, TorchEstimator
-from tests.helpers import TinyNet
+from spark_ddl import ClusterConfigError, ConfigError, TorchEstimator
+from tests.helpers import SparkJobs, TinyNet
 from tests.integration.test_fault_tolerance import die_once, estimator, frame
 
 pytestmark = pytest.mark.timeout(300)
@@ -78,3 +78,13 @@ def test_an_executor_lost_for_good_shrinks_the_fit_and_its_return_grows_it_back_
 def test_elastic_settings_are_checked(settings, message):
     with pytest.raises(ConfigError, match=message):
         TorchEstimator(model=TinyNet(), **settings).train_config()
+
+
+@pytest.mark.timeout(120)  # a fit that (wrongly) waited for the slots would hang here
+def test_fewer_slots_than_min_workers_is_refused_before_any_job_naming_min_workers(spark, tmp_path):
+    """local[2] has 2 barrier slots: min_workers=3 (of 4) cannot start, and says so before launch."""
+    elastic = estimator(num_workers=4, min_workers=3, checkpoint_dir=str(tmp_path / "ckpt"), max_retries=1)
+    with SparkJobs(spark) as jobs, pytest.raises(ClusterConfigError) as info:
+        elastic.fit(frame(spark))
+    assert "min_workers=3 needs 3 barrier task slots" in str(info.value) and "offers 2" in str(info.value)
+    assert jobs.count == 0
