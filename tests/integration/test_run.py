@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch.distributed as dist
 
 import spark_ddl
 from spark_ddl import ConfigError, SchemaError, TrainingError
-from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
+from spark_ddl.driver.monitor import StallError
+from tests.helpers import BIG_ID, TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 
 SIZES, BATCH, EPOCHS, LR = [30, 42], 8, 2, 0.1  # uneven: agent 0 runs out first
 
@@ -104,3 +107,67 @@ def test_bad_calls_are_refused_on_the_driver(spark):
         spark_ddl.run(who_is_there, frame, feature_cols="pixels")
     with pytest.raises(ConfigError, match="pass df too"):
         spark_ddl.run(who_is_there, label_col="label")
+
+
+def named_inputs_seen(ctx):
+    """Every row each agent received through ``inputs=``, with the tensors' dtypes and shapes."""
+    seen = []
+    for batch in ctx.batches(0):
+        assert set(batch) == {"user", "price", "vec", "label"}, sorted(batch)
+        assert batch["user"].dtype == torch.int64 and batch["user"].dim() == 1, batch["user"].dtype
+        assert batch["price"].dtype == torch.float32 and batch["vec"].shape[1:] == (2,), batch["vec"].shape
+        seen += [[int(u), float(p), [float(v) for v in row], float(y)]
+                 for u, p, row, y in zip(batch["user"], batch["price"], batch["vec"], batch["label"])]
+    everyone = [None] * ctx.world_size
+    dist.all_gather_object(everyone, seen)
+    return everyone if ctx.rank == 0 else None
+
+
+def test_named_inputs_reach_the_function_as_typed_tensors(spark):
+    rows = [(BIG_ID + k, k / 4, [float(k), -float(k)], float(k % 3)) for k in range(10)]
+    frame = spark.createDataFrame(rows, "id long, cost double, v array<float>, y double").repartition(2)
+    everyone = spark_ddl.run(named_inputs_seen, frame, inputs={"user": "id", "price": "cost", "vec": "v"},
+                             label_col="y", num_workers=2, batch_size=3, timeout=60)
+    assert len(everyone) == 2 and all(everyone)  # both agents had rows
+    received = sorted(row for agent in everyone for row in agent)
+    assert received == [[BIG_ID + k, k / 4, [float(k), -float(k)], float(k % 3)] for k in range(10)]  # once each, exact
+
+
+class Tally:
+    """A return value that is neither tensors nor JSON: it comes back as a pickle."""
+
+    def __init__(self, ranks: set, share: Fraction) -> None:
+        self.ranks, self.share = ranks, share
+
+
+def a_tally(ctx):
+    ranks = [None] * ctx.world_size
+    dist.all_gather_object(ranks, ctx.rank)
+    return Tally(set(ranks), Fraction(1, ctx.world_size)) if ctx.rank == 0 else "rank 1's"
+
+
+def test_a_value_neither_tensors_nor_json_comes_back_pickled(spark):
+    value, summary = spark_ddl.run(a_tally, num_workers=2, timeout=60, return_summary=True)
+    assert summary["result_format"] == "pickle"
+    assert isinstance(value, Tally) and value.ranks == {0, 1} and value.share == Fraction(1, 2)
+
+
+def stall_on_rank_one(marker: str):
+    def stalls(ctx):
+        if ctx.rank == 1:
+            Path(marker).write_text(repr(time.time()))  # when the stall began (same machine, same clock)
+            time.sleep(600)
+        dist.barrier()  # rank 0 waits for the stalled peer
+        return "unreachable"
+
+    return stalls
+
+
+def test_a_stalled_function_is_stopped_by_stall_detection_not_the_timeout(spark, tmp_path):
+    marker = tmp_path / "stalled_at"
+    with pytest.raises(StallError) as info:
+        spark_ddl.run(stall_on_rank_one(str(marker)), num_workers=2, stall_timeout=3, timeout=180)
+    stalled_for = time.time() - float(marker.read_text())
+    assert 3 <= stalled_for < 90, stalled_for  # stall_timeout after the stall; the timeout path takes 180 s
+    assert "stall_timeout=3" in str(info.value) and "rank 1: the user's function" in str(info.value)
+    assert spark_ddl.run(who_is_there, num_workers=2, timeout=60)["world_size"] == 2  # the slots were freed
