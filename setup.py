@@ -9,9 +9,10 @@ for line in Path("spark_ddl/_version.py").read_text().splitlines():
 
 # MLflow's client, model flavors, pyfunc scoring and `mlflow models serve` (mlflow-skinny: the full
 # "mlflow" distribution pins pyarrow below the version this project is tested with), plus what a
-# sqlite tracking store and `mlflow server` need
+# sqlite tracking store and `mlflow server` need, and matplotlib for autolog's history plot (the "plot" extra)
+PLOT = ["matplotlib>=3.7"]
 MLFLOW = ["mlflow-skinny>=3.17,<4", "sqlalchemy>=1.4,<3", "alembic<2", "Flask<4", "Flask-CORS<7", "graphene<4",
-          "huey>=2.5.4,<4", "aiohttp>=3.7,<4"]
+          "huey>=2.5.4,<4", "aiohttp>=3.7,<4", *PLOT]
 CONNECT = ["grpcio>=1.76.0", "grpcio-status>=1.76.0", "googleapis-common-protos>=1.71.0",
            "protobuf>=6", "zstandard>=0.25.0"]
 
@@ -35,7 +36,7 @@ setup(
     ],
     entry_points={"console_scripts": ["spark-ddl = spark_ddl.cli:main"]},
     extras_require={
-        "plot": ["matplotlib>=3.7"],
+        "plot": PLOT,
         # pyspark's Spark Connect client (SparkSession.builder.remote(...)), as pyspark's own
         # "connect" extra declares it
         "connect": CONNECT,

@@ -16,6 +16,7 @@ from spark_ddl.config import TrainConfig
 from spark_ddl.driver.columns import resolve_columns
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_run_input
+from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
 from spark_ddl.summary import TrainingSummary
 from spark_ddl.wire import AgentJob, decode_value
@@ -71,10 +72,14 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
     def preflight(training: DataFrame) -> None:
         check_run_input(df, training, spec)
 
-    result = run_training(frame, spec, job, None, preflight if spec is not None and check_input else None)
-    try:
-        value = decode_value(result.summary["result_format"], result.payload("result"))
-    finally:
-        result.discard()
-    summary = TrainingSummary(dict(result.summary, seconds=result.seconds))
+    facts = {"kind": "run", "config": config, "settings": RUN_SETTINGS, "columns": spec.to_json_dict() if spec else {},
+             "network": {"class_path": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"}}
+    with listened_fit(facts) as outcome:  # autolog: report()'s records as they arrive, the summary at the end
+        result = run_training(frame, spec, job, None, preflight if spec is not None and check_input else None)
+        try:
+            value = decode_value(result.summary["result_format"], result.payload("result"))
+        finally:
+            result.discard()
+        summary = TrainingSummary(dict(result.summary, seconds=result.seconds))
+        outcome.update(summary=summary)
     return (value, summary) if return_summary else value

@@ -71,8 +71,10 @@ class FunctionContext:
         json.dumps(record)  # a record must be JSON: fail here, in the user's code, if it is not
         self.history.append(record)
         if self.rank == 0:
-            shown = [dict(r, epoch=r.get("epoch", i + 1)) for i, r in enumerate(self.history)]
-            self._heartbeat.set("the user's function", recent_epochs=shown[-RECENT_EPOCHS:])
+            first = max(0, len(self.history) - RECENT_EPOCHS)  # report_index: what the driver tells apart
+            shown = [dict(r, epoch=r.get("epoch", i + 1), report_index=i + 1)
+                     for i, r in enumerate(self.history[first:], first)]
+            self._heartbeat.set("the user's function", recent_epochs=shown)
 
     def allreduce_gradients(self, model: nn.Module) -> None:
         """Average the gradients of ``model``'s trainable parameters over every agent, the way

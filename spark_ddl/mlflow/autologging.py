@@ -1,43 +1,54 @@
-"""``spark_ddl.mlflow.autolog()``: every ``TorchEstimator.fit`` logs into MLflow from the driver.
+"""``spark_ddl.mlflow.autolog()``: every ``TorchEstimator.fit``, ``spark_ddl.run`` and
+``fit_stream`` logs into MLflow from the driver.
 
-A fit listener (``spark_ddl.driver.progress``) hears the fit start, each epoch as rank 0's status
-report brings it (before the fit ends), each attempt that failed and is retried, and the end.
-The MLflow calls run on one background thread per fit, so a slow or unreachable tracking server
-never holds the fit up: the fit waits at most ``FLUSH_SECONDS`` at its end for what is queued,
-a server that is down or refuses a request is warned about once, and what could not be logged
-is said once. The agents never talk to MLflow.
+A fit listener (``spark_ddl.driver.progress``) hears the fit start, each epoch (or each
+``report()`` of ``spark_ddl.run``) as rank 0's status report brings it (before the fit ends),
+each attempt that failed and is retried, and the end; for a stream, its start, each published
+version and its stop. The MLflow calls run on one background thread per fit or stream
+(``runlog.RunLog``), so a slow, unreachable or refusing tracking server never holds the fit up:
+the fit waits at most ``FLUSH_SECONDS`` at its end for what is queued, a server that is down or
+refuses is warned about once, and what could not be logged is said once. The agents never talk
+to MLflow.
 
-What a run gets: params (every training setting as declared in ``TrainConfig``, the network's
-class path, ``num_workers``, the strategy, the input and label columns); metrics per epoch
-(every number in the history record, ``step=epoch``); tags (``spark_ddl.attempt.<n>.error``
-for an attempt that failed and was retried, ``spark_ddl.attempts``); the summary as
-``spark_ddl/summary.json``; the model (``log_models=True``) as ``model``.
+What a fit's run gets: params (every training setting as declared in ``TrainConfig``, or
+``spark_ddl.run``'s settings; the network's class path or the function's, ``num_workers``, the
+strategy, the input and label columns); metrics per epoch (every number in the history record,
+``step=epoch``; a ``report()`` record at its ``step``, else its ``epoch``, else its number); tags
+(``spark_ddl.attempt.<n>.error`` for an attempt that failed and was retried,
+``spark_ddl.attempts``); artifacts ``spark_ddl/summary.json`` and ``spark_ddl/history.png`` (the
+loss curves); the model (``log_models=True``) as ``model``. Inside a pyspark.ml tuner each fit is
+a child run of the tuning's run (``spark_ddl.mlflow.tuning``). A stream's run gets the settings
+once, ``stream_rows``, ``stream_train_loss``, ``stream_seconds``, ``stream_train_seconds``,
+``stream_freshness``, ``stream_epochs``, ``stream_attempts`` per published version
+(``step=version``; its micro-batches' fits log no runs of their own), and ends when the stream
+stops.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
-import socket
 import threading
 import time
-import urllib.parse
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 
 from spark_ddl.driver import progress
-from spark_ddl.settings import declared
+from spark_ddl.mlflow import tuning
+from spark_ddl.mlflow.runlog import FLUSH_SECONDS, RunLog, flat_params, log_history_plot, refusal
 
 log = logging.getLogger("spark_ddl.mlflow")
 
-FLUSH_SECONDS = 30.0  # at most this long at a fit's end for the queued calls to reach the server
-CONNECT_SECONDS = 1.0  # an http(s) tracking server that does not accept a connection this fast is down
-PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
+__all__ = ["FLUSH_SECONDS", "autolog", "last_run_id", "log_to_last_run", "use"]
 
 _STATE: dict[str, Any] = {"listener": None, "last_run_id": None}
+
+
+def autologging() -> bool:
+    """Whether ``autolog()`` is on."""
+    return _STATE["listener"] is not None
 
 
 def last_run_id() -> str | None:
@@ -71,10 +82,12 @@ def use(tracking_uri: str | None = None, experiment: str | None = None) -> str:
 
 
 def autolog(log_models: bool = False, disable: bool = False, silent: bool = False) -> None:
-    """From now on (``disable=True``: no longer), every ``TorchEstimator.fit`` on this driver logs
-    into the active MLflow run, or into a run of its own that ends when the fit ends (FAILED when
-    the fit failed). ``log_models``: also log the trained model (``log_model(model, "model")``).
-    ``silent``: no warnings about a tracking server that could not be reached."""
+    """From now on (``disable=True``: no longer), every ``TorchEstimator.fit``, ``spark_ddl.run``
+    and ``fit_stream`` on this driver logs into the active MLflow run, or into a run of its own
+    that ends when the fit (the stream) ends, FAILED when it failed; inside a ``CrossValidator``
+    or ``TrainValidationSplit``, into a child run of the tuning's. ``log_models``: also log each
+    fit's trained model (``log_model(model, "model")``). ``silent``: no warnings about a
+    tracking server that could not be reached or refused."""
     listener = _STATE["listener"]
     if listener is not None:
         progress.remove_listener(listener)
@@ -82,160 +95,139 @@ def autolog(log_models: bool = False, disable: bool = False, silent: bool = Fals
     if not disable:
         _STATE["listener"] = _AutologListener(log_models, silent)
         progress.add_listener(_STATE["listener"])
+        tuning.patch()
+    else:
+        tuning.unpatch()
 
 
-def _flat_params(facts: dict[str, Any]) -> dict[str, str]:
-    config = facts["config"]
-    params: dict[str, Any] = {}
-    for name in declared(config):  # every setting, from its one declaration
-        params[name] = config.to_json_dict()[name]
-    network = facts.get("network") or {}
-    params["network"] = network.get("class_path") or network.get("class") or network.get("kind")
-    columns = facts.get("columns") or {}
-    params["input_columns"] = [list(cols) for cols, _ in columns.get("sources", [])]
-    params["label_col"] = columns.get("label_col")
-    params["strategy"] = config.sync
-    out = {}
-    for key, value in params.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        out[key] = text[:PARAM_VALUE_MAX]
-    return out
-
-
-def _unreachable(uri: str) -> str | None:
-    """Why an http(s) tracking server cannot be reached (None: it accepts connections, or the
-    store is not a server)."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return None
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=CONNECT_SECONDS):
-            return None
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-
-class _FitLog:
-    """One fit's MLflow calls, run in order on a background thread."""
-
-    def __init__(self, uri: str, run_id: str | None, silent: bool) -> None:
-        self.uri, self.run_id, self.silent = uri, run_id, silent
-        self.own_run = run_id is None
-        self.client = MlflowClient(tracking_uri=uri)
-        self.calls: queue.Queue = queue.Queue()
-        self.failed: str | None = None
-        self.dropped: list[str] = []  # what could not be logged
-        self.warned = False  # the one warning of this fit was given already
-        self.thread = threading.Thread(target=self._work, daemon=True, name="spark-ddl-mlflow")
-        self.thread.start()
-
-    def put(self, what: str, call: Callable[[], Any]) -> None:
-        self.calls.put((what, call))
-
-    def _work(self) -> None:
-        while True:
-            item = self.calls.get()
-            if item is None:
-                return
-            what, call = item
-            if self.failed is not None:
-                self.dropped.append(what)
-                continue
-            try:
-                call()
-            except Exception as exc:  # noqa: BLE001 - the tracking server's problem is not the fit's
-                self.failed = f"{what}: {type(exc).__name__}: {str(exc)[:300]}"
-                self.dropped.append(what)
-
-    def finish(self) -> None:
-        """Wait (at most FLUSH_SECONDS) for the queued calls; one warning if some failed."""
-        self.calls.put(None)
-        self.thread.join(FLUSH_SECONDS)
-        if self.silent or self.warned:
-            return
-        if self.thread.is_alive():
-            log.warning("MLflow tracking at %s did not take this fit's logs within %.0f s; the fit ends without "
-                        "waiting (what is still queued may not arrive)", self.uri, FLUSH_SECONDS)
-        elif self.failed is not None:
-            log.warning("MLflow tracking at %s failed (%s); the fit went on, and %d logging call(s) of it could "
-                        "not be made: %s", self.uri, self.failed, len(self.dropped), ", ".join(self.dropped))
+def _metrics(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """(step, metrics) of a history record: an epoch's (step=epoch), or a ``report()`` record's
+    (step: its ``step``, else its ``epoch``, else its number)."""
+    numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if "report_index" in record:
+        numbers.pop("report_index")
+        step = numbers.pop("step", None)
+        if step is None:
+            step = numbers.pop("epoch", float(record["report_index"]))
+        return int(step), numbers
+    step = numbers.pop("epoch", 0.0)
+    return int(step), numbers
 
 
 class _AutologListener:
+    """The fit listener of ``autolog``: each call is on the thread that runs the fit (the
+    driver's, a tuner's pool thread, a stream's micro-batch thread); the MLflow calls happen on
+    the fit's own ``RunLog`` thread."""
+
     def __init__(self, log_models: bool, silent: bool) -> None:
         self.log_models, self.silent = log_models, silent
-        self.fits: list[_FitLog] = []  # a stack: a fit inside a fit (tuning) logs to its own
+        self._local = threading.local()  # per thread, a stack: a fit inside a fit logs to its own
+        self.streams: dict[str, RunLog] = {}
 
-    # each call below is on the driver thread; the MLflow calls happen on the fit's thread
+    def _stack(self) -> list[RunLog | None]:
+        if not hasattr(self._local, "fits"):
+            self._local.fits = []
+        return self._local.fits
+
+    def _current(self) -> RunLog | None:
+        stack = self._stack()
+        return stack[-1] if stack else None
 
     def fit_started(self, facts: dict[str, Any]) -> None:
-        uri = mlflow.get_tracking_uri()
-        active = mlflow.active_run()
-        reason = _unreachable(uri)
-        fit = _FitLog(uri, active.info.run_id if active is not None else None, self.silent)
-        self.fits.append(fit)
-        if reason is not None:
-            fit.failed, fit.warned = f"connecting: {reason}", True
-            if not self.silent:
-                log.warning("MLflow tracking server %s is not reachable (%s); this fit goes on, and nothing of it "
-                            "(settings, per-epoch metrics, summary, model) is logged there", uri, reason)
+        if facts.get("stream") is not None:  # a micro-batch's fit: the stream's run has its version
+            self._stack().append(None)
             return
-        params = _flat_params(facts)
-
-        def start() -> None:
-            if fit.run_id is None:  # this thread's own run (MLflow's active run is per thread): the
-                # experiment, run name and default tags as mlflow.start_run gives them
-                fit.run_id = mlflow.start_run().info.run_id
-            entities = [mlflow.entities.Param(k, v) for k, v in params.items()]
-            fit.client.log_batch(fit.run_id, params=entities, tags=[
-                mlflow.entities.RunTag("spark_ddl.kind", str(facts.get("kind")))])
-
-        fit.put("starting the run", start)
+        uri = mlflow.get_tracking_uri()
+        parent, active = tuning.parent(), mlflow.active_run()
+        fit = RunLog(uri, active.info.run_id if active is not None and parent is None else None, self.silent)
+        self._stack().append(fit)
+        reason = refusal(uri)
+        if reason is not None:
+            fit.refuse(reason, "this fit")
+            return
+        fit.start(flat_params(facts), {"spark_ddl.kind": str(facts.get("kind"))}, parent=parent)
 
     def epoch_finished(self, record: dict[str, Any]) -> None:
-        if not self.fits:
-            return
-        fit = self.fits[-1]
-        step = int(record.get("epoch", 0))
-        now = int(time.time() * 1000)
-        metrics = {k: float(v) for k, v in record.items()
-                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        fit.put(f"epoch {step}", lambda: fit.client.log_batch(fit.run_id, metrics=[
-            mlflow.entities.Metric(k, v, now, step) for k, v in metrics.items()]))
+        fit = self._current()
+        if fit is not None:
+            step, metrics = _metrics(record)
+            fit.metrics(f"{'report' if 'report_index' in record else 'epoch'} {step}", metrics, step,
+                        int(time.time() * 1000))
 
     def attempt_failed(self, record: dict[str, Any]) -> None:
-        if not self.fits:
+        fit = self._current()
+        if fit is None:
             return
-        fit = self.fits[-1]
         number = int(record.get("attempt", 0))
         error = str(record.get("error"))[:5000]
         fit.put(f"attempt {number}", lambda: fit.client.set_tag(fit.run_id, f"spark_ddl.attempt.{number}.error",
                                                                  error))
 
     def fit_finished(self, outcome: dict[str, Any], error: BaseException | None) -> None:
-        if not self.fits:
+        stack = self._stack()
+        fit = stack.pop() if stack else None
+        if fit is None:
             return
-        fit = self.fits.pop()
-        summary = outcome.get("summary")
-        model = outcome.get("model")
+        summary, model = outcome.get("summary"), outcome.get("model")
+        if summary is not None:
+            attempts = str(len(summary.get("attempts") or []))
+            document = json.loads(json.dumps(dict(summary), default=str))
+            fit.put("the summary", lambda: (fit.client.set_tag(fit.run_id, "spark_ddl.attempts", attempts),
+                                           fit.client.log_dict(fit.run_id, document, "spark_ddl/summary.json")))
+            fit.put("the history plot", lambda: _plot(fit, summary))
+        if error is not None:
+            text = f"{type(error).__name__}: {error}"[:5000]
+            fit.put("the error", lambda: fit.client.set_tag(fit.run_id, "spark_ddl.error", text))
+        if model is not None and self.log_models:
+            from spark_ddl.mlflow.flavor import log_model
 
-        def end() -> None:
-            if summary is not None:
-                attempts = summary.get("attempts") or []
-                fit.client.set_tag(fit.run_id, "spark_ddl.attempts", str(len(attempts)))
-                fit.client.log_dict(fit.run_id, json.loads(json.dumps(dict(summary), default=str)),
-                                    "spark_ddl/summary.json")
-            if error is not None:
-                fit.client.set_tag(fit.run_id, "spark_ddl.error", f"{type(error).__name__}: {error}"[:5000])
-            if model is not None and self.log_models:
-                from spark_ddl.mlflow.flavor import log_model
-
-                log_model(model, "model", run_id=fit.run_id)
-            if fit.own_run:
-                fit.client.set_terminated(fit.run_id, "FAILED" if error is not None else "FINISHED")
-
-        fit.put("ending the fit", end)
+            fit.put("the model", lambda: log_model(model, "model", run_id=fit.run_id))
+        fit.end(failed=error is not None)
         fit.finish()
         _STATE["last_run_id"] = fit.run_id if fit.failed is None and not fit.thread.is_alive() else None
 
+    # ------------------------------------------------------------------ fit_stream
+
+    def stream_started(self, key: str, facts: dict[str, Any]) -> None:
+        uri = mlflow.get_tracking_uri()
+        active = mlflow.active_run()
+        stream = RunLog(uri, facts.get("run_id") or (active.info.run_id if active is not None else None), self.silent)
+        self.streams[key] = stream
+        reason = refusal(uri)
+        if reason is not None:
+            stream.refuse(reason, "the stream")
+            return
+        stream.start(flat_params(facts), {"spark_ddl.kind": "fit_stream", "spark_ddl.model_dir": facts["model_dir"]},
+                     run_name=f"fit_stream {facts.get('query_name') or facts['model_dir']}")
+
+    def version_published(self, key: str, record: dict[str, Any]) -> None:
+        stream = self.streams.get(key)
+        if stream is not None:
+            step = int(record["version"])
+            stream.metrics(f"version {step}", stream_metrics(record), step, int(time.time() * 1000))
+
+    def stream_stopped(self, key: str, error: BaseException | None) -> None:
+        stream = self.streams.pop(key, None)
+        if stream is None:
+            return
+        if error is not None:
+            text = f"{type(error).__name__}: {error}"[:5000]
+            stream.put("the error", lambda: stream.client.set_tag(stream.run_id, "spark_ddl.error", text))
+        stream.end(failed=error is not None)
+        stream.finish("the stream")
+
+
+STREAM_METRICS = ("rows", "train_loss", "seconds", "train_seconds", "freshness", "epochs", "attempts")
+
+
+def stream_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A published version's numbers, as the stream's run logs them (``stream_<name>``)."""
+    return {f"stream_{k}": float(record[k]) for k in STREAM_METRICS
+            if isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)}
+
+
+def _plot(fit: RunLog, summary: Any) -> None:
+    try:
+        log_history_plot(fit.client, fit.run_id, summary)
+    except ImportError as exc:  # matplotlib missing: not the tracking server's failure
+        log.debug("no history plot: %s", exc)

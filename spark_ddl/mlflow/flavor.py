@@ -40,6 +40,10 @@ def _fitted(model: Any) -> Any:
     if type(model).__name__ == "TorchEstimator":  # (not imported here: the estimator's fit_stream imports us)
         raise ConfigError("log_model takes a fitted TorchModel, and this is an unfitted TorchEstimator: "
                           "model = estimator.fit(df), then spark_ddl.mlflow.log_model(model, name).")
+    if type(model).__name__ == "StreamingFit":
+        raise ConfigError("log_model takes a fitted TorchModel, and this is a StreamingFit: to register every "
+                          "version it publishes, start it with fit_stream(..., registered_model_name=name); to log "
+                          "its newest version, log_model(TorchModel.load_latest(model_dir), name).")
     raise ConfigError(f"log_model takes a fitted spark_ddl TorchModel, got {type(model).__name__}.")
 
 

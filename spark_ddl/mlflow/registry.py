@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import mlflow
@@ -34,8 +35,10 @@ class VersionRegistry:
         self.client = MlflowClient()
         active = mlflow.active_run()
         self.run_id = active.info.run_id if active is not None else None
+        self.own_run = active is None  # the stream's own run: ended when the stream stops
 
-    def _run(self) -> str:
+    def run(self) -> str:
+        """The stream's MLflow run (started now if it is the stream's own)."""
         if self.run_id is None:  # the stream's own run, kept open while it publishes
             self.run_id = _new_run(f"fit_stream {self.name}",
                                    {"spark_ddl.kind": "fit_stream", "spark_ddl.model_dir": self.model_dir})
@@ -53,7 +56,7 @@ class VersionRegistry:
         number = int(record["version"])
         version = self.registered(number)
         if version is None:
-            run_id = self._run()
+            run_id = self.run()
             info = log_model(model, f"version-{number}", registered_model_name=self.name, run_id=run_id,
                              files=files)
             tags = {"model_version": str(number), "batch_id": str(record.get("batch_id")),
@@ -61,11 +64,18 @@ class VersionRegistry:
             for key, value in tags.items():
                 self.client.set_model_version_tag(self.name, str(info.registered_model_version), key, value)
             version = self.client.get_model_version(self.name, str(info.registered_model_version))
-            metrics = {k: record[k] for k in ("rows", "train_loss", "seconds", "train_seconds")
-                       if isinstance(record.get(k), (int, float))}
-            for key, value in metrics.items():
-                self.client.log_metric(run_id, f"stream_{key}", float(value), step=number)
         return version
+
+    def log_version(self, record: dict[str, Any]) -> None:
+        """A published version's numbers (``stream_rows``, ... with ``step=version``) into the
+        stream's run, unless autolog logs them there."""
+        from spark_ddl.mlflow.autologging import autologging, stream_metrics
+
+        if autologging() or self.run_id is None:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, v, now, int(record["version"]))
+                                                    for k, v in stream_metrics(record).items()])
 
     def catch_up(self, store: Any) -> Any:
         """Register the store's newest version if it is not registered yet (None: none there)."""
@@ -79,9 +89,10 @@ class VersionRegistry:
                  self.model_dir, self.name)
         return self.register(model, store.record(number) or {"version": number})
 
-    def end(self) -> None:
-        if self.run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != self.run_id):
-            self.client.set_terminated(self.run_id)
+    def end(self, error: BaseException | None = None) -> None:
+        """The stream stopped: end its own run (FAILED on ``error``); the user's stays open."""
+        if self.run_id is not None and self.own_run:
+            self.client.set_terminated(self.run_id, "FAILED" if error is not None else "FINISHED")
 
 
 def _new_run(name: str, tags: dict[str, str]) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from pyspark.sql import DataFrame
 
+from spark_ddl.driver import progress
 from spark_ddl.errors import ConfigError
 from spark_ddl.persistence import model_files, read_metadata
 from spark_ddl.streaming.versions import VersionStore
@@ -82,6 +83,10 @@ class StreamingFit:
         self._freshness: dict[int, float] = {}
         self.timings: dict[int, dict[str, float]] = {}  # per version published here: seconds per phase
         self.registry: Any = None  # spark_ddl.mlflow's VersionRegistry with registered_model_name
+        self.key = uuid.uuid4().hex  # the fit listeners' name for this stream
+        self._ended = False  # the listeners and the registry were told the stream stopped
+        self._end_lock = threading.Lock()
+        self._watcher: Any = None  # the StreamingQueryListener that tells when the query ends
 
     # -------------------------------------------------------------- the public surface
 
@@ -89,15 +94,21 @@ class StreamingFit:
         """Wait for the query to end (at most ``timeout`` seconds: returns whether it ended);
         raises the error of a micro-batch that failed it."""
         try:
-            return self.query.awaitTermination(timeout) if timeout is not None else self.query.awaitTermination()
-        except Exception:
+            ended = self.query.awaitTermination(timeout) if timeout is not None else self.query.awaitTermination()
+        except Exception as exc:
+            self._finish(self.error or exc)
             if self.error is not None:
                 raise self.error from None
             raise
+        if ended or ended is None:
+            self._finish(self.error)
+        return ended
 
     def stop(self) -> None:
-        """Stop the query (a micro-batch in progress finishes and publishes first)."""
+        """Stop the query (a micro-batch in progress finishes and publishes first); the stream's
+        MLflow run (autolog, registered_model_name) ends."""
         self.query.stop()
+        self._finish(self.error)
 
     def versions(self) -> list[dict[str, Any]]:
         """Every published version's record, oldest first: version, batch_id, rows, train_loss,
@@ -112,13 +123,55 @@ class StreamingFit:
         self.query, self._query_id = query, query.id
         self._ready.set()
 
+    def _watch(self, spark: Any) -> None:
+        """Tell the listeners and the registry when the query ends, however it ends (stop(), a
+        failed micro-batch, an availableNow trigger that is done)."""
+        from pyspark.sql.streaming import StreamingQueryListener
+
+        stream = self
+
+        class _Ended(StreamingQueryListener):
+            def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - pyspark's names
+                pass
+
+            def onQueryProgress(self, event: Any) -> None:  # noqa: N802
+                pass
+
+            def onQueryIdle(self, event: Any) -> None:  # noqa: N802
+                pass
+
+            def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
+                if stream._query_id is not None and str(event.id) == str(stream._query_id):
+                    stream._finish(stream.error)
+
+        self._watcher = (spark, _Ended())
+        spark.streams.addListener(self._watcher[1])
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Once: the stream stopped (the listeners end its MLflow run, FAILED on ``error``)."""
+        with self._end_lock:
+            if self._ended:
+                return
+            self._ended = True
+        if self.registry is not None:
+            try:
+                self.registry.end(error)
+            except Exception as exc:  # noqa: BLE001 - the stream is over either way
+                log.warning("the MLflow run of %r could not be ended: %s: %s", self.registry.name,
+                            type(exc).__name__, exc)
+        progress.notify("stream_stopped", self.key, error)
+        if self._watcher is not None:  # not from inside the listener's own callback
+            spark, watcher = self._watcher
+            threading.Thread(target=spark.streams.removeListener, args=(watcher,), daemon=True).start()
+
     def process(self, df: DataFrame, batch_id: int) -> None:
         """Train micro-batch ``batch_id`` and publish the next version (foreachBatch's function)."""
         started = time.time()
         if not self._ready.wait(QUERY_ID_WAIT_SECONDS):
             raise RuntimeError("fit_stream: the streaming query did not start")
         try:
-            self._train_and_publish(df, int(batch_id), started)
+            with progress.part_of_stream(self.key):  # its fit logs no MLflow run of its own
+                self._train_and_publish(df, int(batch_id), started)
         except BaseException as exc:
             self.error = exc
             log.error("micro-batch %d failed, the query stops (published versions are kept): %s", batch_id, exc)
@@ -170,6 +223,7 @@ class StreamingFit:
                             record["version"], self.registry.name, type(exc).__name__, exc)
         freshness = time.time() - started
         self._freshness[record["version"]] = round(freshness, 3)
+        self._tell(dict(record, freshness=round(freshness, 3)))
         # where a micro-batch's time goes: caching and counting its rows, the fit before its
         # barrier job (checks, input scan, partition balancing), the barrier job, publishing
         self.timings[record["version"]] = {
@@ -182,6 +236,16 @@ class StreamingFit:
                  record["train_seconds"], self._freshness[record["version"]])
         if hook is not None:
             hook("published", batch_id)
+
+    def _tell(self, record: dict[str, Any]) -> None:
+        """A published version's numbers to the listeners (autolog) and the registry's run."""
+        progress.notify("version_published", self.key, record)
+        if self.registry is not None:
+            try:
+                self.registry.log_version(record)
+            except Exception as exc:  # noqa: BLE001 - the version is published and registered
+                log.warning("version %d's numbers could not be logged in MLflow: %s: %s", record["version"],
+                            type(exc).__name__, exc)
 
 
 def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any,
@@ -215,7 +279,7 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
     spec = estimator.column_spec(stream_df.schema, estimator.getLabelCol() or None)
     if spec.label_col is None and config.train_step is None:
         raise ConfigError("A built-in loss needs labels: set label_col, or give train_step=callable(model, batch).")
-    _, template = estimator.model_source()
+    source, template = estimator.model_source()
     store = VersionStore(model_dir)
     _check_model_dir(model_dir)
     for name in store.clean_leftovers():
@@ -236,12 +300,24 @@ def start_stream(estimator: Any, stream_df: DataFrame, model_dir: str, checkpoin
         where = model_dir if "://" in model_dir else os.path.abspath(model_dir)
         stream.registry = VersionRegistry(registered_model_name, where)
         stream.registry.catch_up(store)
+    if progress.listening() or stream.registry is not None:
+        stream._watch(stream_df.sparkSession)  # noqa: SLF001
+        where = model_dir if "://" in model_dir else os.path.abspath(model_dir)
+        progress.notify("stream_started", stream.key, {
+            "kind": "fit_stream", "config": config, "network": source.record(), "columns": spec.to_json_dict(),
+            "model_dir": where, "query_name": query_name,
+            # autolog logs into the registry's run
+            "run_id": stream.registry.run() if stream.registry is not None and progress.listening() else None})
     writer = stream_df.writeStream.foreachBatch(stream.process).option("checkpointLocation", checkpoint_location)
     if query_name:
         writer = writer.queryName(query_name)
     if options:
         writer = writer.trigger(**options)
-    stream._started(writer.start())  # noqa: SLF001
+    try:
+        stream._started(writer.start())  # noqa: SLF001
+    except BaseException as exc:
+        stream._finish(exc)  # noqa: SLF001
+        raise
     return stream
 
 

@@ -108,7 +108,7 @@ def test_named_id_inputs_score_through_pyfunc_by_registered_version(spark, track
     assert list(predicted.columns) == ["prediction"]
 
 
-def test_bad_input_fails_before_anything_is_logged(tracking, classifier_frame):
+def test_bad_input_fails_before_anything_is_logged(tracking, classifier_frame, tmp_path):
     import spark_ddl.mlflow as ddl_mlflow
     from mlflow.exceptions import MlflowException
 
@@ -120,6 +120,16 @@ def test_bad_input_fails_before_anything_is_logged(tracking, classifier_frame):
     assert mlflow.active_run() is None
     with pytest.raises(MlflowException, match="No MLflow model at models:/no_such_model/1"):
         ddl_mlflow.load_model("models:/no_such_model/1")
+    from spark_ddl import LatestModel
+    from spark_ddl.streaming.fit import StreamingFit
+    from spark_ddl.streaming.versions import VersionStore
+
+    stream = StreamingFit(estimator, VersionStore(str(tmp_path / "versions")), 10, None)  # nothing published
+    with pytest.raises(ConfigError, match="StreamingFit.*registered_model_name"):
+        ddl_mlflow.log_model(stream, "model", registered_model_name="never")
+    with pytest.raises(FileNotFoundError, match="No registered model version at models:/no_such_stream@latest"):
+        LatestModel("models:/no_such_stream@latest")  # before any job: when it is made
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
 
 
 def test_without_mlflow_the_import_says_how_to_install_it():
@@ -190,6 +200,9 @@ def test_autolog_logs_settings_and_each_epoch_while_the_fit_runs(spark, tracking
     summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/spark_ddl/summary.json")
     assert summary["history"] == json.loads(json.dumps(model.history))
     assert run.data.tags["spark_ddl.attempts"] == "1"
+    plot = mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/spark_ddl/history.png", dst_path=str(tmp_path))
+    with open(plot, "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(plot) > 5000  # the loss curves
 
     model_again = _regression_estimator(epochs=1).fit(_regression_frame(spark))  # autolog is off now
     assert model_again.history and {r.info.run_id for r in _runs()} == before | {run.info.run_id}
@@ -247,6 +260,83 @@ def test_a_tracking_server_that_is_down_does_not_fail_or_slow_the_fit(spark, cap
     warnings = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.mlflow"]
     assert len(warnings) == 1 and "not reachable" in warnings[0] and str(port) in warnings[0], warnings
     assert with_down_server < without + 5, (with_down_server, without)
+
+    # a server that answers every request with HTTP 500 (MLflow's client would retry each for minutes)
+    caplog.clear()
+    with _refusing_server() as (url, requests):
+        mlflow.set_tracking_uri(url)
+        ddl_mlflow.autolog()
+        try:
+            with caplog.at_level(logging.WARNING, logger="spark_ddl.mlflow"):
+                started = time.perf_counter()
+                model = _regression_estimator().fit(frame)
+                with_refusing_server = time.perf_counter() - started
+        finally:
+            ddl_mlflow.autolog(disable=True)
+            mlflow.set_tracking_uri(previous)
+    assert len(model.history) == 3 and requests and all(path == "/health" for path in requests), requests
+    warnings = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.mlflow"]
+    assert len(warnings) == 1 and "refuses requests: HTTP 500" in warnings[0], warnings
+    assert "nothing of it (settings, metrics, summary, plot, model) is logged" in warnings[0]
+    assert with_refusing_server < without + 5, (with_refusing_server, without)
+
+
+class _Refusing:
+    """A real HTTP server on a free port that answers 500 to everything (the paths it was asked)."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self):
+                requests.append(self.path.split("?")[0])
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"refused")
+
+            do_GET = do_POST = _refuse  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}", requests
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _refusing_server() -> _Refusing:
+    return _Refusing()
+
+
+def test_a_deleted_experiment_refuses_the_run_and_the_fit_goes_on(spark, tracking, caplog):
+    import logging
+
+    import spark_ddl.mlflow as ddl_mlflow
+
+    client = mlflow.MlflowClient()
+    mlflow.set_experiment("doomed")
+    client.delete_experiment(client.get_experiment_by_name("doomed").experiment_id)  # after it was chosen
+    ddl_mlflow.autolog()
+    try:
+        with caplog.at_level(logging.WARNING, logger="spark_ddl.mlflow"):
+            model = _regression_estimator(epochs=2).fit(_regression_frame(spark))
+    finally:
+        ddl_mlflow.autolog(disable=True)
+        mlflow.set_experiment("spark_ddl_tests")
+    assert len(model.history) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "spark_ddl.mlflow"]
+    assert len(warnings) == 1, warnings
+    assert "failed (starting the run: MlflowException" in warnings[0], warnings[0]
+    assert "could not be made: starting the run, epoch 1, epoch 2, the summary, the history plot, ending the run" \
+        in warnings[0], warnings[0]
+    assert ddl_mlflow.last_run_id() is None
 
 
 # ------------------------------------------------------------------ registry (fit_stream)
@@ -449,3 +539,103 @@ def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tmp_path, ca
     saved = TorchModel.load(str(tmp_path / "m"))
     for name, tensor in saved.get_module().state_dict().items():
         assert torch.equal(logged.get_module().state_dict()[name], tensor), name
+
+
+# ------------------------------------------------------------------ autolog: spark_ddl.run, fit_stream, tuning
+
+
+def _reporting(ctx):
+    import time as time_module
+
+    ctx.report(epoch=1, step=10, loss=1.0)
+    time_module.sleep(3)  # the first record reaches the driver while the function runs
+    ctx.report(epoch=1, step=20, loss=0.5)  # the same epoch again: told apart by its step
+    ctx.report(loss=0.25)  # neither: its number (3)
+    return ctx.rank
+
+
+def test_autolog_logs_what_run_reports_with_its_step_while_it_runs(spark, tracking):
+    import spark_ddl
+    import spark_ddl.mlflow as ddl_mlflow
+
+    client = mlflow.MlflowClient()
+    before = {r.info.run_id for r in _runs()}
+    ddl_mlflow.autolog()
+    try:
+        assert spark_ddl.run(_reporting, num_workers=2, timeout=60) == 0
+    finally:
+        ddl_mlflow.autolog(disable=True)
+    (run,) = [r for r in _runs() if r.info.run_id not in before]
+    assert run.info.status == "FINISHED" and run.data.tags["spark_ddl.kind"] == "run"
+    assert run.data.params["num_workers"] == "2" and run.data.params["network"].endswith("_reporting")
+    assert "lr" not in run.data.params  # spark_ddl.run's settings only
+    loss = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in loss] == [(3, 0.25), (10, 1.0), (20, 0.5)]
+    assert loss[1].timestamp < loss[2].timestamp - 2000, loss  # step 10 arrived before the function ended
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")] == [(10, 1.0), (20, 1.0)]
+    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/spark_ddl/summary.json")
+    assert [h["loss"] for h in summary["history"]] == [1.0, 0.5, 0.25]
+
+
+def test_autolog_logs_each_stream_version_into_one_run_that_ends_with_the_stream(spark, tracking, tmp_path):
+    import spark_ddl.mlflow as ddl_mlflow
+    from tests.integration.test_streaming import WAIT, estimator, source, wait_until, write_files
+
+    client = mlflow.MlflowClient()
+    write_files(tmp_path / "in", 2)
+    before = {r.info.run_id for r in _runs()}
+    ddl_mlflow.autolog()
+    try:
+        stream = estimator().fit_stream(source(spark, tmp_path / "in"), model_dir=str(tmp_path / "models"),
+                                        checkpoint_location=str(tmp_path / "ckpt"), trigger={"availableNow": True},
+                                        registered_model_name="autologged_stream")
+        wait_until(lambda: not stream.query.isActive, "the availableNow stream ends by itself", WAIT)
+        # nobody called stop() or awaitTermination(): the query's end ends the run
+        run_id = client.search_model_versions("name = 'autologged_stream'")[0].run_id
+        wait_until(lambda: client.get_run(run_id).info.status == "FINISHED", "the stream's run ends", 60)
+    finally:
+        ddl_mlflow.autolog(disable=True)
+    assert [r.info.run_id for r in _runs() if r.info.run_id not in before] == [run_id]  # no run per micro-batch
+    run = client.get_run(run_id)
+    assert run.data.tags["spark_ddl.kind"] == "fit_stream" and run.data.params["lr"] == "0.05"
+    assert run.data.params["network"].endswith("TinyNet")
+    versions = stream.versions()
+    for name in ("rows", "train_loss", "seconds", "freshness"):
+        history = client.get_metric_history(run_id, f"stream_{name}")  # once each: autolog's, not the registry's
+        assert [(m.step, m.value) for m in history] == [(v["version"], pytest.approx(v[name])) for v in versions]
+    assert sorted(int(v.tags["model_version"]) for v in client.search_model_versions(
+        "name = 'autologged_stream'")) == [1, 2]
+    stream.stop()  # after the end: nothing more to do
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_inside_a_cross_validator_each_fit_is_a_child_run_of_the_tuning_run(spark, tracking):
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+
+    import spark_ddl.mlflow as ddl_mlflow
+
+    client = mlflow.MlflowClient()
+    before = {r.info.run_id for r in _runs()}
+    estimator = _regression_estimator(epochs=1, num_workers=1)
+    grid = ParamGridBuilder().addGrid(estimator.lr, [0.01, 0.05]).build()
+    tuner = CrossValidator(estimator=estimator, estimatorParamMaps=grid, numFolds=2, seed=3,
+                           evaluator=RegressionEvaluator(metricName="rmse", labelCol="label"))
+    ddl_mlflow.autolog()
+    try:
+        tuned = tuner.fit(_regression_frame(spark))
+    finally:
+        ddl_mlflow.autolog(disable=True)
+    new = [r for r in _runs() if r.info.run_id not in before]
+    (parent,) = [r for r in new if r.data.tags.get("spark_ddl.kind") == "tuning"]
+    children = [r for r in new if r is not parent]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "CrossValidator"
+    assert parent.data.params["numFolds"] == "2" and parent.data.params["param_maps"] == "2"
+    assert len(children) == 5  # 2 folds x 2 param maps, and the refit of the best
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id and c.info.status == "FINISHED"
+               and c.data.tags["spark_ddl.kind"] == "fit" for c in children)
+    lrs = sorted(c.data.params["lr"] for c in children)
+    assert lrs.count("0.01") >= 2 and lrs.count("0.05") >= 2, lrs
+    metrics = client.get_metric_history(parent.info.run_id, "tuning_rmse")
+    np.testing.assert_allclose([m.value for m in sorted(metrics, key=lambda m: m.step)], tuned.avgMetrics)
+    assert parent.data.metrics["best_rmse"] == pytest.approx(min(tuned.avgMetrics))
