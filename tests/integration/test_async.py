@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from spark_ddl import ConfigError, TorchEstimator, TrainingError
+from spark_ddl import ConfigError, NonFiniteLossError, TorchEstimator, TrainingError
 from spark_ddl.models import MLP
 from tests.helpers import REPO, TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 from tests.references import combined_batch_sgd, max_relative_difference
@@ -127,6 +127,39 @@ def test_an_agent_failing_mid_run_reaches_the_driver_promptly(spark, failing_ran
     assert f"rank {failing_rank} lost its key in epoch 2" in str(info.value)
     healthy = TorchEstimator(model=TinyNet(), loss="mse", epochs=1, sync="async", timeout=30)
     assert len(healthy.fit(frame_with_partitions(spark, parts)).history) == 1  # session still usable
+
+
+def poison_rank_one(what: str):
+    """At rank 1's 5th update (epoch 1, step 5): its parameters become NaN (``"loss"``), or its
+    gradients do while the loss stays finite (``"gradient"``)."""
+
+    def hook(rank: int, epoch: int, step: int, module) -> None:
+        if rank == 1 and epoch == 0 and step == 4:
+            weight = next(module.parameters())
+            if what == "loss":
+                with torch.no_grad():
+                    weight.fill_(float("nan"))
+            else:
+                weight.register_hook(lambda grad: grad * float("inf"))
+
+    return hook
+
+
+@pytest.mark.parametrize("what, found", [("loss", "the loss became nan on rank 1"),
+                                         ("gradient", "the gradient became NaN or infinite on rank(s) [1]")],
+                         ids=["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_under_async_fails_the_step_naming_the_rank(spark, what, found):
+    """README's non-finite guard holds under sync='async' too: NonFiniteLossError the step it
+    happens, naming epoch, step and rank, before any of it reaches the master parameters."""
+    parts = split_by_sizes(*regression_arrays(160, seed=4), [80, 80])
+    estimator = TorchEstimator(model=TinyNet(), loss="mse", lr=0.05, batch_size=8, epochs=2, sync="async",
+                               timeout=300)
+    estimator._fail_hook = poison_rank_one(what)
+    with pytest.raises(NonFiniteLossError) as info:
+        estimator.fit(frame_with_partitions(spark, parts))
+    error = info.value
+    assert (error.rank, error.ranks, error.epoch, error.step) == (1, [1], 1, 5), str(error)
+    assert found in str(error) and "epoch 1, step 5" in str(error)
 
 
 @pytest.mark.parametrize("settings, message", [
