@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, digits_as_png
-from spark_ddl.apps.options import (add_skip_baselines, application_parser, parse_with_config, save_results,
+from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config, save_results,
                                     session_from_args, setup_logging)
 
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
                                seed=args.seed, progress="log")
     started = time.perf_counter()
-    model = estimator.fit(train)
+    with mlflow_tracking(args, "spark-ddl images"):
+        model = estimator.fit(train)
     seconds = time.perf_counter() - started
     accuracy = accuracy_of(model.transform(test))
     baseline = None if args.skip_baselines else logistic_regression_baseline(train, test)

@@ -4,9 +4,10 @@ values, and flags given on the command line override them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
 def application_parser(prog: str | None, doc: str | None, output: str, epochs: int, batch_size: int,
@@ -23,6 +24,7 @@ def application_parser(prog: str | None, doc: str | None, output: str, epochs: i
     p.add_argument("--output", default=output, help="model directory")
     add_session_arguments(p, "local[workers]")
     p.add_argument("--metrics-json", default=None, help="write the results here")
+    add_mlflow_argument(p)
     return p
 
 
@@ -53,6 +55,17 @@ def mlflow_from_args(args: argparse.Namespace, experiment: str) -> Any:
     return ddl_mlflow
 
 
+@contextlib.contextmanager
+def mlflow_tracking(args: argparse.Namespace, experiment: str) -> Iterator[Any]:
+    """``mlflow_from_args`` for the block (the fit) only: autologging is off again after it."""
+    tracking = mlflow_from_args(args, experiment)
+    try:
+        yield tracking
+    finally:
+        if tracking is not None:
+            tracking.autolog(disable=True)
+
+
 def session_from_args(args: argparse.Namespace, app_name: str, num_workers: int = 2) -> Any:
     """The Spark session that --master / --remote ask for."""
     from spark_ddl.driver.session import get_or_create_session
@@ -73,6 +86,13 @@ def save_results(model: Any, args: argparse.Namespace, results: dict[str, Any]) 
     model.save(args.output, overwrite=True)
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps({**results, "history": model.history}, indent=2))
+    if getattr(args, "mlflow", None) is not None:  # the held-out scores join the fit's run
+        import spark_ddl.mlflow as ddl_mlflow
+
+        numbers = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        run_id = ddl_mlflow.log_to_last_run(numbers)
+        if run_id is not None:
+            print(f"MLflow run {run_id} at {ddl_mlflow.use()}")
 
 
 def setup_logging() -> None:

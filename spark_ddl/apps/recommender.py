@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, parse_with_config, save_results, session_from_args, setup_logging
+from spark_ddl.apps.options import (application_parser, mlflow_tracking, parse_with_config, save_results,
+                                    session_from_args, setup_logging)
 from spark_ddl.models import PenalizedMSE
 
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
                                seed=args.seed, progress="log")
     started = time.perf_counter()
-    model = estimator.fit(train)
+    with mlflow_tracking(args, "spark-ddl recommender"):
+        model = estimator.fit(train)
     seconds = time.perf_counter() - started
     model_rmse = rmse(model.transform(test))
     baseline_rmse = rmse(baseline_predictions(train, test), "baseline")

@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl import LatestModel, TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, parse_with_config, setup_logging
+from spark_ddl.apps.options import application_parser, mlflow_from_args, parse_with_config, setup_logging
 from spark_ddl.apps.recommender import baseline_predictions, indexed, rmse
 from spark_ddl.models import PenalizedMSE
 from spark_ddl.streaming.versions import VersionStore
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows (CI: small)")
     p.add_argument("--frozen-after", type=int, default=3, help="the frozen model is the version after these windows")
     p.add_argument("--trigger-seconds", type=float, default=1.0, help="the stream's processing-time trigger")
+    p.add_argument("--registered-model-name", default="movielens_stream",
+                   help="with --mlflow: every version is registered as a version of this MLflow model")
     p.add_argument("--work-dir", default=None, help="watched directory and streaming checkpoint, a local path the "
                                                      "executors see too (default: a temporary one, removed)")
     p.add_argument("--plot", default=None, help="save the RMSE-per-window plot here (PNG; needs matplotlib)")
@@ -203,9 +205,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                seed=args.seed)
     stream_df = spark.readStream.schema("user long, item long, rating double").option("maxFilesPerTrigger", 1) \
         .parquet(str(watched))
+    tracking = mlflow_from_args(args, "spark-ddl stream-recommender")  # one run: settings, each version
     stream = estimator.fit_stream(stream_df, model_dir=args.output, checkpoint_location=str(work / "checkpoint"),
                                   trigger={"processingTime": f"{args.trigger_seconds:g} seconds"},
-                                  keep_versions=3, query_name="movielens_replay")
+                                  keep_versions=3, query_name="movielens_replay",
+                                  registered_model_name=args.registered_model_name if tracking else None)
     store, frozen, results = VersionStore(args.output), None, []
     started = time.perf_counter()
     try:
@@ -224,7 +228,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if k + 1 == args.frozen_after:
                 frozen = TorchModel.load(store.path(k + 1))
     finally:
-        stream.stop()
+        stream.stop()  # (ends the stream's MLflow run)
+        if tracking is not None:
+            tracking.autolog(disable=True)
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -240,6 +246,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = {"windows": results, "summary": summary, "versions": versions, "seconds": seconds, "weeks": args.weeks,
            "frozen_after": args.frozen_after, "users": users, "items": items}
     print(json.dumps({"summary": summary, "windows": len(results), "seconds": round(seconds, 1)}))
+    if tracking is not None:
+        print(f"MLflow run {stream.registry.run_id} at {tracking.use()}: versions 1-{versions[-1]['version']} "
+              f"registered as {args.registered_model_name!r} (models:/{args.registered_model_name}@latest)")
     if args.metrics_json:
         Path(args.metrics_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics_json).write_text(json.dumps(out, indent=2))

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import (add_skip_baselines, application_parser, parse_with_config, save_results,
+from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config, save_results,
                                     session_from_args, setup_logging)
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
                                seed=args.seed, progress="log")
     started = time.perf_counter()
-    model = estimator.fit(train_tokens)
+    with mlflow_tracking(args, "spark-ddl text"):
+        model = estimator.fit(train_tokens)
     seconds = time.perf_counter() - started
     scored = model.transform(test_tokens)
     accuracy = float(scored.select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0])

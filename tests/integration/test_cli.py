@@ -16,14 +16,16 @@ SPARK_DDL = Path(sys.executable).with_name("spark-ddl")
 
 @pytest.mark.parametrize("args, expected", [
     (["--help"], ["train", "predict", "bench", "stream-recommender"]),
-    (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir"]),
+    (["train", "--help"], ["--data", "--epochs", "--workers", "--config", "--master", "--plot", "--checkpoint-dir",
+                          "--mlflow"]),
     (["predict", "--help"], ["--model", "--input", "--output", "--config"]),
     (["bench", "--help"], ["launch", "inference", "strategies"]),
     (["bench", "strategies", "--help"], ["--epochs", "--straggler-ms", "--json", "--config"]),
     (["bench", "streaming", "--help"], ["--rows", "--trigger-seconds", "--freshness-files", "--json"]),
     (["bench", "scale", "--help"], ["--agents", "--sizes", "--batch-size", "--json"]),
     (["bench", "network", "--help"], ["--rates", "--strategies", "--agents-per-machine", "--prefix", "--json"]),
-    (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config"]),
+    (["stream-recommender", "--help"], ["--weeks", "--frozen-after", "--work-dir", "--plot", "--config",
+                                        "--mlflow", "--registered-model-name"]),
 ])
 def test_console_script_help(args, expected):
     assert SPARK_DDL.exists(), "the console script is declared in setup.py and installed by pip"

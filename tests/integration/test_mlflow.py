@@ -514,11 +514,16 @@ def test_a_tracking_server_with_sqlite_and_a_model_server_answer_like_transform(
     assert server.returncode is not None and (serving is None or serving.returncode is not None)
 
 
-def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tmp_path, capsys):
+def _back_to(tracking: str) -> None:
+    """This module's store and experiment again (a command chose its own of both)."""
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("spark_ddl_tests")
+
+
+def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tracking, tmp_path, capsys):
     from spark_ddl import cli
 
     uri = f"sqlite:///{tmp_path}/cli.db"
-    previous = mlflow.get_tracking_uri()
     try:
         assert cli.main(["train", "--epochs", "2", "--hidden", "16", "--progress", "off", "--output",
                          str(tmp_path / "m"), "--mlflow", uri]) == 0
@@ -526,7 +531,7 @@ def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tmp_path, ca
         client = mlflow.MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("spark-ddl train").experiment_id])
     finally:
-        mlflow.set_tracking_uri(previous)
+        _back_to(tracking)
     assert f"MLflow run {run.info.run_id} at {uri}" in out
     assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.models:MLP"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
@@ -535,7 +540,7 @@ def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tmp_path, ca
     try:
         logged = spark_ddl_mlflow().load_model(f"runs:/{run.info.run_id}/model")
     finally:
-        mlflow.set_tracking_uri(previous)
+        _back_to(tracking)
     saved = TorchModel.load(str(tmp_path / "m"))
     for name, tensor in saved.get_module().state_dict().items():
         assert torch.equal(logged.get_module().state_dict()[name], tensor), name
@@ -639,3 +644,27 @@ def test_inside_a_cross_validator_each_fit_is_a_child_run_of_the_tuning_run(spar
     metrics = client.get_metric_history(parent.info.run_id, "tuning_rmse")
     np.testing.assert_allclose([m.value for m in sorted(metrics, key=lambda m: m.step)], tuned.avgMetrics)
     assert parent.data.metrics["best_rmse"] == pytest.approx(min(tuned.avgMetrics))
+
+
+def test_the_recommender_job_with_mlflow_logs_its_fit_scores_and_model(spark, tracking, tmp_path, capsys):
+    from tests.integration.test_jobs import load_job
+
+    uri = f"sqlite:///{tmp_path}/apps.db"
+    try:  # the job spark-submit runs (jobs/recommender.py wraps the app's main)
+        assert load_job("recommender").main(["--epochs", "1", "--sample", "0.05", "--output", str(tmp_path / "m"),
+                                             "--metrics-json", str(tmp_path / "m.json"), "--mlflow", uri]) == 0
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("spark-ddl recommender").experiment_id])
+        mlflow.set_tracking_uri(uri)
+        logged = spark_ddl_mlflow().load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        _back_to(tracking)
+    assert f"MLflow run {run.info.run_id} at {uri}" in capsys.readouterr().out
+    results = json.loads((tmp_path / "m.json").read_text())
+    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.models:MatrixFactorization"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+    assert run.data.metrics["rmse"] == pytest.approx(results["rmse"])
+    assert run.data.metrics["baseline_rmse"] == pytest.approx(results["baseline_rmse"])
+    saved = TorchModel.load(str(tmp_path / "m"))
+    for name, tensor in saved.get_module().state_dict().items():
+        assert torch.equal(logged.get_module().state_dict()[name], tensor), name
