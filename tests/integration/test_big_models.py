@@ -90,7 +90,8 @@ def test_weights_that_cannot_reach_the_driver_are_refused_with_their_size_and_th
     message = str(caught.value)
     # the agent's own refusal (a failure to connect also says "cannot reach the driver")
     assert "ResultTooLargeError" in message
-    assert "The trained weights (" in message and "cannot reach the driver: streaming them failed (turned off)" in message
+    assert "The trained weights (" in message
+    assert "cannot reach the driver: streaming them failed (turned off)" in message
     assert "MiB" in message and "spark.driver.memory" in message
 
 

@@ -285,7 +285,7 @@ def test_large_tables_exchange_only_touched_rows_and_train_the_same(spark, tmp_p
     rng = np.random.default_rng(4)
     rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 10, 96), rng.integers(0, 140_000, 96),
                                                           rng.normal(size=96))]
-    frame = spark.createDataFrame(rows, "user long, item long, rating double").repartition(1)
+    frame = spark.createDataFrame(rows, "user long, item long, rating double")  # 2 partitions: 48 + 48 rows
     fits = {}
     for policy in ("auto", "never"):  # a 140,000 x 32 table is 17.9 MB: 'auto' makes it sparse
         fits[policy] = matrix_factorization(policy, tmp_path / policy).fit(frame)
@@ -295,11 +295,11 @@ def test_large_tables_exchange_only_touched_rows_and_train_the_same(spark, tmp_p
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6)
     # what was exchanged, measured in the agents: per step, each agent all-gathers as many item
-    # rows (32 float32 each) as the larger of the two agents' batches touched distinct items —
-    # one input partition is balanced row i -> agent i mod 2
+    # rows (32 float32 each) as the larger of the two agents' batches touched distinct items
+    # (partition i, rows [48 i, 48 i + 48), is agent i's shard)
     assert fits["auto"].summary["shard_sizes"] == [48, 48]
     items = np.array([i for _, i, _ in rows])
-    shards = [items[0::2], items[1::2]]
+    shards = [items[:48], items[48:]]
     touched = [max(len(np.unique(shard[s * 16:(s + 1) * 16])) for shard in shards) for s in range(3)] * 2
     for rank in (0, 1):
         assert gathered_rows(tmp_path / "auto", rank) == touched  # 16 rows = 2 KB a step, of a 17.9 MB table
@@ -314,7 +314,7 @@ def test_auto_keeps_large_tables_dense_under_weight_decay_or_clipping(spark, tmp
     rng = np.random.default_rng(4)
     rows = [(int(u), int(i), float(r)) for u, i, r in zip(rng.integers(0, 10, 32), rng.integers(0, 140_000, 32),
                                                           rng.normal(size=32))]
-    frame = spark.createDataFrame(rows, "user long, item long, rating double").repartition(1)
+    frame = spark.createDataFrame(rows, "user long, item long, rating double")
     model = matrix_factorization("auto", tmp_path / "auto", epochs=1, **update).fit(frame)
     assert model.summary["sparse_tables"] == 0
     assert gathered_rows(tmp_path / "auto", 0) == gathered_rows(tmp_path / "auto", 1) == []
