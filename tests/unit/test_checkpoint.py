@@ -12,6 +12,7 @@ import torch
 from spark_ddl.checkpoint import (incompatibilities, list_checkpoints, read_checkpoint, read_checkpoint_facts,
                                   write_checkpoint)
 from spark_ddl.config import TrainConfig
+from spark_ddl.errors import ConfigError
 from spark_ddl.driver import launcher
 from tests.tamper import Payload, torch_saved
 
@@ -50,6 +51,22 @@ def test_the_resume_check_reads_the_sidecar_not_the_model_sized_file(tmp_path):
         assert "lr: checkpoint 9.0" in str(error)
     else:
         raise AssertionError("a checkpoint with other settings was accepted")
+
+
+@pytest.mark.parametrize("changed, named", [
+    ({"optimizer_kwargs": {"weight_decay": 0.1}}, "optimizer_kwargs: checkpoint {'weight_decay': 0.01}, this fit "
+                                                   "{'weight_decay': 0.1}"),
+    ({"optimizer": "adam"}, "optimizer: checkpoint 'adamw', this fit 'adam'"),
+])
+def test_resuming_an_adamw_run_with_another_weight_decay_or_optimiser_is_refused(tmp_path, changed, named):
+    """AdamW's weight decay is part of the optimiser state's meaning: a resume that changes it
+    (or the optimiser) would continue the moments under another update rule."""
+    run = TrainConfig(optimizer="adamw", optimizer_kwargs={"weight_decay": 0.01}, checkpoint_dir=str(tmp_path))
+    write_checkpoint(str(tmp_path), state(run, 1), updates=7, keep=2)
+    assert launcher.check_checkpoint_dir(replace(run, resume=True)).endswith("checkpoint-u000000007.pt")  # control
+    with pytest.raises(ConfigError) as info:
+        launcher.check_checkpoint_dir(replace(run, resume=True, **changed))
+    assert named in str(info.value)
 
 
 def test_a_pickle_planted_in_a_checkpoint_is_refused_without_running_it(tmp_path):
