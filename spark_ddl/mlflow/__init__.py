@@ -9,10 +9,17 @@
   (``TorchModel.predict_pandas``: the columns ``transform`` adds) and
   ``mlflow.pyfunc.spark_udf(spark, uri)`` scores a DataFrame; the signature holds the training
   DataFrame's input columns and the prediction columns.
-- ``autolog()``: every ``fit`` then logs its settings, per-epoch metrics while it trains, and its
-  summary into the active MLflow run (see ``spark_ddl.mlflow.autolog``).
+- ``autolog()``: every ``fit`` then logs its settings, per-epoch metrics while it trains, its
+  summary, history plot and (``log_models``) model into the active MLflow run or one of its own;
+  ``spark_ddl.run`` its ``report()`` records at their step; ``fit_stream`` its versions
+  (``stream_*`` metrics, ``step=version``) into one run that ends with the stream; inside a
+  pyspark.ml ``CrossValidator``/``TrainValidationSplit`` each fit is a child run of the tuning
+  run (``autologging``, ``tuning``; the calls are made off the fit's thread by ``runlog``).
+- ``fit_stream(..., registered_model_name=...)`` registers each version (``registry``);
+  ``TorchModel.load_latest``/``LatestModel`` read ``models:/name@latest`` (``registered``).
 
-Only the driver talks to MLflow; nothing else in spark_ddl imports it.
+Only the driver talks to MLflow; nothing else in spark_ddl imports it. A tracking server that is
+down or refuses costs a fit one warning, never its result.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         f"(from a checkout: pip install -c constraints.txt -e '.[mlflow]'). ({exc})"
     ) from exc
 
-from spark_ddl.mlflow.autologging import autolog, last_run_id, log_to_last_run, use
+from spark_ddl.mlflow.autologging import autolog, autologging, last_run_id, log_to_last_run, use
 from spark_ddl.mlflow.flavor import FLAVOR_NAME, _load_pyfunc, load_model, log_model, save_model, signature_of
 
-__all__ = ["FLAVOR_NAME", "autolog", "last_run_id", "log_to_last_run", "use", "load_model", "log_model", "save_model", "signature_of", "_load_pyfunc"]
+__all__ = ["FLAVOR_NAME", "autolog", "autologging", "last_run_id", "log_to_last_run", "use", "load_model", "log_model", "save_model", "signature_of", "_load_pyfunc"]
