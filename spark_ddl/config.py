@@ -14,18 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from spark_ddl.errors import ConfigError
+from spark_ddl.objectives import objective_descriptions
 from spark_ddl.settings import check_all, declared, setting
 from spark_ddl.sync import strategy_class, strategy_descriptions
 
-LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 ALLREDUCE_IMPLS = ("auto", "flat", "ddp")
-
-
-def classification_kind(loss: object) -> str | None:
-    """'multiclass' (cross_entropy), 'binary' (bce_with_logits), or None for regression losses."""
-    return {"cross_entropy": "multiclass", "bce_with_logits": "binary"}.get(loss) if isinstance(loss, str) else None
 
 
 @dataclass(frozen=True)
@@ -58,8 +53,8 @@ class TrainConfig:
     """Everything an agent needs to train, apart from the model and the data."""
 
     loss: str | Callable[..., Any] = setting(
-        "cross_entropy", "'cross_entropy', 'mse', 'bce_with_logits' or a callable(output, target) "
-        "returning the batch-mean loss", choices=LOSSES, callable_ok=True, resume_checked=True)
+        "cross_entropy", "the objective (spark_ddl.objectives), or a callable(output, target) returning the "
+        "batch-mean loss", choices=objective_descriptions, callable_ok=True, resume_checked=True)
     train_step: Callable[..., Any] | None = setting(
         None, "callable(model, batch) -> batch-mean loss replacing loss(model(inputs), label); batch is a dict of "
         "the inputs' tensors (and 'label'), on the agent's device; loss still names the task", kind=object,

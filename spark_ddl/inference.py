@@ -28,6 +28,7 @@ from spark_ddl.batch_format import BatchSpec, Ragged, as_tensor, call_model, col
 from spark_ddl.devices import select_device, task_gpu_addresses
 from spark_ddl.driver.columns import ColumnSpec, pandas_input_column, select_input_columns
 from spark_ddl.model_source import ModelSource
+from spark_ddl.objectives import Scoring
 from spark_ddl.weights import ShippedWeights
 
 _PREDICTION_STRUCT = "__ddl_prediction"
@@ -125,7 +126,7 @@ def predict_frame(
     df: DataFrame,
     spec: ColumnSpec,  # the model's inputs as trained (which arrays are ragged), read from df's columns
     provider: ModuleProvider,
-    task: str,  # "multiclass" | "binary" | "regression" | "multi_regression"
+    scoring: Scoring,  # the objective's head: what is added, of which type
     prediction_col: str,
     probability_col: str | None,
     batch_size: int,
@@ -138,13 +139,8 @@ def predict_frame(
     once per Python worker from the payload shipped as the session's kind allows; a versioned
     provider may swap weights between batches).
     """
-    classification = task in ("multiclass", "binary")
-    if classification:
-        return_type = "prediction double, probability array<double>"
-    elif task == "multi_regression":
-        return_type = "prediction array<double>"
-    else:
-        return_type = "prediction double"
+    classification = scoring.objective.classifier
+    return_type = scoring.return_type()
     if version_col:
         return_type += ", model_version int"
 
@@ -155,7 +151,7 @@ def predict_frame(
         torch.set_num_threads(_task_cpus())
         for array in arrays:  # one struct array of the inputs' wire columns
             module, version = provider.current(device)
-            out = _predict_arrow(module, array, batch_spec, task, batch_size, device)
+            out = _predict_arrow(module, array, batch_spec, scoring, batch_size, device)
             if version_col:
                 out = pa.StructArray.from_arrays([*out.flatten(), pa.array([version] * len(array), pa.int32())],
                                                  names=[*(f.name for f in out.type), "model_version"])
@@ -187,7 +183,7 @@ def predict_frame(
     return scored.select(*columns)
 
 
-def predict_pandas(module: nn.Module, frame: pd.DataFrame, spec: ColumnSpec, task: str, batch_size: int,
+def predict_pandas(module: nn.Module, frame: pd.DataFrame, spec: ColumnSpec, scoring: Scoring, batch_size: int,
                    device: torch.device | str = "cpu") -> pd.DataFrame:
     """What ``predict_frame`` adds, computed here in this process on a pandas frame that holds
     the model's source columns: ``prediction`` (and ``probability``, a numpy array per row, for
@@ -196,11 +192,10 @@ def predict_pandas(module: nn.Module, frame: pd.DataFrame, spec: ColumnSpec, tas
     wire = [pandas_input_column(f, s, frame) for f, s in zip(spec.batch.inputs, spec.sources)]
     names = [f.column for f in spec.batch.inputs]
     if not len(frame):
-        columns = ["prediction", "probability"] if task in ("multiclass", "binary") else ["prediction"]
-        return pd.DataFrame({c: pd.Series([], dtype=float if c == "prediction" and task != "multi_regression"
-                                          else object) for c in columns})
+        return pd.DataFrame({c: pd.Series([], dtype=float if c == "prediction" and not scoring.multi_output
+                                          else object) for c in scoring.columns})
     array = pa.StructArray.from_arrays(wire, names=names)
-    out = _predict_arrow(module, array, spec.batch, task, batch_size, device)
+    out = _predict_arrow(module, array, spec.batch, scoring, batch_size, device)
     result = {}
     for name in (f.name for f in out.type):
         column = out.field(name)
@@ -213,35 +208,19 @@ def predict_pandas(module: nn.Module, frame: pd.DataFrame, spec: ColumnSpec, tas
     return pd.DataFrame(result, index=frame.index)
 
 
-def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``torch.softmax(logits, dim=1)`` (equal to ~1e-7) in three vectorised passes: several
-    times faster on one thread for the few classes per row a classifier has."""
-    scores = (logits - logits.amax(dim=1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=1, keepdim=True))
-
-
 def _double_lists(matrix: np.ndarray) -> pa.Array:
     rows, width = matrix.shape
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float64).reshape(-1))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
 
 
-def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, task: str, batch_size: int,
+def _predict_arrow(module: nn.Module, array: pa.StructArray, spec: BatchSpec, scoring: Scoring, batch_size: int,
                    device: torch.device) -> pa.Array:
     rows = len(array)
     columns = {f.name: column_values(f, array.field(f.column)) for f in spec.inputs}
     out = _forward(module, columns, rows, spec, batch_size, device).reshape(rows, -1)
-    if task == "multiclass":
-        scores = softmax_rows(out.float())  # float32: several times faster than float64
-        prediction = scores.argmax(dim=1).double().numpy()
-        probability = scores.double().numpy()
-    elif task == "binary":
-        positive = torch.sigmoid(out[:, 0].double()).numpy()
-        probability = np.stack([1 - positive, positive], axis=1)
-        prediction = (positive > 0.5).astype(np.float64)
-    elif task == "multi_regression":
-        return pa.StructArray.from_arrays([_double_lists(out.double().numpy())], names=["prediction"])
-    else:
-        return pa.StructArray.from_arrays([pa.array(out[:, 0].double().numpy())], names=["prediction"])
-    return pa.StructArray.from_arrays([pa.array(prediction), _double_lists(probability)],
-                                      names=["prediction", "probability"])
+    prediction, probability = scoring.predict(out)
+    arrays = [_double_lists(prediction) if prediction.ndim == 2 else pa.array(prediction)]
+    if probability is not None:
+        arrays.append(_double_lists(probability))
+    return pa.StructArray.from_arrays(arrays, names=list(scoring.columns))

@@ -14,11 +14,12 @@ from torch import nn
 
 from spark_ddl import artifact
 from spark_ddl.batch_format import POSITIONAL_KEY
-from spark_ddl.config import TrainConfig, classification_kind
+from spark_ddl.config import TrainConfig
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.inference import ScoringPayload, ShippedModule, predict_frame, predict_pandas
 from spark_ddl.model_source import ModelSource
+from spark_ddl.objectives import OBJECTIVES, CustomLoss, Objective, Scoring
 from spark_ddl.params import SharedParams
 from spark_ddl.persistence import ModelReader, ModelWriter
 from spark_ddl.summary import TrainingSummary
@@ -110,12 +111,21 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         return {POSITIONAL_KEY: (self.feature_dim,)} if self.feature_dim is not None else {}
 
     @property
+    def objective(self) -> Objective:
+        """What the network was trained for (spark_ddl.objectives): its scoring head; the user's
+        own loss scores as regression."""
+        loss = self._config.get("loss")
+        return OBJECTIVES[loss]() if loss in OBJECTIVES else CustomLoss()
+
+    @property
+    def scoring(self) -> Scoring:
+        """What ``transform`` adds: the objective's head, per output on array labels."""
+        return Scoring(self.objective, bool(self._spec and self._spec.label_is_array))
+
+    @property
     def task(self) -> str:
         """'multiclass', 'binary', 'regression' or 'multi_regression'."""
-        kind = classification_kind(self._config.get("loss"))
-        if kind is not None:
-            return kind
-        return "multi_regression" if self._spec and self._spec.label_is_array else "regression"
+        return self.scoring.task
 
     # -------------------------------------------------------------- inference
 
@@ -131,7 +141,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         spec = self.scoring_columns(dataset.schema)
         payload, version = self._shipped_payload(dataset.sparkSession)
         return predict_frame(
-            dataset, spec, ShippedModule(payload, version), self.task,
+            dataset, spec, ShippedModule(payload, version), self.scoring,
             self.getOrDefault(self.predictionCol),
             self.getOrDefault(self.probabilityCol) or None,
             self.getOrDefault(self.inference_batch_size),
@@ -145,7 +155,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         if self._spec is None:
             raise ValueError("This TorchModel knows no input columns (made by hand without spec=): "
                              "predict_pandas needs them.")
-        return predict_pandas(self._local_scoring_module(), frame, self._spec.without_label(), self.task,
+        return predict_pandas(self._local_scoring_module(), frame, self._spec.without_label(), self.scoring,
                               self.getOrDefault(self.inference_batch_size))
 
     def _local_scoring_module(self) -> nn.Module:

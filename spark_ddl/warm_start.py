@@ -13,7 +13,7 @@ from spark_ddl import artifact
 from spark_ddl.config import TrainConfig
 from spark_ddl.errors import ConfigError
 from spark_ddl.model import TorchModel
-from spark_ddl.objectives import load_optimizer_state, make_optimizer
+from spark_ddl.optimizers import load_optimizer_state, make_optimizer
 from spark_ddl.persistence import saved_training_state
 
 log = logging.getLogger("spark_ddl")

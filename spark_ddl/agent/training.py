@@ -28,7 +28,8 @@ from spark_ddl.artifact import optimizer_state_from_bytes, optimizer_state_to_by
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
 from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
-from spark_ddl.objectives import label_dtype, load_optimizer_state, make_optimizer
+from spark_ddl.objectives import label_dtype_for
+from spark_ddl.optimizers import load_optimizer_state, make_optimizer
 from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
@@ -122,7 +123,7 @@ def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hea
     rss_before_data = peak_rss_bytes()
     log_memory("before reading the partition")
     custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
-    dtype = label_dtype(config.loss, job.label_is_integer, custom_step=custom)
+    dtype = label_dtype_for(config.loss, job.label_is_integer, custom_step=custom)
     counter = ShardCounter() if job.agents is not None else None
     if counter is not None:
         batches = counter.count(batches)

@@ -25,6 +25,7 @@ from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec, InputSource
 from spark_ddl.driver.data import empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
+from spark_ddl.objectives import objective
 from spark_ddl.wire import LABEL
 
 
@@ -253,23 +254,7 @@ def _check_labels(spec: ColumnSpec, config: TrainConfig, stats: InputStats) -> N
             f"{column} has {stats.null_labels} null and {stats.bad_labels} NaN or infinite value(s) "
             f"out of {stats.rows} rows. Drop those rows or fill the labels first."
         )
-    if config.loss == "cross_entropy" and stats.fractional_labels:
-        raise SchemaError(
-            f"{column} has {stats.fractional_labels} non-integer value(s); loss='cross_entropy' needs "
-            "class indices 0, 1, …, num_classes-1 (index string labels with StringIndexer)."
-        )
-    if config.loss == "bce_with_logits" and stats.min_label is not None and (
-        stats.min_label < 0 or stats.max_label > 1
-    ):
-        raise SchemaError(
-            f"{column} has values between {stats.min_label:g} and {stats.max_label:g}; "
-            "loss='bce_with_logits' needs targets in [0, 1]."
-        )
-    if config.loss == "cross_entropy" and stats.min_label is not None and stats.min_label < 0:
-        raise SchemaError(
-            f"{column} has negative class {stats.min_label:g}; loss='cross_entropy' needs class indices "
-            "in [0, num_classes)."
-        )
+    objective(config.loss).check_labels(column, stats.min_label, stats.max_label, stats.fractional_labels)
 
 
 def check_model_output(template: nn.Module, config: TrainConfig, spec: ColumnSpec,
@@ -319,24 +304,7 @@ def _check_output(output: object, config: TrainConfig, spec: ColumnSpec, max_lab
             f"The model must return a tensor with one row per input row; for a batch of 2 it returned "
             f"{_shape_of(output)}."
         )
-    per_row = math.prod(output.shape[1:])
-    if config.loss == "cross_entropy":
-        if output.dim() != 2 or output.shape[1] < 2:
-            raise ConfigError(
-                f"loss='cross_entropy' needs the model to return (batch, num_classes) logits with "
-                f"num_classes >= 2; it returns {_shape_of(output)} for a batch of 2."
-            )
-        if max_label is not None and max_label >= output.shape[1]:
-            raise SchemaError(
-                f"Label column {spec.label_col!r} has class {max_label:g}, but the model outputs "
-                f"{output.shape[1]} classes (labels must be in [0, {output.shape[1]})). Widen the "
-                "model's last layer or re-index the labels."
-            )
-    elif config.loss in ("mse", "bce_with_logits") and not spec.label_is_array and per_row != 1:
-        raise ConfigError(
-            f"loss={config.loss!r} with a scalar label needs one output per row; the model returns "
-            f"{_shape_of(output)} for a batch of 2. Give it one output, or use array labels of that width."
-        )
+    objective(config.loss).check_output(output, spec.label_is_array, max_label, f"Label column {spec.label_col!r}")
 
 
 def _per_column_problems(source: DataFrame, input_source: InputSource) -> str:

@@ -116,7 +116,7 @@ class LatestModel:
         spec = model.scoring_columns(df.schema)
         provider = NewestVersion(self.model_dir, model.model_source, self.refresh_seconds, self._on_load)
         probability = self.probability_col if self.probability_col is not None else model.getProbabilityCol()
-        return predict_frame(df, spec, provider, model.task, self.prediction_col or model.getPredictionCol(),
+        return predict_frame(df, spec, provider, model.scoring, self.prediction_col or model.getPredictionCol(),
                              probability or None, model.getOrDefault(model.inference_batch_size), self.version_col)
 
     def __repr__(self) -> str:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spark_ddl.errors import ConfigError
-from spark_ddl.objectives import make_scheduler
+from spark_ddl.optimizers import make_scheduler
 from spark_ddl.sync.async_server import DONE, HEADER, HELLO, PUSH, AsyncServer
 from spark_ddl.sync.sparse_rows import dense_gradient
 from spark_ddl.sync.base import (AsyncStrategy, OptimizerFactory, StrategyEnv, StrategySettings,

@@ -108,4 +108,4 @@ def test_check_input_false_skips_the_scan_and_the_agents_still_refuse(spark):
 
     frame = spark.createDataFrame(GOOD_ROWS + [([0.5, 1.0], 1.0)], SCHEMA).repartition(2)
     with pytest.raises(TrainingError, match="unequal lengths"):
-        TorchEstimator(model=TinyNet(), loss="mse", timeout=30, check_input=False).fit(frame)
+        TorchEstimator(model=TinyNet(), loss="mse", timeout=90, check_input=False).fit(frame)

@@ -22,7 +22,7 @@ from spark_ddl.agent.shard import Shard
 from spark_ddl.batch_format import BatchSpec, InputField
 from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.config import TrainConfig
-from spark_ddl.objectives import make_optimizer
+from spark_ddl.optimizers import make_optimizer
 from spark_ddl.sync import StrategyEnv, make_strategy
 from tests.references import assert_same_state, averaged_independent_sgd, combined_batch_sgd
 

@@ -13,8 +13,8 @@ from torch import nn
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.batch_format import LABEL_KEY, BatchSpec, call_model, dummy_batch
-from spark_ddl.config import TrainConfig, classification_kind
-from spark_ddl.objectives import LossFn, make_loss
+from spark_ddl.config import TrainConfig
+from spark_ddl.objectives import LossFn, objective
 from spark_ddl.sync.base import SyncStrategy
 
 RECENT_EPOCHS = 32  # epoch records rank 0's heartbeat carries to the driver
@@ -43,7 +43,7 @@ class LoopContext:
     index_device: torch.device = field(init=False)  # where ``fetch`` wants its row indices
 
     def __post_init__(self) -> None:
-        self.loss_fn = make_loss(self.config.loss)
+        self.loss_fn = objective(self.config.loss).loss()
         if self.batch is None:
             self.batch = self.train.spec
         self.fetch, self.index_device = self.train.batch_source(self.device)
@@ -110,7 +110,8 @@ def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
     """Collective: the loss (and accuracy for classifiers, and the user's ``eval_step``
     metrics) over every agent's validation rows, weighted by rows."""
     config, validation, device = context.config, context.validation, context.device
-    kind = classification_kind(config.loss) if config.train_step is None else None
+    goal = objective(config.loss)
+    classifier = goal.classifier and config.train_step is None  # train_step: the loss is the user's
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*rows, correct, rows
     metrics: dict[str, float] = {}
     chunk = max(config.batch_size, 1024)
@@ -121,12 +122,8 @@ def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
             index = torch.arange(start, min(start + chunk, validation.num_rows), device=index_device)
             batch, rows = fetch(index), len(index)
             sums[0] += context.loss(module, batch).double() * rows
-            if kind is not None:
-                output, y = call_model(module, batch, context.batch), batch[LABEL_KEY]
-                if kind == "multiclass":
-                    sums[1] += (output.argmax(dim=1) == y).sum()
-                else:
-                    sums[1] += ((output.reshape(-1) > 0) == (y.reshape(-1) > 0.5)).sum()
+            if classifier:
+                sums[1] += goal.correct(call_model(module, batch, context.batch), batch[LABEL_KEY])
             sums[2] += rows
             if config.eval_step is not None:
                 for name, value in config.eval_step(module, batch).items():
@@ -134,7 +131,7 @@ def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
     module.train()
     dist.all_reduce(sums)
     record = {"val_loss": float(sums[0] / sums[2]), "val_samples": int(sums[2])}
-    if kind is not None:
+    if classifier:
         record["val_accuracy"] = float(sums[1] / sums[2])
     if config.eval_step is not None:  # every rank's sums, whatever keys each one saw
         everyone: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]

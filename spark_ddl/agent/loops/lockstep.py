@@ -13,7 +13,7 @@ import torch.distributed as dist
 from spark_ddl.agent.loops.common import RECENT_EPOCHS, EarlyStopping, LoopContext, LoopResult, cpu_state, validate
 from spark_ddl.agent.sampling import epoch_order, global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.checkpoint import write_checkpoint
-from spark_ddl.objectives import make_scheduler
+from spark_ddl.optimizers import make_scheduler
 from spark_ddl.sync.base import LockstepStrategy
 from spark_ddl.sync.finite import NonFiniteGuard
 from spark_ddl.sync.guard import check_replicas
