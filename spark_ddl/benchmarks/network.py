@@ -172,13 +172,16 @@ def measure_link(cluster, rate: str, per_machine: int) -> dict[str, Any]:
 
 
 def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, per_machine: int,
-                  link: dict[str, Any], compression: dict[str, float], flat_compute: float | None) -> None:
+                  link: dict[str, Any], compression: dict[str, float], flat_compute: float | None,
+                  layout: list[list[int]] | None = None) -> None:
     """Add the traffic model's bytes and messages and the prediction to the measured ``row``: its own
-    compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange."""
+    compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange. The ranks'
+    machines: the row's summary's, else ``layout`` (another fit's at this rate: ps and local_sgd
+    report none), else contiguous."""
     from spark_ddl.models import MLP
 
     parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
-    machine_of = machine_of_rank(row["summary"].get("machines"), args.machines, per_machine)
+    machine_of = machine_of_rank(row["summary"].get("machines") or layout, args.machines, per_machine)
     wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
     compute, compute_source = row["compute_seconds_per_step"], "fit"
     if compute is None and strategy == "ddp" and flat_compute is not None:
@@ -209,10 +212,12 @@ def rate_rows(args: argparse.Namespace, cluster, frame, per_machine: int, link: 
         for strategy in args.strategies:
             fits[strategy].append(one_fit(strategy, args, frame, workers, cluster))
     rows = []
+    layout = next((f["summary"]["machines"] for runs in fits.values() for f in runs if f["summary"].get("machines")),
+                  None)  # how Spark placed the ranks, as a fit that reports it saw it
     for strategy in args.strategies:
         row = median_row(fits[strategy])
         flat = next((r["compute_seconds_per_step"] for r in rows if r["strategy"] == "flat"), None)
-        predicted_row(row, strategy, args, per_machine, link, compression, flat)
+        predicted_row(row, strategy, args, per_machine, link, compression, flat, layout)
         rows.append(row)
         print("  " + format_row(row), flush=True)
     return rows
