@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from spark_ddl import ClusterConfigError, ConfigError, TorchEstimator
-from tests.helpers import SparkJobs, TinyNet
+from tests.helpers import SparkJobs, TinyNet, regression_arrays, split_by_sizes
 from tests.integration.test_fault_tolerance import die_once, estimator, frame
+from tests.references import combined_batch_sgd, max_relative_difference
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,6 +69,42 @@ def test_an_executor_lost_for_good_shrinks_the_fit_and_its_return_grows_it_back_
         torch.testing.assert_close(model.get_module().state_dict()[name], value, rtol=1e-5, atol=1e-5, msg=name)
     for ours, theirs in zip(model.history, reference.history):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+@pytest.mark.cluster
+def test_parameter_server_continues_on_fewer_agents_and_grows_back_to_the_same_weights(sessions, tmp_path):
+    """README: elastic continuation with sync="parameter_server" too. The executor is gone before
+    the fit starts: one agent runs epoch 1 over both shards (rank 0 is then the server of one),
+    the executor returns, two agents run epoch 2 — the weights of plain torch on the combined
+    batches (SGD with momentum, shards in order), which the uninterrupted 2-agent run equals."""
+    spark = sessions.get("cluster")
+    sc = spark.sparkContext
+    _wait_for_executors(sc, 2)
+    torch.manual_seed(7)  # what estimator() builds
+    reference = combined_batch_sgd(TinyNet(), split_by_sizes(*regression_arrays(160, seed=4), [80, 80]),
+                                   batch_size=8, epochs=2, lr=0.05, momentum=0.9)
+
+    def take_then_give_back(attempt: int, context) -> None:
+        if attempt == 1:
+            assert context._jsc.sc().killExecutor(_executor_ids(context)[-1])  # noqa: SLF001
+            _wait_for_executors(context, 1)
+        elif attempt == 2:
+            jvm = context._jvm  # noqa: SLF001
+            no_locality = jvm.org.apache.spark.api.python.PythonUtils.toScalaMap(jvm.java.util.HashMap())
+            assert context._jsc.sc().requestTotalExecutors(2, 0, no_locality)  # noqa: SLF001
+            _wait_for_executors(context, 2)
+
+    elastic = estimator(sync="parameter_server", epochs=2, shuffle=False, checkpoint_dir=str(tmp_path / "ckpt"),
+                        checkpoint_every=1, max_retries=1, min_workers=1)
+    elastic._attempt_hook = take_then_give_back
+    model = elastic.fit(frame(spark))
+
+    attempts = model.summary["attempts"]
+    assert [a["agents"] for a in attempts] == [1, 2] and attempts[0]["resized"] == [2, 1]
+    assert attempts[0]["paused_after_epoch"] == 1 and attempts[1]["resized"] == [1, 2]
+    assert attempts[1]["resumed_from"].endswith("u000000010.pt")
+    assert model.summary["world_size"] == 2 and [h["samples"] for h in model.history] == [160, 160]
+    assert max_relative_difference(model.get_module(), reference) <= 1e-5
 
 
 @pytest.mark.parametrize("settings, message", [
