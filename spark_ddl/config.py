@@ -16,7 +16,7 @@ from typing import Any, Callable
 from spark_ddl.errors import ConfigError
 from spark_ddl.objectives import objective_descriptions
 from spark_ddl.settings import check_all, declared, setting
-from spark_ddl.sync import strategy_class, strategy_descriptions
+from spark_ddl.sync import elastic_strategies, strategy_class, strategy_descriptions
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
@@ -45,7 +45,6 @@ class CheckpointEvery:
         return cls(int(match.group(1)), unit)
 
 
-ELASTIC_SYNCS = ("allreduce", "parameter_server")  # lock-step, identical replicas: a shard may change hands
 
 
 @dataclass
@@ -178,15 +177,13 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_dir must be a path or URI, got {self.checkpoint_dir!r}.")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue.")
-        if self.on_nonfinite == "skip" and self.sync == "async":
-            raise ConfigError("on_nonfinite='skip' needs the agents to agree on every update, which sync='async' "
-                              "does not have; use on_nonfinite='raise' with async.")
         if self.elastic:
             if self.min_workers > self.num_workers:
                 raise ConfigError(f"min_workers={self.min_workers} is above num_workers={self.num_workers}.")
-            if self.sync not in ELASTIC_SYNCS or self.checkpoint_dir is None or self.max_retries < 1:
+            elastic_syncs = list(elastic_strategies())
+            if self.sync not in elastic_syncs or self.checkpoint_dir is None or self.max_retries < 1:
                 raise ConfigError(
-                    f"min_workers below num_workers (elastic training) needs sync in {list(ELASTIC_SYNCS)} (replicas "
+                    f"min_workers below num_workers (elastic training) needs sync in {elastic_syncs} (replicas "
                     "that stay identical, so that fewer agents can take over the others' shards), a checkpoint_dir "
                     "to continue from, and max_retries >= 1.")
         strategy_class(self.sync).check_settings(self)

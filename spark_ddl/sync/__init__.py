@@ -20,12 +20,17 @@ STRATEGIES: dict[str, type[SyncStrategy]] = {
 }
 
 __all__ = ["STRATEGIES", "SyncStrategy", "LockstepStrategy", "AsyncStrategy", "StrategyEnv", "StrategySettings",
-           "strategy_class", "strategy_descriptions", "make_strategy"]
+           "strategy_class", "strategy_descriptions", "elastic_strategies", "make_strategy"]
 
 
 def strategy_descriptions() -> dict[str, str]:
     """Each strategy's name and one-line description, in the registry's order."""
     return {name: cls.description for name, cls in STRATEGIES.items()}
+
+
+def elastic_strategies() -> tuple[str, ...]:
+    """The strategies whose replicas stay identical: fewer agents can continue their shards."""
+    return tuple(name for name, cls in STRATEGIES.items() if cls.replicas_identical)
 
 
 def strategy_class(name: str) -> type[SyncStrategy]:

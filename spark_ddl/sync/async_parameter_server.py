@@ -66,6 +66,9 @@ class AsyncParameterServerStrategy(AsyncStrategy):
                 f"when all compute at once, each gradient misses the other "
                 f"{settings.num_workers - 1} agents' updates. Set max_staleness >= {settings.num_workers - 1}."
             )
+        if settings.on_nonfinite == "skip":
+            raise ConfigError("on_nonfinite='skip' needs the agents to agree on every update, which sync='async' "
+                              "does not have; use on_nonfinite='raise' with async.")
         if settings.check_every:
             raise ConfigError(
                 "check_every compares replicas of the synchronous strategies; with sync='async' "

@@ -48,6 +48,7 @@ class StrategySettings(Protocol):
     lr_scheduler_kwargs: dict[str, Any]
     checkpoint_dir: str | None
     has_validation: bool
+    on_nonfinite: str
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class SyncStrategy(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""  # one line, for the Param doc and the CLI help
     supports_compression: ClassVar[bool] = False
+    # the replicas are equal after every update, so that fewer agents can take over the others'
+    # shards at an epoch boundary (elastic training, min_workers) and check_every can compare them
+    replicas_identical: ClassVar[bool] = False
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
@@ -193,7 +197,7 @@ class LockstepStrategy(SyncStrategy):
     only accumulates gradients (no communication, no update); the next ``sync=True`` step
     applies them. Every agent calls the same methods with the same arguments."""
 
-    replicas_identical: ClassVar[bool] = True  # after every update (False: local SGD between averages)
+    replicas_identical: ClassVar[bool] = True  # (False: local SGD between its averages)
     # seconds this agent spent in its exchange with the others so far (its collectives, waits for the
     # other agents and compression included), or None where the exchange runs inside backward (DDP)
     exchange_seconds: float | None = 0.0
