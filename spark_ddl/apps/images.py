@@ -17,8 +17,8 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, digits_as_png
-from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config, save_results,
-                                    session_from_args, setup_logging)
+from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config,
+                                    save_results, session_from_args, setup_logging)
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:

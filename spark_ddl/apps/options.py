@@ -89,7 +89,8 @@ def save_results(model: Any, args: argparse.Namespace, results: dict[str, Any]) 
     if getattr(args, "mlflow", None) is not None:  # the held-out scores join the fit's run
         import spark_ddl.mlflow as ddl_mlflow
 
-        numbers = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run_id = ddl_mlflow.log_to_last_run(numbers)
         if run_id is not None:
             print(f"MLflow run {run_id} at {ddl_mlflow.use()}")

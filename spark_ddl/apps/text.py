@@ -18,8 +18,8 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config, save_results,
-                                    session_from_args, setup_logging)
+from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config,
+                                    save_results, session_from_args, setup_logging)
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
 PAD, UNKNOWN = 0, 1  # token ids kept for the padding and for words outside the vocabulary

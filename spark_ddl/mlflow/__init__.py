@@ -36,4 +36,5 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from spark_ddl.mlflow.autologging import autolog, autologging, last_run_id, log_to_last_run, use
 from spark_ddl.mlflow.flavor import FLAVOR_NAME, _load_pyfunc, load_model, log_model, save_model, signature_of
 
-__all__ = ["FLAVOR_NAME", "autolog", "autologging", "last_run_id", "log_to_last_run", "use", "load_model", "log_model", "save_model", "signature_of", "_load_pyfunc"]
+__all__ = ["FLAVOR_NAME", "autolog", "autologging", "last_run_id", "log_to_last_run", "use", "load_model", "log_model",
+           "save_model", "signature_of", "_load_pyfunc"]

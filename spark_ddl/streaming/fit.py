@@ -142,12 +142,12 @@ class StreamingFit:
 
             def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
                 if stream._query_id is not None and str(event.id) == str(stream._query_id):
-                    stream._finish(stream.error)
+                    stream._finish(stream.error, from_listener=True)
 
         self._watcher = (spark, _Ended())
         spark.streams.addListener(self._watcher[1])
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: BaseException | None, from_listener: bool = False) -> None:
         """Once: the stream stopped (the listeners end its MLflow run, FAILED on ``error``)."""
         with self._end_lock:
             if self._ended:
@@ -160,9 +160,12 @@ class StreamingFit:
                 log.warning("the MLflow run of %r could not be ended: %s: %s", self.registry.name,
                             type(exc).__name__, exc)
         progress.notify("stream_stopped", self.key, error)
-        if self._watcher is not None:  # not from inside the listener's own callback
+        if self._watcher is not None:
             spark, watcher = self._watcher
-            threading.Thread(target=spark.streams.removeListener, args=(watcher,), daemon=True).start()
+            if from_listener:  # not from inside the listener's own callback
+                threading.Thread(target=spark.streams.removeListener, args=(watcher,), daemon=True).start()
+            else:
+                spark.streams.removeListener(watcher)
 
     def process(self, df: DataFrame, batch_id: int) -> None:
         """Train micro-batch ``batch_id`` and publish the next version (foreachBatch's function)."""
