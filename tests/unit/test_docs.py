@@ -51,3 +51,13 @@ def test_the_map_parser_reads_folders_lists_and_descriptions():
     text = "```\npkg/\n  a.py, b.py   one (c.py)\n               d.py continues\n  sub/\n    e.py (+ f.py)\n  g.py\n```"
     assert modules_in_map(text) == ["pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/sub/__init__.py",
                                     "pkg/sub/e.py", "pkg/sub/f.py", "pkg/g.py"]
+
+
+def test_links_and_images_of_the_readme_and_docs_resolve():
+    """Every relative link or image of README.md and docs/*.md names a file that exists,
+    relative to the page that shows it."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert broken == []
