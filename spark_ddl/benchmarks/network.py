@@ -2,7 +2,7 @@
 machines (``spark_ddl.testbed``: each its own network namespace, address and host name, joined
 by a bridge on this host), every machine's link capped at each rate in turn (``tc tbf``).
 
-    spark-ddl bench network --repeats 3 --json bench_results/network.json   # the README's table (≈ 18 min here)
+    spark-ddl bench network --repeats 3 --json bench_results/network.json   # docs/network.md's table (≈ 18 min here)
     spark-ddl bench network --rates 100mbit --strategies flat,fp16 --agents-per-machine 1 --epochs 1
 
 Per row (machines × agents per machine, link rate, strategy) it measures, on digits (MLP

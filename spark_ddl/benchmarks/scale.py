@@ -7,7 +7,7 @@ about 0.3M, 3M and 30M parameters, against one plain single-thread process.
     spark-ddl bench scale --agents 1,2 --sizes 0.3,3 --repeats 1        # quicker
 
 Agents beyond the machine's cores share them: the agent curve then measures what the
-exchange costs when agents contend, not a speed-up. The README's cost model turns the measured
+exchange costs when agents contend, not a speed-up. The cost model (docs/performance.md) turns the measured
 per-step exchange into a prediction for many machines.
 """
 

@@ -69,7 +69,7 @@ def estimator(args: argparse.Namespace) -> TorchEstimator:
 
 def handoff_job(folder: str):
     """What resident agents would need instead of a barrier job per micro-batch (not built, see
-    the README): an ordinary job writing each balanced partition's rows as an Arrow file where
+    docs/performance.md): an ordinary job writing each balanced partition's rows as an Arrow file where
     agent *i* would read it."""
 
     def write(batches):

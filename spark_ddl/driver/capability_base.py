@@ -12,8 +12,8 @@ from spark_ddl import storage
 from spark_ddl.wire import InlineValue
 
 # A Spark conf any session can set at run time (spark.conf.set): the address the agents' status
-# channel should use to reach this process, or "none" for no channel (see the README's Spark
-# Connect section). Unset: the driver's host (classic) or this client's address (Connect).
+# channel should use to reach this process, or "none" for no channel (see docs/connect.md).
+# Unset: the driver's host (classic) or this client's address (Connect).
 STATUS_HOST_CONF = "spark.ddl.statusHost"
 
 

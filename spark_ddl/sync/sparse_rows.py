@@ -4,7 +4,7 @@ so the replicas stay identical; the optimiser (SGD, Adagrad) updates only those 
 
 A dense table's gradient is the whole table every step, however few rows a batch used: its
 all-reduce and the optimiser's update cost grow with the table, the sparse exchange with the
-batch (see the README's Performance section).
+batch (see docs/performance.md).
 """
 
 from __future__ import annotations

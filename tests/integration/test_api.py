@@ -181,7 +181,7 @@ def test_inference_batch_size_bounds_the_rows_of_every_forward_pass(regression_f
 
 def test_models_over_the_export_limit_are_saved_without_an_export_program(regression_frame, tmp_path,
                                                                           monkeypatch):
-    """README: models above 256 MB are saved without a torch.export program; load them with module=
+    """docs/fault_tolerance.md: models above 256 MB are saved without a torch.export program; load them with module=
     or a class path. The limit is lowered here (a 256 MB model would cost the suite its memory)."""
     assert persistence.EXPORT_MAX_BYTES == 256 * 2**20
     model = TorchEstimator(model=TinyNet(in_features=3), loss="mse", batch_size=16, epochs=1, num_workers=2,

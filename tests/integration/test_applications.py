@@ -1,6 +1,6 @@
 """The three applications (images, text, recommender) and the streaming recommender end to end
-on local[2], at small size (their full-size results are in the README, measured by the same
-commands). They run in this process through their jobs' ``main`` on the suite's session: the same
+on local[2], at small size (their full-size results are in docs/applications.md and
+docs/streaming.md, measured by the same commands). They run in this process through their jobs' ``main`` on the suite's session: the same
 code spark-submit runs (``jobs/<name>.py`` imports the app's ``main``), without a JVM and a Python
 start per application; spark-submit itself is proven by ``test_jobs.py``'s run of the main job."""
 

@@ -149,7 +149,7 @@ def poison_rank_one(what: str):
                                          ("gradient", "the gradient became NaN or infinite on rank(s) [1]")],
                          ids=["loss", "gradient"])
 def test_a_non_finite_loss_or_gradient_under_async_fails_the_step_naming_the_rank(spark, what, found):
-    """README's non-finite guard holds under sync='async' too: NonFiniteLossError the step it
+    """docs/fault_tolerance.md's non-finite guard holds under sync='async' too: NonFiniteLossError the step it
     happens, naming epoch, step and rank, before any of it reaches the master parameters."""
     parts = split_by_sizes(*regression_arrays(160, seed=4), [80, 80])
     estimator = TorchEstimator(model=TinyNet(), loss="mse", lr=0.05, batch_size=8, epochs=2, sync="async",

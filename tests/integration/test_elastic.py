@@ -73,7 +73,7 @@ def test_an_executor_lost_for_good_shrinks_the_fit_and_its_return_grows_it_back_
 
 @pytest.mark.cluster
 def test_parameter_server_continues_on_fewer_agents_and_grows_back_to_the_same_weights(sessions, tmp_path):
-    """README: elastic continuation with sync="parameter_server" too. The executor is gone before
+    """docs/fault_tolerance.md: elastic continuation with sync="parameter_server" too. The executor is gone before
     the fit starts: one agent runs epoch 1 over both shards (rank 0 is then the server of one),
     the executor returns, two agents run epoch 2 — the weights of plain torch on the combined
     batches (SGD with momentum, shards in order), which the uninterrupted 2-agent run equals."""

@@ -69,7 +69,7 @@ def test_three_agents_with_0_1_and_500_rows(sessions):
 
 
 def test_multi_output_regression_on_an_array_label_equals_one_process(spark):
-    """An array label column (README: "an array column for multi-output regression") trains every
+    """An array label column (docs/inputs.md: "an array column for multi-output regression") trains every
     output: 2 uneven shards, 3 targets, against one process on the combined batches; transform
     gives each row's vector of predictions."""
     sizes, rng = [21, 30], np.random.default_rng(8)
