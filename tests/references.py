@@ -162,3 +162,41 @@ def assert_same_optimizer_state(actual: dict, expected: dict, tolerance: float) 
         for name, value in entries.items():
             torch.testing.assert_close(torch.as_tensor(actual["state"][index][name]), torch.as_tensor(value),
                                        rtol=tolerance, atol=tolerance, msg=f"{index}.{name}")
+
+
+def local_sgd_reference(module: nn.Module, parts: Sequence[Part], batch_size: int, epochs: int, lr: float,
+                        every: int, skip: dict[int, int] | None = None) -> nn.Module:
+    """``averaged_independent_sgd`` on shards of any size: K processes, each plain SGD on its own
+    rows, agent i's batch loss weighted by ``rows_i * K / rows of the step over all agents`` (the
+    lock-step loop's row weighting; an agent without rows at a step takes a zero gradient);
+    ``skip``: {agent: its n-th update (1-based)} not applied by that agent alone (its own
+    non-finite update); parameters averaged every ``every`` updates and at the end."""
+    shards, skip = _tensors(parts), skip or {}
+    models = [copy.deepcopy(module).train() for _ in shards]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+
+    def average() -> None:
+        with torch.no_grad():
+            for tensors in zip(*(m.parameters() for m in models)):
+                mean = torch.stack(list(tensors)).mean(dim=0)
+                for t in tensors:
+                    t.copy_(mean)
+
+    updates = 0
+    for _ in range(epochs):
+        for step in range(steps_per_epoch(parts, batch_size)):
+            window = slice(step * batch_size, (step + 1) * batch_size)
+            total = sum(len(x[window]) for x, _ in shards)
+            updates += 1
+            for agent, (model, optimizer, (x, y)) in enumerate(zip(models, optimizers, shards)):
+                optimizer.zero_grad()
+                rows = len(x[window])
+                if rows:
+                    (_mse(model, x[window], y[window]) * (rows * len(shards) / total)).backward()
+                if skip.get(agent) != updates:
+                    optimizer.step()
+            if updates % every == 0:
+                average()
+    if updates % every:
+        average()
+    return models[0]

@@ -25,7 +25,7 @@ from spark_ddl.config import TrainConfig
 from spark_ddl.optimizers import make_optimizer
 from spark_ddl.sync import StrategyEnv, make_strategy
 from spark_ddl.sync.guard import check_replicas
-from tests.references import assert_same_state
+from tests.references import assert_same_state, local_sgd_reference
 from tests.unit.test_loops import FEATURES, network, shards
 
 
@@ -134,7 +134,12 @@ def test_local_sgd_skips_only_the_agent_whose_own_update_was_not_finite(tmp_path
                 on_nonfinite="skip", loss=BadOnce(rank=1, call=5))
     assert [r["skipped"] for r in ranks] == [0, 1]
     assert_same_state(ranks[0]["state"], ranks[1]["state"], 0)  # averaged at the end
-    assert all(torch.isfinite(t).all() for t in ranks[0]["state"].values())
+    # plain torch: independent SGD per agent, rank 1 alone leaving out its 5th update, averaged
+    # after updates 2, 4 and 6
+    expected = local_sgd_reference(network(), shards([24, 24]), 8, 2, 0.05, every=2, skip={1: 5}).state_dict()
+    assert_same_state(ranks[0]["state"], expected, 1e-5)
+    unskipped = local_sgd_reference(network(), shards([24, 24]), 8, 2, 0.05, every=2).state_dict()
+    assert not all(torch.allclose(expected[n], unskipped[n], atol=1e-4) for n in expected)  # the skip mattered
 
 
 @pytest.mark.parametrize("sync, impl, named", [("allreduce", "flat", [1]), ("parameter_server", "auto", [1]),
