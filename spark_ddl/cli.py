@@ -7,6 +7,7 @@
     spark-ddl bench network --json bench_results/network.json    # strategies across machines, capped links
     spark-ddl images | spark-ddl text | spark-ddl recommender                # the three applications
     spark-ddl stream-recommender --plot docs/stream_recommender.png           # continuous training
+    spark-ddl settings > docs/settings.md                                     # the settings reference
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def _testbed(argv: list[str]) -> int:
     return main(argv, prog="spark-ddl testbed")
 
 
+def _settings(argv: list[str]) -> int:
+    from spark_ddl.settings_reference import main
+
+    argparse.ArgumentParser(prog="spark-ddl settings", description="Print the settings reference "
+                            "(docs/settings.md), generated from the settings' declarations.").parse_args(argv)
+    return main()
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="spark-ddl bench", description="Run a benchmark: it prints a table and a JSON result.",
@@ -67,6 +76,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "testbed": (_testbed, "separate machines on this host (network namespaces, root) with a Spark standalone cluster"),
     "stream-recommender": (_application("stream-recommender"),
                            "MovieLens replayed as a file stream, trained continuously, RMSE per window"),
+    "settings": (_settings, "print the settings reference (docs/settings.md) generated from the declarations"),
 }
 
 

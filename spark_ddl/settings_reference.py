@@ -7,7 +7,7 @@ from those declarations: name, default, documentation (with each choice's descri
 allowed values, and where the setting is exposed (an estimator ``Param``, a flag of
 ``spark-ddl train``, ``spark_ddl.run``, checked on resume).
 
-    python -m spark_ddl.settings_reference > docs/settings.md
+    spark-ddl settings > docs/settings.md      # or: python -m spark_ddl.settings_reference
 
 ``tests/unit/test_settings_reference.py`` fails when ``docs/settings.md`` is not what this
 writes today, so the page cannot go stale.
@@ -24,7 +24,7 @@ from spark_ddl.settings import Setting, declared, default_of
 HEADER = """# Settings reference
 
 Generated from the declarations (`setting(...)` in `spark_ddl/config.py` and
-`spark_ddl/params.py`) by `python -m spark_ddl.settings_reference > docs/settings.md`;
+`spark_ddl/params.py`) by `spark-ddl settings > docs/settings.md`;
 `tests/unit/test_settings_reference.py` fails when this page differs from what the generator
 writes. Do not edit by hand.
 
@@ -61,7 +61,8 @@ def _allowed(spec: Setting) -> str:
     return allowed
 
 
-def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, ...]) -> str:
+def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, ...],
+           no_flag: tuple[str, ...]) -> str:
     places = []
     if not spec.param:
         places.append("driver")
@@ -69,7 +70,7 @@ def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, .
         places.append("Param")
         if model_too:
             places.append("model")
-        if spec.cli:
+        if spec.cli and name not in no_flag:
             places.append("flag")
     if name in run_settings:
         places.append("run")
@@ -78,13 +79,14 @@ def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, .
     return ", ".join(places)
 
 
-def table(settings_class: type, run_settings: tuple[str, ...] = (), model_too: bool = False) -> list[str]:
+def table(settings_class: type, run_settings: tuple[str, ...] = (), model_too: bool = False,
+          no_flag: tuple[str, ...] = ()) -> list[str]:
     """The Markdown table of one settings dataclass's declared settings."""
     lines = ["| setting | default | allowed | where | what it does |", "|---|---|---|---|---|"]
     for name, (field, spec) in declared(settings_class).items():
         default = default_of(field) if (field.default is not dataclasses.MISSING
                                         or field.default_factory is not dataclasses.MISSING) else None
-        cells = [f"`{name}`", _code(default), _allowed(spec), _where(name, spec, model_too, run_settings),
+        cells = [f"`{name}`", _code(default), _allowed(spec), _where(name, spec, model_too, run_settings, no_flag),
                  _cell(spec.describe())]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -92,6 +94,7 @@ def table(settings_class: type, run_settings: tuple[str, ...] = (), model_too: b
 
 def render() -> str:
     """The whole page."""
+    from spark_ddl.apps.train import COMMAND_DEFAULTS, NO_FLAG
     from spark_ddl.config import TrainConfig
     from spark_ddl.params import FitSettings, ScoringSettings
     from spark_ddl.runner import RUN_SETTINGS
@@ -99,7 +102,7 @@ def render() -> str:
     sections = [
         ("Training (`TrainConfig`)", "The training settings: `TorchEstimator` keyword arguments and Params, "
          "`spark-ddl train` flags, and (those marked `run`) `spark_ddl.run` keyword arguments.",
-         table(TrainConfig, tuple(RUN_SETTINGS))),
+         table(TrainConfig, tuple(RUN_SETTINGS), no_flag=tuple(NO_FLAG))),
         ("The estimator only (`FitSettings`)", "Settings of `TorchEstimator` besides the training ones.",
          table(FitSettings)),
         ("The estimator and the model (`ScoringSettings`)", "Settings `TorchEstimator` and `TorchModel` share "
@@ -109,6 +112,10 @@ def render() -> str:
     for title, text, lines in sections:
         out += [f"## {title}", "", text, "", *lines, ""]
     out.append(f"`spark_ddl.run` accepts: {', '.join(f'`{n}`' for n in RUN_SETTINGS)}.")
+    out.append("")
+    changed = ", ".join(f"`{name}={value!r}`" for name, value in COMMAND_DEFAULTS.items())
+    out.append(f"`spark-ddl train` trains a classifier: its own defaults are {changed}, and it has no flag for "
+               f"{', '.join(f'`{n}`' for n in NO_FLAG)}.")
     return "\n".join(out) + "\n"
 
 

@@ -29,6 +29,8 @@ from spark_ddl.settings import add_arguments, declared
 # What this command trains: its own defaults for a few training settings (every other flag
 # comes from TrainConfig's declarations and keeps their defaults).
 COMMAND_DEFAULTS = {"epochs": 15, "lr": 0.02}
+# Settings this command has no flag for (it trains a classifier: the loss is cross-entropy).
+NO_FLAG = ("loss",)
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
     add_mlflow_argument(p)
     training = p.add_argument_group("training settings (TorchEstimator's)")
-    add_arguments(training, declared(TrainConfig), COMMAND_DEFAULTS, skip={"loss"})
+    add_arguments(training, declared(TrainConfig), COMMAND_DEFAULTS, skip=NO_FLAG)
     return parse_with_config(p, argv)
 
 
