@@ -11,7 +11,8 @@ import torch
 
 from spark_ddl import TorchEstimator
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
-from tests.references import assert_same_state, averaged_independent_sgd, combined_batch_sgd, max_relative_difference
+from tests.references import (assert_same_state, averaged_independent_sgd, combined_batch_sgd, local_sgd_reference,
+                              max_relative_difference)
 
 
 def fit_with(spark, sync, sizes=(80, 80), optimizer_kwargs=None, **params):
@@ -46,8 +47,14 @@ def test_local_sgd_equals_independent_runs_averaged_every_k_steps(spark):
 
 @pytest.mark.parametrize("sync", ["parameter_server", "local_sgd"])
 def test_strategies_survive_empty_and_uneven_shards(spark, sync):
-    model, _, _ = fit_with(spark, sync, sizes=(0, 45), epochs=2, sync_every=3)
+    model, initial, parts = fit_with(spark, sync, sizes=(0, 45), epochs=2, sync_every=3)
     assert model.summary["shard_sizes"] == [0, 45] and len(model.history) == 2
+    if sync == "parameter_server":  # the combined batch is agent 1's rows alone
+        reference = combined_batch_sgd(initial, parts, batch_size=8, epochs=2, lr=0.05)
+    else:  # agent 1 alone moves (its loss weighted by its share of each step's rows, x2), averaged after 3, 6, 9, 12
+        reference = local_sgd_reference(initial, parts, batch_size=8, epochs=2, lr=0.05, every=3)
+    assert max_relative_difference(initial, reference) > 1e-2  # 12 steps moved the weights
+    assert max_relative_difference(model.get_module(), reference) <= 1e-5
 
 
 def test_fp16_compression_stays_close_to_the_exact_combined_batch(spark):
