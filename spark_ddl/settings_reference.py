@@ -45,24 +45,28 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+KINDS = {bool: "`True`/`False`", int: "an int", float: "a number", str: "a str", dict: "a dict", list: "a list"}
+
+
 def _allowed(spec: Setting) -> str:
-    names = spec.allowed()
-    allowed = ", ".join(f"`{name}`" for name in names)
+    allowed = ", ".join(f"`{name}`" for name in spec.allowed())
     if spec.callable_ok:
         allowed = f"{allowed} or a callable" if allowed else "a callable"
     if not allowed and spec.minimum is not None:
         allowed = f"≥ {spec.minimum:g}"
     if not allowed and spec.positive:
         allowed = "> 0"
+    if not allowed:
+        allowed = KINDS.get(spec.kind, "see the description")
     if spec.nullable:
-        allowed = f"{allowed}, `None`" if allowed else "`None` or a value"
+        allowed = f"{allowed}, `None`"
     if spec.unit:
-        allowed = f"{allowed} ({spec.unit})" if allowed else spec.unit
+        allowed = f"{allowed} ({spec.unit})"
     return allowed
 
 
 def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, ...],
-           no_flag: tuple[str, ...]) -> str:
+           no_flag: tuple[str, ...] | None) -> str:
     places = []
     if not spec.param:
         places.append("driver")
@@ -70,7 +74,7 @@ def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, .
         places.append("Param")
         if model_too:
             places.append("model")
-        if spec.cli and name not in no_flag:
+        if no_flag is not None and spec.cli and name not in no_flag:
             places.append("flag")
     if name in run_settings:
         places.append("run")
@@ -80,8 +84,9 @@ def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, .
 
 
 def table(settings_class: type, run_settings: tuple[str, ...] = (), model_too: bool = False,
-          no_flag: tuple[str, ...] = ()) -> list[str]:
-    """The Markdown table of one settings dataclass's declared settings."""
+          no_flag: tuple[str, ...] | None = None) -> list[str]:
+    """The Markdown table of one settings dataclass's declared settings (``no_flag``: None when
+    ``spark-ddl train`` generates no flags from this dataclass, else the settings it skips)."""
     lines = ["| setting | default | allowed | where | what it does |", "|---|---|---|---|---|"]
     for name, (field, spec) in declared(settings_class).items():
         default = default_of(field) if (field.default is not dataclasses.MISSING
