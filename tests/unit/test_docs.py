@@ -61,3 +61,9 @@ def test_links_and_images_of_the_readme_and_docs_resolve():
               for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
               if "://" not in target and not (page.parent / target).exists()]
     assert broken == []
+
+
+def test_the_readme_stays_a_page_for_users():
+    """Details belong in docs/: the README is what it is, the two commands, a quick start and a
+    paragraph per capability (issue 26: at most ~350 lines)."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 350
