@@ -108,8 +108,8 @@ def test_checkpoints_and_a_new_fit_that_resumes_them(client, tmp_path):
 
     def estimator(**params) -> TorchEstimator:
         torch.manual_seed(7)
-        return TorchEstimator(model=TinyNet(), loss="mse", batch_size=8, timeout=60, seed=11,
-                              checkpoint_dir=checkpoints, **params)
+        return TorchEstimator(**{"model": TinyNet(), "loss": "mse", "batch_size": 8, "timeout": 60, "seed": 11,
+                                 "checkpoint_dir": checkpoints, **params})
 
     first = estimator(epochs=1).fit(frame)
     assert list_checkpoints(checkpoints)
@@ -118,6 +118,10 @@ def test_checkpoints_and_a_new_fit_that_resumes_them(client, tmp_path):
     resumed = estimator(epochs=2, resume=True).fit(frame)
     assert resumed.summary["attempts"][0]["resumed_from"].endswith(".pt")
     assert resumed.summary["steps_run_per_rank"] == first.summary["steps_run_per_rank"]  # epoch 2 only
+    uninterrupted = estimator(epochs=2, checkpoint_dir=None).fit(frame)  # the same path: the same bits
+    left, right = resumed.get_module().state_dict(), uninterrupted.get_module().state_dict()
+    assert left.keys() == right.keys() and all(torch.equal(left[n], right[n]) for n in right)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in uninterrupted.history]
 
 
 def test_without_a_status_channel_progress_comes_at_the_end_and_a_stalled_agent_stops_itself(client, caplog,
