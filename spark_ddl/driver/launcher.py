@@ -34,7 +34,7 @@ from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter, notify
-from spark_ddl.driver.reachability import LostMachine, lost_machines, unreachable_error
+from spark_ddl.driver.reachability import LostMachine, lost_machines, ranks_to_probe, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
 from spark_ddl.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, SUMMARY_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
                             reassemble)
@@ -213,11 +213,14 @@ def _leave_out_lost_machines(failed: TrainingError, caps: SessionCapabilities, c
 
 
 def _lost_machines(failed: TrainingError, caps: SessionCapabilities) -> list[LostMachine]:
-    """The machines of the ranks that went silent in the attempt that ended with ``failed``, probed."""
+    """The machines of the ranks that went silent in the attempt that ended with ``failed``, and of
+    the rank whose executor Spark reported lost (its status connection may not have closed yet
+    when Spark's report arrives), probed."""
     placement, silent_ranks = getattr(failed, "silence", (None, []))
-    if not placement or not silent_ranks:
+    ranks = ranks_to_probe(silent_ranks, failed)
+    if not placement or not ranks:
         return []
-    return lost_machines(placement, silent_ranks, listening=caps.listening_addresses())
+    return lost_machines(placement, ranks, listening=caps.listening_addresses())
 
 
 def _unreachable(lost: list[LostMachine], cause: TrainingError, caps: SessionCapabilities, config: TrainConfig,

@@ -84,6 +84,15 @@ def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def ranks_to_probe(silent_ranks: list[int], failed: TrainingError) -> list[int]:
+    """After a failed attempt, the ranks whose machines to probe: those that went silent, and the
+    rank whose executor Spark reported lost (``AgentLost``: its status connection may not have
+    closed yet when Spark's report arrives, so silence alone can miss a crashed machine)."""
+    if failed.remote_type == "AgentLost" and failed.rank is not None and failed.rank not in silent_ranks:
+        return sorted([*silent_ranks, failed.rank])
+    return list(silent_ranks)
+
+
 def lost_machines(placement: list[str] | None, silent_ranks: list[int], probe=None,
                   listening: dict[str, str] | None = None) -> list[LostMachine]:
     """The machines of ``silent_ranks`` (by ``placement``, rank -> host:port), each probed.

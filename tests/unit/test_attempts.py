@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from spark_ddl.driver.attempts import SLOT_GRACE_SECONDS, AttemptPolicy, LaunchError, LaunchWatch
-from spark_ddl.driver.reachability import LostMachine, answers, lost_machines, unreachable_error
+from spark_ddl.driver.reachability import LostMachine, answers, lost_machines, ranks_to_probe, unreachable_error
 from spark_ddl.errors import TrainingError
 
 
@@ -115,3 +115,16 @@ def test_the_unreachable_error_names_the_machine_and_what_to_set():
     assert "answers, but its executor is gone" in str(crashed) and "spark.network.timeout" not in str(crashed)
     assert "fewer slots than min_workers" in str(crashed)
 
+
+
+def test_a_rank_spark_reported_lost_is_probed_even_before_its_status_connection_closed():
+    """Seen in the suite: a crashed machine's executor was reported lost before the driver saw
+    its agent's connection end, so no rank was silent and the retry waited for slots instead of
+    naming the machine."""
+    lost = TrainingError("lost", rank=3, remote_type="AgentLost", remote_message="ExecutorLostFailure",
+                         retriable=True)
+    assert ranks_to_probe([], lost) == [3]
+    assert ranks_to_probe([1, 3], lost) == [1, 3]
+    assert ranks_to_probe([2], _error(True)) == [2]  # the agents' own error: only silence counts
+    assert ranks_to_probe([], TrainingError("lost", rank=None, remote_type="AgentLost", remote_message="",
+                                            retriable=True)) == []
