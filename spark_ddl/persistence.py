@@ -155,20 +155,37 @@ def read_metadata(path: str, spark: Any = None) -> dict[str, Any]:
     raw = files.read_file(path, f"metadata/{parts[0]}") if parts else None
     if raw is None:
         raise FileNotFoundError(f"{path} holds no saved spark_ddl model (no metadata/part-*).")
-    metadata = DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
+    metadata = parse_metadata(raw)
     if "spark_ddl" not in metadata:
         raise ValueError(f"{path} is a {metadata.get('class')} directory, not a spark_ddl stage")
     return metadata
 
 
-def _reader_of_files(path: str, section: dict[str, Any], spark: Any = None) -> Callable[[str], bytes | None]:
-    """``read(name)``: a saved file's bytes, verified against the checksum in the metadata."""
-    files = directory_files(spark)
+def parse_metadata(raw: bytes) -> dict[str, Any]:
+    """A metadata file's JSON (its first line: the one pyspark reads)."""
+    return DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
+
+
+def file_checksums(section: dict[str, Any]) -> dict[str, str]:
+    """The sha256 of each saved file, from a metadata's ``spark_ddl`` section (any format version)."""
     checksums = dict(section.get("files_sha256") or {})
     if "weights_sha256" in section:  # models saved before files_sha256 existed
         checksums.setdefault(WEIGHTS_FILE, section["weights_sha256"])
         if (section.get("export") or {}).get("sha256"):
             checksums.setdefault(EXPORT_FILE, section["export"]["sha256"])
+    return checksums
+
+
+def matches_checksum(metadata_raw: bytes, name: str, data: bytes) -> bool:
+    """Whether ``data`` is the file ``name`` that the metadata file ``metadata_raw`` describes."""
+    expected = file_checksums(parse_metadata(metadata_raw).get("spark_ddl") or {}).get(name)
+    return expected is not None and expected == _sha256(data)
+
+
+def _reader_of_files(path: str, section: dict[str, Any], spark: Any = None) -> Callable[[str], bytes | None]:
+    """``read(name)``: a saved file's bytes, verified against the checksum in the metadata."""
+    files = directory_files(spark)
+    checksums = file_checksums(section)
 
     def read(name: str) -> bytes | None:
         data = files.read_file(path, name)
@@ -183,7 +200,7 @@ def _weights_opener(path: str, section: dict[str, Any], spark: Any = None) -> Ca
     """A function opening the saved weights as a stream, after a first pass over them has
     matched the checksum in the metadata (no model-sized bytes in memory); None if absent."""
     files = directory_files(spark)
-    expected = (section.get("files_sha256") or {}).get(WEIGHTS_FILE) or section.get("weights_sha256")
+    expected = file_checksums(section).get(WEIGHTS_FILE)
     with files.open_file(path, WEIGHTS_FILE) or contextlib.nullcontext() as stream:
         if stream is None:
             return None

@@ -10,8 +10,6 @@ scoring query therefore picks up a new version within ``refresh_seconds`` withou
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -26,11 +24,10 @@ from spark_ddl.errors import ConfigError
 from spark_ddl.inference import predict_frame
 from spark_ddl.model import TorchModel
 from spark_ddl.model_source import ModelSource
-from spark_ddl.persistence import METADATA_FILE, WEIGHTS_FILE
+from spark_ddl.persistence import METADATA_FILE, WEIGHTS_FILE, matches_checksum
 from spark_ddl.streaming.versions import VersionStore
 
-_LOCK = threading.Lock()
-_LOADED: dict[tuple[str, ...], "_Loaded"] = {}  # per Python worker: (model_dir, device, class) -> network
+_LOCK = threading.Lock()  # one listing/load at a time in a Python worker
 
 
 @dataclass
@@ -45,8 +42,7 @@ def _verified_weights(store: VersionStore, number: int) -> bytes | None:
     weights, metadata = store.read(number, WEIGHTS_FILE), store.read(number, METADATA_FILE)
     if weights is None or metadata is None:
         return None
-    expected = json.loads(metadata.decode().splitlines()[0])["spark_ddl"]["files_sha256"].get(WEIGHTS_FILE)
-    return weights if expected == hashlib.sha256(weights).hexdigest() else None
+    return weights if matches_checksum(metadata, WEIGHTS_FILE, weights) else None
 
 
 @dataclass(frozen=True)
@@ -59,9 +55,13 @@ class NewestVersion:
     on_load: Callable[[str, int], None] | None = None  # tests only: (model_dir, version) at every weights load
 
     def current(self, device: torch.device) -> tuple[nn.Module, int | None]:
-        key = (self.model_dir, str(device), str(self.source.class_path or self.source.class_name))
+        """The network with the newest version's weights, and that version. The loaded network
+        lives in the Python worker's model cache (pyspark's, bounded, shared with ``TorchModel``)."""
+        from pyspark.ml.model_cache import ModelCache
+
+        key = f"spark_ddl:latest:{self.model_dir}:{device}:{self.source.class_path or self.source.class_name}"
         with _LOCK:
-            entry, now = _LOADED.get(key), time.monotonic()
+            entry, now = ModelCache.get(key), time.monotonic()
             if entry is not None and now - entry.checked < self.refresh_seconds:
                 return entry.module, entry.version
             store = VersionStore(self.model_dir, executor=True)
@@ -74,7 +74,8 @@ class NewestVersion:
                     continue
                 module = entry.module if entry is not None else self.source.build("score").to(device)
                 module.load_state_dict(state_dict_from_bytes(weights))
-                entry = _LOADED[key] = _Loaded(module, newest, now)
+                entry = _Loaded(module, newest, now)
+                ModelCache.add(key, entry)
                 if self.on_load is not None:
                     self.on_load(self.model_dir, newest)
                 return entry.module, entry.version
