@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 import pyspark
 import torch
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+from torch import nn
 
 from spark_ddl import artifact, storage
 from spark_ddl._version import __version__
@@ -37,9 +38,8 @@ from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
 from spark_ddl.model_source import EXPORT_FILE, ModelSource
 from spark_ddl.params import ALIASES
+from spark_ddl.summary import old_format_row_shapes
 from spark_ddl.weights import WeightsWriter, format_size, load_into_module
-
-from torch import nn
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata/part-00000"
@@ -77,8 +77,6 @@ class SavableModel(Protocol):
     def columns(self) -> ColumnSpec | None: ...
     @property
     def training_config(self) -> dict[str, Any]: ...
-    @property
-    def feature_dim(self) -> int | None: ...
     @property
     def row_shapes(self) -> dict[str, tuple[int, ...]]: ...
     def extractParamMap(self) -> dict[Any, Any]: ...
@@ -155,15 +153,10 @@ def read_metadata(path: str, spark: Any = None) -> dict[str, Any]:
     raw = files.read_file(path, f"metadata/{parts[0]}") if parts else None
     if raw is None:
         raise FileNotFoundError(f"{path} holds no saved spark_ddl model (no metadata/part-*).")
-    metadata = parse_metadata(raw)
+    metadata = DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001 - first line only
     if "spark_ddl" not in metadata:
         raise ValueError(f"{path} is a {metadata.get('class')} directory, not a spark_ddl stage")
     return metadata
-
-
-def parse_metadata(raw: bytes) -> dict[str, Any]:
-    """A metadata file's JSON (its first line: the one pyspark reads)."""
-    return DefaultParamsReader._parseMetaData(raw.decode().splitlines()[0])  # noqa: SLF001
 
 
 def file_checksums(section: dict[str, Any]) -> dict[str, str]:
@@ -178,7 +171,8 @@ def file_checksums(section: dict[str, Any]) -> dict[str, str]:
 
 def matches_checksum(metadata_raw: bytes, name: str, data: bytes) -> bool:
     """Whether ``data`` is the file ``name`` that the metadata file ``metadata_raw`` describes."""
-    expected = file_checksums(parse_metadata(metadata_raw).get("spark_ddl") or {}).get(name)
+    metadata = DefaultParamsReader._parseMetaData(metadata_raw.decode().splitlines()[0])  # noqa: SLF001
+    expected = file_checksums(metadata.get("spark_ddl") or {}).get(name)
     return expected is not None and expected == _sha256(data)
 
 
@@ -253,8 +247,8 @@ def model_files(model: SavableModel, export_program: bool = True) -> dict[str, s
     if model.optimizer_state is not None:
         files[OPTIMIZER_FILE] = model.optimizer_state
     section = _section(files, columns=columns.to_json_dict() if columns else None, config=model.training_config,
-                       architecture=source.record(), summary=model.summary, feature_dim=model.feature_dim,
-                       export=export)
+                       architecture=source.record(), summary=model.summary, export=export,
+                       row_shapes={name: list(shape) for name, shape in shapes.items()})  # the model's input facts
     params = {p.name: v for p, v in model.extractParamMap().items() if model.isSet(p)}
     files[METADATA_FILE] = _metadata(model, params, section)
     return files
@@ -295,8 +289,10 @@ class ModelReader(MLReader):
             module = source.build("score", weights, allow_pickle=trusted)
         columns = section.get("columns")
         spec = ColumnSpec.from_json_dict(columns) if columns else None
-        model = self.cls(module, spec=spec, config=section.get("config"), source=source,
-                         summary=section.get("summary"), optimizer_state=read(OPTIMIZER_FILE))
+        shapes, summary = ((section["row_shapes"], section.get("summary")) if "row_shapes" in section
+                           else old_format_row_shapes(section.get("summary") or {}))  # saved up to 2026-12-04
+        model = self.cls(module, spec=spec, config=section.get("config"), source=source, summary=summary,
+                         optimizer_state=read(OPTIMIZER_FILE), row_shapes=shapes)
         model._resetUid(metadata["uid"])  # noqa: SLF001 - as pyspark's own readers do
         _restore_params(model, metadata)
         return model
