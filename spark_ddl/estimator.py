@@ -10,7 +10,6 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
-from spark_ddl.batch_format import BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import validation_column
@@ -25,7 +24,7 @@ from spark_ddl.persistence import EstimatorReader, EstimatorWriter
 from spark_ddl.settings import declared
 from spark_ddl.warm_start import resolve_initial_model
 from spark_ddl.weights import WeightsWriter
-from spark_ddl.wire import OPTIMIZER_PAYLOAD, AgentJob
+from spark_ddl.wire import OPTIMIZER_PAYLOAD, AgentJob, AttemptFacts, Hooks, TrainingTask
 
 
 class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
@@ -98,11 +97,12 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
         # an architecture-only pickle (a big module object) needs its weights shipped beside it
         module_weights = (capabilities(dataset.sparkSession).ship_weights(WeightsWriter(template))
                           if source.stripped else None)
-        job = AgentJob(config, source, spec.batch, label_is_integer=spec.label_is_integer,
-                       fail_hook=self._fail_hook, final_hook=self._final_hook,
-                       strategy_factory=self._strategy_factory, stream_results=self._stream_results,
-                       attempt_hook=self._attempt_hook, module_weights=module_weights,
-                       initial_weights=warm.weights if warm else None, initial_optimizer=warm.optimizer if warm else None)
+        task = TrainingTask(config, source, spec.batch, label_is_integer=spec.label_is_integer,
+                            strategy_factory=self._strategy_factory, module_weights=module_weights,
+                            initial_weights=warm.weights if warm else None,
+                            initial_optimizer=warm.optimizer if warm else None)
+        job = AgentJob(task, AttemptFacts(stream_results=self._stream_results),
+                       Hooks(fail_hook=self._fail_hook, final_hook=self._final_hook, attempt_hook=self._attempt_hook))
 
         def preflight(training: DataFrame) -> None:
             check_input(dataset, training, spec, config, template)
@@ -125,9 +125,9 @@ class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):
                        input_schema=[dataset.schema[c].jsonValue() for c in dict.fromkeys(spec.feature_cols)])
         if warm is not None:
             summary["warm_start"] = warm.summary()
-        trained = spec.with_batch(BatchSpec.from_json(result.summary["batch_spec"]))  # raggedness as agreed
+        trained = spec.with_batch(result.report.batch)  # raggedness as the agents agreed on it
         model = TorchModel(template, spec=trained, config=config, source=source, summary=summary,
-                           optimizer_state=optimizer_state)
+                           optimizer_state=optimizer_state, row_shapes=result.report.row_shapes)
         return self._copyValues(model)
 
     def fit_stream(self, stream_df: DataFrame, model_dir: str, checkpoint_location: str, trigger: Any = None,

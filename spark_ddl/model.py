@@ -4,7 +4,7 @@ DataFrame in Arrow batches on the executors."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from pyspark.ml import Model
@@ -37,9 +37,15 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
         source: ModelSource | None = None,
         summary: dict[str, Any] | None = None,
         optimizer_state: bytes | None = None,
+        row_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
+        """``spec``: the input columns, with the batch spec as trained (which arrays are ragged);
+        ``row_shapes``: each fixed-shape input's row shape (by input name; the one-input
+        shorthand's is ``"features"``). Both are the model's own facts, saved in its metadata;
+        ``summary`` is the training report users read."""
         super().__init__()
         self._module = module
+        self._row_shapes = {name: tuple(int(n) for n in shape) for name, shape in (row_shapes or {}).items()}
         self.optimizer_state = optimizer_state  # rank 0's optimiser state (torch.save bytes), for warm starts
         self._spec = spec
         self._config = config.to_json_dict() if isinstance(config, TrainConfig) else dict(config or {})
@@ -98,17 +104,14 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
 
     @property
     def feature_dim(self) -> int | None:
-        """Number of input features the network takes (None if unknown)."""
-        dim = self.summary.get("feature_dim")
-        return int(dim) if dim is not None else None
+        """Number of input features the network takes (the one-input shorthand's width; None if unknown)."""
+        shape = self._row_shapes.get(POSITIONAL_KEY)
+        return int(shape[0]) if shape else None
 
     @property
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each fixed-shape input's row shape, as the agents found it (ragged inputs have none)."""
-        shapes = self.summary.get("row_shapes")
-        if shapes is not None:
-            return {name: tuple(shape) for name, shape in shapes.items()}
-        return {POSITIONAL_KEY: (self.feature_dim,)} if self.feature_dim is not None else {}
+        return dict(self._row_shapes)
 
     @property
     def objective(self) -> Objective:

@@ -19,7 +19,7 @@ from spark_ddl.driver.preflight import check_run_input
 from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
 from spark_ddl.summary import TrainingSummary
-from spark_ddl.wire import AgentJob, decode_value
+from spark_ddl.wire import AgentJob, TrainingTask, decode_value
 
 # TrainConfig settings that mean something for a function of the user's own
 RUN_SETTINGS = ("num_workers", "batch_size", "shuffle", "seed", "timeout", "use_gpu", "stall_timeout", "progress",
@@ -66,8 +66,8 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
         spec = resolve_columns(df.schema, None if inputs else (feature_cols or "features"), label_col, inputs,
                                input_shapes, input_options)
         frame = df
-    job = AgentJob(config, None, spec.batch if spec else None, label_is_integer=bool(spec and spec.label_is_integer),
-                   function=function)
+    job = AgentJob(TrainingTask(config, None, spec.batch if spec else None,
+                                label_is_integer=bool(spec and spec.label_is_integer), function=function))
 
     def preflight(training: DataFrame) -> None:
         check_run_input(df, training, spec)
@@ -77,7 +77,7 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
     with listened_fit(facts) as outcome:  # autolog: report()'s records as they arrive, the summary at the end
         result = run_training(frame, spec, job, None, preflight if spec is not None and check_input else None)
         try:
-            value = decode_value(result.summary["result_format"], result.payload("result"))
+            value = decode_value(result.report.result_format, result.payload("result"))
         finally:
             result.discard()
         summary = TrainingSummary(dict(result.summary, seconds=result.seconds))

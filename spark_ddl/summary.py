@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from spark_ddl.batch_format import POSITIONAL_KEY
+
 
 class TrainingSummary(dict):
     """The training summary of a TorchModel (a plain dict underneath, saved as JSON).
@@ -67,3 +69,17 @@ class TrainingSummary(dict):
         figure.savefig(path, dpi=100)
         plt.close(figure)
         return path
+
+
+# What summaries held before the agents' typed report (spark_ddl.wire.AgentReport), saved with
+# models up to 2026-12-04: the model's input facts and the driver's control keys.
+OLD_FORMAT_KEYS = ("feature_dim", "row_shapes", "batch_spec", "paused_after_epoch", "result_format")
+
+
+def old_format_row_shapes(summary: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """The old-format fallback, for a model saved before its metadata held ``row_shapes``: its
+    row shapes as its summary recorded them (``row_shapes``, or only ``feature_dim``: the
+    one-input shorthand's width), and the summary without the keys it no longer holds."""
+    dim = summary.get("feature_dim")
+    shapes = summary.get("row_shapes") or ({POSITIONAL_KEY: [dim]} if dim is not None else {})
+    return shapes, {key: value for key, value in summary.items() if key not in OLD_FORMAT_KEYS}

@@ -1,7 +1,7 @@
-"""What crosses between the driver and the agents: the job shipped to every agent (and how a
-value travels: inline, a broadcast or a session artifact), the column names of the training
-rows, the schema of the agents' output rows, the marker that carries an agent's error inside
-Spark's exception text, and how a rank's status reads.
+"""What crosses between the driver and the agents: the job shipped to every agent, rank 0's
+typed answer (AgentReport), how a value travels (inline, a broadcast or a session artifact),
+the column names of the training rows, the schema of the agents' output rows, the marker that
+carries an agent's error inside Spark's exception text, and how a rank's status reads.
 
 Both sides import this module; it imports neither side.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from spark_ddl.batch_format import BatchSpec
+from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
 from spark_ddl.config import TrainConfig
 from spark_ddl.model_source import ModelSource
 from spark_ddl.weights import ShippedWeights
@@ -36,32 +36,97 @@ def input_column(index: int) -> str:
 
 
 # ------------------------------------------------------------------ the job
+# What the driver ships to every agent (pickled with the task closure), in three parts: the
+# task (the same for every attempt of a fit), the attempt's facts (set by the launcher per
+# attempt) and the test hooks.
 
 
-@dataclass
-class AgentJob:
-    """What the driver ships to every agent (pickled with the task closure)."""
+@dataclass(frozen=True)
+class TrainingTask:
+    """What the agents train (or run): the same for every attempt of a fit."""
 
     config: TrainConfig
     model: ModelSource | None  # None: the agents run ``function`` instead of training a model
     batch: BatchSpec | None  # the model's inputs (None: no data); arrays' raggedness is settled by the agents
     label_is_integer: bool = False  # integer label column (kept int64 for custom losses and steps)
     function: bytes | None = None  # spark_ddl.run: the user's cloudpickled fn(ctx)
-    fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
-    final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
     strategy_factory: Callable[[Any], Any] | None = None  # benchmarks: callable(device) -> strategy
     initial_weights: bytes | None = None  # warm start: safetensors loaded before the strategy's setup
     initial_optimizer: bytes | None = None  # warm start: the optimiser state (torch.save), loaded after it
+    module_weights: bytes | ShippedWeights | None = None  # the weights an architecture-only model pickle left out
+
+
+@dataclass(frozen=True)
+class AttemptFacts:
+    """How one attempt reaches the driver and how many agents it runs (set by the launcher)."""
+
     monitor_address: tuple[str, int] | None = None  # the driver's status channel (set per attempt)
     monitor_secret: str | None = None
     meet_through_driver: bool = False  # rendezvous through the status channel, not Spark's allGather
     heartbeat_interval: float = 1.0
-    module_weights: bytes | ShippedWeights | None = None  # the weights an architecture-only model pickle left out
     stream_results: bool = True  # rank 0 streams big payloads over the status channel (False: rows only)
     result_rows_limit: int | None = None  # the most bytes a payload may carry as result rows (driver's JVM)
-    attempt_hook: Callable[[int, Any], None] | None = None  # tests (driver side): (attempt, SparkContext) first
     agents: int | None = None  # elastic: this attempt's agent count when below num_workers (then each agent
     # holds several of the num_workers shards, marked by SHARD_COLUMN, and stops at the next epoch boundary)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Test-only hooks (tests/README.md): fault injection, reading replicas, changing the cluster."""
+
+    fail_hook: Callable[[int, int, int, Any], None] | None = None  # tests: run before each step
+    final_hook: Callable[[int, Any], None] | None = None  # tests: (rank, module) after the final replica check
+    attempt_hook: Callable[[int, Any], None] | None = None  # tests (driver side): (attempt, SparkContext) first
+
+
+@dataclass(frozen=True)
+class AgentJob:
+    """What the driver ships to every agent (pickled with the task closure)."""
+
+    task: TrainingTask
+    attempt: AttemptFacts = field(default_factory=AttemptFacts)
+    hooks: Hooks = field(default_factory=Hooks)
+
+
+# ------------------------------------------------------------------ the answer
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What rank 0 answers (the REPORT_PAYLOAD, JSON): the facts the driver acts on, typed, and
+    the summary users read (``TorchModel.summary``, ``spark_ddl.run``'s summary), which holds
+    none of them."""
+
+    summary: dict[str, Any] = field(default_factory=dict)  # history, shard sizes, device, strategy facts, ...
+    paused_after_epoch: int | None = None  # elastic: the attempt stopped at this epoch boundary (no weights sent)
+    batch: BatchSpec | None = None  # the inputs as the agents agreed on them (which arrays are ragged)
+    row_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # each fixed-shape input's row shape
+    result_format: str | None = None  # spark_ddl.run: how the RESULT_PAYLOAD is encoded (encode_value's kind)
+
+    @property
+    def feature_dim(self) -> int | None:
+        """The one-input shorthand's width (None: no such input, or ragged)."""
+        shape = self.row_shapes.get(POSITIONAL_KEY)
+        return int(shape[0]) if shape else None
+
+    def encode(self) -> bytes:
+        """The report as JSON bytes (no pickle on the way back)."""
+        return json.dumps({
+            "summary": self.summary, "paused_after_epoch": self.paused_after_epoch,
+            "batch": self.batch.to_json() if self.batch is not None else None,
+            "row_shapes": {name: list(shape) for name, shape in self.row_shapes.items()},
+            "result_format": self.result_format,
+        }).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "AgentReport":
+        """The report ``encode`` wrote."""
+        raw = json.loads(data)
+        shapes = raw.get("row_shapes") or {}
+        return cls(summary=dict(raw.get("summary") or {}), paused_after_epoch=raw.get("paused_after_epoch"),
+                   batch=BatchSpec.from_json(raw["batch"]) if raw.get("batch") is not None else None,
+                   row_shapes={name: tuple(int(n) for n in shape) for name, shape in shapes.items()},
+                   result_format=raw.get("result_format"))
 
 
 # ------------------------------------------------------------------ how a value travels
@@ -126,7 +191,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 OUTPUT_DDL = "kind string, rank int, seq int, data binary"
 # The payloads (the ``kind`` column) rank 0 sends back: spark_ddl.agent.delivery sends, FitResult holds them
-SUMMARY_PAYLOAD = "summary"  # JSON: what the fit's summary says (always sent)
+REPORT_PAYLOAD = "report"  # AgentReport.encode(): the summary and the facts the driver acts on (always sent)
 WEIGHTS_PAYLOAD = "weights"  # the trained weights (spark_ddl.weights' streamed safetensors)
 OPTIMIZER_PAYLOAD = "optimizer"  # rank 0's optimizer state, for a warm start
 RESULT_PAYLOAD = "result"  # spark_ddl.run: the function's return value (encode_value)

@@ -37,18 +37,18 @@ def deliver(job: AgentJob, payloads: dict[str, Payload]) -> list[pa.RecordBatch]
     rows: list[pa.RecordBatch] = []
     for kind, payload in payloads.items():
         size = payload.size if isinstance(payload, WeightsWriter) else len(payload)
-        problem = "the job has no status channel" if job.monitor_address is None else None
-        if size > CHUNK_BYTES and job.stream_results and problem is None:
+        problem = "the job has no status channel" if job.attempt.monitor_address is None else None
+        if size > CHUNK_BYTES and job.attempt.stream_results and problem is None:
             problem = _stream(job, kind, payload, size)
             if problem is None:
                 continue
             log.warning("rank 0 could not stream its %s (%s) to the driver (%s); sending them as result rows",
                         kind, format_size(size), problem)
-        if job.result_rows_limit is not None and size > job.result_rows_limit:
+        if job.attempt.result_rows_limit is not None and size > job.attempt.result_rows_limit:
             raise ResultTooLargeError(
                 f"The trained {kind} ({format_size(size)}) cannot reach the driver: streaming them failed "
                 f"({problem or 'turned off'}), and as result rows they would need several times their size in the "
-                f"driver's JVM heap, which allows {format_size(job.result_rows_limit)} "
+                f"driver's JVM heap, which allows {format_size(job.attempt.result_rows_limit)} "
                 f"(spark.driver.memory and spark.driver.maxResultSize). Let the executors reach the driver's "
                 "status channel (spark.driver.host must be an address they can connect to), or raise "
                 f"spark.driver.memory to at least {_gigabytes(size * ROWS_HEAP_FACTOR)} "
@@ -66,9 +66,9 @@ def _gigabytes(size: float) -> str:
 def _stream(job: AgentJob, kind: str, payload: Payload, size: int) -> str | None:
     """Stream one payload to the driver; None when the driver confirmed it, else the reason."""
     try:
-        with socket.create_connection(job.monitor_address, timeout=CONNECT_SECONDS) as connection:
+        with socket.create_connection(job.attempt.monitor_address, timeout=CONNECT_SECONDS) as connection:
             connection.settimeout(REPLY_SECONDS)
-            hello = {"secret": job.monitor_secret, "rank": 0, "upload": {"kind": kind, "bytes": size}}
+            hello = {"secret": job.attempt.monitor_secret, "rank": 0, "upload": {"kind": kind, "bytes": size}}
             connection.sendall((json.dumps(hello) + "\n").encode())
             if isinstance(payload, WeightsWriter):
                 payload.write_to(connection.sendall)

@@ -37,15 +37,16 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
 
     context = BarrierTaskContext.get()
     rank = context.partitionId()
-    heartbeat = Heartbeat(job.monitor_address, job.monitor_secret, rank, job.heartbeat_interval,
-                          job.config.stall_timeout, placement=[info.address for info in context.getTaskInfos()])
-    if job.config.agent_log_level != "OFF":
-        heartbeat.forward_logs(job.config.agent_log_level)
+    attempt, config = job.attempt, job.task.config
+    heartbeat = Heartbeat(attempt.monitor_address, attempt.monitor_secret, rank, attempt.heartbeat_interval,
+                          config.stall_timeout, placement=[info.address for info in context.getTaskInfos()])
+    if config.agent_log_level != "OFF":
+        heartbeat.forward_logs(config.agent_log_level)
     result: list[pa.RecordBatch] = []
     with interruptible(heartbeat):  # without a status channel the heartbeat may stop a stalled agent
         heartbeat.start()
         try:
-            result = (run_function if job.function is not None else train)(job, context, batches, heartbeat)
+            result = (run_function if job.task.function is not None else train)(job, context, batches, heartbeat)
         except Exception as exc:
             heartbeat.stop()  # no interruption while the failure is reported
             _raise_agent_failure(rank, exc)

@@ -19,7 +19,7 @@ from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch
 from spark_ddl.agent.training import AgentSetup, prepare
 from spark_ddl.sync.host_reduce import FlatGradientReducer
-from spark_ddl.wire import RESULT_PAYLOAD, SUMMARY_PAYLOAD, AgentJob, encode_value
+from spark_ddl.wire import REPORT_PAYLOAD, RESULT_PAYLOAD, AgentJob, AgentReport, encode_value
 
 
 class FunctionContext:
@@ -36,10 +36,10 @@ class FunctionContext:
         same_host = [r for r, key in enumerate(peers.host_keys) if key == peers.host_keys[self.rank]]
         self.local_rank = same_host.index(self.rank)
         self.device = setup.device
-        self._config, self._setup, self._heartbeat = job.config, setup, heartbeat
-        self._has_data = job.batch is not None
-        self.steps_per_epoch = steps_per_epoch(peers.shard_sizes, job.config.batch_size) if self._has_data else 0
-        self._global_rows = global_batch_sizes(peers.shard_sizes, job.config.batch_size, self.steps_per_epoch)
+        self._config, self._setup, self._heartbeat = job.task.config, setup, heartbeat
+        self._has_data = job.task.batch is not None
+        self.steps_per_epoch = steps_per_epoch(peers.shard_sizes, job.task.config.batch_size) if self._has_data else 0
+        self._global_rows = global_batch_sizes(peers.shard_sizes, job.task.config.batch_size, self.steps_per_epoch)
         self.batch_weight = 1.0
         self.history: list[dict[str, Any]] = []
         self._reducer: FlatGradientReducer | None = None
@@ -119,8 +119,8 @@ def run_function(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch],
     """Call the user's function in this agent; rank 0 returns its value (and the history)."""
     from pyspark import cloudpickle
 
-    fn = cloudpickle.loads(job.function)
-    setup = prepare(job, context, batches, heartbeat, require_rows=job.batch is not None)
+    fn = cloudpickle.loads(job.task.function)
+    setup = prepare(job, context, batches, heartbeat, require_rows=job.task.batch is not None)
     ctx = FunctionContext(job, setup, heartbeat)
     try:
         heartbeat.set("the user's function")
@@ -134,6 +134,6 @@ def run_function(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch],
         return []
     kind, data = encode_value(value)
     summary = {"history": ctx.history, "world_size": ctx.world_size, "shard_sizes": setup.peers.shard_sizes,
-               "device": setup.plan.device, "backend": setup.plan.backend, "result_format": kind,
+               "device": setup.plan.device, "backend": setup.plan.backend,
                "rendezvous": setup.peers.rendezvous.route}
-    return deliver(job, {RESULT_PAYLOAD: data, SUMMARY_PAYLOAD: json.dumps(summary).encode()})
+    return deliver(job, {RESULT_PAYLOAD: data, REPORT_PAYLOAD: AgentReport(summary, result_format=kind).encode()})

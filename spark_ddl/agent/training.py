@@ -4,7 +4,6 @@ back the result rows."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import astuple, dataclass, fields
 from typing import Any, Callable, Iterator
@@ -23,7 +22,7 @@ from spark_ddl.agent.rendezvous import (DriverRendezvous, Rendezvous, environmen
                                        leave_group, rendezvous)
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
-from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
+from spark_ddl.batch_format import BatchSpec
 from spark_ddl.artifact import optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes
 from spark_ddl.checkpoint import read_checkpoint
 from spark_ddl.config import TrainConfig
@@ -34,7 +33,7 @@ from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
 from spark_ddl.sync.host_reduce import host_key
-from spark_ddl.wire import OPTIMIZER_PAYLOAD, SUMMARY_PAYLOAD, WEIGHTS_PAYLOAD, AgentJob
+from spark_ddl.wire import OPTIMIZER_PAYLOAD, REPORT_PAYLOAD, WEIGHTS_PAYLOAD, AgentJob, AgentReport
 from spark_ddl.weights import ShippedWeights, WeightsWriter
 
 
@@ -49,12 +48,6 @@ class Peers:
     row_shapes: dict[str, tuple[int, ...]]  # each fixed-shape input's row shape
     host_keys: list[str]
     parts: list[Part] | None = None  # this agent's shards (elastic) or None: its own partition only
-
-    @property
-    def feature_dim(self) -> int | None:
-        """The one-input shorthand's width."""
-        shape = self.row_shapes.get(POSITIONAL_KEY)
-        return int(shape[0]) if shape else None
 
 
 @dataclass
@@ -95,14 +88,15 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
     """Device, shard, rendezvous and process group: everything before the model. The caller
     closes ``setup.shard`` when done. A job without a batch spec reads no rows (its partitions
     only place the agents)."""
-    config, rank = job.config, context.partitionId()
+    config, rank = job.task.config, context.partitionId()
     torch.set_num_threads(max(1, int(context.cpus() or 1)))
     torch.manual_seed(config.seed + rank)
     plan = select_device(config.use_gpu, task_gpu_addresses(context), torch.cuda.is_available(),
                          torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank=rank)
     # opened first: an agent that cannot reach the driver fails before it reads its partition
-    via = DriverRendezvous(job.monitor_address, job.monitor_secret, context, config.timeout) \
-        if job.meet_through_driver and job.monitor_address is not None else None
+    attempt = job.attempt
+    via = DriverRendezvous(attempt.monitor_address, attempt.monitor_secret, context, config.timeout) \
+        if attempt.meet_through_driver and attempt.monitor_address is not None else None
     try:
         return _prepare(job, context, batches, heartbeat, require_rows, plan, via)
     finally:
@@ -112,7 +106,8 @@ def prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hear
 
 def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat,
              require_rows: bool, plan: DevicePlan, via: DriverRendezvous | None) -> AgentSetup:
-    config, rank = job.config, context.partitionId()
+    task, agents, rank = job.task, job.attempt.agents, context.partitionId()
+    config = task.config
     device = torch.device(plan.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -122,22 +117,22 @@ def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hea
     reset_peak_rss()
     rss_before_data = peak_rss_bytes()
     log_memory("before reading the partition")
-    custom = config.train_step is not None or job.function is not None  # the user's code takes the labels as they are
-    dtype = label_dtype_for(config.loss, job.label_is_integer, custom_step=custom)
-    counter = ShardCounter() if job.agents is not None else None
+    custom = config.train_step is not None or task.function is not None  # the user's code takes the labels as they are
+    dtype = label_dtype_for(config.loss, task.label_is_integer, custom_step=custom)
+    counter = ShardCounter() if agents is not None else None
     if counter is not None:
         batches = counter.count(batches)
-    if job.batch is None:
+    if task.batch is None:
         for _ in batches:  # rows that only mark the partition
             pass
         shard = validation = Shard.of(torch.zeros(0, 0), torch.zeros(0))
     else:
-        shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, job.batch)
+        shard, validation = Shard.from_arrow(batches, dtype, config.spill_bytes, task.batch)
     try:
         heartbeat.set("rendezvous with the other agents", waiting=True)
-        parts = counter.parts(rank, config.num_workers, job.agents) if counter is not None else None
-        peers = meet_peers(config, job.batch or shard.spec, context, shard, validation, plan, require_rows, parts,
-                           job.agents, via)
+        parts = counter.parts(rank, config.num_workers, agents) if counter is not None else None
+        peers = meet_peers(config, task.batch or shard.spec, context, shard, validation, plan, require_rows, parts,
+                           agents, via)
         shard = shard.settle(peers.batch, peers.row_shapes)
         validation = validation.settle(peers.batch, peers.row_shapes)
         log_memory("after reading the partition")
@@ -151,16 +146,16 @@ def _prepare(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], hea
 
 def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartbeat: Heartbeat) -> list[pa.RecordBatch]:
     """Train this partition with the other barrier tasks; rank 0 returns the result rows."""
-    config, rank = job.config, context.partitionId()
+    config, rank = job.task.config, context.partitionId()
     setup = prepare(job, context, batches, heartbeat)
     try:
         heartbeat.set("building the model and the sync strategy")
         strategy = build_strategy(job, setup.device, setup.peers)
         log_memory("after the process group, model and strategy")
         loop_context = LoopContext(config, strategy, setup.shard, setup.validation, setup.peers.shard_sizes, rank,
-                                   setup.peers.rendezvous.world_size, setup.device, heartbeat, job.fail_hook,
+                                   setup.peers.rendezvous.world_size, setup.device, heartbeat, job.hooks.fail_hook,
                                    batch=setup.peers.batch, row_shapes=setup.peers.row_shapes,
-                                   parts=setup.peers.parts, pause_at_epoch_boundary=job.agents is not None)
+                                   parts=setup.peers.parts, pause_at_epoch_boundary=job.attempt.agents is not None)
         loop = make_loop(loop_context)
         if config.resume_from is not None:
             heartbeat.set("loading the checkpoint", waiting=rank != 0)
@@ -172,7 +167,7 @@ def train(job: AgentJob, context: Any, batches: Iterator[pa.RecordBatch], heartb
         log_memory("after training")
         stats = RankStats(result.epochs_run, result.steps_run, peak_rss_bytes(), setup.shard.data_bytes(),
                           setup.rss_before_data, result.skipped_updates, training_faults)
-        return finish(job, strategy, result, stats, setup, job.final_hook)
+        return finish(job, strategy, result, stats, setup, job.hooks.final_hook)
     finally:
         setup.shard.close()  # a disk shard's file goes with it
 
@@ -236,20 +231,21 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     """The network (rebuilt from the job's model source) wrapped in its set-up strategy; a warm
     start loads its weights before the setup (which makes the replicas equal) and its optimiser
     state after it (the optimiser exists only then)."""
-    config = job.config
-    weights = job.module_weights  # an architecture-only pickle's weights (bytes, or a shipped file)
-    module = job.model.build("train", weights.open if isinstance(weights, ShippedWeights) else weights)
-    if job.initial_weights is not None:
-        module.load_state_dict(state_dict_from_bytes(job.initial_weights))
+    task = job.task
+    config = task.config
+    weights = task.module_weights  # an architecture-only pickle's weights (bytes, or a shipped file)
+    module = task.model.build("train", weights.open if isinstance(weights, ShippedWeights) else weights)
+    if task.initial_weights is not None:
+        module.load_state_dict(state_dict_from_bytes(task.initial_weights))
     module = module.to(device)
-    if job.strategy_factory is not None:
-        strategy = job.strategy_factory(device)
+    if task.strategy_factory is not None:
+        strategy = task.strategy_factory(device)
     else:
         strategy = make_strategy(config, config.sync, StrategyEnv(device, peers.shard_sizes, peers.host_keys))
     strategy.setup(module, lambda params: make_optimizer(config.optimizer, params, config.lr, config.optimizer_kwargs,
                                                          config.grad_clip_norm))
-    if job.initial_optimizer is not None:
-        load_optimizer_state(strategy.optimizer, optimizer_state_from_bytes(job.initial_optimizer))
+    if task.initial_optimizer is not None:
+        load_optimizer_state(strategy.optimizer, optimizer_state_from_bytes(task.initial_optimizer))
     return strategy
 
 
@@ -272,12 +268,10 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
     if rank != 0:
         return []
     if result.paused_after_epoch is not None:  # elastic: the driver continues with another agent count
-        return deliver(job, {SUMMARY_PAYLOAD: json.dumps({"paused_after_epoch": result.paused_after_epoch}).encode()})
+        return deliver(job, {REPORT_PAYLOAD: AgentReport(paused_after_epoch=result.paused_after_epoch).encode()})
     summary = {
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
-        "rendezvous": peers.rendezvous.route,
-        "validation_sizes": peers.validation_sizes, "feature_dim": peers.feature_dim,
-        "batch_spec": peers.batch.to_json(), "row_shapes": {k: list(v) for k, v in peers.row_shapes.items()},
+        "rendezvous": peers.rendezvous.route, "validation_sizes": peers.validation_sizes,
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,
         "best_epoch": result.best_epoch,
         "shard_storage": "memory" if isinstance(setup.shard, Shard) else "disk",
@@ -289,7 +283,7 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
         del summary["epochs_run_per_rank"]  # async agents share the epochs: there is no per-rank count
     # rank 0's optimiser goes too: what a warm start continues
     return deliver(job, {WEIGHTS_PAYLOAD: WeightsWriter(module), OPTIMIZER_PAYLOAD: optimizer,
-                         SUMMARY_PAYLOAD: json.dumps(summary).encode()})
+                         REPORT_PAYLOAD: AgentReport(summary, batch=peers.batch, row_shapes=peers.row_shapes).encode()})
 
 
 def load_checkpoint_everywhere(path: str, rank: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     module = MLP(**kwargs).eval()
     model = TorchModel(module, spec=ColumnSpec.one_input(("features",), "array", "label"), config={"loss": "cross_entropy"},
                        source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
-                       summary={"feature_dim": args.features})
+                       row_shapes={"features": (args.features,)})
 
     def noop(df):
         df.write.format("noop").mode("overwrite").save()

@@ -29,7 +29,7 @@ def big_model(megabytes: float, features: int = 64) -> TorchModel:
     module = torch.nn.Sequential(torch.nn.Linear(features, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                  torch.nn.ReLU(), torch.nn.Linear(width, 10))
     return TorchModel(module, spec=ColumnSpec(("features",), None, "array"), config={"loss": "cross_entropy"},
-                      summary={"feature_dim": features})
+                      row_shapes={"features": (features,)})
 
 
 def time_transforms(spark, model: TorchModel, rows: int, repeats: int) -> list[float]:

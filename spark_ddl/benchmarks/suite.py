@@ -180,7 +180,7 @@ def inference_part(data: DataFrame, table: Table, args: argparse.Namespace, iden
     scorer = TorchModel(MLP(**kwargs).eval(), spec=ColumnSpec.one_input(("features",), "array", "label"),
                         config={"loss": "cross_entropy"},
                         source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
-                        summary={"feature_dim": args.features})
+                        row_shapes={"features": (args.features,)})
     scored_s = statistics.median(timed(lambda: noop(scorer.transform(data)), args.repeats))
     x = np.random.default_rng(0).random((min(args.rows, 100_000), args.features), dtype=np.float32)
 

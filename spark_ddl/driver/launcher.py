@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import json
 import logging
 import os
 import threading
@@ -36,8 +35,8 @@ from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter, notify
 from spark_ddl.driver.reachability import LostMachine, lost_machines, ranks_to_probe, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, SUMMARY_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
-                            reassemble)
+from spark_ddl.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, REPORT_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
+                            AgentReport, reassemble)
 from spark_ddl.weights import load_into_module
 
 log = logging.getLogger("spark_ddl")
@@ -54,13 +53,18 @@ HOSTS_AGENTS_CANNOT_REACH: set[str] = set()
 
 @dataclass
 class FitResult:
-    """Rank 0's summary and payloads (the weights, or a function's return value), as received
+    """Rank 0's report and payloads (the weights, or a function's return value), as received
     on the driver: small ones in memory, streamed ones in local files (``discard`` deletes them)."""
 
-    summary: dict[str, Any]
+    report: AgentReport  # the facts the driver acts on, and the summary users read
     seconds: float
     payloads: dict[str, bytes]
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What users read (the driver adds ``attempts`` and ``result_route`` to it)."""
+        return self.report.summary
 
     def open(self, kind: str) -> BinaryIO:
         """A payload as a binary stream (read from its file when it was streamed)."""
@@ -114,10 +118,9 @@ def run_training(
     """
     spark = df.sparkSession
     caps = capabilities(spark)
-    if job.config.checkpoint_dir and "://" not in job.config.checkpoint_dir:  # the agents' cwd may differ
-        job = dataclasses.replace(job, config=dataclasses.replace(
-            job.config, checkpoint_dir=os.path.abspath(job.config.checkpoint_dir)))
-    config = job.config
+    config = job.task.config
+    if config.checkpoint_dir and "://" not in config.checkpoint_dir:  # the agents' cwd may differ
+        config = dataclasses.replace(config, checkpoint_dir=os.path.abspath(config.checkpoint_dir))
     check_cluster(spark, config)
     checkpoints = caps.checkpoint_files()
     first_resume = check_checkpoint_dir(config, checkpoints, probe=caps.driver_sees_agent_files)
@@ -128,13 +131,13 @@ def run_training(
     prepared = balance_partitions(training, config.num_workers, caps.partition_count(training))
     attempts: list[dict[str, Any]] = []
     policy = AttemptPolicy(config.max_retries, config.epochs)
-    agents, elastic = config.num_workers, config.elastic and job.function is None
+    agents, elastic = config.num_workers, config.elastic and job.task.function is None
     failed: TrainingError | None = None  # the previous attempt's error, when it failed
     for attempt in itertools.count(1):
         resume_from = first_resume if attempt == 1 else (
             newest_checkpoint(config.checkpoint_dir, checkpoints) if config.checkpoint_dir else None)
-        if job.attempt_hook is not None:
-            job.attempt_hook(attempt, spark.sparkContext)
+        if job.hooks.attempt_hook is not None:
+            job.hooks.attempt_hook(attempt, spark.sparkContext)
         record: dict[str, Any] = {"attempt": attempt, "resumed_from": resume_from}
         if failed is not None:  # who answers now decides who takes part
             _leave_out_lost_machines(failed, caps, config, elastic, record, attempts)
@@ -144,8 +147,10 @@ def run_training(
             if agents != previous:
                 record["resized"] = [previous, agents]
         shrunk = agents < config.num_workers
-        attempt_job = dataclasses.replace(job, config=dataclasses.replace(config, resume_from=resume_from),
-                                          agents=agents if shrunk else None, attempt_hook=None)
+        attempt_job = dataclasses.replace(
+            job, task=dataclasses.replace(job.task, config=dataclasses.replace(config, resume_from=resume_from)),
+            attempt=dataclasses.replace(job.attempt, agents=agents if shrunk else None),
+            hooks=dataclasses.replace(job.hooks, attempt_hook=None))
         failed = None
         try:
             result = _run_barrier_job(spread_shards(prepared, config.num_workers, agents) if shrunk else prepared,
@@ -175,8 +180,8 @@ def run_training(
                         " from the newest checkpoint" if config.checkpoint_dir else " from scratch")
             failed = error
             continue
-        if result.summary.get("paused_after_epoch") is not None:  # a shrunk attempt reached an epoch boundary
-            attempts.append(dict(record, error=None, paused_after_epoch=result.summary["paused_after_epoch"]))
+        if result.report.paused_after_epoch is not None:  # a shrunk attempt reached an epoch boundary
+            attempts.append(dict(record, error=None, paused_after_epoch=result.report.paused_after_epoch))
             result.discard()
             policy.rerun_after_pause()
             continue
@@ -277,19 +282,19 @@ def _fence(monitor: AgentMonitor, agents: int, silent: list[int]) -> None:
 
 def _silence_seconds(job: AgentJob) -> float:
     """A rank not heard from this long has gone silent (its heartbeat runs every heartbeat_interval)."""
-    return max(5.0, 5 * job.heartbeat_interval)
+    return max(5.0, 5 * job.attempt.heartbeat_interval)
 
 
 def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabilities) -> FitResult:
     """One attempt: the barrier job over the prepared partitions, collected on the driver
     while the agents' status channel is watched for stalls."""
-    config = job.config
+    config = job.task.config
     monitor = AgentMonitor(caps.status_host(), config.stall_timeout)
     meet_here = monitor.address is not None and caps.status_host() not in HOSTS_AGENTS_CANNOT_REACH
-    job = dataclasses.replace(job, monitor_address=monitor.address, monitor_secret=monitor.secret,
-                              meet_through_driver=meet_here,
-                              heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,
-                              result_rows_limit=caps.result_rows_limit())
+    job = dataclasses.replace(job, attempt=dataclasses.replace(
+        job.attempt, monitor_address=monitor.address, monitor_secret=monitor.secret, meet_through_driver=meet_here,
+        heartbeat_interval=min(1.0, config.stall_timeout / 4) if config.stall_timeout else 1.0,
+        result_rows_limit=caps.result_rows_limit()))
     shipped = caps.inline(job)  # a Connect plan has a size limit: a large job goes as an artifact
 
     def agent(batches):
@@ -311,7 +316,7 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
     runner.start()
     reporter = ProgressReporter(config.progress)
     silence_noted = monitor.address is None
-    agents = job.agents or config.num_workers
+    agents = job.attempt.agents or config.num_workers
     launch = LaunchWatch(agents, config.timeout, caps.task_slots) if monitor.address is not None else None
     try:
         while runner.is_alive():
@@ -363,10 +368,11 @@ def _run_barrier_job(prepared: DataFrame, job: AgentJob, caps: SessionCapabiliti
         reporter.close(finished=False)
         raise empty_input_error()
     payloads = {kind: reassemble(rows, kind) for kind in {r["kind"] for r in rows}}
-    summary_bytes = payloads.pop(SUMMARY_PAYLOAD, None)
-    result = FitResult(json.loads(summary_bytes) if summary_bytes is not None else {}, seconds, payloads, files)
-    paused = "paused_after_epoch" in result.summary  # elastic: an epoch boundary, no weights yet
-    if summary_bytes is None or not (payloads or files or paused):
+    report_bytes = payloads.pop(REPORT_PAYLOAD, None)
+    result = FitResult(AgentReport.decode(report_bytes) if report_bytes is not None else AgentReport(),
+                       seconds, payloads, files)
+    paused = result.report.paused_after_epoch is not None  # elastic: an epoch boundary, no weights yet
+    if report_bytes is None or not (payloads or files or paused):
         result.discard()
         reporter.close(finished=False)
         raise RuntimeError("the job finished but rank 0 returned no result")

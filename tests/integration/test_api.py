@@ -97,16 +97,26 @@ def test_pandas_fallback_for_older_pyspark_scores_the_same(spark, monkeypatch):
                                np.stack(pandas["probability"].map(lambda v: v.toArray())), **FLOAT32_PATHS)
 
 
+CONTROL_KEYS = ("paused_after_epoch", "batch_spec", "result_format", "row_shapes", "feature_dim")
+
+
 def test_save_and_load_by_class_path_round_trips(regression_frame, tmp_path):
     model = TorchEstimator(model="tests.helpers:TinyNet", model_kwargs={"in_features": 3, "hidden": 5},
                            loss="mse", epochs=2, feature_cols=["a", "b", "c"]).fit(regression_frame)
+    # the input facts are the model's own (saved in its metadata), the driver's control fields stay in the
+    # agents' report: the summary users read holds none of them
+    assert not set(CONTROL_KEYS) & set(model.summary) and model.summary["world_size"] == 2
+    assert model.row_shapes == {"features": (3,)} and model.feature_dim == 3
     path = str(tmp_path / "model")
     model.save(path)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metadata", "model.pt2", "optimizer.pt",
                                                                      "weights.safetensors"]
+    section = persistence.read_metadata(path)["spark_ddl"]
+    assert section["row_shapes"] == {"features": [3]} and not set(CONTROL_KEYS) & set(section["summary"])
     loaded = TorchModel.load(path)
     assert_same_state(loaded.get_module().state_dict(), model.get_module().state_dict())  # keys, then bits
-    assert loaded.history == model.history
+    assert loaded.history == model.history and loaded.row_shapes == model.row_shapes
+    assert loaded.columns == model.columns and not set(CONTROL_KEYS) & set(loaded.summary)
     before = model.transform(regression_frame).select("prediction").toPandas()
     after = loaded.transform(regression_frame).select("prediction").toPandas()
     np.testing.assert_array_equal(before.to_numpy(), after.to_numpy())

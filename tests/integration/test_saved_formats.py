@@ -26,6 +26,10 @@ def test_a_model_and_a_pipeline_saved_by_an_earlier_version_load_and_score_the_s
     assert "spark_ddl.models:MLP" in (folder / "model" / "metadata" / "part-00000").read_text()
     for name, loaded in (("model", TorchModel.load(str(folder / "model"))),
                          ("pipeline", PipelineModel.load(str(folder / "pipeline")))):
+        stage = loaded if name == "model" else loaded.stages[-1]
+        # their summaries held the input facts (the old-format fallback reads them and takes them out)
+        assert stage.row_shapes == {"features": (3,)} and stage.feature_dim == 3, name
+        assert not {"row_shapes", "feature_dim", "batch_spec"} & set(stage.summary), name
         rows = loaded.transform(frame).select("prediction", vector_to_array("probability").alias("p")).collect()
         assert [r.prediction for r in rows] == [e[0] for e in expected[name]], name
         np.testing.assert_allclose([r.p for r in rows], [e[1] for e in expected[name]], **FLOAT32_PATHS)
