@@ -1,8 +1,10 @@
 """The training settings that travel from the driver to every agent, each declared once.
 
 Every field of ``TrainConfig`` is a ``setting(...)`` (see ``spark_ddl.settings``): its
-declaration is the estimator's Param, its keyword argument, its command-line flag and its
-check. Rules that involve several settings live in ``validate``, and a strategy's own rules
+declaration is the estimator's Param, its keyword argument, its command-line flags, its row of
+the settings reference and its check; it also marks where the setting is exposed besides the
+estimator (``run=True``: ``spark_ddl.run``; ``cli``: the commands with a flag for it, by default
+``spark-ddl train`` only). Rules that involve several settings live in ``validate``, and a strategy's own rules
 in its class (``SyncStrategy.check_settings``).
 """
 
@@ -53,28 +55,31 @@ class TrainConfig:
 
     loss: str | Callable[..., Any] = setting(
         "cross_entropy", "the objective (spark_ddl.objectives), or a callable(output, target) returning the "
-        "batch-mean loss", choices=objective_descriptions, callable_ok=True, resume_checked=True)
+        "batch-mean loss", choices=objective_descriptions, callable_ok=True, resume_checked=True,
+        cli=())  # no flag: each command trains one task, its loss is the command's
     train_step: Callable[..., Any] | None = setting(
         None, "callable(model, batch) -> batch-mean loss replacing loss(model(inputs), label); batch is a dict of "
         "the inputs' tensors (and 'label'), on the agent's device; loss still names the task", kind=object,
-        nullable=True, callable_ok=True, cli=False, resume_checked=True)
+        nullable=True, callable_ok=True, cli=(), resume_checked=True)
     eval_step: Callable[..., Any] | None = setting(
         None, "callable(model, batch) -> dict of floats added (as val_<name>, weighted by rows over every agent) "
-        "to each epoch's validation record", kind=object, nullable=True, callable_ok=True, cli=False)
+        "to each epoch's validation record", kind=object, nullable=True, callable_ok=True, cli=())
     optimizer: str = setting("sgd", "the optimiser", choices=OPTIMIZERS, resume_checked=True)
-    lr: float = setting(0.1, "learning rate", positive=True, resume_checked=True)
+    lr: float = setting(0.1, "learning rate", positive=True, resume_checked=True, cli=("train", "apps"))
     optimizer_kwargs: dict[str, Any] = setting(
         doc="extra keyword arguments of the optimiser (e.g. momentum)", default_factory=dict, resume_checked=True)
-    batch_size: int = setting(32, "mini-batch size per agent", minimum=1, resume_checked=True)
-    epochs: int = setting(5, "number of passes over the data", minimum=1)
-    num_workers: int = setting(2, "number of agents (barrier tasks)", minimum=1, resume_checked=True,
-                               cli_aliases=("--workers",))
-    shuffle: bool = setting(True, "reshuffle each agent's shard every epoch", resume_checked=True)
-    seed: int = setting(0, "random seed (shuffling, dropout)", resume_checked=True)
+    batch_size: int = setting(32, "mini-batch size per agent", minimum=1, resume_checked=True, run=True,
+                              cli=("train", "apps"))
+    epochs: int = setting(5, "number of passes over the data", minimum=1, cli=("train", "apps"))
+    num_workers: int = setting(2, "number of agents (barrier tasks)", minimum=1, resume_checked=True, run=True,
+                               cli=("train", "apps"), cli_aliases=("--workers",))
+    shuffle: bool = setting(True, "reshuffle each agent's shard every epoch", resume_checked=True, run=True)
+    seed: int = setting(0, "random seed (shuffling, dropout)", resume_checked=True, run=True,
+                        cli=("train", "apps"))
     use_gpu: bool | None = setting(None, "None: GPU when the executors have one; True: require a GPU; "
-                                   "False: CPU", kind=bool, nullable=True)
+                                   "False: CPU", kind=bool, nullable=True, run=True)
     timeout: float = setting(300.0, "seconds any collective or rendezvous may wait before failing",
-                             positive=True, unit="seconds")
+                             positive=True, unit="seconds", run=True)
     sync: str = setting("allreduce", "synchronisation strategy", choices=strategy_descriptions,
                         resume_checked=True)
     sync_every: int = setting(8, "local_sgd: average the parameters every this many steps", minimum=1,
@@ -130,20 +135,21 @@ class TrainConfig:
         "at the next epoch boundary when slots return; None: num_workers (every attempt needs them all)",
         kind=int, nullable=True, minimum=1)
     max_retries: int = setting(0, "resubmit a barrier job that failed because an agent was lost or "
-                               "stalled, up to this many times, resuming from the newest checkpoint", minimum=0)
+                               "stalled, up to this many times, resuming from the newest checkpoint", minimum=0, run=True)
     stall_timeout: float | None = setting(None, "fail when no agent completes a step for this many "
                                           "seconds; None: off", kind=float, nullable=True, positive=True,
-                                          unit="seconds")
+                                          unit="seconds", run=True)
     progress: str = setting("auto", "live progress on the driver: 'auto' (a bar on a terminal, log lines "
-                            "otherwise), 'bar', 'log' or 'off'", choices=("auto", "bar", "log", "off"))
+                            "otherwise), 'bar', 'log' or 'off'", choices=("auto", "bar", "log", "off"),
+                            run=True)
     shard_storage: str = setting("auto", "where an agent keeps its training rows: 'memory', 'disk' (a "
                                  "memory-mapped file on the executor's local disk) or 'auto' (disk above "
-                                 "shard_memory_limit_mb)", choices=("auto", "memory", "disk"))
+                                 "shard_memory_limit_mb)", choices=("auto", "memory", "disk"), run=True)
     shard_memory_limit_mb: float = setting(2048.0, "shard_storage='auto': shards above this many MB spill "
-                                           "to disk", minimum=0)
+                                           "to disk", minimum=0, run=True)
     agent_log_level: str = setting("WARNING", "agents' log records at this level and above are re-emitted "
                                    "on the driver as [rank N] lines; 'OFF': none",
-                                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "OFF"))
+                                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "OFF"), run=True)
     # set by the driver, not by users
     has_validation: bool = setting(False, "a validation set is configured", param=False)
     resume_from: str | None = setting(None, "the checkpoint this attempt loads", kind=str, nullable=True,

@@ -19,7 +19,7 @@ from pyspark.ml.param.shared import (HasLabelCol, HasPredictionCol, HasProbabili
 from spark_ddl.config import TrainConfig
 from spark_ddl.driver.columns import ColumnSpec, resolve_columns
 from spark_ddl.errors import ConfigError
-from spark_ddl.settings import Setting, check, declared, default_of, setting
+from spark_ddl.settings import Setting, check, comma_separated, declared, default_of, setting
 
 
 @dataclass
@@ -28,17 +28,17 @@ class ScoringSettings:
 
     feature_cols: Any = setting(
         doc="feature column(s): one array<float|double> column, one pyspark.ml Vector column, or a list of "
-        "numeric columns", kind=object, default_factory=lambda: ["features"])
-    inference_batch_size: int = setting(4096, "rows per forward pass in transform()", minimum=1)
+        "numeric columns", kind=object, default_factory=lambda: ["features"], cli_type=comma_separated)
+    inference_batch_size: int = setting(4096, "rows per forward pass in transform()", minimum=1, cli=())
     inputs: dict[str, Any] | None = setting(
         None, "named model inputs: {keyword argument: column, or list of numeric columns}; each batch is "
         "passed as model(**inputs) with the columns' types kept (integers int64, floats float32, booleans, "
         "arrays, Vectors, Spark image structs; variable-length arrays padded per batch with a <name>_mask); "
-        "instead of feature_cols", kind=dict, nullable=True, cli=False)
+        "instead of feature_cols", kind=dict, nullable=True, cli=())
     input_shapes: dict[str, Any] = setting(doc="per input: the shape each row's array is reshaped to, e.g. "
-                                           "{'image': (1, 8, 8)}", default_factory=dict, cli=False)
+                                           "{'image': (1, 8, 8)}", default_factory=dict, cli=())
     input_options: dict[str, Any] = setting(doc="per input: options, e.g. {'tokens': {'max_length': 128}} "
-                                            "(truncates variable-length arrays)", default_factory=dict, cli=False)
+                                            "(truncates variable-length arrays)", default_factory=dict, cli=())
 
 
 @dataclass
@@ -46,17 +46,17 @@ class FitSettings:
     """Settings only the estimator has (besides TrainConfig's)."""
 
     model: Any = setting(None, "the network: a torch.nn.Module, or 'package.module:Class' built with "
-                         "model_kwargs", kind=object, nullable=True, cli=False)
+                         "model_kwargs", kind=object, nullable=True, cli=())
     model_kwargs: dict[str, Any] = setting(doc="JSON keyword arguments for a model given as a class path",
-                                           default_factory=dict, cli=False)
+                                           default_factory=dict, cli=())
     validation_fraction: float = setting(0.0, "fraction of rows held out (seeded) for per-epoch validation; "
                                          "0 = none", minimum=0)
     initial_model: Any = setting(
         None, "warm start: a TorchModel or the path of a saved one; training continues from its weights and, when it "
         "was trained with the same optimizer, its optimiser state (momentum, Adam's moments; this fit's lr and "
-        "optimizer_kwargs apply)", kind=object, nullable=True, cli=False)
+        "optimizer_kwargs apply)", kind=object, nullable=True, cli=())
     check_input: bool = setting(True, "scan the input on the driver before launch (nulls, NaN/inf, label "
-                                "range, feature lengths) and run the model on a zero batch")
+                                "range, feature lengths) and run the model on a zero batch", cli=())
 
 
 # snake_case (and pyspark's singular) spellings accepted for the Params that pyspark names

@@ -18,12 +18,12 @@ from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_run_input
 from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
+from spark_ddl.settings import exposed
 from spark_ddl.summary import TrainingSummary
 from spark_ddl.wire import AgentJob, TrainingTask, decode_value
 
-# TrainConfig settings that mean something for a function of the user's own
-RUN_SETTINGS = ("num_workers", "batch_size", "shuffle", "seed", "timeout", "use_gpu", "stall_timeout", "progress",
-                "agent_log_level", "shard_storage", "shard_memory_limit_mb", "max_retries")
+# the TrainConfig settings that mean something for a function of the user's own: marked run=True
+RUN_SETTINGS = tuple(exposed(TrainConfig, "run"))
 
 
 def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mapping[str, Any] | None = None,

@@ -3,8 +3,14 @@
 A setting is a field of a settings dataclass (``TrainConfig``, the estimator's own column
 settings) declared with ``setting(default, doc, ...)``. Everything else is generated from that
 one declaration: the pyspark.ml ``Param`` (``spark_ddl.params``), the estimator's keyword
-argument, whether ``None`` is allowed, the command-line flag (``add_arguments``) and the
-per-value check (``check``). Cross-setting rules stay in the dataclass's ``validate``.
+argument, whether ``None`` is allowed, the command-line flags (``add_arguments``), the
+per-value check (``check``) and the settings reference page. Cross-setting rules stay in the
+dataclass's ``validate``.
+
+Where a setting is exposed is marked on its declaration, and read back with ``exposed``:
+``param`` (an estimator Param and keyword argument; False: set by the driver itself), ``run``
+(also a keyword argument of ``spark_ddl.run``), ``cli`` (the commands with a flag for it:
+``"train"`` for ``spark-ddl train``, ``"apps"`` for the application commands).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any, Callable, Iterable, Mapping
 from spark_ddl.errors import ConfigError
 
 Choices = tuple[str, ...] | Callable[[], Iterable[str]]
+# the command groups a setting can be a flag of (Setting.cli)
+COMMANDS = {"train": "spark-ddl train",
+            "apps": "the application commands (spark-ddl images, text, recommender, stream-recommender)"}
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,10 @@ class Setting:
     unit: str = ""  # "seconds": appears in messages
     callable_ok: bool = False  # a callable is accepted besides the choices (e.g. a custom loss)
     param: bool = True  # exposed as an estimator Param (False: set by the driver itself)
-    cli: bool = True  # a flag of the training command
+    run: bool = False  # also a keyword argument of spark_ddl.run
+    cli: tuple[str, ...] = ("train",)  # the commands (COMMANDS) with a flag for it; (): none
     cli_aliases: tuple[str, ...] = ()  # extra flag spellings kept for compatibility
+    cli_type: Callable[[str], Any] | None = None  # the flag's text -> value (default: by kind)
     resume_checked: bool = False  # must be equal for a checkpoint to continue a run
 
     def allowed(self) -> tuple[str, ...]:
@@ -57,6 +68,9 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", *, kind: type | N
     if kind is None:
         sample = default_factory() if default_factory is not dataclasses.MISSING else default
         kind = type(sample) if sample is not None else object
+    unknown = set(spec.get("cli", ())) - set(COMMANDS)
+    if unknown or isinstance(spec.get("cli"), str):
+        raise ValueError(f"cli must be a tuple of {sorted(COMMANDS)}, got {spec['cli']!r}")
     meta = {"setting": Setting(doc=doc, kind=kind, **spec)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -67,6 +81,17 @@ def declared(cls_or_instance: Any) -> dict[str, tuple[dataclasses.Field, Setting
     """The settings a dataclass declares, by name, in declaration order."""
     return {f.name: (f, f.metadata["setting"]) for f in dataclasses.fields(cls_or_instance)
             if "setting" in f.metadata}
+
+
+def exposed(settings: Any, where: str) -> dict[str, tuple[dataclasses.Field, Setting]]:
+    """The user settings (``param``) of a settings dataclass, or of a ``declared`` mapping, that are
+    exposed ``where``: ``"param"`` (every one), ``"run"`` (``spark_ddl.run``), or a command group
+    of ``COMMANDS`` (its flags)."""
+    if where not in ("param", "run", *COMMANDS):
+        raise ValueError(f"where must be 'param', 'run' or one of {sorted(COMMANDS)}, got {where!r}")
+    settings = settings if isinstance(settings, Mapping) else declared(settings)
+    return {name: (field, spec) for name, (field, spec) in settings.items() if spec.param and (
+        where == "param" or (spec.run if where == "run" else where in spec.cli))}
 
 
 def default_of(field: dataclasses.Field) -> Any:
@@ -142,18 +167,27 @@ def _parse_cli_value(kind: type, nullable: bool) -> Callable[[str], Any]:
     return parse
 
 
+def comma_separated(text: str) -> list[str]:
+    """A flag's list of names: ``"a, b"`` -> ``["a", "b"]`` (a ``cli_type``)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+comma_separated.metavar = "NAME[,NAME...]"  # type: ignore[attr-defined]
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings: Mapping[str, tuple[dataclasses.Field, Setting]],
-                  defaults: Mapping[str, Any] | None = None, skip: Iterable[str] = ()) -> list[str]:
-    """Add a ``--flag`` per setting (``--batch-size`` for ``batch_size``); return their names.
+                  command: str, defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """Add a ``--flag`` (``--batch-size`` for ``batch_size``) for each of ``settings`` marked as a
+    flag of ``command`` (a group of ``COMMANDS``); return their names.
 
     ``defaults`` overrides a setting's default for this command (e.g. a learning rate that
-    suits the command's model).
+    suits the command's model); the help shows the command's default.
     """
-    defaults, skip = dict(defaults or {}), set(skip)
-    names = []
-    for name, (field, spec) in settings.items():
-        if not (spec.param and spec.cli) or name in skip:
-            continue
+    flagged, defaults = exposed(settings, command), dict(defaults or {})
+    stray = sorted(set(defaults) - set(flagged))
+    if stray:
+        raise ValueError(f"defaults for settings without a {command!r} flag: {stray}")
+    for name, (field, spec) in flagged.items():
         default = defaults.get(name, default_of(field))
         flags = [f"--{name.replace('_', '-')}", *spec.cli_aliases]
         help_text = spec.describe().replace("%", "%%")
@@ -162,8 +196,15 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Mapping[str, tuple[
                                 help=help_text)
         else:
             allowed = spec.allowed()
-            parser.add_argument(*flags, dest=name, default=default, type=_parse_cli_value(spec.kind, spec.nullable),
+            parser.add_argument(*flags, dest=name, default=default,
+                                type=spec.cli_type or _parse_cli_value(spec.kind, spec.nullable),
+                                metavar=getattr(spec.cli_type, "metavar", None),
                                 choices=list(allowed) if allowed else None,
                                 help=f"{help_text} (default: {default!r})")
-        names.append(name)
-    return names
+    return list(flagged)
+
+
+def flag_values(args: argparse.Namespace, settings: Mapping[str, tuple[dataclasses.Field, Setting]],
+                command: str) -> dict[str, Any]:
+    """The values of ``command``'s setting flags (``add_arguments``) in parsed ``args``."""
+    return {name: getattr(args, name) for name in exposed(settings, command)}

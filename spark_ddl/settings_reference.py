@@ -4,8 +4,10 @@ Every setting is declared once with ``setting(...)`` (``spark_ddl.settings``) on
 dataclass: ``TrainConfig`` (training), ``FitSettings`` (the estimator only) and
 ``ScoringSettings`` (the estimator and the model). This module writes one table per dataclass
 from those declarations: name, default, documentation (with each choice's description), the
-allowed values, and where the setting is exposed (an estimator ``Param``, a flag of
-``spark-ddl train``, ``spark_ddl.run``, checked on resume).
+allowed values, and where the setting is exposed, read from the marks on its declaration
+(``param``, ``run``, ``cli``, ``resume_checked``: an estimator ``Param``, ``spark_ddl.run``, a flag
+of ``spark-ddl train`` and of the application commands, checked on resume), and each command's
+own defaults (its ``COMMAND_DEFAULTS``).
 
     spark-ddl settings > docs/settings.md      # or: python -m spark_ddl.settings_reference
 
@@ -16,10 +18,12 @@ writes today, so the page cannot go stale.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import sys
 from typing import Any
 
-from spark_ddl.settings import Setting, declared, default_of
+from spark_ddl.settings import Setting, declared, default_of, exposed
 
 HEADER = """# Settings reference
 
@@ -30,9 +34,11 @@ writes. Do not edit by hand.
 
 **Where**: `Param` — a keyword argument and `pyspark.ml` Param of `TorchEstimator`
 (`explainParams()`); `model` — also a Param of `TorchModel`; `flag` — a flag of
-`spark-ddl train` (`--batch-size` for `batch_size`); `run` — accepted by `spark_ddl.run`;
-`resume` — must be equal for a checkpoint to continue a run; `driver` — set by the driver
-itself, not by users.
+`spark-ddl train` (`--batch-size` for `batch_size`); `apps` — a flag of the application commands
+(`spark-ddl images`, `text`, `recommender`, `stream-recommender`); `run` — accepted by
+`spark_ddl.run`; `resume` — must be equal for a checkpoint to continue a run; `driver` — set by
+the driver itself, not by users. Each is a mark on the setting's declaration (`param`, `cli`,
+`run`, `resume_checked`).
 """
 
 
@@ -65,8 +71,8 @@ def _allowed(spec: Setting) -> str:
     return allowed
 
 
-def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, ...],
-           no_flag: tuple[str, ...] | None) -> str:
+def where(name: str, spec: Setting, model_too: bool = False) -> str:
+    """Where the setting is exposed, from the marks on its declaration."""
     places = []
     if not spec.param:
         places.append("driver")
@@ -74,40 +80,52 @@ def _where(name: str, spec: Setting, model_too: bool, run_settings: tuple[str, .
         places.append("Param")
         if model_too:
             places.append("model")
-        if no_flag is not None and spec.cli and name not in no_flag:
-            places.append("flag")
-    if name in run_settings:
-        places.append("run")
+        places += [label for command, label in (("train", "flag"), ("apps", "apps")) if command in spec.cli]
+        if spec.run:
+            places.append("run")
     if spec.resume_checked:
         places.append("resume")
     return ", ".join(places)
 
 
-def table(settings_class: type, run_settings: tuple[str, ...] = (), model_too: bool = False,
-          no_flag: tuple[str, ...] | None = None) -> list[str]:
-    """The Markdown table of one settings dataclass's declared settings (``no_flag``: None when
-    ``spark-ddl train`` generates no flags from this dataclass, else the settings it skips)."""
+def table(settings_class: type, model_too: bool = False) -> list[str]:
+    """The Markdown table of one settings dataclass's declared settings."""
     lines = ["| setting | default | allowed | where | what it does |", "|---|---|---|---|---|"]
     for name, (field, spec) in declared(settings_class).items():
         default = default_of(field) if (field.default is not dataclasses.MISSING
                                         or field.default_factory is not dataclasses.MISSING) else None
-        cells = [f"`{name}`", _code(default), _allowed(spec), _where(name, spec, model_too, run_settings, no_flag),
-                 _cell(spec.describe())]
+        cells = [f"`{name}`", _code(default), _allowed(spec), where(name, spec, model_too), _cell(spec.describe())]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def command_defaults() -> dict[str, dict[str, Any]]:
+    """Each command of ``spark_ddl.apps`` that declares its own defaults of some settings
+    (``COMMAND_DEFAULTS``): ``spark-ddl NAME`` -> those defaults."""
+    import spark_ddl.apps
+
+    found = {}
+    for module in pkgutil.iter_modules(spark_ddl.apps.__path__):
+        defaults = getattr(importlib.import_module(f"spark_ddl.apps.{module.name}"), "COMMAND_DEFAULTS", None)
+        if defaults is not None:
+            found[f"spark-ddl {module.name.replace('_', '-')}"] = dict(defaults)
+    return found
+
+
+def _names(names: Any) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
 def render() -> str:
     """The whole page."""
-    from spark_ddl.apps.train import COMMAND_DEFAULTS, NO_FLAG
+    from spark_ddl.apps.options import command_settings
     from spark_ddl.config import TrainConfig
     from spark_ddl.params import FitSettings, ScoringSettings
-    from spark_ddl.runner import RUN_SETTINGS
 
     sections = [
         ("Training (`TrainConfig`)", "The training settings: `TorchEstimator` keyword arguments and Params, "
          "`spark-ddl train` flags, and (those marked `run`) `spark_ddl.run` keyword arguments.",
-         table(TrainConfig, tuple(RUN_SETTINGS), no_flag=tuple(NO_FLAG))),
+         table(TrainConfig)),
         ("The estimator only (`FitSettings`)", "Settings of `TorchEstimator` besides the training ones.",
          table(FitSettings)),
         ("The estimator and the model (`ScoringSettings`)", "Settings `TorchEstimator` and `TorchModel` share "
@@ -116,11 +134,13 @@ def render() -> str:
     out = [HEADER]
     for title, text, lines in sections:
         out += [f"## {title}", "", text, "", *lines, ""]
-    out.append(f"`spark_ddl.run` accepts: {', '.join(f'`{n}`' for n in RUN_SETTINGS)}.")
-    out.append("")
-    changed = ", ".join(f"`{name}={value!r}`" for name, value in COMMAND_DEFAULTS.items())
-    out.append(f"`spark-ddl train` trains a classifier: its own defaults are {changed}, and it has no flag for "
-               f"{', '.join(f'`{n}`' for n in NO_FLAG)}.")
+    out += [f"`spark_ddl.run` accepts: {_names(exposed(TrainConfig, 'run'))}.", ""]
+    out += ["`spark-ddl train` has a flag for each setting marked `flag`, the application commands one for each "
+            "marked `apps`: "
+            f"{_names(exposed(command_settings(), 'apps'))}. Where a command's own default differs from the "
+            "declared one (its `COMMAND_DEFAULTS`; its `--help` shows it):", ""]
+    for command, defaults in command_defaults().items():
+        out.append(f"- `{command}`: {', '.join(f'`{name}={value!r}`' for name, value in defaults.items())}")
     return "\n".join(out) + "\n"
 
 

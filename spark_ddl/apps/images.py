@@ -18,11 +18,14 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, digits_as_png
 from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config,
-                                    save_results, session_from_args, setup_logging)
+                                    save_results, session_from_args, setting_values, setup_logging)
+
+# this command's own defaults of settings that are flags of every application (the others: as declared)
+COMMAND_DEFAULTS = {"epochs": 10, "lr": 0.005}
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "digits_cnn"), epochs=10, batch_size=32, lr=0.005)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "digits_cnn"), COMMAND_DEFAULTS)
     p.add_argument("--images", default=None, help="directory of split=*/label=*/*.png (default: the digits, "
                    "written to artifacts/digits_png on first use)")
     add_skip_baselines(p)
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Train the CNN on the image structs and compare it with logistic regression on the pixels."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = session_from_args(args, "spark_ddl-images", args.workers)
+    spark = session_from_args(args, "spark_ddl-images", args.num_workers)
     root = args.images or digits_as_png(REPO / "artifacts" / "digits_png")
     images = spark.read.format("image").load(root)  # columns: image (struct), split, label (from the path)
     train = images.filter(F.col("split") == "train")
@@ -45,8 +48,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     estimator = TorchEstimator(model="spark_ddl.models:SmallCNN",
                                model_kwargs={"channels": channels, "classes": classes + 1, "size": size},
                                inputs={"image": "image"}, label_col="label", loss="cross_entropy", optimizer="adam",
-                               lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-                               seed=args.seed, progress="log")
+                               progress="log", **setting_values(args, "apps"))
     started = time.perf_counter()
     with mlflow_tracking(args, "spark-ddl images"):
         model = estimator.fit(train)

@@ -1,5 +1,11 @@
 """Command-line parsing shared by the apps: ``--config FILE`` (JSON or YAML) supplies option
-values, and flags given on the command line override them."""
+values, and flags given on the command line override them.
+
+The flags of estimator settings are generated from the settings' declarations
+(``command_settings``, ``spark_ddl.settings.add_arguments``): a setting marked ``cli=(...,
+"apps")`` is a flag of every application command, with its declared type, default, choices and
+help; a command's own default for one is declared once, in the command's ``COMMAND_DEFAULTS``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,34 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
+
+from spark_ddl.settings import add_arguments, flag_values
 
 
-def application_parser(prog: str | None, doc: str | None, output: str, epochs: int, batch_size: int,
-                       lr: float) -> argparse.ArgumentParser:
-    """The options every application command shares (the data's sample, training length, agents,
-    output), with the command's own defaults."""
+def command_settings() -> dict[str, Any]:
+    """Every declared setting of the estimator (``TrainConfig``'s, then the estimator's own and
+    the ones it shares with the model), by name: what the commands' setting flags come from."""
+    from spark_ddl.config import TrainConfig
+    from spark_ddl.params import FitSettings, ScoringSettings
+    from spark_ddl.settings import declared
+
+    return {**declared(TrainConfig), **declared(FitSettings), **declared(ScoringSettings)}
+
+
+def setting_values(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The estimator settings ``command``'s flags set (``"train"`` or ``"apps"``), by name."""
+    return flag_values(args, command_settings(), command)
+
+
+def application_parser(prog: str | None, doc: str | None, output: str,
+                       defaults: Mapping[str, Any]) -> argparse.ArgumentParser:
+    """The options every application command shares: the settings marked as flags of the
+    applications (training length, agents, ...; ``defaults``: the command's own defaults of
+    some), the data's sample and the output."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--workers", type=int, default=2, help="number of agents")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="mini-batch per agent")
-    p.add_argument("--lr", type=float, default=lr)
+    add_arguments(p, command_settings(), "apps", defaults)
     p.add_argument("--sample", type=float, default=1.0, help="fraction of the data to use (CI: small)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=output, help="model directory")
     add_session_arguments(p, "local[workers]")
     p.add_argument("--metrics-json", default=None, help="write the results here")
@@ -131,12 +151,15 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             values = load_config_file(known.config)
         except (OSError, ValueError) as exc:
             parser.error(f"cannot read --config {known.config}: {exc}")
+        # a key names an option by its dest or by any of its flags (--workers for num_workers)
+        dests = {flag.lstrip("-").replace("-", "_"): action.dest for action in parser._actions  # noqa: SLF001
+                 for flag in action.option_strings if flag.startswith("--")}
         options = {action.dest for action in parser._actions}  # noqa: SLF001 - argparse has no public list
-        unknown = sorted(set(values) - options)
+        unknown = sorted(set(values) - options - set(dests))
         if unknown:
             parser.error(f"--config {known.config} has unknown option(s) {unknown}; valid: "
                          f"{sorted(options - {'help', 'config'})}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{dests.get(key, key): value for key, value in values.items()})
     args = parser.parse_args(argv)
     missing = [name for name in required if getattr(args, name, None) in (None, "")]
     if missing:

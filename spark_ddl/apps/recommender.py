@@ -19,13 +19,15 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
 from spark_ddl.apps.options import (application_parser, mlflow_tracking, parse_with_config, save_results,
-                                    session_from_args, setup_logging)
+                                    session_from_args, setting_values, setup_logging)
 from spark_ddl.models import PenalizedMSE
+
+# this command's own defaults of settings that are flags of every application (the others: as declared)
+COMMAND_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 0.002}
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "movielens_mf"), epochs=4, batch_size=128,
-                           lr=0.002)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "movielens_mf"), COMMAND_DEFAULTS)
     p.add_argument("--data", default=None, help="Parquet with userId, movieId, rating (default: dslabs movielens)")
     p.add_argument("--dim", type=int, default=32, help="embedding size")
     p.add_argument("--l2", type=float, default=0.1, help="L2 penalty of the rows a batch used")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Index the ids, train matrix factorisation, compare its RMSE with the baseline of means."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = session_from_args(args, "spark_ddl-recommender", args.workers)
+    spark = session_from_args(args, "spark_ddl-recommender", args.num_workers)
     ratings = spark.read.parquet(args.data or rdataset("dslabs", "movielens"))
     if args.sample < 1.0:
         ratings = ratings.sample(fraction=args.sample, seed=args.seed)
@@ -74,9 +76,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     estimator = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
                                model_kwargs={"users": users, "items": items, "dim": args.dim, "mean": mean},
                                inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
-                               train_step=PenalizedMSE(args.l2), optimizer="adam", lr=args.lr,
-                               batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-                               seed=args.seed, progress="log")
+                               train_step=PenalizedMSE(args.l2), optimizer="adam", progress="log",
+                               **setting_values(args, "apps"))
     started = time.perf_counter()
     with mlflow_tracking(args, "spark-ddl recommender"):
         model = estimator.fit(train)

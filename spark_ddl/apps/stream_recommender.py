@@ -37,7 +37,8 @@ from pyspark.sql import functions as F
 
 from spark_ddl import LatestModel, TorchEstimator, TorchModel, get_or_create_session
 from spark_ddl.apps.datasets import REPO, rdataset
-from spark_ddl.apps.options import application_parser, mlflow_from_args, parse_with_config, setup_logging
+from spark_ddl.apps.options import (application_parser, mlflow_from_args, parse_with_config, setting_values,
+                                    setup_logging)
 from spark_ddl.apps.recommender import baseline_predictions, indexed, rmse
 from spark_ddl.models import PenalizedMSE
 from spark_ddl.streaming.versions import VersionStore
@@ -45,10 +46,12 @@ from spark_ddl.streaming.versions import VersionStore
 WEEK = 7 * 24 * 3600
 MODELS = ("continuous", "frozen", "means")
 
+# this command's own defaults of settings that are flags of every application (the others: as declared)
+COMMAND_DEFAULTS = {"epochs": 3, "batch_size": 128, "lr": 0.005}
+
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "movielens_stream"), epochs=3, batch_size=128,
-                           lr=0.005)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "movielens_stream"), COMMAND_DEFAULTS)
     p.add_argument("--data", default=None, help="Parquet with userId, movieId, rating, timestamp "
                                                 "(default: dslabs movielens)")
     p.add_argument("--dim", type=int, default=32, help="embedding size")
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Replay, train continuously, score each window before it trains, print and plot."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = get_or_create_session(master=args.master, num_workers=args.workers, app_name="spark_ddl-stream-recommender")
+    spark = get_or_create_session(master=args.master, num_workers=args.num_workers,
+                                  app_name="spark_ddl-stream-recommender")
     ratings = spark.read.parquet(args.data or rdataset("dslabs", "movielens"))
     if args.sample < 1.0:
         ratings = ratings.sample(fraction=args.sample, seed=args.seed)
@@ -200,9 +204,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     estimator = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
                                model_kwargs={"users": users, "items": items, "dim": args.dim, "mean": mean},
                                inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
-                               train_step=PenalizedMSE(args.l2), optimizer="adam", lr=args.lr,
-                               batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-                               seed=args.seed)
+                               train_step=PenalizedMSE(args.l2), optimizer="adam", **setting_values(args, "apps"))
     stream_df = spark.readStream.schema("user long, item long, rating double").option("maxFilesPerTrigger", 1) \
         .parquet(str(watched))
     tracking = mlflow_from_args(args, "spark-ddl stream-recommender")  # one run: settings, each version

@@ -19,14 +19,17 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
 from spark_ddl.apps.options import (add_skip_baselines, application_parser, mlflow_tracking, parse_with_config,
-                                    save_results, session_from_args, setup_logging)
+                                    save_results, session_from_args, setting_values, setup_logging)
 
 SOURCES = ("Twitter for Android", "Twitter for iPhone")  # label 0, 1
 PAD, UNKNOWN = 0, 1  # token ids kept for the padding and for words outside the vocabulary
 
+# this command's own defaults of settings that are flags of every application (the others: as declared)
+COMMAND_DEFAULTS = {"epochs": 8, "batch_size": 64, "lr": 0.005}
+
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "tweets_text"), epochs=8, batch_size=64, lr=0.005)
+    p = application_parser(prog, __doc__, str(REPO / "artifacts" / "tweets_text"), COMMAND_DEFAULTS)
     p.add_argument("--data", default=None, help="Parquet with text and source columns (default: trump_tweets)")
     p.add_argument("--vocabulary", type=int, default=8000, help="most frequent words kept")
     p.add_argument("--max-length", type=int, default=64, help="tokens per tweet at most")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Tokenise on Spark, train the embedding model, compare with the baselines."""
     args = parse_args(argv, prog)
     setup_logging()
-    spark = session_from_args(args, "spark_ddl-text", args.workers)
+    spark = session_from_args(args, "spark_ddl-text", args.num_workers)
     tweets = spark.read.parquet(args.data or rdataset("dslabs", "trump_tweets"))
     tweets = (tweets.filter(F.col("source").isin(*SOURCES)).filter(~F.col("is_retweet"))
               .select(F.monotonically_increasing_id().alias("row"), "text",
@@ -70,9 +73,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     train_tokens, test_tokens = tokenise(train, vocabulary).cache(), tokenise(test, vocabulary).cache()
     estimator = TorchEstimator(model="spark_ddl.models:TextClassifier", model_kwargs={"vocabulary": size, "classes": 2},
                                inputs={"tokens": "tokens"}, input_options={"tokens": {"max_length": args.max_length}},
-                               label_col="label", loss="cross_entropy", optimizer="adam", lr=args.lr,
-                               batch_size=args.batch_size, epochs=args.epochs, num_workers=args.workers,
-                               seed=args.seed, progress="log")
+                               label_col="label", loss="cross_entropy", optimizer="adam", progress="log",
+                               **setting_values(args, "apps"))
     started = time.perf_counter()
     with mlflow_tracking(args, "spark-ddl text"):
         model = estimator.fit(train_tokens)

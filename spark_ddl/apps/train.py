@@ -21,24 +21,20 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout (data/, jobs/)
 from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator
-from spark_ddl.apps.options import (add_mlflow_argument, add_session_arguments, mlflow_from_args, parse_with_config,
-                                    session_from_args, setup_logging)
-from spark_ddl.config import TrainConfig
-from spark_ddl.settings import add_arguments, declared
+from spark_ddl.apps.options import (add_mlflow_argument, add_session_arguments, command_settings, mlflow_from_args,
+                                    parse_with_config, session_from_args, setting_values, setup_logging)
+from spark_ddl.params import COLUMN_DEFAULTS
+from spark_ddl.settings import add_arguments
 
-# What this command trains: its own defaults for a few training settings (every other flag
-# comes from TrainConfig's declarations and keeps their defaults).
-COMMAND_DEFAULTS = {"epochs": 15, "lr": 0.02}
-# Settings this command has no flag for (it trains a classifier: the loss is cross-entropy).
-NO_FLAG = ("loss",)
+# What this command trains: its own defaults for a few settings (every other flag comes from the
+# declarations of the settings marked cli=("train", ...) and keeps their defaults).
+COMMAND_DEFAULTS = {"epochs": 15, "lr": 0.02, "validation_fraction": 0.1}
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO / "data" / "digits.parquet"), help="Parquet or CSV path/URI")
-    p.add_argument("--feature-cols", default="features",
-                   help="comma-separated feature column(s): one array/Vector column or numeric columns")
-    p.add_argument("--label-col", default="label", help="integer class label column")
+    p.add_argument("--label-col", default=COLUMN_DEFAULTS["labelCol"], help="integer class label column")
     p.add_argument("--split-col", default="split", help="column with 'train'/'test' (optional)")
     p.add_argument("--hidden", default="128", help="comma-separated hidden layer sizes, e.g. 256,128")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (added to --optimizer-kwargs)")
@@ -46,12 +42,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
     add_session_arguments(p, "local[workers]")
     p.add_argument("--plot", default=None, help="write the loss/accuracy curves to this PNG (needs matplotlib)")
-    p.add_argument("--validation-fraction", type=float, default=0.1,
-                   help="fraction of the training rows held out for per-epoch validation (0: none)")
     p.add_argument("--metrics-json", default=None, help="also write history + accuracy here")
     add_mlflow_argument(p)
-    training = p.add_argument_group("training settings (TorchEstimator's)")
-    add_arguments(training, declared(TrainConfig), COMMAND_DEFAULTS, skip=NO_FLAG)
+    training = p.add_argument_group("settings (TorchEstimator's)")
+    add_arguments(training, command_settings(), "train", COMMAND_DEFAULTS)
     return parse_with_config(p, argv)
 
 
@@ -67,7 +61,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     setup_logging()
     spark = session_from_args(args, "spark_ddl-train", args.num_workers)
     df = read_table(spark, args.data)
-    feature_cols = [c.strip() for c in args.feature_cols.split(",") if c.strip()]
+    settings = setting_values(args, "train")
+    feature_cols = settings["feature_cols"]
     if args.split_col in df.columns:
         train = df.filter(F.col(args.split_col) != "test")
         test = df.filter(F.col(args.split_col) == "test")
@@ -81,14 +76,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         in_features = len(feature_cols)
     num_classes = int(df.agg(F.max(args.label_col)).first()[0]) + 1
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
-    settings = {name: getattr(args, name) for name in declared(TrainConfig) if hasattr(args, name)}
     if args.optimizer == "sgd":
         settings["optimizer_kwargs"] = {"momentum": args.momentum, **settings["optimizer_kwargs"]}
     estimator = TorchEstimator(
         model="spark_ddl.models:MLP",
         model_kwargs={"in_features": in_features, "out_features": num_classes, "hidden": hidden},
-        loss="cross_entropy", feature_cols=feature_cols, label_col=args.label_col,
-        validation_fraction=args.validation_fraction, **settings,
+        loss="cross_entropy", label_col=args.label_col, **settings,
     )
     tracking = mlflow_from_args(args, "spark-ddl train")
     started = time.perf_counter()
