@@ -47,7 +47,7 @@ def _testbed(argv: list[str]) -> int:
 
 
 def _settings(argv: list[str]) -> int:
-    from spark_ddl.settings_reference import main
+    from spark_ddl.apps.settings_reference import main
 
     argparse.ArgumentParser(prog="spark-ddl settings", description="Print the settings reference "
                             "(docs/settings.md), generated from the settings' declarations.").parse_args(argv)

@@ -12,15 +12,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pyspark.sql import DataFrame
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.settings import exposed
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import AgentJob, TrainingTask, decode_value
 from spark_ddl.driver.columns import resolve_columns
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_run_input
 from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
-from spark_ddl.settings import exposed
-from spark_ddl.summary import TrainingSummary
-from spark_ddl.wire import AgentJob, TrainingTask, decode_value
+from spark_ddl.ml.summary import TrainingSummary
 
 # the TrainConfig settings that mean something for a function of the user's own: marked run=True
 RUN_SETTINGS = tuple(exposed(TrainConfig, "run"))

@@ -17,8 +17,8 @@ from typing import Union
 
 import pyarrow as pa
 
-from spark_ddl.wire import CHUNK_BYTES, ROWS_HEAP_FACTOR, AgentJob, output_batches
-from spark_ddl.weights import WeightsWriter, format_size
+from spark_ddl.common.wire import CHUNK_BYTES, ROWS_HEAP_FACTOR, AgentJob, output_batches
+from spark_ddl.formats.weights_stream import WeightsWriter, format_size
 
 log = logging.getLogger("spark_ddl.agent")
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from spark_ddl.agent.sampling import ShardRows
-from spark_ddl.batch_format import LABEL_KEY, BatchSpec, as_tensor
+from spark_ddl.common.batch_format import LABEL_KEY, BatchSpec, as_tensor
 
 
 class DiskArray:

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from spark_ddl.agent.function import run_function
 from spark_ddl.agent.heartbeat import Heartbeat, interruptible
 from spark_ddl.agent.training import train
+from spark_ddl.common.wire import AgentFailure, AgentJob
 from spark_ddl.sync.host_reduce import LocalPeerError, abort_local_peers
-from spark_ddl.wire import AgentFailure, AgentJob
 
 log = logging.getLogger("spark_ddl.agent")
 

@@ -18,8 +18,8 @@ from spark_ddl.agent.loops.common import RECENT_EPOCHS
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch
 from spark_ddl.agent.training import AgentSetup, prepare
+from spark_ddl.common.wire import REPORT_PAYLOAD, RESULT_PAYLOAD, AgentJob, AgentReport, encode_value
 from spark_ddl.sync.host_reduce import FlatGradientReducer
-from spark_ddl.wire import REPORT_PAYLOAD, RESULT_PAYLOAD, AgentJob, AgentReport, encode_value
 
 
 class FunctionContext:

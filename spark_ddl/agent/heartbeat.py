@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import Any, Iterator
 
-from spark_ddl.wire import STALLED, describe
+from spark_ddl.common.wire import STALLED, describe
 
 MAX_QUEUED_LOG_RECORDS = 1000  # older records are dropped when the driver cannot keep up
 STALL_SIGNAL = getattr(signal, "SIGUSR2", None)  # interrupts the training thread after a stall

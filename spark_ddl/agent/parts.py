@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from spark_ddl.wire import SHARD_COLUMN, VALIDATION, agent_of_shard
+from spark_ddl.common.wire import SHARD_COLUMN, VALIDATION, agent_of_shard
 
 Part = tuple[int, int, int]  # (shard, first row in this agent's training rows, rows)
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from spark_ddl._version import __version__
-from spark_ddl.wire import DRIVER_UNREACHABLE
+from spark_ddl.common.wire import DRIVER_UNREACHABLE
 
 CONNECT_SECONDS = 5.0  # an agent that cannot connect to the driver this fast fails: the launcher falls back
 ANSWER_MARGIN_SECONDS = 30.0  # beyond the rendezvous timeout, for the driver's own answer to arrive

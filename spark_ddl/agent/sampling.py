@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
+from spark_ddl.common.batch_format import POSITIONAL_KEY, BatchSpec
 
 
 def epoch_order(rows: int, epoch: int, shuffle: bool, seed: int, rank: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from spark_ddl.agent.disk_shard import open_shard, write_shard
 from spark_ddl.agent.sampling import ShardRows
-from spark_ddl.batch_format import (LABEL_KEY, POSITIONAL_KEY, BatchSpec, InputField, Ragged, as_tensor,
-                                    column_values, tensor_dtype)
-from spark_ddl.wire import FEATURES, LABEL, VALIDATION
+from spark_ddl.common.batch_format import (LABEL_KEY, POSITIONAL_KEY, BatchSpec, InputField, Ragged, as_tensor,
+                                           column_values, tensor_dtype)
+from spark_ddl.common.wire import FEATURES, LABEL, VALIDATION
 
 ARROW_RELEASE_BYTES = 8 * 2**20  # release Arrow's freed memory after this many bytes of batches
 Piece = dict[str, Any]  # column name → np.ndarray rows or Ragged; LABEL_KEY → labels

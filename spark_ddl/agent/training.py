@@ -15,26 +15,26 @@ import torch.distributed as dist
 from spark_ddl.agent.delivery import deliver
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.loops import LoopContext, LoopResult, make_loop
-from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
 from spark_ddl.agent.memory import (log_memory, map_large_allocations, minor_page_faults, peak_rss_bytes,
-                                   release_free_memory, reset_peak_rss, reuse_heap_memory)
+                                    release_free_memory, reset_peak_rss, reuse_heap_memory)
+from spark_ddl.agent.parts import Part, ShardCounter, shard_sizes
 from spark_ddl.agent.rendezvous import (DriverRendezvous, Rendezvous, environment_fingerprint, init_process_group,
-                                       leave_group, rendezvous)
+                                        leave_group, rendezvous)
 from spark_ddl.agent.sampling import ShardRows
 from spark_ddl.agent.shard import Shard
-from spark_ddl.batch_format import BatchSpec
-from spark_ddl.artifact import optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes
-from spark_ddl.checkpoint import read_checkpoint
-from spark_ddl.config import TrainConfig
-from spark_ddl.devices import DevicePlan, select_device, task_gpu_addresses
-from spark_ddl.objectives import label_dtype_for
-from spark_ddl.optimizers import load_optimizer_state, make_optimizer
+from spark_ddl.common.batch_format import BatchSpec
+from spark_ddl.common.devices import DevicePlan, select_device, task_gpu_addresses
+from spark_ddl.common.objectives import label_dtype_for
+from spark_ddl.common.optimizers import load_optimizer_state, make_optimizer
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import OPTIMIZER_PAYLOAD, REPORT_PAYLOAD, WEIGHTS_PAYLOAD, AgentJob, AgentReport
+from spark_ddl.formats.checkpoint import read_checkpoint
+from spark_ddl.formats.model_bytes import optimizer_state_from_bytes, optimizer_state_to_bytes, state_dict_from_bytes
+from spark_ddl.formats.weights_stream import ShippedWeights, WeightsWriter
 from spark_ddl.sync import StrategyEnv, SyncStrategy, make_strategy
 from spark_ddl.sync.base import AsyncStrategy
 from spark_ddl.sync.guard import check_replicas
 from spark_ddl.sync.host_reduce import host_key
-from spark_ddl.wire import OPTIMIZER_PAYLOAD, REPORT_PAYLOAD, WEIGHTS_PAYLOAD, AgentJob, AgentReport
-from spark_ddl.weights import ShippedWeights, WeightsWriter
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     test = images.filter(F.col("split") == "test")
     classes, size, channels = (int(v) for v in images.agg(F.max("label"), F.max("image.height"),
                                                           F.max("image.nChannels")).first())
-    estimator = TorchEstimator(model="spark_ddl.models:SmallCNN",
+    estimator = TorchEstimator(model="spark_ddl.networks:SmallCNN",
                                model_kwargs={"channels": channels, "classes": classes + 1, "size": size},
                                inputs={"image": "image"}, label_col="label", loss="cross_entropy", optimizer="adam",
                                progress="log", **setting_values(args, "apps"))

@@ -2,7 +2,7 @@
 values, and flags given on the command line override them.
 
 The flags of estimator settings are generated from the settings' declarations
-(``command_settings``, ``spark_ddl.settings.add_arguments``): a setting marked ``cli=(...,
+(``command_settings``, ``spark_ddl.common.settings.add_arguments``): a setting marked ``cli=(...,
 "apps")`` is a flag of every application command, with its declared type, default, choices and
 help; a command's own default for one is declared once, in the command's ``COMMAND_DEFAULTS``.
 """
@@ -15,15 +15,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from spark_ddl.settings import add_arguments, flag_values
+from spark_ddl.common.settings import add_arguments, flag_values
 
 
 def command_settings() -> dict[str, Any]:
     """Every declared setting of the estimator (``TrainConfig``'s, then the estimator's own and
     the ones it shares with the model), by name: what the commands' setting flags come from."""
-    from spark_ddl.config import TrainConfig
-    from spark_ddl.params import FitSettings, ScoringSettings
-    from spark_ddl.settings import declared
+    from spark_ddl.common.settings import declared
+    from spark_ddl.common.train_config import TrainConfig
+    from spark_ddl.ml.params import FitSettings, ScoringSettings
 
     return {**declared(TrainConfig), **declared(FitSettings), **declared(ScoringSettings)}
 

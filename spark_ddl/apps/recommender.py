@@ -20,7 +20,7 @@ from spark_ddl import TorchEstimator
 from spark_ddl.apps.datasets import REPO, rdataset
 from spark_ddl.apps.options import (application_parser, mlflow_tracking, parse_with_config, save_results,
                                     session_from_args, setting_values, setup_logging)
-from spark_ddl.models import PenalizedMSE
+from spark_ddl.networks import PenalizedMSE
 
 # this command's own defaults of settings that are flags of every application (the others: as declared)
 COMMAND_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 0.002}
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     train, test = data.randomSplit([0.9, 0.1], seed=args.seed)
     train, test = train.cache(), test.cache()
     mean = float(train.agg(F.avg("rating")).first()[0])
-    estimator = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+    estimator = TorchEstimator(model="spark_ddl.networks:MatrixFactorization",
                                model_kwargs={"users": users, "items": items, "dim": args.dim, "mean": mean},
                                inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
                                train_step=PenalizedMSE(args.l2), optimizer="adam", progress="log",

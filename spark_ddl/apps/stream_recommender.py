@@ -40,7 +40,7 @@ from spark_ddl.apps.datasets import REPO, rdataset
 from spark_ddl.apps.options import (application_parser, mlflow_from_args, parse_with_config, setting_values,
                                     setup_logging)
 from spark_ddl.apps.recommender import baseline_predictions, indexed, rmse
-from spark_ddl.models import PenalizedMSE
+from spark_ddl.networks import PenalizedMSE
 from spark_ddl.streaming.versions import VersionStore
 
 WEEK = 7 * 24 * 3600
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ratings = spark.read.parquet(str(staging / "all.parquet")).cache()  # for scoring and the means
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     fresh_model_dir(args.output)
-    estimator = TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+    estimator = TorchEstimator(model="spark_ddl.networks:MatrixFactorization",
                                model_kwargs={"users": users, "items": items, "dim": args.dim, "mean": mean},
                                inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse",
                                train_step=PenalizedMSE(args.l2), optimizer="adam", **setting_values(args, "apps"))

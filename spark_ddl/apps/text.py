@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     vocabulary = build_vocabulary(train, args.vocabulary).cache()
     size = vocabulary.count() + 2
     train_tokens, test_tokens = tokenise(train, vocabulary).cache(), tokenise(test, vocabulary).cache()
-    estimator = TorchEstimator(model="spark_ddl.models:TextClassifier", model_kwargs={"vocabulary": size, "classes": 2},
+    estimator = TorchEstimator(model="spark_ddl.networks:TextClassifier", model_kwargs={"vocabulary": size, "classes": 2},
                                inputs={"tokens": "tokens"}, input_options={"tokens": {"max_length": args.max_length}},
                                label_col="label", loss="cross_entropy", optimizer="adam", progress="log",
                                **setting_values(args, "apps"))

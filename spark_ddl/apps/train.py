@@ -23,8 +23,8 @@ from pyspark.sql import functions as F
 from spark_ddl import TorchEstimator
 from spark_ddl.apps.options import (add_mlflow_argument, add_session_arguments, command_settings, mlflow_from_args,
                                     parse_with_config, session_from_args, setting_values, setup_logging)
-from spark_ddl.params import COLUMN_DEFAULTS
-from spark_ddl.settings import add_arguments
+from spark_ddl.common.settings import add_arguments
+from spark_ddl.ml.params import COLUMN_DEFAULTS
 
 # What this command trains: its own defaults for a few settings (every other flag comes from the
 # declarations of the settings marked cli=("train", ...) and keeps their defaults).
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.optimizer == "sgd":
         settings["optimizer_kwargs"] = {"momentum": args.momentum, **settings["optimizer_kwargs"]}
     estimator = TorchEstimator(
-        model="spark_ddl.models:MLP",
+        model="spark_ddl.networks:MLP",
         model_kwargs={"in_features": in_features, "out_features": num_classes, "hidden": hidden},
         loss="cross_entropy", label_col=args.label_col, **settings,
     )

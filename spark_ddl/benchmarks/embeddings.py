@@ -3,7 +3,7 @@ batch touched (``nn.Embedding(sparse=True)``, see ``spark_ddl.sync.sparse_rows``
 
     spark-ddl bench embeddings --json bench_results/embeddings.json
 
-Matrix factorisation (``spark_ddl.models:MatrixFactorization``, dim 32, SGD with momentum) on
+Matrix factorisation (``spark_ddl.networks:MatrixFactorization``, dim 32, SGD with momentum) on
 synthetic ratings with uniformly drawn item ids, 2 agents on a warm local[2], for tables of
 ``--items`` rows: the steady samples/s (the median epoch after the first) of the dense and the
 sparse table side by side in one run, medians of ``--repeats``, and the bytes each agent hands
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         for _ in range(args.repeats):
             for sparse in (False, True):  # side by side, alternating
                 model = TorchEstimator(
-                    model="spark_ddl.models:MatrixFactorization",
+                    model="spark_ddl.networks:MatrixFactorization",
                     model_kwargs={"users": args.users, "items": items, "dim": DIM, "sparse": sparse},
                     inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", optimizer="sgd",
                     lr=0.01, optimizer_kwargs={"momentum": 0.9}, batch_size=args.batch_size, epochs=args.epochs,

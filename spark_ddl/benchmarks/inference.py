@@ -13,17 +13,16 @@ import argparse
 import statistics
 import sys
 
-
 import numpy as np
 import pyarrow as pa
 import torch
 
+from spark_ddl import TorchModel, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit, timed
-from spark_ddl import TorchModel, get_or_create_session
+from spark_ddl.common.model_source import ModelSource
 from spark_ddl.driver.columns import ColumnSpec
-from spark_ddl.model_source import ModelSource
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 
 
 def identity(batches):
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     kwargs = {"in_features": args.features, "out_features": 10, "hidden": [int(h) for h in args.hidden.split(",")]}
     module = MLP(**kwargs).eval()
     model = TorchModel(module, spec=ColumnSpec.one_input(("features",), "array", "label"), config={"loss": "cross_entropy"},
-                       source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
+                       source=ModelSource(class_path="spark_ddl.networks:MLP", kwargs=kwargs),
                        row_shapes={"features": (args.features,)})
 
     def noop(df):

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_ddl.benchmarks.network_model import (compression_compute, describe_link, link_counters, machine_of_rank,
-                                                  model_bytes, predict_exchange, probe_gloo, probe_link, rate_bits)
+                                                model_bytes, predict_exchange, probe_gloo, probe_link, rate_bits)
 from spark_ddl.benchmarks.network_report import HEADER, LEGEND, format_row, targets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,10 +66,9 @@ DEFAULT_STRATEGIES = "flat,fp16,powersgd,ddp,ps,local_sgd"
 def digits_frame(spark, path: str, train_rows: int | None, partitions: int):
     """digits with a boolean ``held_out`` column (the test split); ``train_rows`` keeps that many
     training rows. Built from the driver's copy, so no machine needs the file."""
+    import pandas as pd
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
-
-    import pandas as pd
 
     table = pq.read_table(path).to_pandas()
     if train_rows is not None:  # and a quarter as many held-out rows (at least 100)
@@ -84,7 +83,7 @@ def digits_frame(spark, path: str, train_rows: int | None, partitions: int):
 def estimator_for(strategy: str, args: argparse.Namespace, workers: int, epochs: int | None = None):
     from spark_ddl import TorchEstimator
 
-    base = dict(model="spark_ddl.models:MLP",
+    base = dict(model="spark_ddl.networks:MLP",
                 model_kwargs={"in_features": 64, "out_features": 10, "hidden": args.hidden},
                 loss="cross_entropy", optimizer="sgd", lr=args.lr, optimizer_kwargs={"momentum": 0.9},
                 batch_size=args.batch_size, epochs=epochs or args.epochs, seed=0, num_workers=workers,
@@ -178,7 +177,7 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
     compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange. The ranks'
     machines: the row's summary's, else ``layout`` (another fit's at this rate: ps and local_sgd
     report none), else contiguous."""
-    from spark_ddl.models import MLP
+    from spark_ddl.networks import MLP
 
     parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
     machine_of = machine_of_rank(row["summary"].get("machines") or layout, args.machines, per_machine)

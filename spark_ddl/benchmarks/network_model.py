@@ -109,7 +109,7 @@ def probe_gloo(cluster, calls: int = 200) -> float:
 _COMPRESSION_PROBE = r"""
 import json, os, statistics, sys, tempfile, time
 import torch, torch.distributed as dist
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 from spark_ddl.sync.machine_exchange import make_exchange
 compression, hidden, calls = sys.argv[1], [int(h) for h in sys.argv[2].split(",")], int(sys.argv[3])
 torch.set_num_threads(1)

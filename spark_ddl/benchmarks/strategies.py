@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from pyspark.sql import functions as F
 
+from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
 from spark_ddl.benchmarks.common import emit
-from spark_ddl import TorchEstimator, get_or_create_session
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 from spark_ddl.sync.base import LockstepStrategy
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     test = digits.filter(F.col("split") == "test").cache()
     train.count(), test.count()
     kwargs = {"in_features": 64, "out_features": 10, "hidden": [int(h) for h in args.hidden.split(",")]}
-    base = dict(model="spark_ddl.models:MLP", model_kwargs=kwargs, loss="cross_entropy", optimizer="sgd",
+    base = dict(model="spark_ddl.networks:MLP", model_kwargs=kwargs, loss="cross_entropy", optimizer="sgd",
                 lr=0.02, optimizer_kwargs={"momentum": 0.9}, batch_size=32, epochs=args.epochs, seed=0)
     variants = {
         "allreduce": {"sync": "allreduce"},  # on CPU agents: the flat buffer through shared memory

@@ -61,7 +61,7 @@ def write_ratings(path: Path, rows: int, users: int, items: int, seed: int) -> N
 
 
 def estimator(args: argparse.Namespace) -> TorchEstimator:
-    return TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+    return TorchEstimator(model="spark_ddl.networks:MatrixFactorization",
                           model_kwargs={"users": args.users, "items": args.items, "dim": 32, "mean": 3.5},
                           inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", optimizer="adam",
                           lr=0.005, batch_size=128, epochs=1, num_workers=2, progress="off", timeout=120)

@@ -36,9 +36,9 @@ from spark_ddl.benchmarks.launch import (CONNECT_DISTRIBUTOR, CONNECT_FIT, FLOOR
                                          connect_launch_times, floor_times)
 from spark_ddl.benchmarks.throughput import (CURVE_TARGETS, bare_ddp_samples_per_s, batch_size_curve, mlp_estimator,
                                              steady_samples_per_s, synthetic)
+from spark_ddl.common.model_source import ModelSource
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
-from spark_ddl.model_source import ModelSource
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 
 MB = 2**20
 
@@ -179,7 +179,7 @@ def inference_part(data: DataFrame, table: Table, args: argparse.Namespace, iden
               "hidden": [int(h) for h in args.inference_hidden.split(",")]}
     scorer = TorchModel(MLP(**kwargs).eval(), spec=ColumnSpec.one_input(("features",), "array", "label"),
                         config={"loss": "cross_entropy"},
-                        source=ModelSource(class_path="spark_ddl.models:MLP", kwargs=kwargs),
+                        source=ModelSource(class_path="spark_ddl.networks:MLP", kwargs=kwargs),
                         row_shapes={"features": (args.features,)})
     scored_s = statistics.median(timed(lambda: noop(scorer.transform(data)), args.repeats))
     x = np.random.default_rng(0).random((min(args.rows, 100_000), args.features), dtype=np.float32)

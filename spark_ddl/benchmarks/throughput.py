@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, TorchModel
 from spark_ddl.agent.rendezvous import leave_group
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 
 # 2 agents ÷ 1 plain process, per batch size per agent (issue "Performance II")
 CURVE_TARGETS = {32: 1.3, 64: 1.5, 128: 1.75, 256: 1.75}
@@ -104,7 +104,7 @@ def bare_ddp_samples_per_s(rows: int, features: int, hidden: list[int], batch: i
 def mlp_estimator(features: int, hidden: list[int], batch: int, epochs: int, **settings: Any) -> TorchEstimator:
     """The throughput runs' estimator: an MLP classifier, SGD, shards in memory, no input scan."""
     kwargs = {"in_features": features, "out_features": 10, "hidden": hidden}
-    base = dict(model="spark_ddl.models:MLP", model_kwargs=kwargs, loss="cross_entropy", lr=0.01,
+    base = dict(model="spark_ddl.networks:MLP", model_kwargs=kwargs, loss="cross_entropy", lr=0.01,
                 batch_size=batch, epochs=epochs, timeout=600, progress="off", shard_storage="memory",
                 check_input=False)
     return TorchEstimator(**{**base, **settings})

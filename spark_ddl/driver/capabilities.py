@@ -19,8 +19,8 @@ import logging
 import socket
 from typing import Any, Iterator
 
+from spark_ddl.common.wire import ROWS_HEAP_FACTOR, BroadcastValue
 from spark_ddl.driver.capability_base import STATUS_HOST_CONF, DirectoryFiles, SessionCapabilities, StoreFiles
-from spark_ddl.wire import ROWS_HEAP_FACTOR, BroadcastValue
 
 log = logging.getLogger("spark_ddl")
 

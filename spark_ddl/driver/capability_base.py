@@ -8,8 +8,8 @@ import ipaddress
 import socket
 from typing import Any, BinaryIO, Iterator, Protocol
 
-from spark_ddl import storage
-from spark_ddl.wire import InlineValue
+from spark_ddl.common.wire import InlineValue
+from spark_ddl.formats import storage
 
 # A Spark conf any session can set at run time (spark.conf.set): the address the agents' status
 # channel should use to reach this process, or "none" for no channel (see docs/connect.md).
@@ -18,7 +18,7 @@ STATUS_HOST_CONF = "spark.ddl.statusHost"
 
 
 class DirectoryFiles(Protocol):
-    """Where model directories are written and read (see ``spark_ddl.storage``)."""
+    """Where model directories are written and read (see ``spark_ddl.formats.storage``)."""
 
     def write_directory(self, path: str, files: dict[str, storage.Content], overwrite: bool) -> None: ...
     def read_file(self, path: str, name: str) -> bytes | None: ...
@@ -118,7 +118,7 @@ class SessionCapabilities:
 
 
 class StoreFiles:
-    """Model-directory files through ``spark_ddl.storage`` in this process (pyarrow.fs; with
+    """Model-directory files through ``spark_ddl.formats.storage`` in this process (pyarrow.fs; with
     ``hadoop`` set, Hadoop's FileSystem of that classic SparkContext for URIs)."""
 
     def __init__(self, hadoop: Any = None) -> None:

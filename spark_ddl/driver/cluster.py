@@ -9,7 +9,7 @@ import time
 import torch
 from pyspark.sql import SparkSession
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.driver.capabilities import SessionCapabilities, capabilities
 from spark_ddl.errors import ClusterConfigError
 

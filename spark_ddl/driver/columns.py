@@ -3,7 +3,7 @@ projection to the wire columns the agents and the scoring executors read.
 
 ``feature_cols`` is the one-input shorthand (the model gets one float32 matrix, positionally);
 ``inputs={"user": "user_id", ...}`` maps the model's keyword arguments to columns with their
-types kept (see ``spark_ddl.batch_format``).
+types kept (see ``spark_ddl.common.batch_format``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_ddl.batch_format import BOOL, FLOAT, INT, POSITIONAL_KEY, BatchSpec, InputField
+from spark_ddl.common.batch_format import BOOL, FLOAT, INT, POSITIONAL_KEY, BatchSpec, InputField
+from spark_ddl.common.wire import LABEL, VALIDATION, input_column
 from spark_ddl.errors import ConfigError, SchemaError
-from spark_ddl.wire import LABEL, VALIDATION, input_column
 
 _INTEGERS = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 _FLOATS = (T.FloatType, T.DoubleType, T.DecimalType)

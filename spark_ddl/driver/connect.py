@@ -12,8 +12,8 @@ import socket
 import tempfile
 from typing import Any, Iterator
 
+from spark_ddl.common.wire import ArtifactValue, InlineValue
 from spark_ddl.driver.capability_base import DirectoryFiles, SessionCapabilities, is_loopback
-from spark_ddl.wire import ArtifactValue, InlineValue
 
 log = logging.getLogger("spark_ddl")
 

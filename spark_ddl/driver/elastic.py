@@ -14,10 +14,10 @@ import logging
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import ROW_COLUMN, SHARD_COLUMN, agent_of_shard
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.data import partition_keys
-from spark_ddl.wire import ROW_COLUMN, SHARD_COLUMN, agent_of_shard
 
 log = logging.getLogger("spark_ddl")
 _AGENT_KEY = "__ddl_agent_key"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import builtins
 import re
 
+from spark_ddl.common.wire import STALLED, parse_agent_failures
 from spark_ddl.driver.monitor import StallError
 from spark_ddl.errors import NonFiniteLossError, TrainingError
-from spark_ddl.wire import STALLED, parse_agent_failures
 
 _TYPED_ERRORS: dict[str, type] = {}
 

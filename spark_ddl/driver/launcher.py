@@ -21,23 +21,23 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from spark_ddl.agent.entry import run_agent
-from spark_ddl.artifact import state_dict_from_bytes
-from spark_ddl.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts, unwritable_reason
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, REPORT_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
+                                   AgentReport, reassemble)
 from spark_ddl.driver.attempts import AttemptPolicy, LaunchWatch
 from spark_ddl.driver.capabilities import DirectoryFiles, SessionCapabilities, capabilities
 from spark_ddl.driver.cluster import check_cluster
 from spark_ddl.driver.columns import ColumnSpec, select_training_columns
 from spark_ddl.driver.data import balance_partitions, empty_input_error
-from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.elastic import agents_for_attempt, spread_shards
+from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.driver.monitor import AgentMonitor
 from spark_ddl.driver.progress import ProgressReporter, notify
 from spark_ddl.driver.reachability import LostMachine, lost_machines, ranks_to_probe, unreachable_error
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import (DRIVER_UNREACHABLE, OUTPUT_DDL, REPORT_PAYLOAD, UNIT, WEIGHTS_PAYLOAD, AgentJob,
-                            AgentReport, reassemble)
-from spark_ddl.weights import load_into_module
+from spark_ddl.formats.checkpoint import incompatibilities, newest_checkpoint, read_checkpoint_facts, unwritable_reason
+from spark_ddl.formats.model_bytes import state_dict_from_bytes
+from spark_ddl.formats.weights_stream import load_into_module
 
 log = logging.getLogger("spark_ddl")
 

@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from spark_ddl.common.wire import STREAMED_PAYLOADS, describe
 from spark_ddl.driver.peer_directory import PeerDirectory
 from spark_ddl.errors import TrainingError
-from spark_ddl.wire import STREAMED_PAYLOADS, describe
 
 log = logging.getLogger("spark_ddl.monitor")
 agent_log = logging.getLogger("spark_ddl.agents")  # agents' own log records, re-emitted here

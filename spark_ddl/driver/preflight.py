@@ -19,14 +19,14 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from torch import nn
 
-from spark_ddl.batch_format import FLOAT, LABEL_KEY, BatchSpec, InputField, call_model, dummy_batch, tensor_dtype
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.batch_format import FLOAT, LABEL_KEY, BatchSpec, InputField, call_model, dummy_batch, tensor_dtype
+from spark_ddl.common.objectives import objective
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import LABEL
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec, InputSource
 from spark_ddl.driver.data import empty_input_error
 from spark_ddl.errors import ConfigError, SchemaError
-from spark_ddl.objectives import objective
-from spark_ddl.wire import LABEL
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A Connect client's paths must mean what they mean to the Spark server (pyspark's own ML
 writers write a Pipeline's metadata there), so each operation runs as a one-task job: the
-files travel as rows of a DataFrame, an executor writes them with ``spark_ddl.storage``
+files travel as rows of a DataFrame, an executor writes them with ``spark_ddl.formats.storage``
 (pyarrow.fs: local paths, ``file://``, ``s3://``, ``gs://``, ``hdfs://``, ``abfs://``) all or
 nothing, and reads come back as rows. Checkpoints are written the same way, by the agents.
 """
@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 
-from spark_ddl import storage
+from spark_ddl.formats import storage
 
 FILES_DDL = "name string, data binary"
 RESULT_DDL = "status string, message string, names array<string>, data binary"

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import uuid
 
-from spark_ddl.weights import ShippedWeights, WeightsWriter, write_file
+from spark_ddl.formats.weights_stream import ShippedWeights, WeightsWriter, write_file
 
 INLINE_BYTES = 16 * 2**20  # weights up to this size travel inside the (pickled) job or payload
 

@@ -33,7 +33,7 @@ _REQUIREMENTS = ("torch", "pyspark", "pandas", "pyarrow", "numpy", "safetensors"
 
 
 def _fitted(model: Any) -> Any:
-    from spark_ddl.model import TorchModel
+    from spark_ddl.ml.model import TorchModel
 
     if isinstance(model, TorchModel):
         return model
@@ -139,8 +139,8 @@ def save_model(model: Any, path: str, mlflow_model: Model | None = None, signatu
     """Write ``model`` (a fitted ``TorchModel``) as an MLflow model directory at ``path`` (a
     local path that must not exist yet). ``signature``: default ``signature_of(model)``;
     ``files``: the model's saved files when they were made already (``model_files(model)``)."""
-    from spark_ddl import storage
-    from spark_ddl.persistence import model_files
+    from spark_ddl.formats import storage
+    from spark_ddl.ml.persistence import model_files
 
     model = _fitted(model)
     path = os.path.abspath(path)
@@ -200,7 +200,7 @@ def load_model(model_uri: str, dst_path: str | None = None, module: Any = None,
     """The ``TorchModel`` logged at ``model_uri`` (``runs:/<id>/<name>``, ``models:/<name>/<version>``,
     ``models:/<name>@<alias>``, a local directory, ...). Loading is as ``TorchModel.load``: no
     pickle unless ``allow_pickle=True`` (only for models you trust), or the network from ``module``."""
-    from spark_ddl.model import TorchModel
+    from spark_ddl.ml.model import TorchModel
 
     return TorchModel.load(_data_dir(model_uri, dst_path), module=module, allow_pickle=allow_pickle)
 
@@ -223,7 +223,7 @@ class _PyFuncModel:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _PyFuncModel:
     """The python_function loader (``path``: the flavor's data directory). A model that only a
     pickle describes loads with ``model_config={"allow_pickle": True}``, for models you trust."""
-    from spark_ddl.model import TorchModel
+    from spark_ddl.ml.model import TorchModel
 
     allow = bool((model_config or {}).get("allow_pickle", False))
     return _PyFuncModel(TorchModel.load(path, allow_pickle=allow))

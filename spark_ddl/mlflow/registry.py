@@ -82,7 +82,7 @@ class VersionRegistry:
         number = store.latest_number()
         if number is None or self.registered(number) is not None:
             return None
-        from spark_ddl.model import TorchModel
+        from spark_ddl.ml.model import TorchModel
 
         model = TorchModel.load(store.path(number))
         log.info("registering version %d of %s as %r (it was published but not registered)", number,

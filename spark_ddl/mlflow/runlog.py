@@ -19,7 +19,7 @@ from typing import Any, Callable
 import mlflow
 from mlflow import MlflowClient
 
-from spark_ddl.settings import declared
+from spark_ddl.common.settings import declared
 
 log = logging.getLogger("spark_ddl.mlflow")
 
@@ -72,7 +72,7 @@ def refusal(uri: str) -> str | None:
 
 def log_history_plot(client: MlflowClient, run_id: str, summary: Any) -> None:
     """The loss curves (``TrainingSummary.plot``, matplotlib) as ``spark_ddl/history.png``."""
-    from spark_ddl.summary import TrainingSummary
+    from spark_ddl.ml.summary import TrainingSummary
 
     summary = summary if isinstance(summary, TrainingSummary) else TrainingSummary(dict(summary))
     if not summary.history or not all("train_loss" in h and "epoch" in h for h in summary.history):

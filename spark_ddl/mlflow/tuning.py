@@ -35,7 +35,7 @@ def parent() -> tuple[str, str] | None:
 def _tunes_torch(tuner: Any) -> bool:
     estimator = tuner.getEstimator()  # (the estimator's module is not imported here: it imports us)
     stages = estimator.getStages() if hasattr(estimator, "getStages") else [estimator]
-    return any(f"{c.__module__}.{c.__name__}" == "spark_ddl.estimator.TorchEstimator"
+    return any(f"{c.__module__}.{c.__name__}" == "spark_ddl.ml.estimator.TorchEstimator"
                for stage in stages for c in type(stage).__mro__)
 
 

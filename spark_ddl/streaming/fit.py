@@ -26,9 +26,9 @@ from pyspark.sql import DataFrame
 
 from spark_ddl.driver import progress
 from spark_ddl.errors import ConfigError
-from spark_ddl.persistence import model_files, read_metadata
+from spark_ddl.ml.persistence import model_files, read_metadata
+from spark_ddl.ml.warm_start import resolve_initial_model
 from spark_ddl.streaming.versions import VersionStore
-from spark_ddl.warm_start import resolve_initial_model
 
 log = logging.getLogger("spark_ddl.stream")
 

@@ -19,12 +19,12 @@ import torch
 from pyspark.sql import DataFrame
 from torch import nn
 
-from spark_ddl.artifact import state_dict_from_bytes
+from spark_ddl.common.model_source import ModelSource
 from spark_ddl.errors import ConfigError
-from spark_ddl.inference import predict_frame
-from spark_ddl.model import TorchModel
-from spark_ddl.model_source import ModelSource
-from spark_ddl.persistence import METADATA_FILE, WEIGHTS_FILE, matches_checksum
+from spark_ddl.formats.model_bytes import state_dict_from_bytes
+from spark_ddl.ml.inference import predict_frame
+from spark_ddl.ml.model import TorchModel
+from spark_ddl.ml.persistence import METADATA_FILE, WEIGHTS_FILE, matches_checksum
 from spark_ddl.streaming.versions import VersionStore
 
 _LOCK = threading.Lock()  # one listing/load at a time in a Python worker

@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any
 
-from spark_ddl import storage
+from spark_ddl.formats import storage
 
 VERSION_RE = re.compile(r"^v(\d{9})$")
 LEFTOVER_RE = re.compile(r"^v\d{9}\.(tmp|old)-[0-9a-f]+$")  # a crashed publish's staging (or retired) directory

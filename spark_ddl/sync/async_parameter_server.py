@@ -33,13 +33,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spark_ddl.common.optimizers import make_scheduler
 from spark_ddl.errors import ConfigError
-from spark_ddl.optimizers import make_scheduler
 from spark_ddl.sync.async_server import DONE, HEADER, HELLO, PUSH, AsyncServer
-from spark_ddl.sync.sparse_rows import dense_gradient
 from spark_ddl.sync.base import (AsyncStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
                                  average_floating_buffers, broadcast_state, copy_flat_into, flatten)
-
+from spark_ddl.sync.sparse_rows import dense_gradient
 
 
 class AsyncTimeout(TimeoutError):

@@ -83,7 +83,7 @@ def test_classifier_transform_gives_class_and_probability(spark):
 
 
 def test_pandas_fallback_for_older_pyspark_scores_the_same(spark, monkeypatch):
-    from spark_ddl import inference
+    from spark_ddl.ml import inference
 
     rng = np.random.default_rng(1)
     frame = spark.createDataFrame([(list(map(float, r)), int(r[0] > 0)) for r in rng.normal(size=(50, 4))],

@@ -11,7 +11,7 @@ import torch
 from pyspark.sql import functions as F
 
 from spark_ddl import ConfigError, NonFiniteLossError, TorchEstimator, TrainingError
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 from tests.helpers import REPO, TinyNet, frame_with_partitions, regression_arrays, split_by_sizes
 from tests.references import combined_batch_sgd, max_relative_difference
 

@@ -16,9 +16,9 @@ from pyspark.sql import functions as F
 
 import spark_ddl
 from spark_ddl import ClusterConfigError, TorchEstimator, TorchModel, TrainingError
-from spark_ddl.checkpoint import list_checkpoints
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.monitor import StallError
+from spark_ddl.formats.checkpoint import list_checkpoints
 from tests.connect_server import close_client, leave_connect_mode
 from tests.helpers import (ExplodingNet, TinyNet, ratings_frame, regression_arrays, stall_in_epoch_two,
                            two_tower_predictions)
@@ -48,7 +48,7 @@ def small_estimator(**params) -> TorchEstimator:
 
 def digits_estimator(**params) -> TorchEstimator:
     torch.manual_seed(0)
-    return TorchEstimator(model="spark_ddl.models:MLP", model_kwargs={"in_features": 64, "out_features": 10,
+    return TorchEstimator(model="spark_ddl.networks:MLP", model_kwargs={"in_features": 64, "out_features": 10,
                                                                       "hidden": [64]},
                           loss="cross_entropy", optimizer="adam", lr=0.01, batch_size=32, epochs=5,
                           num_workers=2, feature_cols="features", label_col="label", seed=0, timeout=60, **params)

@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 
 import spark_ddl
 from spark_ddl import ClusterConfigError, ConfigError, TorchEstimator, TorchModel, TrainingError
-from spark_ddl.checkpoint import list_checkpoints
+from spark_ddl.formats.checkpoint import list_checkpoints
 from tests.connect_server import connect_server, leave_connect_mode
 from tests.helpers import ExplodingNet, TinyNet, assert_a_stalled_agent_stops_itself, regression_arrays
 from tests.integration.test_run import who_is_there
@@ -62,7 +62,7 @@ def test_fit_transform_save_and_load_in_a_new_session(server, tmp_path):
         digits = spark.read.parquet(DIGITS)
         train, test = digits.where(F.col("split") == "train"), digits.where(F.col("split") == "test")
         torch.manual_seed(0)
-        model = TorchEstimator(model="spark_ddl.models:MLP", model_kwargs={"in_features": 64, "out_features": 10,
+        model = TorchEstimator(model="spark_ddl.networks:MLP", model_kwargs={"in_features": 64, "out_features": 10,
                                                                           "hidden": [64]},
                                loss="cross_entropy", optimizer="adam", lr=0.01, batch_size=32, epochs=5,
                                feature_cols="features", label_col="label", seed=0, timeout=60).fit(train)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from spark_ddl import ConfigError, TorchEstimator, TrainingError
-from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.driver.monitor import StallError
+from spark_ddl.formats.checkpoint import list_checkpoints, read_checkpoint
 from tests.helpers import TinyNet, frame_with_partitions, regression_arrays, split_by_sizes, stall_in_epoch_two
 from tests.tamper import Payload, torch_saved
 

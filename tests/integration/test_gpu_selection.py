@@ -38,7 +38,7 @@ def two_partitions(spark):
 def probe_devices(batches):
     from pyspark import BarrierTaskContext
 
-    from spark_ddl.devices import select_device, task_gpu_addresses
+    from spark_ddl.common.devices import select_device, task_gpu_addresses
 
     context = BarrierTaskContext.get()
     for _ in batches:

@@ -270,7 +270,7 @@ def gathered_rows(folder, rank: int, dim: int = 32) -> list[int]:
 
 def matrix_factorization(policy: str, folder, **settings) -> TorchEstimator:
     torch.manual_seed(0)
-    params = dict(model="spark_ddl.models:MatrixFactorization", model_kwargs={"users": 10, "items": 140_000, "dim": 32},
+    params = dict(model="spark_ddl.networks:MatrixFactorization", model_kwargs={"users": 10, "items": 140_000, "dim": 32},
                   inputs={"user": "user", "item": "item"}, label_col="rating", loss="mse", optimizer="sgd", lr=0.05,
                   optimizer_kwargs={"momentum": 0.9}, epochs=2, batch_size=16, shuffle=False, sparse_embeddings=policy,
                   num_workers=2, progress="off")
@@ -323,7 +323,7 @@ def test_auto_keeps_large_tables_dense_under_weight_decay_or_clipping(spark, tmp
 def test_sparse_tables_with_an_optimiser_that_cannot_take_them_are_refused_on_the_driver(spark):
     frame = spark.createDataFrame([(1, 2, 3.0)] * 8, "user long, item long, rating double")
     with pytest.raises(ConfigError, match="sparse gradients"):
-        TorchEstimator(model="spark_ddl.models:MatrixFactorization",
+        TorchEstimator(model="spark_ddl.networks:MatrixFactorization",
                        model_kwargs={"users": 5, "items": 5, "sparse": True}, inputs={"user": "user", "item": "item"},
                        label_col="rating", loss="mse", optimizer="adam").fit(frame)
     with pytest.raises(ConfigError, match="sparse_embeddings='always' needs"):

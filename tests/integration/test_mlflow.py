@@ -53,8 +53,9 @@ def classifier(classifier_frame):
 
 def test_logged_classifier_scores_like_transform_through_pyfunc_and_spark_udf(spark, tracking, classifier,
                                                                                classifier_frame):
-    import spark_ddl.mlflow as ddl_mlflow
     from pyspark.sql import functions as F
+
+    import spark_ddl.mlflow as ddl_mlflow
 
     with mlflow.start_run() as run:
         info = ddl_mlflow.log_model(classifier, "model", registered_model_name="classifier")
@@ -109,8 +110,9 @@ def test_named_id_inputs_score_through_pyfunc_by_registered_version(spark, track
 
 
 def test_bad_input_fails_before_anything_is_logged(tracking, classifier_frame, tmp_path):
-    import spark_ddl.mlflow as ddl_mlflow
     from mlflow.exceptions import MlflowException
+
+    import spark_ddl.mlflow as ddl_mlflow
 
     estimator = TorchEstimator(model=TinyNet(4, 8, 3), loss="cross_entropy", feature_cols=["a", "b", "c", "d"])
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
@@ -139,7 +141,7 @@ def test_without_mlflow_the_import_says_how_to_install_it():
     assert "ERR spark_ddl.mlflow needs MLflow" in out.stdout and "pip install 'spark_ddl[mlflow]'" in out.stdout, (
         out.stdout + out.stderr)
     # and nothing else in spark_ddl needs it: the package itself imports without MLflow
-    code = "import sys; sys.modules['mlflow'] = None\nimport spark_ddl, spark_ddl.model; print('OK')"
+    code = "import sys; sys.modules['mlflow'] = None\nimport spark_ddl, spark_ddl.ml.model; print('OK')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "OK", out.stderr
 
@@ -186,8 +188,8 @@ def test_autolog_logs_settings_and_each_epoch_while_the_fit_runs(spark, tracking
     assert params["num_workers"] == "2" and params["strategy"] == "allreduce" and params["sync"] == "allreduce"
     assert params["network"] == "tests.helpers.TinyNet" or params["network"].endswith("TinyNet"), params["network"]
     assert params["label_col"] == "label"
-    from spark_ddl.config import TrainConfig
-    from spark_ddl.settings import declared
+    from spark_ddl.common.settings import declared
+    from spark_ddl.common.train_config import TrainConfig
 
     assert set(declared(TrainConfig)) <= set(params)  # every declared setting
     history = client.get_metric_history(run.info.run_id, "train_loss")
@@ -533,7 +535,7 @@ def test_train_command_with_mlflow_logs_a_run_with_the_model(spark, tracking, tm
     finally:
         _back_to(tracking)
     assert f"MLflow run {run.info.run_id} at {uri}" in out
-    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.models:MLP"
+    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.networks:MLP"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert 0 < run.data.metrics["test_accuracy"] <= 1
     mlflow.set_tracking_uri(uri)
@@ -661,7 +663,7 @@ def test_the_recommender_job_with_mlflow_logs_its_fit_scores_and_model(spark, tr
         _back_to(tracking)
     assert f"MLflow run {run.info.run_id} at {uri}" in capsys.readouterr().out
     results = json.loads((tmp_path / "m.json").read_text())
-    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.models:MatrixFactorization"
+    assert run.info.status == "FINISHED" and run.data.params["network"] == "spark_ddl.networks:MatrixFactorization"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
     assert run.data.metrics["rmse"] == pytest.approx(results["rmse"])
     assert run.data.metrics["baseline_rmse"] == pytest.approx(results["baseline_rmse"])

@@ -228,7 +228,7 @@ def smooth_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def test_an_unfitted_pipeline_saves_loads_and_then_fits_the_same_model(digits, tmp_path):
     train, test = digits
     assembler = VectorAssembler(inputCols=[f"p{i}" for i in range(64)], outputCol="raw")
-    estimator = TorchEstimator(model="spark_ddl.models:MLP", model_kwargs={"in_features": 64, "out_features": 10},
+    estimator = TorchEstimator(model="spark_ddl.networks:MLP", model_kwargs={"in_features": 64, "out_features": 10},
                                loss="cross_entropy", optimizer="adam", lr=0.01, batch_size=32, epochs=3,
                                featuresCol="raw", labelCol="label", seed=7, validation_fraction=0.1)
     pipeline = Pipeline(stages=[assembler, estimator])

@@ -199,7 +199,7 @@ def test_a_steady_training_step_maps_no_new_memory(spark):
     was mapped and unmapped every step: 257 page faults a step, a fifth of the step's time.)"""
     x, y = regression_arrays(8000, features=8)
     df = frame_with_partitions(spark, [(x[:4000], y[:4000]), (x[4000:], y[4000:])])
-    estimator = TorchEstimator(model="spark_ddl.models:MLP",
+    estimator = TorchEstimator(model="spark_ddl.networks:MLP",
                                model_kwargs={"in_features": 8, "out_features": 1, "hidden": [512, 512]},
                                loss="mse", batch_size=16, epochs=1, timeout=120, progress="off")
     for _ in range(2):  # the second fit in the reused workers too

@@ -1,4 +1,4 @@
-"""Rank 0's typed answer (spark_ddl.wire.AgentReport, no Spark): it round-trips through its JSON
+"""Rank 0's typed answer (spark_ddl.common.wire.AgentReport, no Spark): it round-trips through its JSON
 encoding, its control fields travel beside the summary and never inside it; the old-format
 fallback reads a model saved before its metadata held the input facts."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spark_ddl.batch_format import BatchSpec, InputField
-from spark_ddl.model import TorchModel
-from spark_ddl.summary import OLD_FORMAT_KEYS, old_format_row_shapes
-from spark_ddl.wire import AgentReport
+from spark_ddl.common.batch_format import BatchSpec, InputField
+from spark_ddl.common.wire import AgentReport
+from spark_ddl.ml.model import TorchModel
+from spark_ddl.ml.summary import OLD_FORMAT_KEYS, old_format_row_shapes
 
 CONTROL_KEYS = ("paused_after_epoch", "batch_spec", "result_format", "row_shapes", "feature_dim")
 OLD_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "saved_formats" / "2026-12-04" / "model"

@@ -18,10 +18,8 @@ MAX_LINES = 400
 
 # What the executor side must never load: the driver, the pyspark.ml layer, and pyspark.ml
 # itself (pandas and scipy in every agent's Python worker).
-DRIVER_ONLY = ("spark_ddl.driver", "spark_ddl.estimator", "spark_ddl.model", "spark_ddl.params",
-               "spark_ddl.persistence", "spark_ddl.inference", "spark_ddl.apps", "spark_ddl.cli",
-               "spark_ddl.benchmarks", "spark_ddl.warm_start", "spark_ddl.streaming", "spark_ddl.testbed",
-               "spark_ddl.mlflow", "pyspark.ml")
+DRIVER_ONLY = ("spark_ddl.driver", "spark_ddl.ml", "spark_ddl.apps", "spark_ddl.cli", "spark_ddl.runner",
+               "spark_ddl.benchmarks", "spark_ddl.streaming", "spark_ddl.testbed", "spark_ddl.mlflow", "pyspark.ml")
 # Benchmarks time the agent's pieces directly (the launch floor's teardown, the ingest step).
 AGENT_IMPORTERS_ALLOWED = {"spark_ddl.benchmarks.launch", "spark_ddl.benchmarks.suite",
                            "spark_ddl.benchmarks.throughput"}
@@ -173,12 +171,34 @@ def test_no_module_is_over_the_size_limit(name):
     assert lines <= MAX_LINES, f"{name} has {lines} lines; split it (limit {MAX_LINES})"
 
 
+# The top level shows the layers: entry points and what users import, then one package a layer.
+TOP_LEVEL_MODULES = {"spark_ddl", "spark_ddl._version", "spark_ddl._moved", "spark_ddl.errors", "spark_ddl.networks",
+                     "spark_ddl.runner", "spark_ddl.cli"}
+LAYERS = {"ml", "common", "formats", "driver", "agent", "sync", "streaming", "mlflow", "apps", "benchmarks",
+          "testbed"}
+
+
+def test_the_top_level_holds_entry_points_and_one_package_per_layer():
+    assert {m for m in MODULES if m.count(".") <= 1 and not MODULES[m].name == "__init__.py"} | {"spark_ddl"} \
+        == TOP_LEVEL_MODULES
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == LAYERS
+
+
+def test_the_shared_layers_import_neither_side():
+    """common/ and formats/ (and the strategies' registry they consult) serve both sides."""
+    for name in MODULES:
+        if within(name, "spark_ddl.common", "spark_ddl.formats"):
+            sides = [t for t, _ in imports_of(name) if within(t, "spark_ddl.driver", "spark_ddl.agent", "spark_ddl.ml",
+                                                               "spark_ddl.streaming", "pyspark.ml")]
+            assert not sides, (name, sides)
+
+
 def test_the_checks_see_the_package():
     # guards the checks above against reading nothing
     assert {"spark_ddl.agent.entry", "spark_ddl.driver.launcher", "spark_ddl.sync.allreduce"} <= set(MODULES)
     assert ("spark_ddl.agent.entry", ("run_agent",)) in imports_of("spark_ddl.driver.launcher")
-    assert "pyspark.ml" in closure("spark_ddl.estimator") or any(
-        within(m, "pyspark.ml") for m in closure("spark_ddl.estimator"))
+    assert "pyspark.ml" in closure("spark_ddl.ml.estimator") or any(
+        within(m, "pyspark.ml") for m in closure("spark_ddl.ml.estimator"))
 
 
 def test_only_spark_ddl_mlflow_imports_mlflow():

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from spark_ddl.batch_format import BatchSpec, InputField, Ragged, as_tensor, call_model, column_values, dummy_batch
+from spark_ddl.common.batch_format import (BatchSpec, InputField, Ragged, as_tensor, call_model, column_values,
+                                           dummy_batch)
 
 
 def test_ragged_rows_pad_to_the_batchs_longest_row_with_a_mask():

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from spark_ddl.checkpoint import (incompatibilities, list_checkpoints, read_checkpoint, read_checkpoint_facts,
-                                  write_checkpoint)
-from spark_ddl.config import TrainConfig
-from spark_ddl.errors import ConfigError
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.driver import launcher
+from spark_ddl.errors import ConfigError
+from spark_ddl.formats.checkpoint import (incompatibilities, list_checkpoints, read_checkpoint, read_checkpoint_facts,
+                                          write_checkpoint)
 from tests.tamper import Payload, torch_saved
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spark_ddl.agent.rendezvous import leave_group
-from spark_ddl.models import MLP
+from spark_ddl.networks import MLP
 from spark_ddl.sync.allreduce import AllReduceStrategy
 
 

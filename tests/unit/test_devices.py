@@ -1,6 +1,6 @@
 import pytest
 
-from spark_ddl.devices import DevicePlan, select_device
+from spark_ddl.common.devices import DevicePlan, select_device
 
 
 def test_cpu_when_gpu_not_wanted_or_absent():

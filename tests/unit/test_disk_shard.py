@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from spark_ddl.wire import FEATURES, LABEL, VALIDATION
-from spark_ddl.agent.shard import Shard
 from spark_ddl.agent.disk_shard import DiskShard
+from spark_ddl.agent.shard import Shard
+from spark_ddl.common.wire import FEATURES, LABEL, VALIDATION
 
 
 def batches(rows: int, width: int, seed: int = 0, per_batch: int = 37):

@@ -1,9 +1,9 @@
 import pytest
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import AgentFailure
 from spark_ddl.driver.failures import training_error_from_spark
 from spark_ddl.errors import ConfigError, TrainingError
-from spark_ddl.wire import AgentFailure
 
 
 def failure(rank, type_name, message, secondary):

@@ -9,9 +9,9 @@ import json
 import torch
 from pyspark.ml.model_cache import ModelCache
 
-from spark_ddl.artifact import state_dict_to_bytes
-from spark_ddl.model_source import ModelSource
-from spark_ddl.persistence import METADATA_FILE, WEIGHTS_FILE, _sha256
+from spark_ddl.common.model_source import ModelSource
+from spark_ddl.formats.model_bytes import state_dict_to_bytes
+from spark_ddl.ml.persistence import METADATA_FILE, WEIGHTS_FILE, _sha256
 from spark_ddl.streaming.latest import NewestVersion
 from spark_ddl.streaming.versions import VersionStore
 
@@ -22,7 +22,7 @@ def publish(model_dir: str, value: float, tamper: bool = False) -> None:
     module = torch.nn.Linear(3, 1)
     torch.nn.init.constant_(module.weight, value)
     weights = state_dict_to_bytes(module)
-    metadata = {"class": "spark_ddl.model.TorchModel", "spark_ddl": {"files_sha256": {WEIGHTS_FILE: _sha256(weights)}}}
+    metadata = {"class": "spark_ddl.ml.model.TorchModel", "spark_ddl": {"files_sha256": {WEIGHTS_FILE: _sha256(weights)}}}
     if tamper:
         weights = weights[:-1] + bytes([weights[-1] ^ 0x40])
     files = {WEIGHTS_FILE: weights, METADATA_FILE: json.dumps(metadata).encode()}

@@ -19,10 +19,10 @@ from spark_ddl.agent.loops import LoopContext, make_loop
 from spark_ddl.agent.loops.common import cpu_state
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.shard import Shard
-from spark_ddl.batch_format import BatchSpec, InputField
-from spark_ddl.checkpoint import list_checkpoints, read_checkpoint
-from spark_ddl.config import TrainConfig
-from spark_ddl.optimizers import make_optimizer
+from spark_ddl.common.batch_format import BatchSpec, InputField
+from spark_ddl.common.optimizers import make_optimizer
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.formats.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.sync import StrategyEnv, make_strategy
 from tests.references import assert_same_state, averaged_independent_sgd, combined_batch_sgd
 

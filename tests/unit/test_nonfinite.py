@@ -21,8 +21,8 @@ from spark_ddl.agent.loops import LoopContext, make_loop
 from spark_ddl.agent.loops.common import cpu_state
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.agent.shard import Shard
-from spark_ddl.config import TrainConfig
-from spark_ddl.optimizers import make_optimizer
+from spark_ddl.common.optimizers import make_optimizer
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.sync import StrategyEnv, make_strategy
 from spark_ddl.sync.guard import check_replicas
 from tests.references import assert_same_state, local_sgd_reference

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.objectives import MSE, OBJECTIVES, Objective, Scoring, label_dtype_for, objective, register
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.errors import ConfigError, SchemaError
-from spark_ddl.objectives import OBJECTIVES, MSE, Objective, Scoring, label_dtype_for, objective, register
 
 torch.manual_seed(0)
 LOGITS, SCALARS = torch.randn(6, 3), torch.randn(6, 1)

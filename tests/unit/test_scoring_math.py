@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spark_ddl.objectives import softmax_rows
+from spark_ddl.common.objectives import softmax_rows
 
 
 def test_softmax_rows_equals_torch_softmax_also_for_large_and_tied_logits():

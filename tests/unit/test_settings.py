@@ -11,9 +11,9 @@ import spark_ddl
 from spark_ddl import ConfigError, TorchEstimator
 from spark_ddl.apps.options import command_settings, setting_values
 from spark_ddl.apps.train import parse_args
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.settings import declared, default_of
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.runner import RUN_SETTINGS
-from spark_ddl.settings import declared, default_of
 from spark_ddl.sync import STRATEGIES
 
 APPLICATIONS = ("images", "text", "recommender", "stream_recommender")  # the commands whose flags are "apps"

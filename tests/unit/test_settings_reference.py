@@ -1,4 +1,4 @@
-"""docs/settings.md is what spark_ddl.settings_reference writes today (regenerate it with
+"""docs/settings.md is what spark_ddl.apps.settings_reference writes today (regenerate it with
 ``spark-ddl settings > docs/settings.md``)."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from spark_ddl.apps.images import parse_args as images_args
+from spark_ddl.apps.settings_reference import render
 from spark_ddl.apps.train import parse_args as train_args
 from spark_ddl.cli import main as cli_main
-from spark_ddl.config import TrainConfig
-from spark_ddl.params import FitSettings, ScoringSettings
+from spark_ddl.common.settings import declared
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.ml.params import FitSettings, ScoringSettings
 from spark_ddl.runner import RUN_SETTINGS
-from spark_ddl.settings import declared
-from spark_ddl.settings_reference import render
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 

@@ -2,9 +2,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from spark_ddl.wire import FEATURES, LABEL, VALIDATION
 from spark_ddl.agent.sampling import global_batch_sizes, steps_per_epoch, update_groups
 from spark_ddl.agent.shard import Shard
+from spark_ddl.common.wire import FEATURES, LABEL, VALIDATION
 
 
 def batch(features, labels):

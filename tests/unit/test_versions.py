@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_ddl import storage
+from spark_ddl.formats import storage
 from spark_ddl.streaming.versions import VersionStore
 
 FILES = {"weights.safetensors": b"w" * 100, "metadata/part-00000": b"{}"}

@@ -1,4 +1,4 @@
-"""The streamed safetensors format (spark_ddl.weights): byte-identical in meaning to the
+"""The streamed safetensors format (spark_ddl.formats.weights_stream): byte-identical in meaning to the
 library's files, read back in place, refused when it does not fit; architecture-only pickles."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from spark_ddl import storage
-from spark_ddl.model_source import ModelSource, pickle_module
-from spark_ddl.weights import WeightsWriter, load_into_module, module_tensors
+from spark_ddl.common.model_source import ModelSource, pickle_module
+from spark_ddl.formats import storage
+from spark_ddl.formats.weights_stream import WeightsWriter, load_into_module, module_tensors
 from tests.references import assert_same_state
 
 
@@ -58,7 +58,7 @@ def test_weights_that_do_not_fit_the_model_are_refused_by_name():
 
 
 def test_a_big_module_object_is_pickled_without_its_tensors_and_rebuilt_with_them(monkeypatch):
-    import spark_ddl.model_source as model_source
+    import spark_ddl.common.model_source as model_source
 
     monkeypatch.setattr(model_source, "STRIP_TOTAL_BYTES", 1024)
     module = nn.Sequential(nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 2))
@@ -80,7 +80,7 @@ def test_streamed_content_is_written_and_opened_a_piece_at_a_time(tmp_path):
 
 
 def test_an_estimator_with_a_big_module_object_saves_its_weights_beside_the_architecture(monkeypatch, tmp_path):
-    import spark_ddl.model_source as model_source
+    import spark_ddl.common.model_source as model_source
     from spark_ddl import TorchEstimator
 
     monkeypatch.setattr(model_source, "STRIP_TOTAL_BYTES", 1024)

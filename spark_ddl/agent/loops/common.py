@@ -12,9 +12,9 @@ from torch import nn
 
 from spark_ddl.agent.heartbeat import Heartbeat
 from spark_ddl.agent.sampling import ShardRows
-from spark_ddl.batch_format import LABEL_KEY, BatchSpec, call_model, dummy_batch
-from spark_ddl.config import TrainConfig
-from spark_ddl.objectives import LossFn, objective
+from spark_ddl.common.batch_format import LABEL_KEY, BatchSpec, call_model, dummy_batch
+from spark_ddl.common.objectives import LossFn, objective
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.sync.base import SyncStrategy
 
 RECENT_EPOCHS = 32  # epoch records rank 0's heartbeat carries to the driver

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from spark_ddl.agent.loops.common import RECENT_EPOCHS, EarlyStopping, LoopContext, LoopResult, cpu_state, validate
 from spark_ddl.agent.sampling import epoch_order, global_batch_sizes, steps_per_epoch, update_groups
-from spark_ddl.checkpoint import write_checkpoint
-from spark_ddl.optimizers import make_scheduler
+from spark_ddl.common.optimizers import make_scheduler
+from spark_ddl.formats.checkpoint import write_checkpoint
 from spark_ddl.sync.base import LockstepStrategy
 from spark_ddl.sync.finite import NonFiniteGuard
 from spark_ddl.sync.guard import check_replicas

@@ -26,8 +26,8 @@ from typing import Any, BinaryIO, Callable, Union
 import torch
 from torch import nn
 
-from spark_ddl import artifact
 from spark_ddl.errors import ConfigError
+from spark_ddl.formats import model_bytes
 
 CLASS_PATH, PICKLE, EXPORT = "class_path", "pickle", "export"
 EXPORT_FILE = "model.pt2"
@@ -87,9 +87,9 @@ def load_weights(module: nn.Module, weights: Weights) -> None:
     """Load safetensors ``weights`` (bytes, or a function that opens them as a stream, read a
     chunk at a time into the module's own tensors)."""
     if isinstance(weights, (bytes, bytearray, memoryview)):
-        module.load_state_dict(artifact.state_dict_from_bytes(bytes(weights)))
+        module.load_state_dict(model_bytes.state_dict_from_bytes(bytes(weights)))
         return
-    from spark_ddl.weights import load_into_module
+    from spark_ddl.formats.weights_stream import load_into_module
 
     with weights() as stream:
         load_into_module(module, stream)
@@ -183,7 +183,7 @@ class ModelSource:
         if self.class_path is not None:
             module = build_from_class_path(self.class_path, self.kwargs)
         elif purpose == "score" and self.program is not None:
-            module, exported = artifact.load_export_program(self.program), True
+            module, exported = model_bytes.load_export_program(self.program), True
         elif self.pickled is not None and allow_pickle:
             module = self._unpickle()
             if materialize(module) and weights is None:
@@ -246,8 +246,8 @@ class ModelSource:
         refusal = None
         if program is not None:
             try:
-                artifact.check_export_archive(program)
-            except artifact.UnsafeArchiveError as exc:
+                model_bytes.check_export_archive(program)
+            except model_bytes.UnsafeArchiveError as exc:
                 refusal, program = f"its torch.export program was refused ({exc})", None
         pickled = read(PICKLED_MODULE_FILE) if allow_pickle else None
         if program is None and pickled is None:

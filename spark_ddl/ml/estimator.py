@@ -10,21 +10,21 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.model_source import ModelSource
+from spark_ddl.common.settings import declared
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.common.wire import OPTIMIZER_PAYLOAD, AgentJob, AttemptFacts, Hooks, TrainingTask
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import validation_column
 from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_input, check_sparse_tables
 from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
-from spark_ddl.model import TorchModel
-from spark_ddl.model_source import ModelSource
-from spark_ddl.params import EstimatorParams, canonical_kwargs
-from spark_ddl.persistence import EstimatorReader, EstimatorWriter
-from spark_ddl.settings import declared
-from spark_ddl.warm_start import resolve_initial_model
-from spark_ddl.weights import WeightsWriter
-from spark_ddl.wire import OPTIMIZER_PAYLOAD, AgentJob, AttemptFacts, Hooks, TrainingTask
+from spark_ddl.formats.weights_stream import WeightsWriter
+from spark_ddl.ml.model import TorchModel
+from spark_ddl.ml.params import EstimatorParams, canonical_kwargs
+from spark_ddl.ml.persistence import EstimatorReader, EstimatorWriter
+from spark_ddl.ml.warm_start import resolve_initial_model
 
 
 class TorchEstimator(Estimator, EstimatorParams, MLWritable, MLReadable):

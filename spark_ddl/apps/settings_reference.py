@@ -1,6 +1,6 @@
 """The settings reference page (``docs/settings.md``), generated from the declarations.
 
-Every setting is declared once with ``setting(...)`` (``spark_ddl.settings``) on a settings
+Every setting is declared once with ``setting(...)`` (``spark_ddl.common.settings``) on a settings
 dataclass: ``TrainConfig`` (training), ``FitSettings`` (the estimator only) and
 ``ScoringSettings`` (the estimator and the model). This module writes one table per dataclass
 from those declarations: name, default, documentation (with each choice's description), the
@@ -9,7 +9,7 @@ allowed values, and where the setting is exposed, read from the marks on its dec
 of ``spark-ddl train`` and of the application commands, checked on resume), and each command's
 own defaults (its ``COMMAND_DEFAULTS``).
 
-    spark-ddl settings > docs/settings.md      # or: python -m spark_ddl.settings_reference
+    spark-ddl settings > docs/settings.md      # or: python -m spark_ddl.apps.settings_reference
 
 ``tests/unit/test_settings_reference.py`` fails when ``docs/settings.md`` is not what this
 writes today, so the page cannot go stale.
@@ -23,12 +23,12 @@ import pkgutil
 import sys
 from typing import Any
 
-from spark_ddl.settings import Setting, declared, default_of, exposed
+from spark_ddl.common.settings import Setting, declared, default_of, exposed
 
 HEADER = """# Settings reference
 
-Generated from the declarations (`setting(...)` in `spark_ddl/config.py` and
-`spark_ddl/params.py`) by `spark-ddl settings > docs/settings.md`;
+Generated from the declarations (`setting(...)` in `spark_ddl/common/train_config.py` and
+`spark_ddl/ml/params.py`) by `spark-ddl settings > docs/settings.md`;
 `tests/unit/test_settings_reference.py` fails when this page differs from what the generator
 writes. Do not edit by hand.
 
@@ -119,8 +119,8 @@ def _names(names: Any) -> str:
 def render() -> str:
     """The whole page."""
     from spark_ddl.apps.options import command_settings
-    from spark_ddl.config import TrainConfig
-    from spark_ddl.params import FitSettings, ScoringSettings
+    from spark_ddl.common.train_config import TrainConfig
+    from spark_ddl.ml.params import FitSettings, ScoringSettings
 
     sections = [
         ("Training (`TrainConfig`)", "The training settings: `TorchEstimator` keyword arguments and Params, "

@@ -11,7 +11,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec, dummy_batch, model_inputs
+from spark_ddl.common.batch_format import POSITIONAL_KEY, BatchSpec, dummy_batch, model_inputs
 
 # ------------------------------------------------------------------ weights <-> bytes
 

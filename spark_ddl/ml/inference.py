@@ -24,12 +24,12 @@ try:  # pyspark >= 4.1
 except ImportError:  # pragma: no cover - older pyspark uses the pandas path
     _arrow_udf = None
 
-from spark_ddl.batch_format import BatchSpec, Ragged, as_tensor, call_model, column_values
-from spark_ddl.devices import select_device, task_gpu_addresses
+from spark_ddl.common.batch_format import BatchSpec, Ragged, as_tensor, call_model, column_values
+from spark_ddl.common.devices import select_device, task_gpu_addresses
+from spark_ddl.common.model_source import ModelSource
+from spark_ddl.common.objectives import Scoring
 from spark_ddl.driver.columns import ColumnSpec, pandas_input_column, select_input_columns
-from spark_ddl.model_source import ModelSource
-from spark_ddl.objectives import Scoring
-from spark_ddl.weights import ShippedWeights
+from spark_ddl.formats.weights_stream import ShippedWeights
 
 _PREDICTION_STRUCT = "__ddl_prediction"
 _BUILD_LOCK = threading.Lock()  # one build per model at a time in a Python worker

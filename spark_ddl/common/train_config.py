@@ -1,6 +1,6 @@
 """The training settings that travel from the driver to every agent, each declared once.
 
-Every field of ``TrainConfig`` is a ``setting(...)`` (see ``spark_ddl.settings``): its
+Every field of ``TrainConfig`` is a ``setting(...)`` (see ``spark_ddl.common.settings``): its
 declaration is the estimator's Param, its keyword argument, its command-line flags, its row of
 the settings reference and its check; it also marks where the setting is exposed besides the
 estimator (``run=True``: ``spark_ddl.run``; ``cli``: the commands with a flag for it, by default
@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from spark_ddl.common.objectives import objective_descriptions
+from spark_ddl.common.settings import check_all, declared, setting
 from spark_ddl.errors import ConfigError
-from spark_ddl.objectives import objective_descriptions
-from spark_ddl.settings import check_all, declared, setting
 from spark_ddl.sync import elastic_strategies, strategy_class, strategy_descriptions
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -54,7 +54,7 @@ class TrainConfig:
     """Everything an agent needs to train, apart from the model and the data."""
 
     loss: str | Callable[..., Any] = setting(
-        "cross_entropy", "the objective (spark_ddl.objectives), or a callable(output, target) returning the "
+        "cross_entropy", "the objective (spark_ddl.common.objectives), or a callable(output, target) returning the "
         "batch-mean loss", choices=objective_descriptions, callable_ok=True, resume_checked=True,
         cli=())  # no flag: each command trains one task, its loss is the command's
     train_step: Callable[..., Any] | None = setting(

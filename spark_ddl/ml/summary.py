@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spark_ddl.batch_format import POSITIONAL_KEY
+from spark_ddl.common.batch_format import POSITIONAL_KEY
 
 
 class TrainingSummary(dict):
@@ -71,7 +71,7 @@ class TrainingSummary(dict):
         return path
 
 
-# What summaries held before the agents' typed report (spark_ddl.wire.AgentReport), saved with
+# What summaries held before the agents' typed report (spark_ddl.common.wire.AgentReport), saved with
 # models up to 2026-12-04: the model's input facts and the driver's control keys.
 OLD_FORMAT_KEYS = ("feature_dim", "row_shapes", "batch_spec", "paused_after_epoch", "result_format")
 

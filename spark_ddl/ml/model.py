@@ -12,18 +12,18 @@ from pyspark.ml.util import MLReadable, MLWritable
 from pyspark.sql import DataFrame
 from torch import nn
 
-from spark_ddl import artifact
-from spark_ddl.batch_format import POSITIONAL_KEY
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.batch_format import POSITIONAL_KEY
+from spark_ddl.common.model_source import ModelSource
+from spark_ddl.common.objectives import OBJECTIVES, CustomLoss, Objective, Scoring
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.driver.capabilities import capabilities
 from spark_ddl.driver.columns import ColumnSpec
-from spark_ddl.inference import ScoringPayload, ShippedModule, predict_frame, predict_pandas
-from spark_ddl.model_source import ModelSource
-from spark_ddl.objectives import OBJECTIVES, CustomLoss, Objective, Scoring
-from spark_ddl.params import SharedParams
-from spark_ddl.persistence import ModelReader, ModelWriter
-from spark_ddl.summary import TrainingSummary
-from spark_ddl.weights import WeightsWriter
+from spark_ddl.formats import model_bytes
+from spark_ddl.formats.weights_stream import WeightsWriter
+from spark_ddl.ml.inference import ScoringPayload, ShippedModule, predict_frame, predict_pandas
+from spark_ddl.ml.params import SharedParams
+from spark_ddl.ml.persistence import ModelReader, ModelWriter
+from spark_ddl.ml.summary import TrainingSummary
 
 
 class TorchModel(Model, SharedParams, MLWritable, MLReadable):
@@ -80,7 +80,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     def optimizer_state_dict(self) -> dict[str, Any] | None:
         """The optimiser state training ended with (rank 0's; read with ``weights_only=True``),
         or None when the model has none (built by hand, or saved before optimiser states were)."""
-        return artifact.optimizer_state_from_bytes(self.optimizer_state) if self.optimizer_state else None
+        return model_bytes.optimizer_state_from_bytes(self.optimizer_state) if self.optimizer_state else None
 
     @property
     def columns(self) -> ColumnSpec | None:
@@ -115,7 +115,7 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
 
     @property
     def objective(self) -> Objective:
-        """What the network was trained for (spark_ddl.objectives): its scoring head; the user's
+        """What the network was trained for (spark_ddl.common.objectives): its scoring head; the user's
         own loss scores as regression."""
         loss = self._config.get("loss")
         return OBJECTIVES[loss]() if loss in OBJECTIVES else CustomLoss()

@@ -2,7 +2,7 @@
 
 A setting is a field of a settings dataclass (``TrainConfig``, the estimator's own column
 settings) declared with ``setting(default, doc, ...)``. Everything else is generated from that
-one declaration: the pyspark.ml ``Param`` (``spark_ddl.params``), the estimator's keyword
+one declaration: the pyspark.ml ``Param`` (``spark_ddl.ml.params``), the estimator's keyword
 argument, whether ``None`` is allowed, the command-line flags (``add_arguments``), the
 per-value check (``check``) and the settings reference page. Cross-setting rules stay in the
 dataclass's ``validate``.

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Protocol, Union
 
 
 class Streamed(Protocol):
-    """A file's content produced a piece at a time (``spark_ddl.weights.WeightsWriter``)."""
+    """A file's content produced a piece at a time (``spark_ddl.formats.weights_stream.WeightsWriter``)."""
 
     size: int
 

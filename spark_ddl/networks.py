@@ -11,7 +11,7 @@ from torch import nn
 class MLP(nn.Sequential):
     """Fully connected network: in_features → hidden… → out_features, ReLU between layers.
 
-    Use it by class path: ``TorchEstimator(model="spark_ddl.models:MLP",
+    Use it by class path: ``TorchEstimator(model="spark_ddl.networks:MLP",
     model_kwargs={"in_features": 64, "hidden": [128], "out_features": 10})``.
     """
 
@@ -32,7 +32,7 @@ class SmallCNN(nn.Module):
     """Two convolutions, a 2x2 pooling and an MLP head for small square images [B, C, size, size]
     (e.g. the 8x8 digits).
 
-    ``spark_ddl.models:SmallCNN`` with ``model_kwargs={"channels": 1, "classes": 10, "size": 8}``;
+    ``spark_ddl.networks:SmallCNN`` with ``model_kwargs={"channels": 1, "classes": 10, "size": 8}``;
     the input is the model's keyword argument ``image``.
     """
 

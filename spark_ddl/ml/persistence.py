@@ -31,15 +31,15 @@ import torch
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 from torch import nn
 
-from spark_ddl import artifact, storage
 from spark_ddl._version import __version__
+from spark_ddl.common.model_source import EXPORT_FILE, ModelSource
 from spark_ddl.driver.capabilities import directory_files
 from spark_ddl.driver.columns import ColumnSpec
 from spark_ddl.errors import ConfigError
-from spark_ddl.model_source import EXPORT_FILE, ModelSource
-from spark_ddl.params import ALIASES
-from spark_ddl.summary import old_format_row_shapes
-from spark_ddl.weights import WeightsWriter, format_size, load_into_module
+from spark_ddl.formats import model_bytes, storage
+from spark_ddl.formats.weights_stream import WeightsWriter, format_size, load_into_module
+from spark_ddl.ml.params import ALIASES
+from spark_ddl.ml.summary import old_format_row_shapes
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata/part-00000"
@@ -236,7 +236,7 @@ def model_files(model: SavableModel, export_program: bool = True) -> dict[str, s
                            "several copies of them while it is written); load with module= or a class path")
     elif source.program is None and exportable:
         try:
-            source = source.with_program(artifact.export_program(module, columns.batch, shapes))
+            source = source.with_program(model_bytes.export_program(module, columns.batch, shapes))
         except Exception as exc:  # export is best effort: many modules cannot be captured
             export["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     elif not exportable and "error" not in export:

@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from spark_ddl.batch_format import POSITIONAL_KEY, BatchSpec
-from spark_ddl.config import TrainConfig
-from spark_ddl.model_source import ModelSource
-from spark_ddl.weights import ShippedWeights
+from spark_ddl.common.batch_format import POSITIONAL_KEY, BatchSpec
+from spark_ddl.common.model_source import ModelSource
+from spark_ddl.common.train_config import TrainConfig
+from spark_ddl.formats.weights_stream import ShippedWeights
 
 # ------------------------------------------------------------------ the training rows
 
@@ -192,7 +192,7 @@ OUTPUT_SCHEMA = pa.schema(
 OUTPUT_DDL = "kind string, rank int, seq int, data binary"
 # The payloads (the ``kind`` column) rank 0 sends back: spark_ddl.agent.delivery sends, FitResult holds them
 REPORT_PAYLOAD = "report"  # AgentReport.encode(): the summary and the facts the driver acts on (always sent)
-WEIGHTS_PAYLOAD = "weights"  # the trained weights (spark_ddl.weights' streamed safetensors)
+WEIGHTS_PAYLOAD = "weights"  # the trained weights (spark_ddl.formats.weights_stream' streamed safetensors)
 OPTIMIZER_PAYLOAD = "optimizer"  # rank 0's optimizer state, for a warm start
 RESULT_PAYLOAD = "result"  # spark_ddl.run: the function's return value (encode_value)
 STREAMED_PAYLOADS = (WEIGHTS_PAYLOAD, RESULT_PAYLOAD)  # what rank 0 may stream over the status channel

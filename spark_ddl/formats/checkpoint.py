@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from spark_ddl.storage import arrow_store_for
+from spark_ddl.formats.storage import arrow_store_for
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-u(\d{9})\.pt$")
 FORMAT = 1

@@ -9,12 +9,12 @@ from typing import Any
 
 from torch import nn
 
-from spark_ddl import artifact
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.optimizers import load_optimizer_state, make_optimizer
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.errors import ConfigError
-from spark_ddl.model import TorchModel
-from spark_ddl.optimizers import load_optimizer_state, make_optimizer
-from spark_ddl.persistence import saved_training_state
+from spark_ddl.formats import model_bytes
+from spark_ddl.ml.model import TorchModel
+from spark_ddl.ml.persistence import saved_training_state
 
 log = logging.getLogger("spark_ddl")
 
@@ -40,7 +40,7 @@ def resolve_initial_model(value: Any, template: nn.Module, config: TrainConfig) 
     if value is None:
         return None
     if isinstance(value, TorchModel):
-        weights = artifact.state_dict_to_bytes(value.get_module())
+        weights = model_bytes.state_dict_to_bytes(value.get_module())
         optimizer, settings, origin = value.optimizer_state, value.training_config, "TorchModel"
     elif isinstance(value, str):
         try:
@@ -52,7 +52,7 @@ def resolve_initial_model(value: Any, template: nn.Module, config: TrainConfig) 
     else:
         raise ConfigError(f"initial_model must be a TorchModel or the path of a saved one, got {type(value).__name__}.")
     try:
-        template.load_state_dict(artifact.state_dict_from_bytes(weights))
+        template.load_state_dict(model_bytes.state_dict_from_bytes(weights))
     except RuntimeError as exc:
         detail = " ".join(str(exc).split()).rstrip(".")
         raise ConfigError(f"initial_model ({origin}) does not fit the estimator's model ({detail}). Warm-start from a "
@@ -64,7 +64,7 @@ def resolve_initial_model(value: Any, template: nn.Module, config: TrainConfig) 
         note = f"it was made by optimizer={settings.get('optimizer')!r}, this fit uses {config.optimizer!r}"
     else:
         try:
-            state = artifact.optimizer_state_from_bytes(optimizer)
+            state = model_bytes.optimizer_state_from_bytes(optimizer)
             load_optimizer_state(make_optimizer(config.optimizer, template.parameters(), config.lr,
                                                 config.optimizer_kwargs), state)
         except Exception as exc:  # noqa: BLE001 - any mismatch means: not this optimiser's state

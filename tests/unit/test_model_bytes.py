@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from spark_ddl import artifact, storage, wire
 from spark_ddl.agent.shard import default_spec
-from spark_ddl.model_source import build_from_class_path
+from spark_ddl.common import wire
+from spark_ddl.common.model_source import build_from_class_path
+from spark_ddl.formats import model_bytes, storage
 from tests.references import assert_same_state
 from tests.tamper import EXPORT_ROUTES, tampered_archive
 
@@ -23,7 +24,7 @@ def test_chunks_stay_under_the_limit_and_reassemble():
 
 def test_state_dict_round_trip_without_pickle():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    restored = artifact.state_dict_from_bytes(artifact.state_dict_to_bytes(module))
+    restored = model_bytes.state_dict_from_bytes(model_bytes.state_dict_to_bytes(module))
     assert_same_state(restored, module.state_dict())
 
 
@@ -62,20 +63,20 @@ def test_nested_names_become_sub_directories(tmp_path):
 
 def test_export_archive_round_trip():
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
-    data = artifact.export_program(module, default_spec(), {"features": (3,)})
+    data = model_bytes.export_program(module, default_spec(), {"features": (3,)})
     x = torch.randn(7, 3)
-    torch.testing.assert_close(artifact.load_export_program(data)(x), module(x))
-    artifact.check_export_archive(data)  # what export_program writes passes the check
+    torch.testing.assert_close(model_bytes.load_export_program(data)(x), module(x))
+    model_bytes.check_export_archive(data)  # what export_program writes passes the check
 
 
 @pytest.mark.parametrize("route", list(EXPORT_ROUTES))
 def test_every_pickle_route_of_an_export_archive_is_refused_without_running_it(tmp_path, route):
-    data = artifact.export_program(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), default_spec(),
+    data = model_bytes.export_program(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()), default_spec(),
                                    {"features": (3,)})
     marker = tmp_path / "pwned"
     tampered = tampered_archive(data, route, marker)
-    with pytest.raises(artifact.UnsafeArchiveError):
-        artifact.load_export_program(tampered)
+    with pytest.raises(model_bytes.UnsafeArchiveError):
+        model_bytes.load_export_program(tampered)
     assert not marker.exists()
     with contextlib.suppress(Exception):  # control: torch's own loader runs the payload
         torch.export.load(io.BytesIO(tampered))

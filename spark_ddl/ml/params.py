@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pyspark.ml.param import Param, Params
-from pyspark.ml.param.shared import (HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed,
-                                     HasValidationIndicatorCol)
+from pyspark.ml.param.shared import HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed, HasValidationIndicatorCol
 
-from spark_ddl.config import TrainConfig
+from spark_ddl.common.settings import Setting, check, comma_separated, declared, default_of, setting
+from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.driver.columns import ColumnSpec, resolve_columns
 from spark_ddl.errors import ConfigError
-from spark_ddl.settings import Setting, check, comma_separated, declared, default_of, setting
 
 
 @dataclass
