@@ -20,6 +20,7 @@ from spark_ddl.driver.launcher import run_training
 from spark_ddl.driver.preflight import check_run_input
 from spark_ddl.driver.progress import listened_fit
 from spark_ddl.errors import ConfigError
+from spark_ddl.ml.params import FitSettings, ScoringSettings
 from spark_ddl.ml.summary import TrainingSummary
 
 # the TrainConfig settings that mean something for a function of the user's own: marked run=True
@@ -29,7 +30,7 @@ RUN_SETTINGS = tuple(exposed(TrainConfig, "run"))
 def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mapping[str, Any] | None = None,
         feature_cols: str | Sequence[str] | None = None, label_col: str | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None, input_options: Mapping[str, Any] | None = None,
-        check_input: bool = True, return_summary: bool = False, **settings: Any) -> Any:
+        check_input: bool | None = None, return_summary: bool = False, **settings: Any) -> Any:
     """Run ``fn(ctx)`` in ``num_workers`` barrier agents and return rank 0's return value.
 
     ``ctx`` (``spark_ddl.agent.function.FunctionContext``) gives ``rank``, ``world_size``,
@@ -39,7 +40,9 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
     ``allreduce_gradients(model)``. Tensors and state dicts come back without pickle.
 
     ``settings``: any of ``RUN_SETTINGS`` (e.g. ``num_workers=2, batch_size=64, shuffle=True,
-    seed=0, timeout=300``). With ``return_summary`` the result is ``(value, summary)``.
+    seed=0, timeout=300``). The column arguments mean what the estimator's Params of the same
+    names mean, with their defaults (``feature_cols`` "features", ``check_input`` on). With
+    ``return_summary`` the result is ``(value, summary)``.
     """
     unknown = sorted(set(settings) - set(RUN_SETTINGS))
     if unknown:
@@ -48,6 +51,8 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
     if not callable(fn):
         raise ConfigError(f"spark_ddl.run needs a function fn(ctx), got {type(fn).__name__}.")
     config = TrainConfig(**settings).validate()
+    columns, fit = ScoringSettings(), FitSettings()  # the estimator's declarations give the defaults
+    check_input = fit.check_input if check_input is None else check_input
     from pyspark import cloudpickle
 
     try:
@@ -63,7 +68,7 @@ def run(fn: Callable[[Any], Any], df: DataFrame | None = None, *, inputs: Mappin
         spark = get_or_create_session(num_workers=config.num_workers)
         frame, spec = spark.range(0, config.num_workers, 1, config.num_workers), None
     else:
-        spec = resolve_columns(df.schema, None if inputs else (feature_cols or "features"), label_col, inputs,
+        spec = resolve_columns(df.schema, None if inputs else (feature_cols or columns.feature_cols), label_col, inputs,
                                input_shapes, input_options)
         frame = df
     job = AgentJob(TrainingTask(config, None, spec.batch if spec else None,
