@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spark_ddl import TorchEstimator, get_or_create_session  # noqa: E402
-from spark_ddl.models import MLP  # noqa: E402
+from spark_ddl.networks import MLP  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"in_features": 64, "out_features": 10, "hidden": [512, 512]}
     report = {"gpus": gpus, "workers": workers, "device_name": torch.cuda.get_device_name(0)}
     for use_gpu in (True, False):
-        est = TorchEstimator(model="spark_ddl.models:MLP", model_kwargs=kwargs, loss="cross_entropy",
+        est = TorchEstimator(model="spark_ddl.networks:MLP", model_kwargs=kwargs, loss="cross_entropy",
                              lr=0.05, batch_size=256, epochs=args.epochs, num_workers=workers,
                              shuffle=False, use_gpu=use_gpu, timeout=120)
         started = time.perf_counter()
