@@ -66,31 +66,7 @@ def averaged_independent_sgd(module: nn.Module, parts: Sequence[Part], batch_siz
     size, a multiple of ``batch_size`` (the lock-step loop weights an agent's loss by its share
     of each update's rows, which is 1 only then)."""
     assert len({len(x) for x, _ in parts}) == 1 and len(parts[0][0]) % batch_size == 0
-    shards = _tensors(parts)
-    models = [copy.deepcopy(module).train() for _ in shards]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
-
-    def average() -> None:
-        with torch.no_grad():
-            for tensors in zip(*(m.parameters() for m in models)):
-                mean = torch.stack(list(tensors)).mean(dim=0)
-                for t in tensors:
-                    t.copy_(mean)
-
-    updates = 0
-    for _ in range(epochs):
-        for step in range(steps_per_epoch(parts, batch_size)):
-            window = slice(step * batch_size, (step + 1) * batch_size)
-            for model, optimizer, (x, y) in zip(models, optimizers, shards):
-                optimizer.zero_grad()
-                _mse(model, x[window], y[window]).backward()
-                optimizer.step()
-            updates += 1
-            if updates % every == 0:
-                average()
-    if updates % every:
-        average()
-    return models[0]
+    return local_sgd_reference(module, parts, batch_size, epochs, lr, every)  # every row weight is 1 here
 
 
 def assert_same_state(actual: dict, expected: dict, tolerance: float = 0.0) -> None:
