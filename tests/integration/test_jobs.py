@@ -1,10 +1,10 @@
-"""jobs/train.py: the main job, in-process (embedded session) and through spark-submit."""
+"""jobs/train.py and jobs/predict.py in-process (embedded session); spark-submit runs them on a
+standalone cluster in test_standalone_cluster.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,27 +44,6 @@ def test_train_job_help_lists_its_options():
     assert out.returncode == 0
     for option in ("--data", "--feature-cols", "--label-col", "--hidden", "--epochs", "--workers", "--output"):
         assert option in out.stdout
-
-
-@pytest.mark.own_session
-def test_train_job_runs_under_spark_submit(tmp_path, sessions):
-    sessions.stop()  # spark-submit starts its own JVM; keep memory free
-    spark_submit = Path(sys.executable).with_name("spark-submit")
-    if not spark_submit.exists():
-        import pyspark
-
-        spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    output = tmp_path / "model"
-    proc = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", "--conf", "spark.driver.host=127.0.0.1",
-         str(REPO / "jobs" / "train.py"), "--epochs", "3", "--hidden", "32", "--output", str(output)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out accuracy" in proc.stdout
-    assert (output / "weights.safetensors").exists() and (output / "metadata" / "part-00000").exists()
-    assert len(TorchModel.load(str(output)).history) == 3
 
 
 def test_predict_job_scores_parquet_with_a_saved_model(spark, tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from spark_ddl import TorchModel
 from tests.helpers import REPO
 
 sys.path.insert(0, str(REPO / "jobs"))
@@ -41,6 +42,7 @@ def test_train_and_predict_jobs_on_a_standalone_cluster(tmp_path, sessions):
         accuracy = float(train.stdout.split("held-out accuracy: ")[1].split()[0])
         assert accuracy > 0.9
         assert (model_dir / "weights.safetensors").exists() and (model_dir / "metadata" / "part-00000").exists()
+        assert len(TorchModel.load(str(model_dir)).history) == 4
         predict = spark_submit(master, "predict.py", "--model", str(model_dir),
                                "--input", str(REPO / "data" / "digits.parquet"), "--output", str(scored),
                                "--columns", "id,label")

@@ -21,12 +21,13 @@ import torch.multiprocessing as mp
 from spark_ddl.agent.rendezvous import leave_group
 from spark_ddl.networks import MLP
 from spark_ddl.sync.allreduce import AllReduceStrategy
+from tests.unit import ranks
 
 
 def run_with_deadline(worker, args: tuple, nprocs: int, out: Path, deadline_s: float) -> list[dict]:
     """Start ``nprocs`` spawned ranks; each writes ``out/rank{r}.pt``. Ranks still running at the
     deadline are killed (a hang fails the test instead of hanging it)."""
-    context = mp.start_processes(worker, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, start_method=ranks.START_METHOD, join=False)
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
         time.sleep(0.1)

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spark_ddl.agent.rendezvous import leave_group
-from spark_ddl.sync.host_reduce import (SPIN_BARRIER, FlatGradientReducer, HostLayout, LocalPeerError,
-                                        abort_local_peers)
+from spark_ddl.sync.host_reduce import SPIN_BARRIER, FlatGradientReducer, HostLayout, LocalPeerError, abort_local_peers
+from tests.unit import ranks
 
 
 def test_host_layout_groups_ranks_by_machine_in_rank_order():
@@ -68,9 +68,10 @@ def run_ranks(tmp_path, host_keys: list[str], directory: str, per_rank_directory
               spin: bool = SPIN_BARRIER) -> tuple[list[int], bool, int]:
     """(whether each rank's averages were right, whether shared memory was used, warnings logged)."""
     world_size = len(host_keys)
-    outcome = mp.get_context("spawn").Array("i", [-1] * (2 * world_size + 1))
+    outcome = mp.get_context(ranks.START_METHOD).Array("i", [-1] * (2 * world_size + 1))
     mp.start_processes(_worker, args=(world_size, str(tmp_path / "store"), host_keys, directory,
-                                      per_rank_directory, spin, outcome), nprocs=world_size, start_method="spawn")
+                                      per_rank_directory, spin, outcome),
+                       nprocs=world_size, start_method=ranks.START_METHOD)
     values = list(outcome)
     return values[:world_size], values[-1] == 1, sum(values[world_size:2 * world_size])
 
@@ -124,9 +125,9 @@ def _failing_worker(rank: int, store_path: str, directory: str, how: str, outcom
 @pytest.mark.skipif(not (os.path.isdir("/dev/shm") and SPIN_BARRIER), reason="the spin barrier's checks")
 @pytest.mark.parametrize("how", ["exited", "failed"])
 def test_waiting_agents_stop_soon_when_a_local_peer_exits_or_fails(tmp_path, how):
-    outcome = mp.get_context("spawn").Array("d", [-1.0] * 6)
+    outcome = mp.get_context(ranks.START_METHOD).Array("d", [-1.0] * 6)
     context = mp.start_processes(_failing_worker, args=(str(tmp_path / "store"), "/dev/shm", how, outcome),
-                                 nprocs=3, start_method="spawn", join=False)
+                                 nprocs=3, start_method=ranks.START_METHOD, join=False)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(outcome[3 + r] >= 0 for r in (0, 1)):  # written last
         time.sleep(0.1)
@@ -163,7 +164,7 @@ def test_mixed_machines_give_every_rank_the_same_bits(tmp_path):
     """One machine with two agents and one with one: random (inexact) gradients, world size 3 —
     every rank must hold bit-identical averages, or the replicas drift apart."""
     mp.start_processes(_random_worker, args=(3, str(tmp_path / "store"), ["m1", "m1", "m2"], str(tmp_path),
-                                             str(tmp_path)), nprocs=3, start_method="spawn")
+                                             str(tmp_path)), nprocs=3, start_method=ranks.START_METHOD)
     averaged = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     assert torch.equal(averaged[0], averaged[1]) and torch.equal(averaged[0], averaged[2])
     gradients = []
@@ -200,10 +201,10 @@ def _checking_worker(rank: int, store_path: str, host_keys: list[str], directory
 def test_a_checked_average_says_whether_the_mean_and_each_ranks_own_gradients_were_finite(tmp_path, host_keys,
                                                                                           shared):
     world_size = len(host_keys)
-    outcome = mp.get_context("spawn").Array("i", [-1] * (4 * 2 * world_size))
+    outcome = mp.get_context(ranks.START_METHOD).Array("i", [-1] * (4 * 2 * world_size))
     directory = str(tmp_path) if shared else str(tmp_path / "missing")
     mp.start_processes(_checking_worker, args=(str(tmp_path / "store"), host_keys, directory, outcome),
-                       nprocs=world_size, start_method="spawn")
+                       nprocs=world_size, start_method=ranks.START_METHOD)
     values = list(outcome)
     steps = [(values[s * 2 * world_size:s * 2 * world_size + world_size],
               values[s * 2 * world_size + world_size:(s + 1) * 2 * world_size]) for s in range(4)]

@@ -25,6 +25,7 @@ from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.formats.checkpoint import list_checkpoints, read_checkpoint
 from spark_ddl.sync import StrategyEnv, make_strategy
 from tests.references import assert_same_state, averaged_independent_sgd, combined_batch_sgd
+from tests.unit import ranks
 
 FEATURES = 4
 
@@ -105,7 +106,7 @@ def run_agents(tmp_path: Path, sizes: list[int], resume_from: str | None = None,
     out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
     out.mkdir()
     mp.start_processes(_agent, args=(len(sizes), str(out / "store"), sizes, settings, str(out), resume_from),
-                       nprocs=len(sizes), start_method="spawn")
+                       nprocs=len(sizes), start_method=ranks.START_METHOD)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(len(sizes))]
 
 

@@ -26,6 +26,7 @@ from spark_ddl.common.train_config import TrainConfig
 from spark_ddl.sync import StrategyEnv, make_strategy
 from spark_ddl.sync.guard import check_replicas
 from tests.references import assert_same_state, local_sgd_reference
+from tests.unit import ranks
 from tests.unit.test_loops import FEATURES, network, shards
 
 
@@ -76,7 +77,7 @@ def run(tmp_path: Path, sizes: list[int], **settings) -> list[dict]:
     out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
     out.mkdir()
     mp.start_processes(_agent, args=(len(sizes), str(out / "store"), sizes, settings, str(out)),
-                       nprocs=len(sizes), start_method="spawn")
+                       nprocs=len(sizes), start_method=ranks.START_METHOD)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(len(sizes))]
 
 
@@ -176,7 +177,7 @@ def _replicas(rank: int, store: str, poison: str, out: str) -> None:
 ])
 def test_the_replica_check_blames_nan_parameters_on_divergence_not_on_synchronisation(tmp_path, poison, error, text):
     mp.start_processes(_replicas, args=(str(tmp_path / "store"), poison, str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+                       start_method=ranks.START_METHOD)
     for rank in range(2):
         name, message = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert name == error and text in message and "'0.weight'" in message
