@@ -99,7 +99,7 @@ class MachineCluster:
         """Stop every process and remove the machines (safe to call twice)."""
         self.network.destroy()
         if self._master is not None:
-            _stop_group(self._master.pid)
+            _stop_group(self._master.pid, child=self._master)
             self._master.wait(10)
             self._master = None
         self._stop_master_of_a_killed_run()  # one started by another process (``spark-ddl testbed up``)
@@ -235,7 +235,10 @@ def executor_hosts(spark) -> list[str]:
     return hosts
 
 
-def _stop_group(pid: int, grace: float = 10.0) -> None:
+def _stop_group(pid: int, grace: float = 10.0, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM process group ``pid``, SIGKILL it if it outlives ``grace`` seconds. ``child``: this
+    process's own child leading the group, reaped while waiting (a zombie still counts as a member:
+    unreaped, the group would look alive through both graces)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -243,6 +246,8 @@ def _stop_group(pid: int, grace: float = 10.0) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
+            if child is not None:
+                child.poll()
             try:
                 os.killpg(pid, 0)
             except (ProcessLookupError, PermissionError):
