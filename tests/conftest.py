@@ -79,6 +79,12 @@ def any_spark(request):
     return SESSIONS.get(request.param)
 
 
+@pytest.fixture
+def cluster_spark():
+    """A local-cluster[2,1,1024] SparkSession only (where local[2] would repeat another test)."""
+    return SESSIONS.get("cluster")
+
+
 @pytest.fixture(scope="session")
 def sessions():
     """The session switcher itself, for tests that need a specially configured Spark."""
@@ -87,7 +93,8 @@ def sessions():
 
 def _master_order(item) -> float:
     callspec = getattr(item, "callspec", None)
-    if (callspec is not None and callspec.params.get("any_spark") == "cluster") or item.get_closest_marker("cluster"):
+    if ((callspec is not None and callspec.params.get("any_spark") == "cluster") or item.get_closest_marker("cluster")
+            or "cluster_spark" in getattr(item, "fixturenames", ())):
         return 2  # every local-cluster test together: that master starts once
     if item.get_closest_marker("connect"):
         return 4

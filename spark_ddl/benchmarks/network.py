@@ -20,8 +20,9 @@ with ``validation_col``):
   ``compute_seconds``: the slowest agent's seconds outside its exchange, per step; ``ddp``,
   whose exchange runs inside backward, takes the flat row's at the same rate) + the exchange,
   predicted: the leader's compression work (measured apart) + wire bytes ÷ link rate + messages
-  × α, the link rate and α measured between two machines at each cap (TCP goodput of a bulk
-  send; half a gloo all-reduce of one float). Beside it the exchange measured (step − compute).
+  × α, the link rate and α measured between two machines at each cap (gloo's: an all-reduce of
+  the gradient's size less one of a single float, whose half is α; beside it, in the JSON, the
+  prediction with a bulk TCP send's goodput instead). Beside it the exchange measured (step − compute).
 
 Repeats run interleaved (every strategy once, then again), so that a change of load on this
 shared host falls on every strategy alike; rows are medians over the repeats.
@@ -157,13 +158,20 @@ def stop_active_session() -> None:
         active.stop()
 
 
-def measure_link(cluster, rate: str, per_machine: int) -> dict[str, Any]:
-    """Cap every machine's link at ``rate``, then its TCP goodput and α between machines 1 and 2."""
+def parameter_count(args: argparse.Namespace) -> int:
+    from spark_ddl.networks import MLP
+
+    return sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
+
+
+def measure_link(cluster, rate: str, per_machine: int, floats: int) -> dict[str, Any]:
+    """Cap every machine's link at ``rate``, then between machines 1 and 2: TCP goodput, α, and
+    gloo's bandwidth for an all-reduce of ``floats`` (the gradient's size)."""
     for number in range(1, len(cluster.network.machines) + 1):
         cluster.limit(number, None if rate_bits(rate) is None else rate)
     link = probe_link(cluster, rate)
     link["tcp_alpha_s"] = link.pop("alpha_s")
-    link["gloo_all_reduce_1_float_s"] = probe_gloo(cluster)
+    link.update(probe_gloo(cluster, floats))
     link["alpha_s"] = link["gloo_all_reduce_1_float_s"] / (2 * (2 - 1))  # two machines' ring: 2 messages
     link.update(rate=rate, agents_per_machine=per_machine)
     print(f"  link {rate}: {describe_link(link)}", flush=True)
@@ -177,15 +185,14 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
     compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange. The ranks'
     machines: the row's summary's, else ``layout`` (another fit's at this rate: ps and local_sgd
     report none), else contiguous."""
-    from spark_ddl.networks import MLP
-
-    parameters_bytes = 4 * sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
+    parameters_bytes = 4 * parameter_count(args)
     machine_of = machine_of_rank(row["summary"].get("machines") or layout, args.machines, per_machine)
     wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
     compute, compute_source = row["compute_seconds_per_step"], "fit"
     if compute is None and strategy == "ddp" and flat_compute is not None:
         compute, compute_source = flat_compute, "flat"
     exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0))
+    exchange_tcp = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), "goodput_bytes_per_s")
     step = row["seconds_per_step"]
     predicted = compute + exchange if compute is not None and exchange is not None else None
     measured_exchange = step - compute if compute is not None and step else None
@@ -197,6 +204,8 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
                compression_seconds_per_step=compression.get(strategy),
                predicted_exchange_seconds_per_step=exchange, measured_exchange_seconds_per_step=measured_exchange,
                predicted_seconds_per_step=predicted,
+               predicted_seconds_per_step_tcp=(compute + exchange_tcp
+                                               if compute is not None and exchange_tcp is not None else None),
                measured_over_predicted=step / predicted if predicted and step else None,
                exchange_measured_over_predicted=(measured_exchange / exchange
                                                  if exchange and measured_exchange is not None else None))
@@ -244,7 +253,7 @@ def machine_rows(args: argparse.Namespace, per_machine: int, compression: dict[s
             warm_up(args.strategies, args, frame, workers)
             print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
         for rate in args.rates:
-            links.append(measure_link(cluster, rate, per_machine))
+            links.append(measure_link(cluster, rate, per_machine, parameter_count(args)))
             rows += rate_rows(args, cluster, frame, per_machine, links[-1], compression)
     finally:
         try:

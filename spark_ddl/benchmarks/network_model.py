@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,37 +71,53 @@ print(json.dumps({"rtt_s": rtt, "bulk_bytes": size, "bulk_seconds": seconds,
 _GLOO_PROBE = r"""
 import json, os, statistics, sys, time
 import torch, torch.distributed as dist
-rank, address, port, calls = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rank, address, port, calls, floats = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=2,
-                        timeout=__import__("datetime").timedelta(seconds=60))
-value, times = torch.zeros(1), []
-for i in range(calls + 20):
-    started = time.perf_counter(); dist.all_reduce(value); elapsed = time.perf_counter() - started
-    if i >= 20: times.append(elapsed)
+                        timeout=__import__("datetime").timedelta(seconds=120))
+def timed(value, count, warm):
+    times = []
+    for i in range(count + warm):
+        started = time.perf_counter(); dist.all_reduce(value); elapsed = time.perf_counter() - started
+        if i >= warm: times.append(elapsed)
+    return times
+small = timed(torch.zeros(1), calls, 20)
+big = torch.zeros(floats)
+first = torch.tensor([max(timed(big, 1, 1)[0], 1e-6)])
+dist.all_reduce(first, op=dist.ReduceOp.MAX)  # both ranks run the same number of calls
+big_times = timed(big, int(min(50, max(5, 4.0 / first.item()))), 0)
 dist.barrier(); dist.destroy_process_group()
-if rank == 0: print(json.dumps({"gloo_all_reduce_1_float_s": statistics.median(times)}))
+if rank == 0:
+    print(json.dumps({"gloo_all_reduce_1_float_s": statistics.median(small),
+                      "gloo_all_reduce_big_s": statistics.median(big_times), "gloo_big_floats": floats}))
 """
 
 
-def probe_gloo(cluster, calls: int = 200) -> float:
-    """Median seconds of a gloo all-reduce of one float between machines 1 and 2 (two messages on a
-    two-member ring: 2·(M − 1)·α), in two processes that run on the machines' network namespaces."""
+def probe_gloo(cluster, floats: int, calls: int = 200) -> dict[str, float]:
+    """A gloo all-reduce between machines 1 and 2 in two processes on the machines' network namespaces:
+    the median seconds of one float (two messages on a two-member ring: 2·(M − 1)·α) and of ``floats``
+    float32 (the gradient's size), and from the two the bytes per second gloo moves across the link
+    with its own copies and threads (``gloo_bytes_per_s``: a two-member ring all-reduce of *S* bytes
+    sends *S* each way; the bulk TCP goodput does not count gloo's CPU work)."""
     first = cluster.network.machine(1)
     port = 29412
     env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1")
     commands = [["ip", "netns", "exec", cluster.network.machine(rank + 1).netns, sys.executable, "-c", _GLOO_PROBE,
-                 str(rank), first.address, str(port), str(calls)] for rank in (0, 1)]
+                 str(rank), first.address, str(port), str(calls), str(floats)] for rank in (0, 1)]
     peer = subprocess.Popen(commands[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        out = subprocess.run(commands[0], env=env, check=True, capture_output=True, text=True, timeout=180).stdout
+        out = subprocess.run(commands[0], env=env, check=True, capture_output=True, text=True, timeout=300).stdout
     finally:
         try:
             peer.wait(30)
         except subprocess.TimeoutExpired:
             peer.kill()
             peer.wait()
-    return float(json.loads(out.strip().splitlines()[-1])["gloo_all_reduce_1_float_s"])
+    result = json.loads(out.strip().splitlines()[-1])
+    wire = 4.0 * floats  # per direction on two members: 2 · (1/2) · S
+    result["gloo_bytes_per_s"] = wire / max(result["gloo_all_reduce_big_s"] - result["gloo_all_reduce_1_float_s"],
+                                            1e-9)
+    return result
 
 
 _COMPRESSION_PROBE = r"""
@@ -263,15 +277,19 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
 
 
 def describe_link(link: dict[str, Any]) -> str:
-    return (f"TCP goodput {link['goodput_bytes_per_s'] * 8 / 1e6:,.1f} Mbit/s, gloo all-reduce of one float "
-            f"{link['gloo_all_reduce_1_float_s'] * 1e6:.0f} µs (α {link['alpha_s'] * 1e6:.0f} µs; "
-            f"TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
+    mbit = 8 / 1e6
+    return (f"TCP goodput {link['goodput_bytes_per_s'] * mbit:,.1f} Mbit/s, gloo {link['gloo_bytes_per_s'] * mbit:,.1f}"
+            f" Mbit/s (all-reduce of {link['gloo_big_floats']:,} floats {link['gloo_all_reduce_big_s'] * 1e3:.2f} ms), "
+            f"gloo all-reduce of one float {link['gloo_all_reduce_1_float_s'] * 1e6:.0f} µs "
+            f"(α {link['alpha_s'] * 1e6:.0f} µs; TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
 
 
 def predict_exchange(wire_bytes: float, messages: float, link: dict[str, float],
-                     compression_s: float = 0.0) -> float | None:
+                     compression_s: float = 0.0, bandwidth: str = "gloo_bytes_per_s") -> float | None:
     """Seconds per step of the exchange between machines: the leader's compression work + the wire
-    bytes at the link's goodput + the messages on the critical path at α each (None: async)."""
+    bytes at the link's ``bandwidth`` (gloo's own, measured with a gradient-sized all-reduce; or
+    ``goodput_bytes_per_s``, a bulk TCP send's) + the messages on the critical path at α each
+    (None: async)."""
     if not math.isfinite(wire_bytes):
         return None
-    return compression_s + wire_bytes / link["goodput_bytes_per_s"] + messages * link["alpha_s"]
+    return compression_s + wire_bytes / link[bandwidth] + messages * link["alpha_s"]

@@ -11,8 +11,9 @@ HEADER = (f"{'agents':<6} {'rate':<9} {'strategy':<27} {'s/epoch':>7} {'ms/step'
 
 LEGEND = ("compute: ms/step the slowest agent spent outside the exchange, measured in the same fits (history's "
           "compute_seconds; ddp, whose exchange runs inside backward: flat's at the same rate, marked *); exch: "
-          "ms/step measured − compute; exch pr: the leader's compression work + wire ÷ TCP goodput + messages × α "
-          "(both measured per rate); predict = compute + exch pr; wire: bytes per step on one link's critical path "
+          "ms/step measured − compute; exch pr: the leader's compression work + wire ÷ gloo's bandwidth + messages × α "
+          "(both measured per rate with gloo all-reduces of the gradient's size and of one float); "
+          "predict = compute + exch pr; wire: bytes per step on one link's critical path "
           "(from the summary, or (model)); link: the busiest link direction's byte counter over the whole fit ÷ "
           "steps; to target: the fit's wall time less the epochs after the first at the target (launch included); "
           "training: the epochs' own seconds up to it")
@@ -54,6 +55,10 @@ def prediction_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["a_rows_within"] = _within(ratios)
     out["a_rows_within_by_rate"] = {rate: _within([r["measured_over_predicted"] for r in sync if r["rate"] == rate])
                                     for rate in dict.fromkeys(r["rate"] for r in sync)}
+    tcp = [r["seconds_per_step"] / r["predicted_seconds_per_step_tcp"] for r in sync
+           if r.get("predicted_seconds_per_step_tcp")]
+    if tcp:  # the same model with a bulk TCP send's goodput as the bandwidth (the model until 2026-12-05)
+        out["a_rows_within_tcp_goodput_model"] = _within(tcp)
     exchange = [r["exchange_measured_over_predicted"] for r in sync if r.get("exchange_measured_over_predicted")]
     if exchange:
         out["a_exchange_ratios_range"] = [min(exchange), max(exchange)]

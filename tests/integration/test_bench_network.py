@@ -35,6 +35,9 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     assert {"links", "rows", "targets", "compression_seconds_per_step"} <= set(result)
     link = result["links"][0]
     assert 50e6 < link["goodput_bytes_per_s"] * 8 < 110e6  # the cap holds (TCP goodput of a 100 Mbit/s link)
+    # gloo's own bandwidth, from an all-reduce of the gradient's size: under the cap, and what the model uses
+    assert link["gloo_big_floats"] == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert 30e6 < link["gloo_bytes_per_s"] * 8 < 110e6
     rows = {row["strategy"]: row for row in result["rows"]}
     assert set(rows) == {"flat", "fp16"}
     for row in rows.values():

@@ -192,7 +192,11 @@ def test_a_partition_that_heals_before_the_retry_gets_its_machine_back(cluster, 
 
 
 def test_a_machine_crash_with_min_workers_finishes_on_the_survivor_and_without_fails_clearly(
-        cluster, spark, tmp_path):
+        cluster, spark, tmp_path, monkeypatch):
+    # The crashed machine still answers on the network (its processes died, not its link), so the
+    # retry without min_workers waits SLOT_WAIT_SECONDS (30 s) for a replacement executor before it
+    # names the machine: the same path with a 3 s wait here.
+    monkeypatch.setattr("spark_ddl.driver.launcher.SLOT_WAIT_SECONDS", 3.0)
     sizes = [40] * 4
     frame = frame_with_partitions(spark, split_by_sizes(*regression_arrays(160, seed=3), sizes))
     for elastic in (True, False):
