@@ -1,8 +1,9 @@
 """Rank 0's result on its way to the driver, in bounded memory on both sides.
 
-A payload larger than one output row (the weights; a big return value of ``spark_ddl.run``)
-is streamed over the fit's authenticated status channel into a file on the driver, one chunk
-at a time: neither the driver's JVM nor its Python ever holds it whole. Only when the channel
+A payload larger than one output row (the weights, the optimizer's state; a big return value of
+``spark_ddl.run``) is streamed over the fit's authenticated status channel into a file on the
+driver, one chunk at a time: the driver's JVM never holds it (its Python reads the weights into
+the model chunk by chunk, the optimizer's state whole, once). Only when the channel
 cannot be used (no address, an unreachable driver, a failed transfer) does it travel as result
 rows through ``collect()``, which costs the driver's JVM several times its size; a payload
 too large for that is refused with its size and the settings to change.
@@ -17,7 +18,7 @@ from typing import Union
 
 import pyarrow as pa
 
-from spark_ddl.common.wire import CHUNK_BYTES, ROWS_HEAP_FACTOR, AgentJob, output_batches
+from spark_ddl.common.wire import CHUNK_BYTES, ROWS_HEAP_FACTOR, STREAMED_PAYLOADS, AgentJob, output_batches
 from spark_ddl.formats.weights_stream import WeightsWriter, format_size
 
 log = logging.getLogger("spark_ddl.agent")
@@ -38,7 +39,7 @@ def deliver(job: AgentJob, payloads: dict[str, Payload]) -> list[pa.RecordBatch]
     for kind, payload in payloads.items():
         size = payload.size if isinstance(payload, WeightsWriter) else len(payload)
         problem = "the job has no status channel" if job.attempt.monitor_address is None else None
-        if size > CHUNK_BYTES and job.attempt.stream_results and problem is None:
+        if size > CHUNK_BYTES and kind in STREAMED_PAYLOADS and job.attempt.stream_results and problem is None:
             problem = _stream(job, kind, payload, size)
             if problem is None:
                 continue

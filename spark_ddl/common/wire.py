@@ -195,7 +195,8 @@ REPORT_PAYLOAD = "report"  # AgentReport.encode(): the summary and the facts the
 WEIGHTS_PAYLOAD = "weights"  # the trained weights (spark_ddl.formats.weights_stream' streamed safetensors)
 OPTIMIZER_PAYLOAD = "optimizer"  # rank 0's optimizer state, for a warm start
 RESULT_PAYLOAD = "result"  # spark_ddl.run: the function's return value (encode_value)
-STREAMED_PAYLOADS = (WEIGHTS_PAYLOAD, RESULT_PAYLOAD)  # what rank 0 may stream over the status channel
+# what rank 0 may stream over the status channel (the optimizer too: Adam's state is twice the weights)
+STREAMED_PAYLOADS = (WEIGHTS_PAYLOAD, OPTIMIZER_PAYLOAD, RESULT_PAYLOAD)
 
 
 def output_batches(kind: str, rank: int, payload: bytes) -> Iterator[pa.RecordBatch]:

@@ -69,15 +69,22 @@ def test_the_issues_135mb_mlp_fits_scores_saves_and_loads_on_default_settings(sp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging left behind
 
 
-def test_streamed_weights_are_the_weights_the_result_rows_bring(spark):
+def test_streamed_weights_and_optimizer_state_are_what_the_result_rows_bring(spark):
     frame, _ = rows_frame(spark, 64)
     fitted = []
-    for stream in (True, False):
-        estimator = TorchEstimator(model=mlp(1024, layers=4), loss="cross_entropy", lr=0.01, batch_size=16, epochs=1)
+    for stream in (True, False):  # 12.6 MiB of weights and as much momentum: both over one row's 4 MiB
+        estimator = TorchEstimator(model=mlp(1024, layers=4), loss="cross_entropy", lr=0.01, batch_size=16, epochs=1,
+                                   optimizer_kwargs={"momentum": 0.9})
         estimator._stream_results = stream  # noqa: SLF001 - False: the fallback route
         fitted.append(estimator.fit(frame))
-    assert [m.summary["result_route"]["weights"] for m in fitted] == ["stream", "rows"]
+    assert [m.summary["result_route"] for m in fitted] == [{"weights": "stream", "optimizer": "stream"},
+                                                            {"weights": "rows", "optimizer": "rows"}]
     assert_same_state(fitted[0].get_module().state_dict(), fitted[1].get_module().state_dict())
+    momentum = [m.optimizer_state_dict()["state"] for m in fitted]
+    parameters = len(list(fitted[0].get_module().parameters()))
+    assert sorted(momentum[0]) == list(range(parameters)) and float(momentum[0][0]["momentum_buffer"].abs().sum()) > 0
+    assert_same_state({k: v["momentum_buffer"] for k, v in momentum[0].items()},
+                      {k: v["momentum_buffer"] for k, v in momentum[1].items()})
 
 
 def test_weights_that_cannot_reach_the_driver_are_refused_with_their_size_and_the_settings(spark, monkeypatch):
