@@ -2,7 +2,7 @@
 machines (``spark_ddl.testbed``: each its own network namespace, address and host name, joined
 by a bridge on this host), every machine's link capped at each rate in turn (``tc tbf``).
 
-    spark-ddl bench network --repeats 3 --json bench_results/network.json   # docs/network.md's table (≈ 18 min here)
+    spark-ddl bench network --repeats 3 --json bench_results/network.json   # docs/network.md's table (9–18 min here)
     spark-ddl bench network --rates 100mbit --strategies flat,fp16 --agents-per-machine 1 --epochs 1
 
 Per row (machines × agents per machine, link rate, strategy) it measures, on digits (MLP
@@ -19,9 +19,10 @@ with ``validation_col``):
 - the cost model's prediction: the computation, measured in the same fits (the history's
   ``compute_seconds``: the slowest agent's seconds outside its exchange, per step; ``ddp``,
   whose exchange runs inside backward, takes the flat row's at the same rate) + the exchange,
-  predicted: the leader's compression work (measured apart) + wire bytes ÷ link rate + messages
-  × α, the link rate and α measured between two machines at each cap (gloo's: an all-reduce of
-  the gradient's size less one of a single float, whose half is α; beside it, in the JSON, the
+  predicted: the leader's compression work (measured apart: the casts on one process; PowerSGD on
+  two, less its all-reduces' latency) + wire bytes ÷ link rate + messages × α, the link rate and
+  α measured between two machines at each cap (gloo's: an all-reduce of the gradient's size, as
+  float32 and as float16, less one of a single float, whose half is α; beside it, in the JSON, the
   prediction with a bulk TCP send's goodput instead). Beside it the exchange measured (step − compute).
 
 Repeats run interleaved (every strategy once, then again), so that a change of load on this
@@ -40,8 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spark_ddl.benchmarks.network_model import (compression_compute, describe_link, link_counters, machine_of_rank,
-                                                model_bytes, predict_exchange, probe_gloo, probe_link, rate_bits)
+from spark_ddl.benchmarks.network_model import (bandwidth_key, compression_compute, describe_link, link_counters,
+                                                machine_of_rank, model_bytes, predict_exchange, probe_gloo, probe_link,
+                                                rate_bits)
 from spark_ddl.benchmarks.network_report import HEADER, LEGEND, format_row, targets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,7 +193,7 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
     compute, compute_source = row["compute_seconds_per_step"], "fit"
     if compute is None and strategy == "ddp" and flat_compute is not None:
         compute, compute_source = flat_compute, "flat"
-    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0))
+    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), bandwidth_key(strategy))
     exchange_tcp = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), "goodput_bytes_per_s")
     step = row["seconds_per_step"]
     predicted = compute + exchange if compute is not None and exchange is not None else None
@@ -271,7 +273,8 @@ def machine_rows(args: argparse.Namespace, per_machine: int, compression: dict[s
 def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     from spark_ddl.apps.options import parse_with_config
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO / "data" / "digits.parquet"),
                         help="Parquet with features, label and split ('train'/'test') columns")
     parser.add_argument("--train-rows", type=int, default=None, help="use only this many training rows")

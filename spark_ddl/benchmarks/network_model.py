@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,23 @@ print(json.dumps({"rtt_s": rtt, "bulk_bytes": size, "bulk_seconds": seconds,
 """
 
 
+def _run_with_peers(main: list[str], peers: list[list[str]], env: dict[str, str] | None = None,
+                    timeout: float = 300) -> str:
+    """Start the ``peers`` commands, run ``main`` to its end (its stdout returned), then reap the peers
+    (killed if they outlive it by 30 s)."""
+    started = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for command in peers]
+    try:
+        return subprocess.run(main, env=env, check=True, capture_output=True, text=True, timeout=timeout).stdout
+    finally:
+        for peer in started:
+            try:
+                peer.wait(30)
+            except subprocess.TimeoutExpired:
+                peer.kill()
+                peer.wait()
+
+
 _GLOO_PROBE = r"""
 import json, os, statistics, sys, time
 import torch, torch.distributed as dist
@@ -81,81 +99,107 @@ def timed(value, count, warm):
         started = time.perf_counter(); dist.all_reduce(value); elapsed = time.perf_counter() - started
         if i >= warm: times.append(elapsed)
     return times
+def sized(value):
+    first = torch.tensor([max(timed(value, 1, 1)[0], 1e-6)])
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)  # both ranks run the same number of calls
+    return statistics.median(timed(value, int(min(50, max(5, 4.0 / first.item()))), 0))
 small = timed(torch.zeros(1), calls, 20)
-big = torch.zeros(floats)
-first = torch.tensor([max(timed(big, 1, 1)[0], 1e-6)])
-dist.all_reduce(first, op=dist.ReduceOp.MAX)  # both ranks run the same number of calls
-big_times = timed(big, int(min(50, max(5, 4.0 / first.item()))), 0)
+out = {"gloo_all_reduce_1_float_s": statistics.median(small), "gloo_big_floats": floats,
+       "gloo_all_reduce_big_s": sized(torch.zeros(floats)),
+       "gloo_all_reduce_big_fp16_s": sized(torch.zeros(floats, dtype=torch.float16))}
 dist.barrier(); dist.destroy_process_group()
 if rank == 0:
-    print(json.dumps({"gloo_all_reduce_1_float_s": statistics.median(small),
-                      "gloo_all_reduce_big_s": statistics.median(big_times), "gloo_big_floats": floats}))
+    print(json.dumps(out))
 """
 
 
-def probe_gloo(cluster, floats: int, calls: int = 200) -> dict[str, float]:
+def probe_gloo(cluster, floats: int, calls: int = 200, runs: int = 3) -> dict[str, float]:
     """A gloo all-reduce between machines 1 and 2 in two processes on the machines' network namespaces:
     the median seconds of one float (two messages on a two-member ring: 2·(M − 1)·α) and of ``floats``
     float32 (the gradient's size), and from the two the bytes per second gloo moves across the link
     with its own copies and threads (``gloo_bytes_per_s``: a two-member ring all-reduce of *S* bytes
-    sends *S* each way; the bulk TCP goodput does not count gloo's CPU work)."""
+    sends *S* each way; the bulk TCP goodput does not count gloo's CPU work); the same for ``floats``
+    float16 (``gloo_fp16_bytes_per_s``: gloo sums half floats on the CPU far slower than floats, so
+    on a fast link fp16's half of the bytes is not half of the time). Medians of ``runs`` probes, each
+    in fresh processes (on an unlimited link one probe's all-reduce of *S* varied 1.6–3.6 ms)."""
+    probes = [_probe_gloo_once(cluster, floats, calls) for _ in range(runs)]
+    result = {key: statistics.median(probe[key] for probe in probes) for key in probes[0]}
+    result["gloo_probe_runs"] = probes
+    return result
+
+
+def _probe_gloo_once(cluster, floats: int, calls: int) -> dict[str, float]:
     first = cluster.network.machine(1)
     port = 29412
     env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1")
     commands = [["ip", "netns", "exec", cluster.network.machine(rank + 1).netns, sys.executable, "-c", _GLOO_PROBE,
                  str(rank), first.address, str(port), str(calls), str(floats)] for rank in (0, 1)]
-    peer = subprocess.Popen(commands[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        out = subprocess.run(commands[0], env=env, check=True, capture_output=True, text=True, timeout=300).stdout
-    finally:
-        try:
-            peer.wait(30)
-        except subprocess.TimeoutExpired:
-            peer.kill()
-            peer.wait()
-    result = json.loads(out.strip().splitlines()[-1])
-    wire = 4.0 * floats  # per direction on two members: 2 · (1/2) · S
-    result["gloo_bytes_per_s"] = wire / max(result["gloo_all_reduce_big_s"] - result["gloo_all_reduce_1_float_s"],
-                                            1e-9)
+    result = json.loads(_run_with_peers(commands[0], commands[1:], env).strip().splitlines()[-1])
+    latency = result["gloo_all_reduce_1_float_s"]
+    for key, size, seconds in (("gloo_bytes_per_s", 4, "gloo_all_reduce_big_s"),
+                               ("gloo_fp16_bytes_per_s", 2, "gloo_all_reduce_big_fp16_s")):
+        wire = float(size * floats)  # per direction on two members: 2 · (1/2) · S
+        result[key] = wire / max(result[seconds] - latency, 1e-9)
     return result
 
 
 _COMPRESSION_PROBE = r"""
-import json, os, statistics, sys, tempfile, time
+import json, os, statistics, sys, time
 import torch, torch.distributed as dist
 from spark_ddl.networks import MLP
 from spark_ddl.sync.machine_exchange import make_exchange
 compression, hidden, calls = sys.argv[1], [int(h) for h in sys.argv[2].split(",")], int(sys.argv[3])
+rank, world, init = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 shapes = [p.shape for p in MLP(64, 10, hidden).parameters()]
 numel = sum(int(torch.Size(s).numel()) for s in shapes)
 def mean(total, out): torch.div(total, 2, out=out)
-exchanges = {name: make_exchange(name, None, shapes, 2, 2, mean) for name in ("none", compression)}
-gradient = torch.randn(numel)
+exchanges = {name: make_exchange(name, None, shapes, world, world, mean) for name in ("none", compression)}
+gradient = torch.randn(numel, generator=torch.Generator().manual_seed(0))
 out = {}
-for name, exchange in exchanges.items():
+def median_of(call, count, warm):
     times = []
-    for i in range(calls + 5):
-        total = gradient.clone()
-        started = time.perf_counter(); exchange(total); elapsed = time.perf_counter() - started
-        if i >= 5: times.append(elapsed)
-    out[name] = statistics.median(times)
-dist.destroy_process_group()
-print(json.dumps({"seconds": max(0.0, out[compression] - out["none"])}))
+    for i in range(count + warm):
+        started = time.perf_counter(); call(); elapsed = time.perf_counter() - started
+        if i >= warm: times.append(elapsed)
+    return statistics.median(times)
+for name, exchange in exchanges.items():
+    out[name] = median_of(lambda: exchange(gradient.clone()), calls, 5)
+out["one_float"] = median_of(lambda: dist.all_reduce(torch.zeros(1)), 100, 10)
+dist.barrier(); dist.destroy_process_group()
+if rank == 0:
+    print(json.dumps(out))
 """
 
+# all-reduces per step of each compression (PowerSGD: the uncompressed vectors, P, Q)
+COMPRESSION_ALL_REDUCES = {"fp16": 1, "bf16": 1, "powersgd": 3}
 
-def compression_compute(compression: str, hidden: list[int], calls: int = 50) -> float:
-    """Seconds per step the leader's exchange spends compressing (``compression`` minus ``none``, both
-    on a one-process gloo group, so no byte travels): the cast for fp16, torch's PowerSGD hook (its
-    matrix products, orthogonalisation and error feedback) for powersgd. One thread, as an agent."""
+
+def compression_compute(compression: str, hidden: list[int], calls: int = 50, runs: int = 3) -> float:
+    """Seconds per step the leader's exchange spends on ``compression`` beyond its bytes and messages.
+    fp16/bf16: the casts, on a one-process gloo group (no byte travels): ``compression`` minus
+    ``none``. PowerSGD: on two processes of this host (loopback, one thread each, as agents), its
+    exchange less the latency of its three all-reduces (the model counts those as messages × α on
+    the link): torch's hook with its matrix products, orthogonalisation, error feedback and the
+    hand-offs of its chained futures between gloo's threads and the caller, which a one-process
+    group (no wait for a peer) would not show. The median of ``runs`` probes (from one start of the
+    processes to the next it varies by up to 2× on this shared host)."""
     if compression == "none":
         return 0.0
-    out = subprocess.run([sys.executable, "-c", _COMPRESSION_PROBE, compression, ",".join(map(str, hidden)),
-                          str(calls)], check=True, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["seconds"])
+    return statistics.median(_compression_probe(compression, hidden, calls) for _ in range(runs))
+
+
+def _compression_probe(compression: str, hidden: list[int], calls: int) -> float:
+    world = 2 if compression == "powersgd" else 1
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    init = f"tcp://127.0.0.1:{29413 if world == 2 else 29414}"
+    commands = [[sys.executable, "-c", _COMPRESSION_PROBE, compression, ",".join(map(str, hidden)), str(calls),
+                 str(rank), str(world), init] for rank in range(world)]
+    times = json.loads(_run_with_peers(commands[0], commands[1:], env).strip().splitlines()[-1])
+    if world == 1:
+        return max(0.0, times[compression] - times["none"])
+    return max(0.0, times[compression] - COMPRESSION_ALL_REDUCES[compression] * times["one_float"])
 
 
 def rate_bits(rate: str) -> float | None:
@@ -174,19 +218,11 @@ def probe_link(cluster, rate: str, pings: int = 200) -> dict[str, float]:
     size = 64 << 20 if bits is None else int(min(64 << 20, max(1 << 20, bits / 8 * 0.5)))
     server_machine, client_machine = cluster.network.machine(2), cluster.network.machine(1)
     port = 29411
-    server = subprocess.Popen(["ip", "netns", "exec", server_machine.netns, sys.executable, "-c", _PROBE_SERVER,
-                               server_machine.address, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        out = subprocess.run(["ip", "netns", "exec", client_machine.netns, sys.executable, "-c", _PROBE_CLIENT,
-                              server_machine.address, str(port), str(pings), str(size)],
-                             check=True, capture_output=True, text=True, timeout=120).stdout
-    finally:
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    result = json.loads(out)
+    server = ["ip", "netns", "exec", server_machine.netns, sys.executable, "-c", _PROBE_SERVER,
+              server_machine.address, str(port)]
+    client = ["ip", "netns", "exec", client_machine.netns, sys.executable, "-c", _PROBE_CLIENT,
+              server_machine.address, str(port), str(pings), str(size)]
+    result = json.loads(_run_with_peers(client, [server], timeout=120))
     result["alpha_s"] = result["rtt_s"] / 2
     return result
 
@@ -279,9 +315,17 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
 def describe_link(link: dict[str, Any]) -> str:
     mbit = 8 / 1e6
     return (f"TCP goodput {link['goodput_bytes_per_s'] * mbit:,.1f} Mbit/s, gloo {link['gloo_bytes_per_s'] * mbit:,.1f}"
-            f" Mbit/s (all-reduce of {link['gloo_big_floats']:,} floats {link['gloo_all_reduce_big_s'] * 1e3:.2f} ms), "
+            f" Mbit/s (all-reduce of {link['gloo_big_floats']:,} floats {link['gloo_all_reduce_big_s'] * 1e3:.2f} ms; "
+            f"as float16 {link['gloo_fp16_bytes_per_s'] * mbit:,.1f} Mbit/s, "
+            f"{link['gloo_all_reduce_big_fp16_s'] * 1e3:.2f} ms), "
             f"gloo all-reduce of one float {link['gloo_all_reduce_1_float_s'] * 1e6:.0f} µs "
             f"(α {link['alpha_s'] * 1e6:.0f} µs; TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
+
+
+def bandwidth_key(strategy: str) -> str:
+    """The link's bandwidth that ``strategy``'s bytes travel at: gloo's for half floats for fp16 (and
+    bf16), else gloo's for floats."""
+    return "gloo_fp16_bytes_per_s" if strategy in ("fp16", "bf16") else "gloo_bytes_per_s"
 
 
 def predict_exchange(wire_bytes: float, messages: float, link: dict[str, float],

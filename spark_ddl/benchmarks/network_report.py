@@ -11,8 +11,9 @@ HEADER = (f"{'agents':<6} {'rate':<9} {'strategy':<27} {'s/epoch':>7} {'ms/step'
 
 LEGEND = ("compute: ms/step the slowest agent spent outside the exchange, measured in the same fits (history's "
           "compute_seconds; ddp, whose exchange runs inside backward: flat's at the same rate, marked *); exch: "
-          "ms/step measured − compute; exch pr: the leader's compression work + wire ÷ gloo's bandwidth + messages × α "
-          "(both measured per rate with gloo all-reduces of the gradient's size and of one float); "
+          "ms/step measured − compute; exch pr: the leader's compression work + wire ÷ gloo's bandwidth (for "
+          "float16: its own) + messages × α (both measured per rate with gloo all-reduces of the gradient's size "
+          "and of one float); "
           "predict = compute + exch pr; wire: bytes per step on one link's critical path "
           "(from the summary, or (model)); link: the busiest link direction's byte counter over the whole fit ÷ "
           "steps; to target: the fit's wall time less the epochs after the first at the target (launch included); "

@@ -38,6 +38,7 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     # gloo's own bandwidth, from an all-reduce of the gradient's size: under the cap, and what the model uses
     assert link["gloo_big_floats"] == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     assert 30e6 < link["gloo_bytes_per_s"] * 8 < 110e6
+    assert 30e6 < link["gloo_fp16_bytes_per_s"] * 8 < 110e6  # half floats: the wire limits them here too
     rows = {row["strategy"]: row for row in result["rows"]}
     assert set(rows) == {"flat", "fp16"}
     for row in rows.values():
