@@ -166,14 +166,14 @@ def parameter_count(args: argparse.Namespace) -> int:
     return sum(p.numel() for p in MLP(64, 10, args.hidden).parameters())
 
 
-def measure_link(cluster, rate: str, per_machine: int, floats: int) -> dict[str, Any]:
+def measure_link(cluster, rate: str, per_machine: int, floats: int, runs: int = 3) -> dict[str, Any]:
     """Cap every machine's link at ``rate``, then between machines 1 and 2: TCP goodput, α, and
     gloo's bandwidth for an all-reduce of ``floats`` (the gradient's size)."""
     for number in range(1, len(cluster.network.machines) + 1):
         cluster.limit(number, None if rate_bits(rate) is None else rate)
     link = probe_link(cluster, rate)
     link["tcp_alpha_s"] = link.pop("alpha_s")
-    link.update(probe_gloo(cluster, floats))
+    link.update(probe_gloo(cluster, floats, runs=runs))
     link["alpha_s"] = link["gloo_all_reduce_1_float_s"] / (2 * (2 - 1))  # two machines' ring: 2 messages
     link.update(rate=rate, agents_per_machine=per_machine)
     print(f"  link {rate}: {describe_link(link)}", flush=True)
@@ -255,7 +255,7 @@ def machine_rows(args: argparse.Namespace, per_machine: int, compression: dict[s
             warm_up(args.strategies, args, frame, workers)
             print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
         for rate in args.rates:
-            links.append(measure_link(cluster, rate, per_machine, parameter_count(args)))
+            links.append(measure_link(cluster, rate, per_machine, parameter_count(args), args.probe_runs))
             rows += rate_rows(args, cluster, frame, per_machine, links[-1], compression)
     finally:
         try:
@@ -290,6 +290,8 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=1,
                         help="fits per row, interleaved across the strategies (medians printed)")
+    parser.add_argument("--probe-runs", type=int, default=3,
+                        help="runs of each link and compression probe (their medians are used)")
     parser.add_argument("--compression-work", choices=("measure", "none"), default="measure",
                         help="measure the leader's fp16/PowerSGD compression work apart, for the prediction")
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.compression_work == "measure":
         for strategy in ("fp16", "powersgd"):
             if strategy in args.strategies:
-                compression[strategy] = compression_compute(strategy, args.hidden)
+                compression[strategy] = compression_compute(strategy, args.hidden, runs=args.probe_runs)
                 print(f"  compression work of the leader, {strategy}: {compression[strategy] * 1e3:.2f} ms/step",
                       flush=True)
     for per_machine in args.per_machine:
