@@ -172,8 +172,7 @@ if rank == 0:
     print(json.dumps(out))
 """
 
-# all-reduces per step of each compression (PowerSGD: the uncompressed vectors, P, Q)
-COMPRESSION_ALL_REDUCES = {"fp16": 1, "bf16": 1, "powersgd": 3}
+POWERSGD_ALL_REDUCES = 3  # one after the other each step: the uncompressed vectors, P, Q
 
 
 def compression_compute(compression: str, hidden: list[int], calls: int = 50, runs: int = 3) -> float:
@@ -199,7 +198,7 @@ def _compression_probe(compression: str, hidden: list[int], calls: int) -> float
     times = json.loads(_run_with_peers(commands[0], commands[1:], env).strip().splitlines()[-1])
     if world == 1:
         return max(0.0, times[compression] - times["none"])
-    return max(0.0, times[compression] - COMPRESSION_ALL_REDUCES[compression] * times["one_float"])
+    return max(0.0, times[compression] - POWERSGD_ALL_REDUCES * times["one_float"])
 
 
 def rate_bits(rate: str) -> float | None:
@@ -298,7 +297,7 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
     rounds = max(1, math.ceil(math.log2(world)))
     if strategy in ("flat", "fp16", "powersgd"):  # the machines' leaders only
         reported = (summary or {}).get("bytes_across_machines_per_step")
-        all_reduces = 3 if strategy == "powersgd" else 1  # PowerSGD: P, Q and the uncompressed vectors
+        all_reduces = POWERSGD_ALL_REDUCES if strategy == "powersgd" else 1
         if reported is None:
             shrink = {"flat": 1.0, "fp16": 0.5, "powersgd": 0.0105}[strategy]
             return 2 * (machines - 1) / machines * size * shrink, "model", 2 * (machines - 1) * all_reduces
