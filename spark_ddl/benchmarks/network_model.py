@@ -306,7 +306,10 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
         return ring_all_reduce_bytes(size, machine_of), "model", 2 * (world - 1) * DDP_BUCKETS
     if strategy == "ps":  # reduce (ring + gather), the verdict broadcast, the parameters broadcast
         return reduce_broadcast_bytes(size, machine_of), "model", (world - 1) + 1 + 2 * rounds
-    if strategy == "local_sgd":  # parameters all-reduced every SYNC_EVERY steps
+    if strategy == "local_sgd":  # parameters averaged every SYNC_EVERY steps
+        reported = (summary or {}).get("bytes_across_machines_per_step")
+        if reported is not None:  # the flat exchange: the machines' leaders only
+            return float(reported), "summary", 2 * (machines - 1) / SYNC_EVERY
         return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY
     return float("nan"), "model", float("nan")  # async: no lock-step, no prediction
 

@@ -83,11 +83,17 @@ def _all_true(flag: bool) -> bool:
 
 
 class FlatGradientReducer:
-    """Owns the flat gradient buffer behind ``params``' ``.grad`` and averages it across all ranks."""
+    """Owns the flat gradient buffer behind ``params``' ``.grad`` and averages it across all ranks.
+
+    ``bind_gradients=False``: ``.grad`` is left alone and ``flat`` is only a staging buffer the
+    size of ``params``, for averaging something else the same way (local SGD's parameters).
+    """
 
     def __init__(self, params: Iterable[nn.Parameter], host_keys: list[str], timeout: float = 300.0,
-                 directory: str = SHARED_MEMORY_DIR, spin: bool = SPIN_BARRIER, compression: str = "none") -> None:
+                 directory: str = SHARED_MEMORY_DIR, spin: bool = SPIN_BARRIER, compression: str = "none",
+                 bind_gradients: bool = True) -> None:
         self._timeout = timeout
+        self._bound = bind_gradients
         self._spin = spin
         self._generation = 0
         self._params = [p for p in params if p.requires_grad]
@@ -135,11 +141,13 @@ class FlatGradientReducer:
         else:
             self.flat = torch.zeros(self.numel, dtype=self._dtype)
         self.flat.zero_()
-        offset = 0
-        for p in self._params:
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self._addresses = [p.grad.data_ptr() for p in self._params]
+        self._addresses: list[int] = []
+        if bind_gradients:
+            offset = 0
+            for p in self._params:
+                p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self._addresses = [p.grad.data_ptr() for p in self._params]
         _ACTIVE_REDUCERS.add(self)
 
     def abort(self, rank: int) -> None:
@@ -207,7 +215,8 @@ class FlatGradientReducer:
         gradients were. On one machine the agents check their chunks of the sum while it is in
         cache and tell each other through the shared file: no extra pass over the buffer.
         """
-        if any(p.grad is None or p.grad.data_ptr() != address for p, address in zip(self._params, self._addresses)):
+        if self._bound and any(p.grad is None or p.grad.data_ptr() != address
+                               for p, address in zip(self._params, self._addresses)):
             raise RuntimeError(
                 "a parameter's .grad no longer points into the flat gradient buffer (something set it to "
                 "None or replaced it, e.g. optimizer.zero_grad() with set_to_none=True); with "
@@ -365,8 +374,9 @@ class FlatGradientReducer:
         if not hasattr(self, "flat"):
             return
         _ACTIVE_REDUCERS.discard(self)
-        for p in self._params:
-            p.grad = None
+        if self._bound:
+            for p in self._params:
+                p.grad = None
         del self.flat
         if self._file is not None:
             self._file.close()

@@ -1,20 +1,27 @@
 """Local SGD: every agent steps on its own gradients; parameters are averaged every
-``sync_every`` steps and once more at the end (torch's PeriodicModelAverager).
+``sync_every`` steps and once more at the end.
 
 Fewer, larger messages than all-reduce. With ``sync_every=1`` and plain SGD it is the same
 update as all-reduce; with larger periods replicas drift between averages.
+
+How the parameters are averaged: on CPU agents whose trainable parameters share one dtype, through
+the flat exchange of ``host_reduce`` (the agents of one machine sum in shared memory, the machines'
+leaders all-reduce those sums over gloo: one message per machine, not per agent); elsewhere (GPUs,
+mixed dtypes) with torch's ``average_parameters`` (an all-reduce over every rank).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
-from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+import torch.distributed as dist
+from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from spark_ddl.sync.base import LockstepStrategy, StrategyEnv, StrategySettings, average_floating_buffers
+from spark_ddl.sync.base import (LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
+                                 average_floating_buffers, copy_flat_into)
+from spark_ddl.sync.host_reduce import FlatGradientReducer, HostLayout
 
 
 class LocalSGDStrategy(LockstepStrategy):
@@ -26,16 +33,26 @@ class LocalSGDStrategy(LockstepStrategy):
 
     @classmethod
     def create(cls, settings: StrategySettings, env: StrategyEnv) -> "LocalSGDStrategy":
-        return cls(env.device, settings.sync_every)
+        return cls(env.device, settings.sync_every, env.host_keys, settings.timeout)
 
-    def __init__(self, device: torch.device, sync_every: int) -> None:
+    def __init__(self, device: torch.device, sync_every: int, host_keys: list[str] | None = None,
+                 timeout: float = 300.0) -> None:
         super().__init__(device)
         self._sync_every = sync_every
-        # average after steps sync_every, 2*sync_every, ... (not after the very first step)
-        with warnings.catch_warnings():  # torch advises DDP for period 1; we offer it on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            self._averager = PeriodicModelAverager(period=sync_every, warmup_steps=sync_every - 1)
+        self._host_keys = host_keys
+        self._timeout = timeout
+        self._steps = 0  # synchronised steps so far (averages after sync_every, 2*sync_every, ...)
         self._unaveraged_steps = 0
+        self._params: list[nn.Parameter] = []
+        self._averager: FlatGradientReducer | None = None  # the flat exchange (CPU, one dtype), else None
+
+    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        super().setup(module, make_optimizer)
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self._params}
+        if self._device.type == "cpu" and len(dtypes) == 1:
+            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
+            self._averager = FlatGradientReducer(self._params, keys, self._timeout, bind_gradients=False)
 
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
@@ -45,22 +62,51 @@ class LocalSGDStrategy(LockstepStrategy):
             self.nonfinite.note_local_gradients([p.grad for p in self.module.parameters()])
         if self._update_allowed([p.grad for p in self.module.parameters()], collective=False):  # its own gradient
             self.optimizer.step()
-        # torch averages only parameters that have a gradient: zero them after averaging
-        with self.timed_exchange():  # every sync_every-th call averages; the others only count
-            self._averager.average_parameters(self.module.parameters())
-        self._unaveraged_steps = (self._unaveraged_steps + 1) % self._sync_every
+        self._steps += 1
+        self._unaveraged_steps = self._steps % self._sync_every
+        with self.timed_exchange():
+            if self._unaveraged_steps == 0:
+                self._average()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _average(self) -> None:
+        """Every replica takes the mean of the trainable parameters over all ranks (collective)."""
+        if self._averager is None:
+            average_parameters(iter(self._params), dist.group.WORLD)
+            return
+        with torch.no_grad():
+            torch.cat([p.detach().reshape(-1) for p in self._params], out=self._averager.flat)
+            self._averager.average()
+            copy_flat_into(self._averager.flat, self._params)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"averager_step": int(self._averager.step), "unaveraged_steps": self._unaveraged_steps}
+        return {"averager_step": self._steps, "unaveraged_steps": self._unaveraged_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._averager.step = int(state["averager_step"])
+        self._steps = int(state["averager_step"])
         self._unaveraged_steps = int(state["unaveraged_steps"])
 
     def finish(self) -> None:
         if self._unaveraged_steps:  # the replicas drifted since the last average
-            params = [p for p in self.module.parameters() if p.requires_grad]
-            average_parameters(iter(params), self._averager.process_group)
+            self._average()
         self._unaveraged_steps = 0
         average_floating_buffers(self.module)
+
+    def summary(self) -> dict[str, Any]:
+        """How the parameters were averaged; with the flat exchange, which ranks shared a machine and
+        the bytes this rank's machine sent to the others per average and per step."""
+        if self._averager is None:
+            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
+            return {"average_impl": "all_reduce", "machines": HostLayout.from_keys(keys, dist.get_rank()).hosts}
+        averager = self._averager
+        per_average = averager.bytes_across_machines
+        return {"average_impl": "flat", "shared_memory": averager.shared_memory,
+                "hosts": [len(h) for h in averager.layout.hosts], "machines": averager.machines.hosts,
+                "bytes_across_machines_per_average": per_average,
+                "bytes_across_machines_per_step": per_average / self._sync_every}
+
+    def close(self) -> None:
+        if self._averager is not None:
+            self._averager.close()
+            self._averager = None
+        super().close()

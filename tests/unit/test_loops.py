@@ -75,6 +75,7 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     sparse = settings.pop("sparse_ids", None)
+    host_keys = settings.pop("host_keys", None) or ["one-host"] * world_size
     config = TrainConfig(num_workers=world_size, loss="mse", shuffle=False, **settings).validate()
     if sparse is None:
         features, labels = shards(sizes)[rank]
@@ -87,7 +88,7 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
         train = Shard(spec, {"ids": ids}, labels)
         validation = Shard(spec, {"ids": ids[:0]}, labels[:0])
         model = IdRegression(sparse)
-    strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, ["one-host"] * world_size))
+    strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, host_keys))
     strategy.setup(model, lambda params: make_optimizer(config.optimizer, params, config.lr,
                                                         config.optimizer_kwargs, config.grad_clip_norm))
     context = LoopContext(config, strategy, train, validation, sizes, rank, world_size, torch.device("cpu"),
@@ -97,7 +98,7 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
         loop.resume(read_checkpoint(resume_from))
     result = loop.run()
     torch.save({"state": cpu_state(strategy.trained_module.state_dict()), "history": result.history,
-                "steps_run": result.steps_run}, f"{out}/rank{rank}.pt")
+                "steps_run": result.steps_run, "summary": strategy.summary()}, f"{out}/rank{rank}.pt")
     leave_group(release=strategy.close)
 
 
@@ -198,6 +199,26 @@ def test_local_sgd_equals_independent_runs_averaged_every_k_steps(tmp_path):
     # and it differs from all-reduce (the test could not pass by averaging every step)
     synchronous = plain_sgd(sizes, batch, epochs, lr=0.05)
     assert not all(torch.allclose(expected[n], synchronous[n], atol=1e-4) for n in expected)
+
+
+def test_local_sgd_averages_through_each_machine_and_sends_one_model_between_machines(tmp_path):
+    # 4 agents on 2 made-up machines, placed as Spark placed them on the testbed ({0, 2} and {1, 3}):
+    # each machine sums its agents' parameters in shared memory, its leader exchanges one model
+    sizes, batch, epochs, every = [24, 24, 24, 24], 8, 2, 2  # 6 updates: averages after 2, 4, 6
+    ranks = run_agents(tmp_path, sizes, sync="local_sgd", sync_every=every, batch_size=batch, epochs=epochs,
+                       lr=0.05, host_keys=["machine-a", "machine-b", "machine-a", "machine-b"])
+    expected = independent_sgd_averaged(sizes, batch, epochs, lr=0.05, every=every)
+    for rank in ranks:
+        assert_states_close(rank["state"], expected)
+    summary = ranks[0]["summary"]
+    assert summary["average_impl"] == "flat" and summary["machines"] == [[0, 2], [1, 3]]
+    assert summary["hosts"] == [2, 2] and summary["shared_memory"] is True
+    model_bytes = 4 * sum(p.numel() for p in network().parameters())
+    # two machines' leaders: each sends the model once per average (a ring all-reduce of two)
+    assert summary["bytes_across_machines_per_average"] == model_bytes
+    assert summary["bytes_across_machines_per_step"] == model_bytes / every
+    assert ranks[1]["summary"]["bytes_across_machines_per_average"] == model_bytes  # machine b's leader
+    assert ranks[2]["summary"]["bytes_across_machines_per_average"] == 0  # not a leader: nothing crosses
 
 
 def test_the_exchange_timer_counts_only_its_block_and_not_where_it_is_off():
