@@ -107,10 +107,15 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
     steps_per_epoch = max(steps_run) / max(len(history), 1)
     steady = history[1:] or history
     epoch_s = statistics.median(h["seconds"] for h in steady)
-    compute = [h["compute_seconds"] for h in steady if h.get("compute_seconds") is not None]
+    # what the exchanges wait for: between every two, the slowest agent's computation (else its total)
+    compute = [h.get("paced_compute_seconds", h.get("compute_seconds")) for h in steady
+               if h.get("compute_seconds") is not None]
+    total_compute = [h["compute_seconds"] for h in steady if h.get("compute_seconds") is not None]
     reached = next((i for i, h in enumerate(history) if (h.get("val_accuracy") or 0) >= args.target), None)
-    # wall: the fit's own time less the epochs after the one that reached the target (launch included)
-    to_target = None if reached is None else wall - sum(h["seconds"] for h in history[reached + 1:])
+    # wall: the fit's own time less the epochs (training and validation) after the one that reached the
+    # target: launch, the epochs up to it with their validation, and the model's return to the driver
+    later = history[reached + 1:] if reached is not None else []
+    to_target = None if reached is None else wall - sum(h["seconds"] + h.get("val_seconds", 0.0) for h in later)
     training_to_target = None if reached is None else sum(h["seconds"] for h in history[:reached + 1])
     link_bytes = None
     if before is not None and after is not None:
@@ -120,6 +125,8 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
             "seconds_per_step": epoch_s / steps_per_epoch if steps_per_epoch else None,
             "compute_seconds_per_step": (statistics.median(compute) / steps_per_epoch
                                          if compute and steps_per_epoch else None),
+            "slowest_total_compute_seconds_per_step": (statistics.median(total_compute) / steps_per_epoch
+                                                       if total_compute and steps_per_epoch else None),
             "steps_per_epoch": steps_per_epoch, "time_to_target_s": to_target,
             "training_seconds_to_target": training_to_target,
             "target_epoch": None if reached is None else reached + 1,
@@ -136,7 +143,8 @@ def median_row(fits: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.median(values) if values and len(values) * 2 > len(fits) else None
 
     row = {key: med(key) for key in ("fit_seconds", "seconds_per_epoch", "seconds_per_step", "steps_per_epoch",
-                                      "compute_seconds_per_step", "time_to_target_s", "training_seconds_to_target",
+                                      "compute_seconds_per_step", "slowest_total_compute_seconds_per_step",
+                                      "time_to_target_s", "training_seconds_to_target",
                                       "target_epoch", "link_bytes_per_step")}
     row["val_accuracy"] = fits[-1]["val_accuracy"]
     row["summary"] = fits[-1]["summary"]
@@ -189,18 +197,21 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
     report none), else contiguous."""
     parameters_bytes = 4 * parameter_count(args)
     machine_of = machine_of_rank(row["summary"].get("machines") or layout, args.machines, per_machine)
-    wire, source, messages = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
+    wire, source, messages, one_way_bytes = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
     compute, compute_source = row["compute_seconds_per_step"], "fit"
     if compute is None and strategy == "ddp" and flat_compute is not None:
         compute, compute_source = flat_compute, "flat"
-    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), bandwidth_key(strategy))
-    exchange_tcp = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), "goodput_bytes_per_s")
+    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), bandwidth_key(strategy),
+                                one_way_bytes)
+    exchange_tcp = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), "goodput_bytes_per_s",
+                                    one_way_bytes, "goodput_bytes_per_s")
     step = row["seconds_per_step"]
     predicted = compute + exchange if compute is not None and exchange is not None else None
     measured_exchange = step - compute if compute is not None and step else None
     row.update(agents=f"{args.machines}×{per_machine}", machines=args.machines, agents_per_machine=per_machine,
                rate=link["rate"], strategy=strategy, label=STRATEGIES[strategy][0],
                synchronous=strategy in SYNCHRONOUS, bytes_across_per_step=wire, bytes_source=source,
+               one_way_bytes_per_step=one_way_bytes,
                messages_per_step=messages, machine_of_rank=machine_of, compute_seconds_per_step=compute,
                compute_source=compute_source if compute is not None else None,
                compression_seconds_per_step=compression.get(strategy),

@@ -93,20 +93,26 @@ rank, address, port, calls, floats = int(sys.argv[1]), sys.argv[2], int(sys.argv
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=2,
                         timeout=__import__("datetime").timedelta(seconds=120))
-def timed(value, count, warm):
+def timed(call, count, warm, barrier=False):
     times = []
     for i in range(count + warm):
-        started = time.perf_counter(); dist.all_reduce(value); elapsed = time.perf_counter() - started
+        if barrier: dist.barrier()
+        started = time.perf_counter(); call(); elapsed = time.perf_counter() - started
         if i >= warm: times.append(elapsed)
     return times
-def sized(value):
-    first = torch.tensor([max(timed(value, 1, 1)[0], 1e-6)])
-    dist.all_reduce(first, op=dist.ReduceOp.MAX)  # both ranks run the same number of calls
-    return statistics.median(timed(value, int(min(50, max(5, 4.0 / first.item()))), 0))
-small = timed(torch.zeros(1), calls, 20)
+def slowest(seconds):  # both ranks run the same number of calls; the slower rank's time counts
+    value = torch.tensor([max(seconds, 1e-6)]); dist.all_reduce(value, op=dist.ReduceOp.MAX); return value.item()
+def sized(call, barrier=False):
+    first = slowest(timed(call, 1, 1, barrier)[0])
+    return slowest(statistics.median(timed(call, int(min(50, max(5, 4.0 / first))), 0, barrier)))
+def all_reduce(value): return lambda: dist.all_reduce(value)
+small = timed(all_reduce(torch.zeros(1)), calls, 20)
+big = torch.zeros(floats)
 out = {"gloo_all_reduce_1_float_s": statistics.median(small), "gloo_big_floats": floats,
-       "gloo_all_reduce_big_s": sized(torch.zeros(floats)),
-       "gloo_all_reduce_big_fp16_s": sized(torch.zeros(floats, dtype=torch.float16))}
+       "gloo_all_reduce_big_s": sized(all_reduce(big)),
+       "gloo_all_reduce_big_fp16_s": sized(all_reduce(torch.zeros(floats, dtype=torch.float16))),
+       # one direction: rank 0 to rank 1 (the receiver finishes last), both starting together
+       "gloo_broadcast_big_s": sized(lambda: dist.broadcast(big, 0), barrier=True)}
 dist.barrier(); dist.destroy_process_group()
 if rank == 0:
     print(json.dumps(out))
@@ -120,8 +126,13 @@ def probe_gloo(cluster, floats: int, calls: int = 200, runs: int = 3) -> dict[st
     with its own copies and threads (``gloo_bytes_per_s``: a two-member ring all-reduce of *S* bytes
     sends *S* each way; the bulk TCP goodput does not count gloo's CPU work); the same for ``floats``
     float16 (``gloo_fp16_bytes_per_s``: gloo sums half floats on the CPU far slower than floats, so
-    on a fast link fp16's half of the bytes is not half of the time). Medians of ``runs`` probes, each
-    in fresh processes (on an unlimited link one probe's all-reduce of *S* varied 1.6–3.6 ms)."""
+    on a fast link fp16's half of the bytes is not half of the time); and a broadcast of ``floats``
+    float32 from one machine to the other (``gloo_oneway_bytes_per_s``: *S* in one direction while
+    the other carries only acknowledgements — what ``parameter_server``'s gather and broadcast
+    move at; unlimited, no sum and no traffic the other way make it 2–3× an all-reduce's; on a capped
+    link the all-reduce's acknowledgements queue behind the other direction's data). Medians of
+    ``runs`` probes, each in fresh processes (on an unlimited link one probe's all-reduce of *S*
+    varied 1.6–3.6 ms)."""
     probes = [_probe_gloo_once(cluster, floats, calls) for _ in range(runs)]
     result = {key: statistics.median(probe[key] for probe in probes) for key in probes[0]}
     result["gloo_probe_runs"] = probes
@@ -136,10 +147,11 @@ def _probe_gloo_once(cluster, floats: int, calls: int) -> dict[str, float]:
                  str(rank), first.address, str(port), str(calls), str(floats)] for rank in (0, 1)]
     result = json.loads(_run_with_peers(commands[0], commands[1:], env).strip().splitlines()[-1])
     latency = result["gloo_all_reduce_1_float_s"]
-    for key, size, seconds in (("gloo_bytes_per_s", 4, "gloo_all_reduce_big_s"),
-                               ("gloo_fp16_bytes_per_s", 2, "gloo_all_reduce_big_fp16_s")):
-        wire = float(size * floats)  # per direction on two members: 2 · (1/2) · S
-        result[key] = wire / max(result[seconds] - latency, 1e-9)
+    for key, size, seconds, messages in (("gloo_bytes_per_s", 4, "gloo_all_reduce_big_s", 2),
+                                         ("gloo_fp16_bytes_per_s", 2, "gloo_all_reduce_big_fp16_s", 2),
+                                         ("gloo_oneway_bytes_per_s", 4, "gloo_broadcast_big_s", 1)):
+        wire = float(size * floats)  # all-reduce: per direction on two members, 2 · (1/2) · S; broadcast: S
+        result[key] = wire / max(result[seconds] - latency * messages / 2, 1e-9)
     return result
 
 
@@ -251,6 +263,15 @@ def critical_bytes(messages: list[tuple[int, int, float]], machine_of: list[int]
     return max([0.0, *out.values(), *into.values()])
 
 
+def one_way(messages: list[tuple[int, int, float]], machine_of: list[int]) -> bool:
+    """Whether ``messages`` (sent at the same time) use every link in one direction only: no machine
+    both sends to and receives from another (a gather, a broadcast's round), so the link's far
+    direction carries only acknowledgements."""
+    senders = {machine_of[s] for s, d, _ in messages if machine_of[s] != machine_of[d]}
+    receivers = {machine_of[d] for s, d, _ in messages if machine_of[s] != machine_of[d]}
+    return not senders & receivers
+
+
 def ring_all_reduce_bytes(size: float, machine_of: list[int]) -> float:
     """gloo's ring all-reduce over every rank (rank r sends to r + 1): a reduce-scatter and an
     all-gather, each (n − 1)/n of the payload along every ring edge."""
@@ -260,21 +281,26 @@ def ring_all_reduce_bytes(size: float, machine_of: list[int]) -> float:
     return 2 * critical_bytes([(r, (r + 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
 
 
-def reduce_broadcast_bytes(size: float, machine_of: list[int]) -> float:
+def reduce_broadcast_bytes(size: float, machine_of: list[int]) -> tuple[float, float]:
     """``parameter_server``'s exchange as gloo runs it: ``reduce`` to rank 0 (a ring reduce-scatter,
     rank r sending (n − 1)/n to r − 1, then every rank's 1/n chunk to the root), then
     ``broadcast`` from rank 0 (a binomial tree: in round i, ranks below 2^i send everything to
-    rank + 2^i), the phases one after the other."""
+    rank + 2^i), the phases one after the other. (All the bytes on the critical path, those of them
+    in phases that use the links one way only.)"""
     n = len(machine_of)
     if n < 2:
-        return 0.0
-    total = critical_bytes([(r, (r - 1) % n, (n - 1) / n * size) for r in range(n)], machine_of)
-    total += critical_bytes([(r, 0, size / n) for r in range(1, n)], machine_of)
+        return 0.0, 0.0
+    phases = [[(r, (r - 1) % n, (n - 1) / n * size) for r in range(n)], [(r, 0, size / n) for r in range(1, n)]]
     step = 1
     while step < n:
-        total += critical_bytes([(r, r + step, size) for r in range(step) if r + step < n], machine_of)
+        phases.append([(r, r + step, size) for r in range(step) if r + step < n])
         step *= 2
-    return total
+    total = one_way_total = 0.0
+    for phase in phases:
+        bytes_ = critical_bytes(phase, machine_of)
+        total += bytes_
+        one_way_total += bytes_ if one_way(phase, machine_of) else 0.0
+    return total, one_way_total
 
 
 def machine_of_rank(layout: list[list[int]] | None, machines: int, per_machine: int) -> list[int]:
@@ -289,10 +315,11 @@ def machine_of_rank(layout: list[list[int]] | None, machines: int, per_machine: 
 
 
 def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
-                summary: dict[str, Any] | None) -> tuple[float, str, float]:
+                summary: dict[str, Any] | None) -> tuple[float, str, float, float]:
     """(bytes on the critical path of the busiest link per step — phases that follow each other
-    add up; where the number comes from; messages per step on the critical path) for ``strategy``,
-    ranks placed on machines as ``machine_of`` says."""
+    add up; where the number comes from; messages per step on the critical path; how many of those
+    bytes travel in phases that use the links one way only) for ``strategy``, ranks placed on
+    machines as ``machine_of`` says. All-reduces use every link both ways at once."""
     size, world, machines = float(parameters_bytes), len(machine_of), len(set(machine_of))
     rounds = max(1, math.ceil(math.log2(world)))
     if strategy in ("flat", "fp16", "powersgd"):  # the machines' leaders only
@@ -300,18 +327,19 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
         all_reduces = POWERSGD_ALL_REDUCES if strategy == "powersgd" else 1
         if reported is None:
             shrink = {"flat": 1.0, "fp16": 0.5, "powersgd": 0.0105}[strategy]
-            return 2 * (machines - 1) / machines * size * shrink, "model", 2 * (machines - 1) * all_reduces
-        return float(reported), "summary", 2 * (machines - 1) * all_reduces
+            return 2 * (machines - 1) / machines * size * shrink, "model", 2 * (machines - 1) * all_reduces, 0.0
+        return float(reported), "summary", 2 * (machines - 1) * all_reduces, 0.0
     if strategy == "ddp":
-        return ring_all_reduce_bytes(size, machine_of), "model", 2 * (world - 1) * DDP_BUCKETS
+        return ring_all_reduce_bytes(size, machine_of), "model", 2 * (world - 1) * DDP_BUCKETS, 0.0
     if strategy == "ps":  # reduce (ring + gather), the verdict broadcast, the parameters broadcast
-        return reduce_broadcast_bytes(size, machine_of), "model", (world - 1) + 1 + 2 * rounds
+        total, one_way_bytes = reduce_broadcast_bytes(size, machine_of)
+        return total, "model", (world - 1) + 1 + 2 * rounds, one_way_bytes
     if strategy == "local_sgd":  # parameters averaged every SYNC_EVERY steps
         reported = (summary or {}).get("bytes_across_machines_per_step")
         if reported is not None:  # the flat exchange: the machines' leaders only
-            return float(reported), "summary", 2 * (machines - 1) / SYNC_EVERY
-        return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY
-    return float("nan"), "model", float("nan")  # async: no lock-step, no prediction
+            return float(reported), "summary", 2 * (machines - 1) / SYNC_EVERY, 0.0
+        return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY, 0.0
+    return float("nan"), "model", float("nan"), 0.0  # async: no lock-step, no prediction
 
 
 def describe_link(link: dict[str, Any]) -> str:
@@ -319,7 +347,8 @@ def describe_link(link: dict[str, Any]) -> str:
     return (f"TCP goodput {link['goodput_bytes_per_s'] * mbit:,.1f} Mbit/s, gloo {link['gloo_bytes_per_s'] * mbit:,.1f}"
             f" Mbit/s (all-reduce of {link['gloo_big_floats']:,} floats {link['gloo_all_reduce_big_s'] * 1e3:.2f} ms; "
             f"as float16 {link['gloo_fp16_bytes_per_s'] * mbit:,.1f} Mbit/s, "
-            f"{link['gloo_all_reduce_big_fp16_s'] * 1e3:.2f} ms), "
+            f"{link['gloo_all_reduce_big_fp16_s'] * 1e3:.2f} ms; one way, a broadcast: "
+            f"{link['gloo_oneway_bytes_per_s'] * mbit:,.1f} Mbit/s, {link['gloo_broadcast_big_s'] * 1e3:.2f} ms), "
             f"gloo all-reduce of one float {link['gloo_all_reduce_1_float_s'] * 1e6:.0f} µs "
             f"(α {link['alpha_s'] * 1e6:.0f} µs; TCP round trip / 2: {link['tcp_alpha_s'] * 1e6:.0f} µs)")
 
@@ -331,11 +360,15 @@ def bandwidth_key(strategy: str) -> str:
 
 
 def predict_exchange(wire_bytes: float, messages: float, link: dict[str, float],
-                     compression_s: float = 0.0, bandwidth: str = "gloo_bytes_per_s") -> float | None:
+                     compression_s: float = 0.0, bandwidth: str = "gloo_bytes_per_s", one_way_bytes: float = 0.0,
+                     one_way_bandwidth: str = "gloo_oneway_bytes_per_s") -> float | None:
     """Seconds per step of the exchange between machines: the leader's compression work + the wire
     bytes at the link's ``bandwidth`` (gloo's own, measured with a gradient-sized all-reduce; or
-    ``goodput_bytes_per_s``, a bulk TCP send's) + the messages on the critical path at α each
-    (None: async)."""
+    ``goodput_bytes_per_s``, a bulk TCP send's), those of them sent one way only at
+    ``one_way_bandwidth`` (gloo's broadcast) + the messages on the critical path at α each (None:
+    async)."""
     if not math.isfinite(wire_bytes):
         return None
-    return compression_s + wire_bytes / link[bandwidth] + messages * link["alpha_s"]
+    both_ways = wire_bytes - one_way_bytes
+    return (compression_s + both_ways / link[bandwidth] + one_way_bytes / link[one_way_bandwidth]
+            + messages * link["alpha_s"])

@@ -95,7 +95,9 @@ class TorchModel(Model, SharedParams, MLWritable, MLReadable):
     @property
     def history(self) -> list[dict[str, Any]]:
         """One dict per epoch: epoch, train_loss, samples, seconds, samples_per_s (lock-step strategies that
-        time their exchange, i.e. all but DDP: compute_seconds, the slowest agent's seconds outside it)."""
+        time their exchange, i.e. all but DDP: compute_seconds, the slowest agent's seconds outside it;
+        paced_compute_seconds, between every two exchanges the slowest agent's, summed); with validation
+        val_loss, val_samples, val_seconds (and val_accuracy for classifiers)."""
         return list(self.summary.get("history", []))
 
     def plot_history(self, path: str) -> str:

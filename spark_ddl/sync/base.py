@@ -201,6 +201,7 @@ class LockstepStrategy(SyncStrategy):
     # seconds this agent spent in its exchange with the others so far (its collectives, waits for the
     # other agents and compression included), or None where the exchange runs inside backward (DDP)
     exchange_seconds: float | None = 0.0
+    exchanges: int = 0  # timed exchanges so far (the points where every agent waits for the others)
 
     @contextmanager
     def timed_exchange(self) -> Iterator[None]:
@@ -211,6 +212,7 @@ class LockstepStrategy(SyncStrategy):
         finally:
             if self.exchange_seconds is not None:
                 self.exchange_seconds += time.perf_counter() - started
+                self.exchanges += 1
 
     def micro_step(self, sync: bool) -> ContextManager[None]:
         """Context for the forward and backward of one micro-step (DDP: no_sync when not sync)."""

@@ -64,8 +64,8 @@ class LocalSGDStrategy(LockstepStrategy):
             self.optimizer.step()
         self._steps += 1
         self._unaveraged_steps = self._steps % self._sync_every
-        with self.timed_exchange():
-            if self._unaveraged_steps == 0:
+        if self._unaveraged_steps == 0:
+            with self.timed_exchange():
                 self._average()
         self.optimizer.zero_grad(set_to_none=True)
 

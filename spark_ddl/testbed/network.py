@@ -189,7 +189,9 @@ class Network:
             prefix = ["ip", "netns", "exec", netns] if netns else []
             _quiet(*prefix, "tc", "qdisc", "del", "dev", device, "root")
             if rate is not None:
-                burst = max(32 * 1024, _bits_per_second(rate) // 8 // 250)  # ~4 ms of traffic per burst
+                # the bucket: ~4 ms of traffic, at most 64 KiB (at 1 Gbit/s 4 ms is 500 KB, which refills while
+                # the other direction works and lets a one-way phase start at the veth's own speed)
+                burst = max(32 * 1024, min(64 * 1024, _bits_per_second(rate) // 8 // 250))
                 subprocess.run([*prefix, "tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
                                 "burst", str(burst), "latency", "100ms"], check=True, capture_output=True, text=True)
 

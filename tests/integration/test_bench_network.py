@@ -39,6 +39,7 @@ def test_the_smallest_network_benchmark_reports_rows_and_halved_fp16_bytes(sessi
     assert link["gloo_big_floats"] == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     assert 30e6 < link["gloo_bytes_per_s"] * 8 < 110e6
     assert 30e6 < link["gloo_fp16_bytes_per_s"] * 8 < 110e6  # half floats: the wire limits them here too
+    assert 30e6 < link["gloo_oneway_bytes_per_s"] * 8 < 110e6  # a broadcast, one way: the cap again
     assert len(link["gloo_probe_runs"]) == 1  # --probe-runs (3 by default: medians)
     rows = {row["strategy"]: row for row in result["rows"]}
     assert set(rows) == {"flat", "fp16"}

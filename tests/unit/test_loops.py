@@ -139,11 +139,15 @@ def test_synchronous_strategies_equal_one_process_on_the_combined_batch(tmp_path
     assert [h["samples"] for h in ranks[0]["history"]] == [98, 98]
     assert ranks[0]["steps_run"] == ranks[1]["steps_run"] == epochs * math.ceil(61 / batch)
     # the slowest agent's seconds outside the exchange; DDP exchanges inside backward: not timed
-    for record in ranks[0]["history"]:
+    for record, other in zip(ranks[0]["history"], ranks[1]["history"]):
         if allreduce_impl == "ddp":
-            assert "compute_seconds" not in record
+            assert "compute_seconds" not in record and "paced_compute_seconds" not in record
         else:
             assert 0 < record["compute_seconds"] < record["seconds"] + 0.5
+            # between every two exchanges the slowest agent's: at least the slowest agent's total, the
+            # same number on every rank
+            assert record["compute_seconds"] - 1e-3 <= record["paced_compute_seconds"] < record["seconds"] + 0.5
+            assert record["paced_compute_seconds"] == other["paced_compute_seconds"]
 
 
 @pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -108,7 +109,8 @@ class Loop(Protocol):
 
 def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
     """Collective: the loss (and accuracy for classifiers, and the user's ``eval_step``
-    metrics) over every agent's validation rows, weighted by rows."""
+    metrics) over every agent's validation rows, weighted by rows; ``val_seconds``: how long it took."""
+    started = time.perf_counter()
     config, validation, device = context.config, context.validation, context.device
     goal = objective(config.loss)
     classifier = goal.classifier and config.train_step is None  # train_step: the loss is the user's
@@ -138,6 +140,7 @@ def validate(context: LoopContext, module: nn.Module) -> dict[str, Any]:
         dist.all_gather_object(everyone, metrics)
         for name in sorted({key for sums_of_rank in everyone for key in sums_of_rank}):
             record[f"val_{name}"] = sum(m.get(name, 0.0) for m in everyone) / float(sums[2])
+    record["val_seconds"] = time.perf_counter() - started
     return record
 
 

@@ -92,6 +92,7 @@ class EpochLoop:
         model, heartbeat, world_size = strategy.module, context.heartbeat, context.world_size
         model.train()
         started, exchanged = time.perf_counter(), strategy.exchange_seconds
+        paced = None if exchanged is None else PacedCompute(strategy, started, max(self.steps - first_step, 1))
         # one seeded order per shard this agent runs (its own; elastic: several), so that the
         # global batch and sample order are those of num_workers agents whatever the agent count
         orders = [offset + epoch_order(rows, epoch, config.shuffle, config.seed, shard)
@@ -127,6 +128,8 @@ class EpochLoop:
             self.steps_run += 1
             if sync:
                 self._after_update(epoch, step, loss_sum)
+            if paced is not None:
+                paced.after_step(step - first_step, last=step == self.steps - 1)
         heartbeat.set("end of epoch: summing the loss over agents", waiting=True, epoch=epoch, step=None)
         mine = float(sum(rows for _, _, rows in context.parts))
         # and in slot 2 + rank, this rank's seconds outside the exchange (where the strategy times it)
@@ -141,6 +144,8 @@ class EpochLoop:
                   "seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else None}
         if exchanged is not None:  # the slowest agent's computation: every exchange waits for it
             record["compute_seconds"] = float(totals[2:].max().item())
+        if paced is not None:
+            record["paced_compute_seconds"] = paced.total(context.device)
         return record
 
     def _after_update(self, epoch: int, step: int, loss_sum: float) -> None:
@@ -212,3 +217,31 @@ class EpochLoop:
         self.history = list(state["history"])
         self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
         self.start_loss_sum, self.updates = float(mine["loss_sum"]), int(state["updates"])
+
+
+class PacedCompute:
+    """The computation a lock-step epoch waits for: between every two exchanges, the slowest agent's
+    seconds outside the exchange, summed (``paced_compute_seconds``; at least ``compute_seconds``,
+    the slowest agent's total, which lets the agents' per-step jitter count as exchange). Each agent
+    writes its computation since the last exchange into the slot of the step that exchanged (every
+    agent exchanges at the same steps); one MAX all-reduce over the epoch's steps at its end."""
+
+    def __init__(self, strategy: Any, started: float, steps: int) -> None:
+        self._strategy = strategy
+        self._since, self._exchange_seconds, self._exchanges = started, strategy.exchange_seconds, strategy.exchanges
+        self._slots = torch.zeros(steps, dtype=torch.float64)
+
+    def after_step(self, slot: int, last: bool) -> None:
+        """Close the segment if the step exchanged (or is the epoch's last: the epoch's end waits)."""
+        strategy = self._strategy
+        if strategy.exchanges == self._exchanges and not last:
+            return
+        now = time.perf_counter()
+        self._slots[slot] += now - self._since - (strategy.exchange_seconds - self._exchange_seconds)
+        self._since, self._exchange_seconds, self._exchanges = now, strategy.exchange_seconds, strategy.exchanges
+
+    def total(self, device: torch.device) -> float:
+        """Collective: the sum over segments of the slowest agent's computation."""
+        slots = self._slots.to(device)
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX)
+        return float(slots.sum().item())
