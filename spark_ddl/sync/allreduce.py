@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
-from spark_ddl.sync.host_reduce import FlatGradientReducer, HostLayout
+from spark_ddl.sync.host_reduce import FlatGradientReducer
+from spark_ddl.sync.shared_memory import machine_keys, machines_of
 from spark_ddl.sync.machine_exchange import FLAT_COMPRESSIONS, powersgd_state
 from spark_ddl.sync.sparse_rows import average_sparse_gradient, make_tables_sparse, sparse_parameters, sparse_policy
 
@@ -144,7 +145,7 @@ class AllReduceStrategy(LockstepStrategy):
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             self.exchange_seconds = 0.0
             broadcast_state(module)
-            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
+            keys = machine_keys(self._host_keys)
             make_tables_sparse(module, self._sparse_policy)
             self._sparse = sparse_parameters(module)
             dense = [p for p in module.parameters() if not any(p is s for s in self._sparse)]
@@ -201,13 +202,11 @@ class AllReduceStrategy(LockstepStrategy):
         the bytes this rank's machine sent to the others per step (``FlatGradientReducer``'s
         ``bytes_across_machines``: the last step's, the steady state)."""
         if self._reducer is None:
-            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
             return {"allreduce_impl": "ddp", "compression": self._compression,
-                    "machines": HostLayout.from_keys(keys, dist.get_rank()).hosts}
+                    "machines": machines_of(self._host_keys)}
         reducer = self._reducer
-        return {"allreduce_impl": "flat", "shared_memory": reducer.shared_memory,
-                "hosts": [len(h) for h in reducer.layout.hosts], "machines": reducer.machines.hosts,
-                "compression": reducer.compression, "bytes_across_machines_per_step": reducer.bytes_across_machines,
+        return {"allreduce_impl": "flat", **reducer.placement(), "compression": reducer.compression,
+                "bytes_across_machines_per_step": reducer.bytes_across_machines,
                 "sparse_tables": len(self._sparse)}
 
     def close(self) -> None:

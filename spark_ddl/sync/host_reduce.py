@@ -160,6 +160,12 @@ class FlatGradientReducer:
         """Whether the agents of every machine with several agents exchange gradients through shared memory."""
         return self._shared
 
+    def placement(self) -> dict[str, object]:
+        """For a summary: shared_memory, the agents per host of the exchange (``hosts``) and the ranks on
+        each machine (``machines``)."""
+        return {"shared_memory": self._shared, "hosts": [len(h) for h in self.layout.hosts],
+                "machines": self.machines.hosts}
+
     def _open_shared_file(self, layout: HostLayout, directory: str) -> HostLayout:
         """Map this machine's file (collective); the layout to use (one rank per host if any rank failed).
 

@@ -21,7 +21,8 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from spark_ddl.sync.base import (LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
                                  average_floating_buffers, copy_flat_into)
-from spark_ddl.sync.host_reduce import FlatGradientReducer, HostLayout
+from spark_ddl.sync.host_reduce import FlatGradientReducer
+from spark_ddl.sync.shared_memory import machine_keys, machines_of
 
 
 class LocalSGDStrategy(LockstepStrategy):
@@ -51,8 +52,8 @@ class LocalSGDStrategy(LockstepStrategy):
         self._params = [p for p in module.parameters() if p.requires_grad]
         dtypes = {p.dtype for p in self._params}
         if self._device.type == "cpu" and len(dtypes) == 1:
-            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
-            self._averager = FlatGradientReducer(self._params, keys, self._timeout, bind_gradients=False)
+            self._averager = FlatGradientReducer(self._params, machine_keys(self._host_keys), self._timeout,
+                                                 bind_gradients=False)
 
     def step(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()
@@ -96,13 +97,9 @@ class LocalSGDStrategy(LockstepStrategy):
         """How the parameters were averaged; with the flat exchange, which ranks shared a machine and
         the bytes this rank's machine sent to the others per average and per step."""
         if self._averager is None:
-            keys = self._host_keys or [str(r) for r in range(dist.get_world_size())]
-            return {"average_impl": "all_reduce", "machines": HostLayout.from_keys(keys, dist.get_rank()).hosts}
-        averager = self._averager
-        per_average = averager.bytes_across_machines
-        return {"average_impl": "flat", "shared_memory": averager.shared_memory,
-                "hosts": [len(h) for h in averager.layout.hosts], "machines": averager.machines.hosts,
-                "bytes_across_machines_per_average": per_average,
+            return {"average_impl": "all_reduce", "machines": machines_of(self._host_keys)}
+        per_average = self._averager.bytes_across_machines
+        return {"average_impl": "flat", **self._averager.placement(), "bytes_across_machines_per_average": per_average,
                 "bytes_across_machines_per_step": per_average / self._sync_every}
 
     def close(self) -> None:

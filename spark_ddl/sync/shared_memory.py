@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 SHARED_MEMORY_DIR = "/dev/shm"
 _TOKEN_BYTES = 32  # the run's token opens the file, so an agent can tell it mapped its leader's file
@@ -83,6 +84,17 @@ class HostLayout:
     @property
     def leaders(self) -> list[int]:
         return [h[0] for h in self.hosts]
+
+
+def machine_keys(host_keys: list[str] | None) -> list[str]:
+    """Every rank's machine key: ``host_keys``, or where none were given one key per rank (every agent
+    its own machine)."""
+    return host_keys or [str(r) for r in range(dist.get_world_size())]
+
+
+def machines_of(host_keys: list[str] | None) -> list[list[int]]:
+    """The ranks on each machine (the summary's ``machines`` where no flat reducer runs)."""
+    return HostLayout.from_keys(machine_keys(host_keys), dist.get_rank()).hosts
 
 
 class SharedGradientFile:
