@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from spark_ddl.agent.function import run_function
 from spark_ddl.agent.heartbeat import Heartbeat, interruptible
+from spark_ddl.agent.memory import freeze_startup_objects
 from spark_ddl.agent.training import train
 from spark_ddl.common.wire import AgentFailure, AgentJob
 from spark_ddl.sync.host_reduce import LocalPeerError, abort_local_peers
@@ -35,6 +36,7 @@ def run_agent(job: AgentJob, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
     function); rank 0 yields the result rows."""
     from pyspark import BarrierTaskContext
 
+    freeze_startup_objects()
     context = BarrierTaskContext.get()
     rank = context.partitionId()
     attempt, config = job.attempt, job.task.config

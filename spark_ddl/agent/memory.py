@@ -4,6 +4,7 @@ high again for training, so that a step's large tensors reuse the heap)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -11,6 +12,18 @@ from typing import Any
 log = logging.getLogger("spark_ddl.agent")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
+_startup_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Once per Python worker: move the objects alive now (torch, pyspark and the project, imported)
+    out of the cycle collector's sight. Leaving the group runs a full collection (the process group
+    must be freed before it is destroyed); without this it walks the ~200k objects of the imports
+    every time: 0.08 s alone, up to 0.7 s with four agents on two cores."""
+    global _startup_frozen
+    if not _startup_frozen:
+        gc.freeze()
+        _startup_frozen = True
 
 
 def reset_peak_rss() -> None:

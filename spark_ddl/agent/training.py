@@ -234,7 +234,12 @@ def build_strategy(job: AgentJob, device: torch.device, peers: Peers) -> SyncStr
     task = job.task
     config = task.config
     weights = task.module_weights  # an architecture-only pickle's weights (bytes, or a shipped file)
-    module = task.model.build("train", weights.open if isinstance(weights, ShippedWeights) else weights)
+    # every rank builds with the fit's seed, so the replicas usually start equal and the setup only
+    # compares them; each rank's own random stream (seed + rank: dropout, sampling) goes on after
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed)
+        module = task.model.build("train", weights.open if isinstance(weights, ShippedWeights) else weights)
     if task.initial_weights is not None:
         module.load_state_dict(state_dict_from_bytes(task.initial_weights))
     module = module.to(device)
@@ -273,7 +278,7 @@ def finish(job: AgentJob, strategy: SyncStrategy, result: LoopResult, stats: Ran
         "history": result.history, "world_size": peers.rendezvous.world_size, "shard_sizes": peers.shard_sizes,
         "rendezvous": peers.rendezvous.route, "validation_sizes": peers.validation_sizes,
         "device": setup.plan.device, "backend": setup.plan.backend, "threads_per_agent": setup.threads,
-        "best_epoch": result.best_epoch,
+        "best_epoch": result.best_epoch, "initial_broadcast": strategy.initial_broadcast,
         "shard_storage": "memory" if isinstance(setup.shard, Shard) else "disk",
         "stopped_early": result.stopped_early, "skipped_updates": result.skipped_at,
         **{f"{f.name}_per_rank": [getattr(s, f.name) for s in per_rank] for f in fields(RankStats)},

@@ -88,7 +88,9 @@ class TrainConfig:
         "none", "gradient compression for sync='allreduce': 'fp16' or 'bf16' (casts), 'powersgd' (rank-1, with "
         "error feedback). allreduce_impl='flat' compresses only what crosses machines (inside a machine: shared "
         "memory at full precision; every agent on one machine: no effect); 'ddp' uses torch's DDP communication "
-        "hooks on every all-reduce ('bf16' there needs NCCL)", choices=COMPRESSIONS, resume_checked=True)
+        "hooks on every all-reduce ('bf16' there needs NCCL). sync='local_sgd': 'fp16' or 'bf16', each "
+        "replica's change since the last average crosses machines in the low precision",
+        choices=COMPRESSIONS, resume_checked=True)
     sparse_embeddings: str = setting(
         "auto", "sync='allreduce' on CPU: exchange only the rows a batch touched of embedding tables ('always'), "
         "never ('never'), or for tables of 16 MB and more when the update allows it ('auto': optimizer='sgd' "

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spark_ddl.errors import ConfigError
-from spark_ddl.sync.base import LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state
+from spark_ddl.sync.base import (LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings, broadcast_state,
+                                 make_replicas_identical)
 from spark_ddl.sync.host_reduce import FlatGradientReducer
 from spark_ddl.sync.shared_memory import machine_keys, machines_of
 from spark_ddl.sync.machine_exchange import FLAT_COMPRESSIONS, powersgd_state
@@ -144,7 +145,7 @@ class AllReduceStrategy(LockstepStrategy):
         self.exchange_seconds = None  # DDP: the exchange runs inside backward (the flat reducer: timed)
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             self.exchange_seconds = 0.0
-            broadcast_state(module)
+            self.initial_broadcast = make_replicas_identical(module, self._device)
             keys = machine_keys(self._host_keys)
             make_tables_sparse(module, self._sparse_policy)
             self._sparse = sparse_parameters(module)
@@ -153,10 +154,11 @@ class AllReduceStrategy(LockstepStrategy):
             self._optimizer = make_optimizer(module.parameters())
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
+        self.initial_broadcast = make_replicas_identical(module, self._device)  # so DDP need not (init_sync)
         # gradients live in the all-reduce buckets: one copy less per step, and less memory
         # buffers: rank 0's are broadcast after every update (step), not by DDP before every forward
         self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,
-                                            **_no_buffer_sync_before_forward())
+                                            init_sync=False, **_no_buffer_sync_before_forward())
         register_compression(self._ddp, self._compression)
         self._optimizer = make_optimizer(self._ddp.parameters())
 

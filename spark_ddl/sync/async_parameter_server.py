@@ -37,7 +37,8 @@ from spark_ddl.common.optimizers import make_scheduler
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.async_server import DONE, HEADER, HELLO, PUSH, AsyncServer
 from spark_ddl.sync.base import (AsyncStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
-                                 average_floating_buffers, broadcast_state, copy_flat_into, flatten)
+                                 average_floating_buffers, copy_flat_into, flatten,
+                                 make_replicas_identical)
 from spark_ddl.sync.sparse_rows import dense_gradient
 
 
@@ -131,7 +132,7 @@ class AsyncParameterServerStrategy(AsyncStrategy):
     # -- lifecycle -------------------------------------------------------------------------
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        broadcast_state(module)  # identical buffers; parameters come from the server anyway
+        self.initial_broadcast = make_replicas_identical(module, self._device)  # parameters come from the server anyway
         self._module = module
         self._optimizer = make_optimizer(module.parameters())  # the agent's own never steps
         self._params = [p for p in module.parameters() if p.requires_grad]

@@ -21,6 +21,7 @@ from torch import nn
 
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.finite import NonFiniteGuard, all_finite
+from spark_ddl.sync.guard import state_is_identical
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -98,6 +99,16 @@ def broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False)
         copy_flat_into(flat, group)
 
 
+def make_replicas_identical(module: nn.Module, device: torch.device) -> bool:
+    """Collective: give every replica rank 0's parameters and buffers; True if that took a broadcast.
+    Replicas built equal (the same seed, a pickled module, a warm start) are only compared, so a big
+    model does not cross a slow network once more before training starts."""
+    if state_is_identical(module, device):
+        return False
+    broadcast_state(module)
+    return True
+
+
 def average_floating_buffers(module: nn.Module) -> None:
     """Average floating buffers (e.g. batch-norm statistics: every agent saw other rows) across ranks."""
     for buffer in module.buffers():
@@ -128,6 +139,7 @@ class SyncStrategy(ABC):
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self.nonfinite: NonFiniteGuard | None = None  # set by the loop: checks before every update
+        self.initial_broadcast: bool | None = None  # whether setup broadcast rank 0's state (else: built equal)
 
     def _update_allowed(self, gradients: list[torch.Tensor | None], collective: bool = True,
                         known_finite: bool = True) -> bool:
@@ -145,7 +157,7 @@ class SyncStrategy(ABC):
         if settings.compression != "none" and not cls.supports_compression:
             raise ConfigError(
                 f"compression={settings.compression!r} works with sync='allreduce' (its gradient "
-                f"exchange), not with sync={cls.name!r}."
+                f"exchange) and, 'fp16'/'bf16', with sync='local_sgd', not with sync={cls.name!r}."
             )
 
     @classmethod
@@ -155,7 +167,7 @@ class SyncStrategy(ABC):
 
     def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Make the replicas identical (rank 0's parameters win) and build the optimiser."""
-        broadcast_state(module)
+        self.initial_broadcast = make_replicas_identical(module, self._device)
         self._module = module
         self._optimizer = make_optimizer(module.parameters())
 

@@ -44,6 +44,19 @@ def tensor_checksums(module: nn.Module, device: torch.device) -> tuple[list[str]
     return names, stacked.to(device)
 
 
+def state_is_identical(module: nn.Module, device: torch.device) -> bool:
+    """Collective: whether every rank holds the same parameters and buffers (the same checksums; one
+    all-reduce of a few numbers per tensor). Every rank gets the same answer; NaN anywhere: False."""
+    sums = [_checksums(t) for t in list(module.parameters()) + list(module.buffers())]
+    if not sums:
+        return True
+    local = torch.cat(sums).to(device)
+    extremes = torch.cat([local, -local])  # the maximum of -x is minus the minimum of x
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    highest, lowest = extremes[: local.numel()], -extremes[local.numel():]
+    return bool(torch.isfinite(extremes).all()) and torch.equal(highest, lowest)
+
+
 def check_replicas(module: nn.Module, device: torch.device, where: str) -> None:
     """Raise ReplicaDivergenceError on every rank if any replica differs from rank 0's, or
     NonFiniteLossError if any replica holds NaN or infinite values (training diverged: NaN is

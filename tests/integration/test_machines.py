@@ -92,6 +92,7 @@ def test_agents_on_two_machines_equal_one_process_on_the_combined_batch(spark, a
     assert sorted(r for machine in summary["machines"] for r in machine) == list(range(agents))
     parameters = sum(p.numel() for p in initial.parameters())
     assert summary["bytes_across_machines_per_step"] == 4 * parameters  # the float32 gradient, once per step
+    assert summary["initial_broadcast"] is False  # one pickled module: equal replicas, compared only
 
 
 def test_compression_between_machines_cuts_the_bytes_that_cross_them(spark):
@@ -107,6 +108,11 @@ def test_compression_between_machines_cuts_the_bytes_that_cross_them(spark):
     assert crossed["fp16"] * 2 == crossed["none"]
     assert crossed["powersgd"] < crossed["none"]
     assert max_relative_difference(weights["fp16"], weights["none"]) <= 1e-2  # fp16 rounding, no more
+    # local SGD: the change since the last average crosses in fp16, half a float32 model per average
+    model = _estimator(2, sync="local_sgd", sync_every=2, compression="fp16").fit(frame)
+    parameters = sum(p.numel() for p in weights["none"].parameters())
+    assert model.summary["compression"] == "fp16" and model.summary["average_impl"] == "flat"
+    assert model.summary["bytes_across_machines_per_average"] == 2 * parameters
 
 
 def _cut_when_started(cluster, marker: str, number: int) -> dict[str, float]:

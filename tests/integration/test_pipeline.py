@@ -240,6 +240,8 @@ def test_an_unfitted_pipeline_saves_loads_and_then_fits_the_same_model(digits, t
     for name in ("model", "model_kwargs", "lr", "epochs", "seed", "labelCol", "feature_cols", "validation_fraction"):
         assert loaded_estimator.getOrDefault(name) == estimator.getOrDefault(name), name
     original, reloaded = pipeline.fit(train), loaded.fit(train)
+    # every agent built the class with the fit's seed: the replicas were compared, not broadcast
+    assert original.stages[-1].summary["initial_broadcast"] is False
     # same settings, same seed: the same training run
     assert_same_state(reloaded.stages[-1].get_module().state_dict(), original.stages[-1].get_module().state_dict())
     accuracy = reloaded.transform(test).select(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]

@@ -86,11 +86,13 @@ def test_bf16_compression_with_ddp_on_cpu_says_it_needs_nccl(spark):
         fit_with(spark, "allreduce", compression="bf16", allreduce_impl="ddp")
 
 
-def test_compression_needs_allreduce(spark):
+def test_compression_needs_allreduce_or_local_sgd_casts(spark):
     from spark_ddl import ConfigError
 
     with pytest.raises(ConfigError, match="works with sync='allreduce'"):
-        fit_with(spark, "local_sgd", compression="fp16")
+        fit_with(spark, "parameter_server", compression="fp16")
+    with pytest.raises(ConfigError, match="does not apply to sync='local_sgd'.*'fp16' or 'bf16'"):
+        fit_with(spark, "local_sgd", compression="powersgd")
 
 
 @pytest.mark.parametrize("sync", ["allreduce", "parameter_server"])

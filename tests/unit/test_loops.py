@@ -76,6 +76,7 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
                             timeout=timedelta(seconds=60))
     sparse = settings.pop("sparse_ids", None)
     host_keys = settings.pop("host_keys", None) or ["one-host"] * world_size
+    nudge = settings.pop("nudge", None)  # (rank, amount): that rank's first weight starts off by amount
     config = TrainConfig(num_workers=world_size, loss="mse", shuffle=False, **settings).validate()
     if sparse is None:
         features, labels = shards(sizes)[rank]
@@ -88,6 +89,9 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
         train = Shard(spec, {"ids": ids}, labels)
         validation = Shard(spec, {"ids": ids[:0]}, labels[:0])
         model = IdRegression(sparse)
+    if nudge is not None and rank == nudge[0]:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += nudge[1]
     strategy = make_strategy(config, config.sync, StrategyEnv(torch.device("cpu"), sizes, host_keys))
     strategy.setup(model, lambda params: make_optimizer(config.optimizer, params, config.lr,
                                                         config.optimizer_kwargs, config.grad_clip_norm))
@@ -98,7 +102,8 @@ def _agent(rank: int, world_size: int, store: str, sizes: list[int], settings: d
         loop.resume(read_checkpoint(resume_from))
     result = loop.run()
     torch.save({"state": cpu_state(strategy.trained_module.state_dict()), "history": result.history,
-                "steps_run": result.steps_run, "summary": strategy.summary()}, f"{out}/rank{rank}.pt")
+                "steps_run": result.steps_run, "summary": strategy.summary(),
+                "initial_broadcast": strategy.initial_broadcast}, f"{out}/rank{rank}.pt")
     leave_group(release=strategy.close)
 
 
@@ -223,6 +228,119 @@ def test_local_sgd_averages_through_each_machine_and_sends_one_model_between_mac
     assert summary["bytes_across_machines_per_step"] == model_bytes / every
     assert ranks[1]["summary"]["bytes_across_machines_per_average"] == model_bytes  # machine b's leader
     assert ranks[2]["summary"]["bytes_across_machines_per_average"] == 0  # not a leader: nothing crosses
+
+
+def fp16_local_sgd_reference(sizes: list[int], batch_size: int, epochs: int, lr: float, every: int,
+                             machines: list[list[int]], low: torch.dtype) -> dict:
+    """Independent SGD per shard; every ``every`` updates (and at the end) each replica's change since
+    the last average is summed per machine in float32, each machine's share of the mean cast to
+    ``low``, the two shares summed in ``low`` and cast back, and added to the last average."""
+    parts = shards(sizes)
+    models = [network() for _ in parts]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    anchors = [p.detach().clone() for p in models[0].parameters()]
+    world = len(parts)
+
+    def average() -> None:
+        with torch.no_grad():
+            for index, tensors in enumerate(zip(*(m.parameters() for m in models))):
+                deltas = [t - anchors[index] for t in tensors]
+                sums = [sum(deltas[r] for r in machine) for machine in machines]
+                shares = [(total * (1.0 / world)).to(low) for total in sums]
+                anchors[index] = anchors[index] + (shares[0] + shares[1]).float()
+                for t in tensors:
+                    t.copy_(anchors[index])
+
+    steps = math.ceil(sizes[0] / batch_size)
+    for update in range(1, epochs * steps + 1):
+        window = slice(((update - 1) % steps) * batch_size, ((update - 1) % steps + 1) * batch_size)
+        for model, optimizer, (x, y) in zip(models, optimizers, parts):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x[window]).reshape(-1), y[window]).backward()
+            optimizer.step()
+        if update % every == 0:
+            average()
+    if (epochs * steps) % every:
+        average()
+    return models[0].state_dict()
+
+
+@pytest.mark.parametrize("compression, low", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_compressed_local_sgd_sends_the_changes_in_half_precision_between_machines(tmp_path, compression, low):
+    # 4 agents on 2 made-up machines: the changes since the last average are summed in shared memory at
+    # full precision, and only the machines' shares of their mean cross in 16 bits
+    sizes, batch, epochs, every = [24, 24, 24, 24], 8, 3, 2  # 9 updates: averages after 2, 4, 6, 8, at the end
+    keys = ["machine-a", "machine-b", "machine-a", "machine-b"]
+    ranks = run_agents(tmp_path, sizes, sync="local_sgd", sync_every=every, batch_size=batch, epochs=epochs,
+                       lr=0.05, host_keys=keys, compression=compression)
+    expected = fp16_local_sgd_reference(sizes, batch, epochs, 0.05, every, [[0, 2], [1, 3]], low)
+    for rank in ranks:
+        assert_same_state(rank["state"], ranks[0]["state"])  # every replica: the same bits
+        assert_states_close(rank["state"], expected, 1e-6)
+    exact = independent_sgd_averaged(sizes, batch, epochs, lr=0.05, every=every)
+    # the rounding really happened (the exact average is further from it than the tolerance above)
+    assert max((ranks[0]["state"][n] - exact[n]).abs().max().item() for n in exact) > 1e-5
+    summary = ranks[0]["summary"]
+    assert summary["compression"] == compression and summary["average_impl"] == "flat"
+    model_bytes = 4 * sum(p.numel() for p in network().parameters())
+    assert summary["bytes_across_machines_per_average"] == model_bytes // 2  # half of the float32 model
+
+
+def test_compressed_local_sgd_resumes_from_the_last_average(tmp_path):
+    sizes, batch, every = [24, 24], 8, 2  # 3 updates an epoch: epoch 1 ends between two averages
+    settings = dict(sync="local_sgd", sync_every=every, batch_size=batch, lr=0.05, compression="fp16",
+                    host_keys=["machine-a", "machine-b"])
+    whole = run_agents(tmp_path, sizes, epochs=3, **settings)
+    checkpoints = tmp_path / "checkpoints"
+    run_agents(tmp_path, sizes, epochs=1, checkpoint_dir=str(checkpoints), **settings)  # "dies" after epoch 1
+    (first,) = list_checkpoints(str(checkpoints))[-1:]
+    resumed = run_agents(tmp_path, sizes, resume_from=f"{checkpoints}/{first}", epochs=3,
+                         checkpoint_dir=str(checkpoints), resume=True, **settings)
+    for rank in range(2):  # the anchor (the last average) came back too: the same bits
+        assert_same_state(resumed[rank]["state"], whole[rank]["state"])
+
+
+@pytest.mark.parametrize("allreduce_impl", ["flat", "ddp"])
+def test_replicas_that_start_apart_take_rank_0s_weights(tmp_path, allreduce_impl):
+    sizes, batch, epochs = [40, 40], 8, 2
+    expected = plain_sgd(sizes, batch, epochs, lr=0.05)  # from network(): rank 0's weights
+    apart = run_agents(tmp_path, sizes, allreduce_impl=allreduce_impl, batch_size=batch, epochs=epochs, lr=0.05,
+                       nudge=(1, 0.5))
+    for rank in apart:
+        assert rank["initial_broadcast"] is True
+        assert_states_close(rank["state"], expected)
+    alike = run_agents(tmp_path, sizes, allreduce_impl=allreduce_impl, batch_size=batch, epochs=epochs, lr=0.05)
+    assert [rank["initial_broadcast"] for rank in alike] == [False, False]  # built equal: only compared
+    for rank in alike:
+        assert_states_close(rank["state"], expected)
+
+
+def _identical_worker(rank: int, store: str, outcome) -> None:
+    from spark_ddl.sync.guard import state_is_identical
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    answers = []
+    for change in (None, "ulp", "nan", "buffer"):
+        model = torch.nn.BatchNorm1d(3)  # parameters and buffers (an integer one too)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([0.25, -1.5, 3.0]))
+            if rank == 1 and change == "ulp":
+                model.weight[1] = torch.nextafter(model.weight[1], torch.tensor(0.0))
+            if change == "nan":
+                model.bias[0] = float("nan")  # on both ranks: NaN is never equal
+            if rank == 1 and change == "buffer":
+                model.num_batches_tracked += 1
+        answers.append(state_is_identical(model, torch.device("cpu")))
+    outcome[rank] = answers
+    dist.destroy_process_group()
+
+
+def test_the_initial_comparison_tells_one_ulp_nan_and_integer_buffers_apart(tmp_path):
+    with mp.Manager() as manager:
+        outcome = manager.dict()
+        mp.start_processes(_identical_worker, args=(str(tmp_path / "store"), outcome), nprocs=2,
+                           start_method=ranks.START_METHOD)
+        assert outcome[0] == outcome[1] == [True, False, False, False]
 
 
 def test_the_exchange_timer_counts_only_its_block_and_not_where_it_is_off():
