@@ -42,9 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spark_ddl.benchmarks.network_model import (bandwidth_key, compression_compute, describe_link, link_counters,
-                                                machine_of_rank, model_bytes, predict_exchange, probe_gloo, probe_link,
-                                                rate_bits)
+from spark_ddl.benchmarks.network_model import (SYNC_EVERY, bandwidth_key, compression_compute, describe_link,
+                                                link_counters, machine_of_rank, model_bytes, predict_exchange,
+                                                probe_gloo, probe_link, rate_bits)
 from spark_ddl.benchmarks.network_report import HEADER, LEGEND, format_row, targets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,11 +58,13 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddp": ("allreduce (ddp)", {"sync": "allreduce", "allreduce_impl": "ddp"}),
     "ps": ("parameter_server", {"sync": "parameter_server"}),
     "local_sgd": ("local_sgd (sync_every 8)", {"sync": "local_sgd", "sync_every": 8}),
+    "local_sgd_fp16": ("local_sgd (sync_every 8) + fp16",
+                       {"sync": "local_sgd", "sync_every": 8, "compression": "fp16"}),
     # every push is applied alone: momentum 0.9 with stale gradients needs a smaller lr
     "async": ("async (lr 0.005)", {"sync": "async", "lr": 0.005}),
 }
-SYNCHRONOUS = ("flat", "fp16", "powersgd", "ddp", "ps", "local_sgd")
-DEFAULT_STRATEGIES = "flat,fp16,powersgd,ddp,ps,local_sgd"
+SYNCHRONOUS = ("flat", "fp16", "powersgd", "ddp", "ps", "local_sgd", "local_sgd_fp16")
+DEFAULT_STRATEGIES = "flat,fp16,powersgd,ddp,ps,local_sgd,local_sgd_fp16"
 
 
 # -- the fits ----------------------------------------------------------------------------------
@@ -370,10 +372,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     rows, links, compression = [], [], {}
     if args.compression_work == "measure":
         for strategy in ("fp16", "powersgd"):
-            if strategy in args.strategies:
+            if strategy in args.strategies or (strategy == "fp16" and "local_sgd_fp16" in args.strategies):
                 compression[strategy] = compression_compute(strategy, args.hidden, runs=args.probe_runs)
                 print(f"  compression work of the leader, {strategy}: {compression[strategy] * 1e3:.2f} ms/step",
                       flush=True)
+        if "local_sgd_fp16" in args.strategies:  # the same casts, once per average
+            compression["local_sgd_fp16"] = compression["fp16"] / SYNC_EVERY
     for per_machine in args.per_machine:
         more_rows, more_links = machine_rows(args, per_machine, compression)
         rows += more_rows

@@ -334,11 +334,13 @@ def model_bytes(strategy: str, parameters_bytes: int, machine_of: list[int],
     if strategy == "ps":  # reduce (ring + gather), the verdict broadcast, the parameters broadcast
         total, one_way_bytes = reduce_broadcast_bytes(size, machine_of)
         return total, "model", (world - 1) + 1 + 2 * rounds, one_way_bytes
-    if strategy == "local_sgd":  # parameters averaged every SYNC_EVERY steps
+    if strategy in ("local_sgd", "local_sgd_fp16"):  # parameters (fp16: their changes) averaged every SYNC_EVERY steps
         reported = (summary or {}).get("bytes_across_machines_per_step")
         if reported is not None:  # the flat exchange: the machines' leaders only
             return float(reported), "summary", 2 * (machines - 1) / SYNC_EVERY, 0.0
-        return ring_all_reduce_bytes(size, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY, 0.0
+        shrink = 0.5 if strategy == "local_sgd_fp16" else 1.0
+        return (ring_all_reduce_bytes(size * shrink, machine_of) / SYNC_EVERY, "model", 2 * (world - 1) / SYNC_EVERY,
+                0.0)
     return float("nan"), "model", float("nan"), 0.0  # async: no lock-step, no prediction
 
 
@@ -356,7 +358,7 @@ def describe_link(link: dict[str, Any]) -> str:
 def bandwidth_key(strategy: str) -> str:
     """The link's bandwidth that ``strategy``'s bytes travel at: gloo's for half floats for fp16 (and
     bf16), else gloo's for floats."""
-    return "gloo_fp16_bytes_per_s" if strategy in ("fp16", "bf16") else "gloo_bytes_per_s"
+    return "gloo_fp16_bytes_per_s" if strategy in ("fp16", "bf16", "local_sgd_fp16") else "gloo_bytes_per_s"
 
 
 def predict_exchange(wire_bytes: float, messages: float, link: dict[str, float],

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from spark_ddl.benchmarks.network_model import (model_bytes, one_way, predict_exchange, reduce_broadcast_bytes,
-                                                ring_all_reduce_bytes)
+from spark_ddl.benchmarks.network_model import (bandwidth_key, model_bytes, one_way, predict_exchange,
+                                                reduce_broadcast_bytes, ring_all_reduce_bytes)
 
 S = 1_000_000.0
 
@@ -44,6 +44,10 @@ def test_the_flat_exchange_reports_its_own_bytes_and_all_reduces_both_ways():
     assert (wire, source, messages, one_way_bytes) == (12345.0, "summary", 2, 0.0)
     wire, source, messages, _ = model_bytes("local_sgd", int(S), [0, 1], {"bytes_across_machines_per_step": S / 8})
     assert (wire, source, messages) == (S / 8, "summary", 2 / 8)
+    # fp16 local SGD without a summary: half the model per average, at gloo's float16 bandwidth
+    wire, source, messages, _ = model_bytes("local_sgd_fp16", int(S), [0, 1], None)
+    assert (wire, source, messages) == (pytest.approx(S / 2 / 8), "model", 2 / 8)
+    assert bandwidth_key("local_sgd_fp16") == bandwidth_key("fp16") == "gloo_fp16_bytes_per_s"
 
 
 def test_the_predicted_exchange_puts_one_way_bytes_at_the_one_way_bandwidth():
