@@ -36,6 +36,7 @@ the prefix ``ddlb`` and subnet 10.78.0 by default, apart from the test suite's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -202,21 +203,34 @@ def measure_link(cluster, rate: str, per_machine: int, floats: int, runs: int = 
     return link
 
 
+def host_sharing(agents: int, cores: int | None = None) -> float:
+    """How much slower the CPU work of an exchange runs because the testbed's machines share one
+    host: its agents ÷ the host's cores (at least 1). Four agents on two cores: each has half a core,
+    also while it copies, sums and sends (on a real cluster every machine has its own cores: 1)."""
+    return max(1.0, agents / float(cores or os.cpu_count() or 1))
+
+
 def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, per_machine: int,
                   link: dict[str, Any], compression: dict[str, float], flat_compute: float | None,
-                  layout: list[list[int]] | None = None) -> None:
+                  layout: list[list[int]] | None = None, cpu_link: dict[str, Any] | None = None) -> None:
     """Add the traffic model's bytes and messages and the prediction to the measured ``row``: its own
     compute (for ddp: ``flat_compute``, flat's at the same rate) + the predicted exchange. The ranks'
     machines: the row's summary's, else ``layout`` (another fit's at this rate: ps and local_sgd
-    report none), else contiguous."""
+    report none), else contiguous. ``cpu_link``: the unlimited link's probes on this cluster, where
+    the wire costs only CPU work; with more agents than the host has cores that work is stretched
+    by ``host_sharing`` (the probes ran two processes on an otherwise idle host)."""
     parameters_bytes = 4 * parameter_count(args)
     machine_of = machine_of_rank(row["summary"].get("machines") or layout, args.machines, per_machine)
     wire, source, messages, one_way_bytes = model_bytes(strategy, parameters_bytes, machine_of, row["summary"])
     compute, compute_source = row["compute_seconds_per_step"], "fit"
     if compute is None and strategy == "ddp" and flat_compute is not None:
         compute, compute_source = flat_compute, "flat"
-    exchange = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), bandwidth_key(strategy),
-                                one_way_bytes)
+    alone = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), bandwidth_key(strategy),
+                             one_way_bytes)
+    sharing = host_sharing(args.machines * per_machine)
+    cpu_work = (predict_exchange(wire, 0, cpu_link, 0.0, bandwidth_key(strategy), one_way_bytes)
+                if cpu_link is not None else None)
+    exchange = alone + cpu_work * (sharing - 1) if alone is not None and cpu_work is not None else alone
     exchange_tcp = predict_exchange(wire, messages, link, compression.get(strategy, 0.0), "goodput_bytes_per_s",
                                     one_way_bytes, "goodput_bytes_per_s")
     step = row["seconds_per_step"]
@@ -230,7 +244,10 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
                compute_source=compute_source if compute is not None else None,
                compression_seconds_per_step=compression.get(strategy),
                predicted_exchange_seconds_per_step=exchange, measured_exchange_seconds_per_step=measured_exchange,
+               host_sharing=sharing, exchange_cpu_seconds_per_step=cpu_work,
                predicted_seconds_per_step=predicted,
+               predicted_seconds_per_step_host_alone=(compute + alone
+                                                      if compute is not None and alone is not None else None),
                predicted_seconds_per_step_tcp=(compute + exchange_tcp
                                                if compute is not None and exchange_tcp is not None else None),
                measured_over_predicted=step / predicted if predicted and step else None,
@@ -239,8 +256,9 @@ def predicted_row(row: dict[str, Any], strategy: str, args: argparse.Namespace, 
 
 
 def rate_rows(args: argparse.Namespace, cluster, frame, per_machine: int, link: dict[str, Any],
-              compression: dict[str, float]) -> list[dict[str, Any]]:
-    """Every strategy at the current caps, ``args.repeats`` rounds of one fit each, interleaved."""
+              compression: dict[str, float], cpu_link: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every strategy at the current caps, ``args.repeats`` rounds of one fit each, interleaved
+    (``cpu_link``: this cluster's unlimited link, for ``predicted_row``)."""
     workers = args.machines * per_machine
     fits: dict[str, list] = {strategy: [] for strategy in args.strategies}
     for repeat in range(args.repeats):  # repeat k: seed k for every strategy (paired)
@@ -252,7 +270,7 @@ def rate_rows(args: argparse.Namespace, cluster, frame, per_machine: int, link: 
     for strategy in args.strategies:
         row = median_row(fits[strategy])
         flat = next((r["compute_seconds_per_step"] for r in rows if r["strategy"] == "flat"), None)
-        predicted_row(row, strategy, args, per_machine, link, compression, flat, layout)
+        predicted_row(row, strategy, args, per_machine, link, compression, flat, layout, cpu_link)
         rows.append(row)
         print("  " + format_row(row), flush=True)
     return rows
@@ -279,9 +297,12 @@ def machine_rows(args: argparse.Namespace, per_machine: int, compression: dict[s
             began = time.perf_counter()
             warm_up(args.strategies, args, frame, workers)
             print(f"  warm-up fits: {time.perf_counter() - began:.0f} s", flush=True)
+        cpu_link = None  # the unlimited link's probes, once measured (the default order measures it first)
         for rate in args.rates:
             links.append(measure_link(cluster, rate, per_machine, parameter_count(args), args.probe_runs))
-            rows += rate_rows(args, cluster, frame, per_machine, links[-1], compression)
+            if rate_bits(rate) is None:
+                cpu_link = links[-1]
+            rows += rate_rows(args, cluster, frame, per_machine, links[-1], compression, cpu_link)
     finally:
         try:
             if spark is not None:

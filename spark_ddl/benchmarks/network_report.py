@@ -13,7 +13,8 @@ LEGEND = ("compute: ms/step the slowest agent spent outside the exchange, measur
           "compute_seconds; ddp, whose exchange runs inside backward: flat's at the same rate, marked *); exch: "
           "ms/step measured − compute; exch pr: the leader's compression work + wire ÷ gloo's bandwidth (for "
           "float16: its own) + messages × α (both measured per rate with gloo all-reduces of the gradient's size "
-          "and of one float); "
+          "and of one float) + where the agents outnumber the host's cores, the exchange's CPU work (its bytes "
+          "at the unlimited link's bandwidth) × (agents ÷ cores − 1); "
           "predict = compute + exch pr; wire: bytes per step on one link's critical path "
           "(from the summary, or (model)); link: the busiest link direction's byte counter over the whole fit ÷ "
           "steps; to target: the fit's wall time less the epochs after the first at the target (launch included); "
@@ -56,6 +57,10 @@ def prediction_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["a_rows_within"] = _within(ratios)
     out["a_rows_within_by_rate"] = {rate: _within([r["measured_over_predicted"] for r in sync if r["rate"] == rate])
                                     for rate in dict.fromkeys(r["rate"] for r in sync)}
+    alone = [r["seconds_per_step"] / r["predicted_seconds_per_step_host_alone"] for r in sync
+             if r.get("predicted_seconds_per_step_host_alone")]
+    if alone:  # the same model without the host-sharing term (as if every machine had its own cores)
+        out["a_rows_within_without_host_sharing"] = _within(alone)
     tcp = [r["seconds_per_step"] / r["predicted_seconds_per_step_tcp"] for r in sync
            if r.get("predicted_seconds_per_step_tcp")]
     if tcp:  # the same model with a bulk TCP send's goodput as the bandwidth (the model until 2026-12-05)

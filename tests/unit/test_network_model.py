@@ -56,3 +56,24 @@ def test_the_predicted_exchange_puts_one_way_bytes_at_the_one_way_bandwidth():
         0.01 + 0.5e6 / 1e6 + 1.5e6 / 4e6 + 4 * 1e-4)
     assert predict_exchange(2e6, 4, link) == pytest.approx(2.0 + 4e-4)
     assert predict_exchange(float("nan"), 0, link) is None  # async: no lock-step
+
+
+def test_agents_that_outnumber_the_hosts_cores_stretch_the_exchanges_cpu_work():
+    import argparse
+
+    from spark_ddl.benchmarks.network import host_sharing, parameter_count, predicted_row
+
+    assert (host_sharing(4, 2), host_sharing(2, 2), host_sharing(1, 8)) == (2.0, 1.0, 1.0)
+    args = argparse.Namespace(hidden=[8], machines=2)
+    size = 4 * parameter_count(args)
+    capped = {"rate": "100mbit", "gloo_bytes_per_s": 1e6, "gloo_oneway_bytes_per_s": 1e6, "alpha_s": 1e-4,
+              "goodput_bytes_per_s": 1.1e6}
+    unlimited = {"rate": "unlimited", "gloo_bytes_per_s": 1e8, "gloo_oneway_bytes_per_s": 1e8, "alpha_s": 1e-5}
+    row = {"summary": {"machines": None, "bytes_across_machines_per_step": size}, "compute_seconds_per_step": 0.01,
+           "seconds_per_step": 0.02}
+    predicted_row(row, "flat", args, 2, capped, {}, None, None, unlimited)
+    alone = 0.01 + size / 1e6 + 2 * 1e-4  # compute + the wire at the capped bandwidth + two messages
+    assert row["predicted_seconds_per_step_host_alone"] == pytest.approx(alone)
+    # four agents: the wire's CPU work (its bytes at the unlimited bandwidth) once more per extra share
+    assert row["predicted_seconds_per_step"] == pytest.approx(alone + size / 1e8 * (host_sharing(4) - 1))
+    assert row["host_sharing"] == host_sharing(4)
