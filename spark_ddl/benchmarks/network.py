@@ -46,7 +46,7 @@ from typing import Any
 from spark_ddl.benchmarks.network_model import (SYNC_EVERY, bandwidth_key, compression_compute, describe_link,
                                                 link_counters, machine_of_rank, model_bytes, predict_exchange,
                                                 probe_gloo, probe_link, rate_bits)
-from spark_ddl.benchmarks.network_report import HEADER, LEGEND, format_row, targets
+from spark_ddl.benchmarks.network_report import format_row, median_row, report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,23 +149,6 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
             "link_bytes_per_step": link_bytes,
             "summary": {k: summary.get(k) for k in ("world_size", "machines", "compression", "allreduce_impl",
                                                      "bytes_across_machines_per_step", "shard_sizes")}}
-
-
-def median_row(fits: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over repeats (time to target: over the repeats that reached it, if most did)."""
-    def med(key):
-        values = [f[key] for f in fits if f[key] is not None]
-        return statistics.median(values) if values and len(values) * 2 > len(fits) else None
-
-    row = {key: med(key) for key in ("fit_seconds", "seconds_per_epoch", "seconds_per_step", "steps_per_epoch",
-                                      "compute_seconds_per_step", "slowest_total_compute_seconds_per_step",
-                                      "time_to_target_s", "training_seconds_to_target",
-                                      "target_epoch", "link_bytes_per_step")}
-    row["val_accuracy"] = fits[-1]["val_accuracy"]
-    row["summary"] = fits[-1]["summary"]
-    row["repeats"] = [{k: f[k] for k in ("seed", "seconds_per_step", "compute_seconds_per_step", "time_to_target_s",
-                                         "training_seconds_to_target", "target_epoch")} for f in fits]
-    return row
 
 
 def warm_up(strategies: list[str], args: argparse.Namespace, frame, workers: int) -> None:
@@ -356,27 +339,6 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
         parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     args.per_machine = [int(a) for a in str(args.agents_per_machine).split(",") if a]
     return args
-
-
-def report(args: argparse.Namespace, rows: list, links: list, compression: dict[str, float]) -> dict[str, Any]:
-    """Print the table and the targets; the targets."""
-    print(f"\nSynchronisation across machines: digits, MLP 64→{'→'.join(map(str, args.hidden))}→10, batch "
-          f"{args.batch_size}/agent, SGD momentum 0.9, {args.epochs} epochs, target held-out accuracy {args.target}"
-          f"{f', medians of {args.repeats} interleaved repeats' if args.repeats > 1 else ''}")
-    print(LEGEND + "\n")
-    for name, seconds in compression.items():
-        print(f"  compression work of the leader, {name}: {seconds * 1e3:.2f} ms/step")
-    for link in links:
-        print(f"  {args.machines}×{link['agents_per_machine']} link {link['rate']}: {describe_link(link)}")
-    print()
-    print(HEADER)
-    for row in rows:
-        print(format_row(row))
-    checks = targets(rows, min(args.rates, key=lambda r: rate_bits(r) or float("inf")))
-    print()
-    for key, value in checks.items():
-        print(f"  {key}: {value}")
-    return checks
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

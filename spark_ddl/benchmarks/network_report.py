@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import statistics
 from typing import Any
+
+from spark_ddl.benchmarks.network_model import describe_link, rate_bits
 
 HEADER = (f"{'agents':<6} {'rate':<9} {'strategy':<27} {'s/epoch':>7} {'ms/step':>8} {'compute':>8} "
           f"{'exch':>7} {'exch pr':>7} {'predict':>8} {'meas/pred':>9} {'wire B/step':>19} {'link B/step':>11} "
@@ -98,3 +102,41 @@ def targets(rows: list[dict[str, Any]], slow: str) -> dict[str, Any]:
                             if a["seconds_per_step"] and b["seconds_per_step"])
             out[f"c_{key}_fp16_step_speedup"] = {"speedup": speedup, "met": speedup >= 1.8, "paired": paired}
     return out
+
+
+def median_row(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repeats (time to target: over the repeats that reached it, if most did)."""
+    def med(key):
+        values = [f[key] for f in fits if f[key] is not None]
+        return statistics.median(values) if values and len(values) * 2 > len(fits) else None
+
+    row = {key: med(key) for key in ("fit_seconds", "seconds_per_epoch", "seconds_per_step", "steps_per_epoch",
+                                      "compute_seconds_per_step", "slowest_total_compute_seconds_per_step",
+                                      "time_to_target_s", "training_seconds_to_target",
+                                      "target_epoch", "link_bytes_per_step")}
+    row["val_accuracy"] = fits[-1]["val_accuracy"]
+    row["summary"] = fits[-1]["summary"]
+    row["repeats"] = [{k: f[k] for k in ("seed", "seconds_per_step", "compute_seconds_per_step", "time_to_target_s",
+                                         "training_seconds_to_target", "target_epoch")} for f in fits]
+    return row
+
+
+def report(args: argparse.Namespace, rows: list, links: list, compression: dict[str, float]) -> dict[str, Any]:
+    """Print the table and the targets; the targets."""
+    print(f"\nSynchronisation across machines: digits, MLP 64→{'→'.join(map(str, args.hidden))}→10, batch "
+          f"{args.batch_size}/agent, SGD momentum 0.9, {args.epochs} epochs, target held-out accuracy {args.target}"
+          f"{f', medians of {args.repeats} interleaved repeats' if args.repeats > 1 else ''}")
+    print(LEGEND + "\n")
+    for name, seconds in compression.items():
+        print(f"  compression work of the leader, {name}: {seconds * 1e3:.2f} ms/step")
+    for link in links:
+        print(f"  {args.machines}×{link['agents_per_machine']} link {link['rate']}: {describe_link(link)}")
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    checks = targets(rows, min(args.rates, key=lambda r: rate_bits(r) or float("inf")))
+    print()
+    for key, value in checks.items():
+        print(f"  {key}: {value}")
+    return checks
