@@ -471,7 +471,9 @@ def test_a_tracking_server_with_sqlite_and_a_model_server_answer_like_transform(
     server_log = tmp_path / "server.log"
     server = _start([os.path.join(bin_dir, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                      "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                     "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"], server_log)
+                     "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"], server_log,
+                    # no job runner: its store is a tempfile.mkdtemp(dir="/dev/shm") the server never removes
+                    env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     serving = None
     previous = mlflow.get_tracking_uri()
     try:
