@@ -143,9 +143,9 @@ class AllReduceStrategy(LockstepStrategy):
         self._module = module
         self._has_buffers = any(True for _ in module.buffers())
         self.exchange_seconds = None  # DDP: the exchange runs inside backward (the flat reducer: timed)
+        self.initial_broadcast = make_replicas_identical(module, self._device)  # so DDP need not (init_sync)
         if use_flat_reducer(self._impl, self._compression, self._device, module):
             self.exchange_seconds = 0.0
-            self.initial_broadcast = make_replicas_identical(module, self._device)
             keys = machine_keys(self._host_keys)
             make_tables_sparse(module, self._sparse_policy)
             self._sparse = sparse_parameters(module)
@@ -154,7 +154,6 @@ class AllReduceStrategy(LockstepStrategy):
             self._optimizer = make_optimizer(module.parameters())
             return
         device_ids = [self._device.index] if self._device.type == "cuda" else None
-        self.initial_broadcast = make_replicas_identical(module, self._device)  # so DDP need not (init_sync)
         # gradients live in the all-reduce buckets: one copy less per step, and less memory
         # buffers: rank 0's are broadcast after every update (step), not by DDP before every forward
         self._ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True,

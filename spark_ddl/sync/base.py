@@ -64,11 +64,13 @@ class StrategyEnv:
 # ------------------------------------------------------------------ tensor helpers
 
 
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One new 1-D tensor holding ``tensors`` one after another (they share one dtype)."""
+def flatten(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One 1-D tensor holding ``tensors`` one after another (they share one dtype): a new one, or
+    written into ``out`` (of their total size)."""
     if not tensors:
-        return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+        return torch.zeros(0) if out is None else out
+    pieces = [t.detach().reshape(-1) for t in tensors]
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from spark_ddl.errors import ConfigError
 from spark_ddl.sync.base import (LockstepStrategy, OptimizerFactory, StrategyEnv, StrategySettings,
-                                 average_floating_buffers, copy_flat_into)
+                                 average_floating_buffers, copy_flat_into, flatten)
 from spark_ddl.sync.host_reduce import FlatGradientReducer
 from spark_ddl.sync.shared_memory import machine_keys, machines_of
 
@@ -76,7 +76,7 @@ class LocalSGDStrategy(LockstepStrategy):
                 raise ValueError(f"sync='local_sgd' with compression={self._compression!r} needs every trainable "
                                  f"parameter in one floating dtype (found {sorted(map(str, dtypes))}); use "
                                  "compression='none' or cast the model")
-            self._anchor = torch.cat([p.detach().reshape(-1) for p in self._params])
+            self._anchor = flatten(self._params)
         if self._device.type == "cpu" and len(dtypes) == 1:
             self._averager = FlatGradientReducer(self._params, machine_keys(self._host_keys), self._timeout,
                                                  bind_gradients=False, compression=self._compression)
@@ -104,7 +104,7 @@ class LocalSGDStrategy(LockstepStrategy):
             average_parameters(iter(self._params), dist.group.WORLD)
         else:
             with torch.no_grad():
-                torch.cat([p.detach().reshape(-1) for p in self._params], out=self._averager.flat)
+                flatten(self._params, out=self._averager.flat)
                 self._averager.average()
                 copy_flat_into(self._averager.flat, self._params)
 
@@ -113,13 +113,12 @@ class LocalSGDStrategy(LockstepStrategy):
         the low precision; it becomes the new anchor on every rank alike."""
         with torch.no_grad():
             if self._averager is not None:
-                delta = self._averager.flat
-                torch.cat([p.detach().reshape(-1) for p in self._params], out=delta)
+                delta = flatten(self._params, out=self._averager.flat)
                 delta -= anchor
                 self._averager.average()  # the mean delta, compressed between machines
             else:  # every rank's share of the mean, all-reduced in the low precision
                 world = dist.get_world_size()
-                delta = (torch.cat([p.detach().reshape(-1) for p in self._params]) - anchor) / world
+                delta = (flatten(self._params) - anchor) / world
                 low = delta.to(torch.float16 if self._compression == "fp16" else torch.bfloat16)
                 dist.all_reduce(low)
                 delta.copy_(low)
@@ -141,7 +140,7 @@ class LocalSGDStrategy(LockstepStrategy):
                 if state.get("anchor") is not None:
                     self._anchor.copy_(state["anchor"])
                 else:
-                    torch.cat([p.detach().reshape(-1) for p in self._params], out=self._anchor)
+                    flatten(self._params, out=self._anchor)
 
     def finish(self) -> None:
         if self._unaveraged_steps:  # the replicas drifted since the last average
