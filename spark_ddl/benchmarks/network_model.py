@@ -102,17 +102,21 @@ def timed(call, count, warm, barrier=False):
     return times
 def slowest(seconds):  # both ranks run the same number of calls; the slower rank's time counts
     value = torch.tensor([max(seconds, 1e-6)]); dist.all_reduce(value, op=dist.ReduceOp.MAX); return value.item()
-def sized(call, barrier=False):
+def sized(call, barrier=False, medians=None):  # the mean: a step's exchanges add up, their slow tail included
     first = slowest(timed(call, 1, 1, barrier)[0])
-    return slowest(statistics.median(timed(call, int(min(50, max(5, 4.0 / first))), 0, barrier)))
+    times = timed(call, int(min(50, max(5, 4.0 / first))), 0, barrier)
+    if medians is not None:
+        out[medians] = slowest(statistics.median(times))
+    return slowest(statistics.mean(times))
 def all_reduce(value): return lambda: dist.all_reduce(value)
 small = timed(all_reduce(torch.zeros(1)), calls, 20)
 big = torch.zeros(floats)
-out = {"gloo_all_reduce_1_float_s": statistics.median(small), "gloo_big_floats": floats,
-       "gloo_all_reduce_big_s": sized(all_reduce(big)),
+out = {"gloo_all_reduce_1_float_median_s": slowest(statistics.median(small))}
+out.update({"gloo_all_reduce_1_float_s": slowest(statistics.mean(small)), "gloo_big_floats": floats,
+       "gloo_all_reduce_big_s": sized(all_reduce(big), medians="gloo_all_reduce_big_median_s"),
        "gloo_all_reduce_big_fp16_s": sized(all_reduce(torch.zeros(floats, dtype=torch.float16))),
        # one direction: rank 0 to rank 1 (the receiver finishes last), both starting together
-       "gloo_broadcast_big_s": sized(lambda: dist.broadcast(big, 0), barrier=True)}
+       "gloo_broadcast_big_s": sized(lambda: dist.broadcast(big, 0), barrier=True)})
 dist.barrier(); dist.destroy_process_group()
 if rank == 0:
     print(json.dumps(out))
@@ -121,8 +125,10 @@ if rank == 0:
 
 def probe_gloo(cluster, floats: int, calls: int = 200, runs: int = 3) -> dict[str, float]:
     """A gloo all-reduce between machines 1 and 2 in two processes on the machines' network namespaces:
-    the median seconds of one float (two messages on a two-member ring: 2·(M − 1)·α) and of ``floats``
-    float32 (the gradient's size), and from the two the bytes per second gloo moves across the link
+    the mean seconds of one float (two messages on a two-member ring: 2·(M − 1)·α) and of ``floats``
+    float32 (the gradient's size; means, not medians: a fit's exchanges add up, their slow tail
+    included — on an unlimited link a probe's mean was up to 1.6× its median, the medians are kept
+    beside them), and from the two the bytes per second gloo moves across the link
     with its own copies and threads (``gloo_bytes_per_s``: a two-member ring all-reduce of *S* bytes
     sends *S* each way; the bulk TCP goodput does not count gloo's CPU work); the same for ``floats``
     float16 (``gloo_fp16_bytes_per_s``: gloo sums half floats on the CPU far slower than floats, so
@@ -170,15 +176,15 @@ def mean(total, out): torch.div(total, 2, out=out)
 exchanges = {name: make_exchange(name, None, shapes, world, world, mean) for name in ("none", compression)}
 gradient = torch.randn(numel, generator=torch.Generator().manual_seed(0))
 out = {}
-def median_of(call, count, warm):
+def mean_of(call, count, warm):  # the mean: a fit's steps add up, their slow tail included
     times = []
     for i in range(count + warm):
         started = time.perf_counter(); call(); elapsed = time.perf_counter() - started
         if i >= warm: times.append(elapsed)
-    return statistics.median(times)
+    return statistics.mean(times)
 for name, exchange in exchanges.items():
-    out[name] = median_of(lambda: exchange(gradient.clone()), calls, 5)
-out["one_float"] = median_of(lambda: dist.all_reduce(torch.zeros(1)), 100, 10)
+    out[name] = mean_of(lambda: exchange(gradient.clone()), calls, 5)
+out["one_float"] = mean_of(lambda: dist.all_reduce(torch.zeros(1)), 100, 10)
 dist.barrier(); dist.destroy_process_group()
 if rank == 0:
     print(json.dumps(out))
