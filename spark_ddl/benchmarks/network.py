@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from spark_ddl.benchmarks.common import steady_mean
 from spark_ddl.benchmarks.network_model import (SYNC_EVERY, bandwidth_key, compression_compute, describe_link,
                                                 link_counters, machine_of_rank, model_bytes, predict_exchange,
                                                 probe_gloo, probe_link, rate_bits)
@@ -120,12 +120,11 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
     summary, history = dict(model.summary), model.history
     steps_run = summary.get("steps_run_per_rank") or [0]
     steps_per_epoch = max(steps_run) / max(len(history), 1)
-    steady = history[1:] or history
-    epoch_s = statistics.median(h["seconds"] for h in steady)
+    epoch_s = steady_mean(history)
     # what the exchanges wait for: between every two, the slowest agent's computation (else its total)
-    compute = [h.get("paced_compute_seconds", h.get("compute_seconds")) for h in steady
-               if h.get("compute_seconds") is not None]
-    total_compute = [h["compute_seconds"] for h in steady if h.get("compute_seconds") is not None]
+    compute = steady_mean(history, "paced_compute_seconds" if history[-1].get("paced_compute_seconds") is not None
+                          else "compute_seconds")
+    total_compute = steady_mean(history, "compute_seconds")
     reached = next((i for i, h in enumerate(history) if (h.get("val_accuracy") or 0) >= args.target), None)
     # wall: the fit's own time less the epochs (training and validation) after the one that reached the
     # target: launch, the epochs up to it with their validation, and the model's return to the driver
@@ -138,9 +137,8 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
         link_bytes = busiest / max(max(steps_run), 1)
     return {"seed": seed, "fit_seconds": wall, "seconds_per_epoch": epoch_s,
             "seconds_per_step": epoch_s / steps_per_epoch if steps_per_epoch else None,
-            "compute_seconds_per_step": (statistics.median(compute) / steps_per_epoch
-                                         if compute and steps_per_epoch else None),
-            "slowest_total_compute_seconds_per_step": (statistics.median(total_compute) / steps_per_epoch
+            "compute_seconds_per_step": compute / steps_per_epoch if compute and steps_per_epoch else None,
+            "slowest_total_compute_seconds_per_step": (total_compute / steps_per_epoch
                                                        if total_compute and steps_per_epoch else None),
             "steps_per_epoch": steps_per_epoch, "time_to_target_s": to_target,
             "training_seconds_to_target": training_to_target,

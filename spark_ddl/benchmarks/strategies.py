@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 
 from spark_ddl import TorchEstimator, get_or_create_session
 from spark_ddl.apps.options import parse_with_config
-from spark_ddl.benchmarks.common import emit
+from spark_ddl.benchmarks.common import emit, steady_mean
 from spark_ddl.networks import MLP
 from spark_ddl.sync.base import LockstepStrategy
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             estimator._strategy_factory = NaiveAllReduce
         estimator.fit(train.limit(64))  # warm-up: Python workers, imports
         model = estimator.fit(train)
-        epoch_seconds = statistics.median(h["seconds"] for h in model.history[1:] or model.history)
+        epoch_seconds = steady_mean(model.history)
         accuracy = model.transform(test).select(
             F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
         label = {"naive": NaiveAllReduce.name, "async": "async (lr 0.005)"}.get(name, name)
