@@ -9,7 +9,7 @@ Per row (machines × agents per machine, link rate, strategy) it measures, on di
 64→512→512→10, a 1.2 MB gradient; trained on the ``train`` split, the ``test`` split held out
 with ``validation_col``):
 
-- seconds per epoch and per step (the fit's history; epochs after the first, medians);
+- seconds per epoch and per step (the fit's history; the mean of the epochs after the first);
 - time to the target held-out accuracy: the fit's wall time minus the epochs after the first
   epoch that reached it (launch included), and the epochs' own seconds up to it, or "not reached";
 - bytes across machines per step: the flat exchange's own count (``summary``), for the others
