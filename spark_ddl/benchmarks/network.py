@@ -122,9 +122,10 @@ def one_fit(strategy: str, args: argparse.Namespace, frame, workers: int, cluste
     steps_per_epoch = max(steps_run) / max(len(history), 1)
     epoch_s = steady_mean(history)
     # what the exchanges wait for: between every two, the slowest agent's computation (else its total)
-    compute = steady_mean(history, "paced_compute_seconds" if history[-1].get("paced_compute_seconds") is not None
-                          else "compute_seconds")
     total_compute = steady_mean(history, "compute_seconds")
+    compute = steady_mean(history, "paced_compute_seconds")
+    if compute is None:
+        compute = total_compute
     reached = next((i for i, h in enumerate(history) if (h.get("val_accuracy") or 0) >= args.target), None)
     # wall: the fit's own time less the epochs (training and validation) after the one that reached the
     # target: launch, the epochs up to it with their validation, and the model's return to the driver

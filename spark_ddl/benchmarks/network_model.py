@@ -102,21 +102,20 @@ def timed(call, count, warm, barrier=False):
     return times
 def slowest(seconds):  # both ranks run the same number of calls; the slower rank's time counts
     value = torch.tensor([max(seconds, 1e-6)]); dist.all_reduce(value, op=dist.ReduceOp.MAX); return value.item()
-def sized(call, barrier=False, medians=None):  # the mean: a step's exchanges add up, their slow tail included
+def both(times):  # (mean, median) of the slower rank; the mean: a step's exchanges add up, slow tail included
+    return slowest(statistics.mean(times)), slowest(statistics.median(times))
+def sized(call, barrier=False):
     first = slowest(timed(call, 1, 1, barrier)[0])
-    times = timed(call, int(min(50, max(5, 4.0 / first))), 0, barrier)
-    if medians is not None:
-        out[medians] = slowest(statistics.median(times))
-    return slowest(statistics.mean(times))
+    return both(timed(call, int(min(50, max(5, 4.0 / first))), 0, barrier))
 def all_reduce(value): return lambda: dist.all_reduce(value)
-small = timed(all_reduce(torch.zeros(1)), calls, 20)
 big = torch.zeros(floats)
-out = {"gloo_all_reduce_1_float_median_s": slowest(statistics.median(small))}
-out.update({"gloo_all_reduce_1_float_s": slowest(statistics.mean(small)), "gloo_big_floats": floats,
-       "gloo_all_reduce_big_s": sized(all_reduce(big), medians="gloo_all_reduce_big_median_s"),
-       "gloo_all_reduce_big_fp16_s": sized(all_reduce(torch.zeros(floats, dtype=torch.float16))),
-       # one direction: rank 0 to rank 1 (the receiver finishes last), both starting together
-       "gloo_broadcast_big_s": sized(lambda: dist.broadcast(big, 0), barrier=True)})
+out = {"gloo_big_floats": floats}
+out["gloo_all_reduce_1_float_s"], out["gloo_all_reduce_1_float_median_s"] = both(
+    timed(all_reduce(torch.zeros(1)), calls, 20))
+out["gloo_all_reduce_big_s"], out["gloo_all_reduce_big_median_s"] = sized(all_reduce(big))
+out["gloo_all_reduce_big_fp16_s"] = sized(all_reduce(torch.zeros(floats, dtype=torch.float16)))[0]
+# one direction: rank 0 to rank 1 (the receiver finishes last), both starting together
+out["gloo_broadcast_big_s"] = sized(lambda: dist.broadcast(big, 0), barrier=True)[0]
 dist.barrier(); dist.destroy_process_group()
 if rank == 0:
     print(json.dumps(out))
